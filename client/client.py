@@ -1,0 +1,416 @@
+"""A typed, synchronous client for the facemux API.
+
+    with FacemuxClient("localhost:50051") as fm:
+        fm.wait_ready()
+        result = fm.swap_faces([open("face.png", "rb").read()], identity="alice")
+        open("out.png", "wb").write(result.faces[0])
+
+Images may be given as encoded file bytes, a path, or a uint8 numpy array (H, W, 3) RGB,
+(H, W) gray or (H, W, 4) RGBA. Calls that fail raise a subclass of FacemuxRpcError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facemux.client.errors import Unavailable, from_rpc_error
+from facemux.v1 import identity_service_pb2 as ipb
+from facemux.v1 import identity_service_pb2_grpc as igrpc
+from facemux.v1 import swap_service_pb2 as spb
+from facemux.v1 import swap_service_pb2_grpc as sgrpc
+from facemux.v1 import training_service_pb2_grpc as tgrpc
+from facemux.v1 import types_pb2
+
+ImageLike = bytes | str | os.PathLike[str] | np.ndarray
+T = TypeVar("T")
+
+_SERVICES = ("facemux.v1.SwapService", "facemux.v1.IdentityService", "facemux.v1.TrainingService")
+_FORMATS = {
+    "jpeg": types_pb2.IMAGE_FORMAT_JPEG,
+    "jpg": types_pb2.IMAGE_FORMAT_JPEG,
+    "png": types_pb2.IMAGE_FORMAT_PNG,
+    "webp": types_pb2.IMAGE_FORMAT_WEBP,
+    "raw": types_pb2.IMAGE_FORMAT_RAW,
+}
+_RAW_LAYOUTS = {1: types_pb2.PIXEL_LAYOUT_GRAY8, 3: types_pb2.PIXEL_LAYOUT_RGB8,
+                4: types_pb2.PIXEL_LAYOUT_RGBA8}
+
+
+def _service_config(retries: int) -> str:
+    # gRPC's own retry machinery: transparent, with backoff, and it never retries once the
+    # server has started answering (so a non-idempotent call is not repeated half-done).
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": s} for s in _SERVICES],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, retries + 1),
+                        "initialBackoff": "0.2s",
+                        "maxBackoff": "5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def image_to_proto(image: ImageLike) -> types_pb2.Image:
+    if isinstance(image, np.ndarray):
+        arr = np.ascontiguousarray(image)
+        if arr.dtype != np.uint8:
+            raise TypeError(f"image arrays must be uint8, got {arr.dtype}")
+        channels = 1 if arr.ndim == 2 else arr.shape[2]
+        if arr.ndim not in (2, 3) or channels not in _RAW_LAYOUTS:
+            raise ValueError(f"image array shape {arr.shape} is not (H,W), (H,W,3) or (H,W,4)")
+        return types_pb2.Image(
+            raw=types_pb2.RawImage(
+                width=arr.shape[1], height=arr.shape[0], layout=_RAW_LAYOUTS[channels],
+                data=arr.tobytes(),
+            )
+        )
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).read_bytes()
+    return types_pb2.Image(encoded=bytes(image))
+
+
+def image_bytes(img: types_pb2.Image) -> bytes:
+    """Encoded bytes of a returned image (raw outputs come back as their pixel bytes)."""
+    return img.encoded if img.WhichOneof("source") == "encoded" else img.raw.data
+
+
+def output_options(fmt: str | None, quality: int = 0) -> types_pb2.OutputOptions:
+    if fmt is None:
+        return types_pb2.OutputOptions(quality=quality)
+    try:
+        return types_pb2.OutputOptions(format=_FORMATS[fmt.lower()], quality=quality)
+    except KeyError:
+        raise ValueError(f"output format {fmt!r}: use one of {', '.join(_FORMATS)}") from None
+
+
+@dataclass
+class Latent:
+    """One face's latent: float array (C, H, W) and the encoder that made it."""
+
+    array: np.ndarray
+    encoder_fingerprint: str
+
+    @classmethod
+    def from_proto(cls, msg: types_pb2.Latent) -> Latent:
+        dtype = "<f2" if msg.dtype == types_pb2.LATENT_D_TYPE_FLOAT16 else "<f4"
+        arr = np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
+        return cls(arr, msg.encoder_fingerprint)
+
+    def to_proto(self) -> types_pb2.Latent:
+        arr = np.ascontiguousarray(self.array)
+        if arr.dtype == np.float16:
+            dtype, data = types_pb2.LATENT_D_TYPE_FLOAT16, arr.astype("<f2").tobytes()
+        else:
+            dtype, data = types_pb2.LATENT_D_TYPE_FLOAT32, arr.astype("<f4").tobytes()
+        return types_pb2.Latent(
+            shape=list(arr.shape), dtype=dtype, data=data,
+            encoder_fingerprint=self.encoder_fingerprint,
+        )
+
+
+@dataclass
+class SwapResult:
+    faces: list[bytes]
+    masks: list[bytes]
+    frame: bytes | None
+    faces_swapped: int
+    identity: str
+    identity_version: int
+    notes: list[str]
+    request_id: str
+    response: spb.SwapResponse = field(repr=False)
+
+
+@dataclass
+class DecodeResult:
+    faces: list[bytes]
+    masks: list[bytes]
+    identity_version: int
+
+
+class FacemuxClient:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float = 60.0,
+        retries: int = 4,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _service_config(retries)),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials is not None
+            else grpc.insecure_channel(target, options)
+        )
+        self.swap_stub = sgrpc.SwapServiceStub(self._channel)
+        self.identity_stub = igrpc.IdentityServiceStub(self._channel)
+        self.training_stub = tgrpc.TrainingServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FacemuxClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(
+                request, timeout=self.timeout if timeout is None else timeout,
+                metadata=self.metadata,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """SERVING, NOT_SERVING or SERVICE_UNKNOWN."""
+        resp = self._call(
+            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server reports SERVING (its model is loaded)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except Unavailable as exc:
+                last = exc.details
+            except Exception as exc:  # a deadline while the server starts is not fatal
+                last = str(exc)
+            time.sleep(0.1)
+        raise Unavailable(
+            grpc.StatusCode.UNAVAILABLE, f"{self.target} not ready after {timeout}s ({last})"
+        )
+
+    # -- model -------------------------------------------------------------------------------
+
+    def model_info(self) -> spb.GetModelInfoResponse:
+        return self._call(self.swap_stub.GetModelInfo, spb.GetModelInfoRequest())
+
+    def swap_faces(
+        self,
+        faces: Sequence[ImageLike],
+        identity: str,
+        version: int = 0,
+        *,
+        output_format: str | None = None,
+        quality: int = 0,
+        return_masks: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> SwapResult:
+        """Swap aligned face crops to `identity`; returns the swapped crops in order."""
+        req = spb.SwapRequest(
+            identity=identity,
+            identity_version=version,
+            faces=spb.FaceBatch(faces=[image_to_proto(f) for f in faces]),
+            options=spb.SwapOptions(return_masks=return_masks),
+            output=output_options(output_format, quality),
+            request_id=request_id,
+        )
+        return self._swap_result(self._call(self.swap_stub.Swap, req, timeout))
+
+    def swap_image(
+        self,
+        image: ImageLike,
+        identity: str,
+        version: int = 0,
+        *,
+        options: spb.SwapOptions | None = None,
+        output_format: str | None = None,
+        quality: int = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> SwapResult:
+        """Swap the faces of a full photo or video frame to `identity`."""
+        req = spb.SwapRequest(
+            identity=identity,
+            identity_version=version,
+            frame=image_to_proto(image),
+            options=options or spb.SwapOptions(),
+            output=output_options(output_format, quality),
+            request_id=request_id,
+        )
+        return self._swap_result(self._call(self.swap_stub.Swap, req, timeout))
+
+    @staticmethod
+    def _swap_result(resp: spb.SwapResponse) -> SwapResult:
+        return SwapResult(
+            faces=[image_bytes(f) for f in resp.faces],
+            masks=[image_bytes(m) for m in resp.masks],
+            frame=image_bytes(resp.frame) if resp.HasField("frame") else None,
+            faces_swapped=resp.faces_swapped,
+            identity=resp.identity,
+            identity_version=resp.identity_version,
+            notes=list(resp.notes),
+            request_id=resp.request_id,
+            response=resp,
+        )
+
+    def swap_stream(
+        self,
+        frames: Iterable[ImageLike],
+        identity: str,
+        version: int = 0,
+        *,
+        aligned: bool = False,
+        options: spb.SwapOptions | None = None,
+        output_format: str | None = None,
+        quality: int = 0,
+        detect_every: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[spb.SwapStreamResponse]:
+        """Stream frames through SwapStream; yields one response per frame, in order."""
+
+        def requests() -> Iterator[spb.SwapStreamRequest]:
+            for i, frame in enumerate(frames):
+                req = spb.SwapStreamRequest(frame_index=i, frame=image_to_proto(frame),
+                                            aligned=aligned)
+                if i == 0:
+                    req.identity = identity
+                    req.identity_version = version
+                    req.detect_every = detect_every
+                    req.output.CopyFrom(output_options(output_format, quality))
+                    req.options.CopyFrom(options or spb.SwapOptions())
+                yield req
+
+        call = self.swap_stub.SwapStream(
+            requests(), timeout=timeout, metadata=self.metadata
+        )
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    def encode(self, faces: Sequence[ImageLike], dtype: str = "float32") -> list[Latent]:
+        dt = {"float32": types_pb2.LATENT_D_TYPE_FLOAT32, "float16": types_pb2.LATENT_D_TYPE_FLOAT16}
+        if dtype not in dt:
+            raise ValueError("dtype must be float32 or float16")
+        req = spb.EncodeRequest(faces=[image_to_proto(f) for f in faces], dtype=dt[dtype])
+        resp = self._call(self.swap_stub.Encode, req)
+        return [Latent.from_proto(m) for m in resp.latents]
+
+    def decode(
+        self,
+        latents: Sequence[Latent | types_pb2.Latent],
+        identity: str,
+        version: int = 0,
+        *,
+        output_format: str | None = None,
+        return_masks: bool = False,
+    ) -> DecodeResult:
+        msgs = [lat.to_proto() if isinstance(lat, Latent) else lat for lat in latents]
+        req = spb.DecodeRequest(
+            latents=msgs, identity=identity, identity_version=version,
+            output=output_options(output_format), return_masks=return_masks,
+        )
+        resp = self._call(self.swap_stub.Decode, req)
+        return DecodeResult(
+            faces=[image_bytes(f) for f in resp.faces],
+            masks=[image_bytes(m) for m in resp.masks],
+            identity_version=resp.identity_version,
+        )
+
+    # -- identities --------------------------------------------------------------------------
+
+    def register_identity(
+        self,
+        name: str,
+        checkpoint: bytes | str | os.PathLike[str],
+        *,
+        display_name: str = "",
+        make_default: bool = True,
+        consent: dict[str, str] | None = None,
+        chunk_size: int = 1024 * 1024,
+        timeout: float | None = None,
+    ) -> ipb.RegisterIdentityResponse:
+        """Upload a decoder checkpoint (safetensors) as a new version of `name`."""
+        data = checkpoint if isinstance(checkpoint, bytes) else Path(checkpoint).read_bytes()
+        meta = ipb.RegisterIdentityMetadata(
+            name=name,
+            display_name=display_name,
+            make_default=make_default,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            consent=types_pb2.ConsentRecord(**(consent or {})),
+        )
+
+        def parts() -> Iterator[ipb.RegisterIdentityRequest]:
+            yield ipb.RegisterIdentityRequest(metadata=meta)
+            for i in range(0, len(data), chunk_size):
+                yield ipb.RegisterIdentityRequest(chunk=data[i : i + chunk_size])
+
+        return self._call(self.identity_stub.RegisterIdentity, parts(), timeout)
+
+    def list_identities(self, page_size: int = 100) -> list[ipb.Identity]:
+        out: list[ipb.Identity] = []
+        token = ""
+        while True:
+            resp = self._call(
+                self.identity_stub.ListIdentities,
+                ipb.ListIdentitiesRequest(page_size=page_size, page_token=token),
+            )
+            out.extend(resp.identities)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def get_identity(self, name: str) -> ipb.Identity:
+        return self._call(self.identity_stub.GetIdentity, ipb.GetIdentityRequest(name=name)).identity
+
+    def delete_identity(self, name: str, version: int = 0) -> ipb.DeleteIdentityResponse:
+        return self._call(
+            self.identity_stub.DeleteIdentity, ipb.DeleteIdentityRequest(name=name, version=version)
+        )
+
+    def set_default_version(self, name: str, version: int) -> ipb.Identity:
+        return self._call(
+            self.identity_stub.SetDefaultVersion,
+            ipb.SetDefaultVersionRequest(name=name, version=version),
+        ).identity
+
+    def revoke_consent(self, name: str, reason: str = "") -> ipb.Identity:
+        return self._call(
+            self.identity_stub.RevokeConsent, ipb.RevokeConsentRequest(name=name, reason=reason)
+        ).identity

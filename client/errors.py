@@ -1,0 +1,93 @@
+"""Typed errors raised by the facemux client; each carries the gRPC status."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FacemuxRpcError(Exception):
+    """A call failed; `code` is the gRPC status and `details` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class InvalidArgument(FacemuxRpcError):
+    pass
+
+
+class NotFound(FacemuxRpcError):
+    pass
+
+
+class AlreadyExists(FacemuxRpcError):
+    pass
+
+
+class FailedPrecondition(FacemuxRpcError):
+    pass
+
+
+class ResourceExhausted(FacemuxRpcError):
+    pass
+
+
+class Unavailable(FacemuxRpcError):
+    pass
+
+
+class DeadlineExceeded(FacemuxRpcError):
+    pass
+
+
+class Unimplemented(FacemuxRpcError):
+    pass
+
+
+class Unauthenticated(FacemuxRpcError):
+    pass
+
+
+class PermissionDenied(FacemuxRpcError):
+    pass
+
+
+class Cancelled(FacemuxRpcError):
+    pass
+
+
+class Internal(FacemuxRpcError):
+    pass
+
+
+_BY_CODE: dict[grpc.StatusCode, type[FacemuxRpcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+_SIZE_HINT = (
+    " — the message is over the gRPC size limit: send fewer or smaller images per call "
+    "(or SwapStream for video), or raise the server's max_message_bytes setting"
+)
+
+
+def from_rpc_error(err: grpc.RpcError) -> FacemuxRpcError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        details += _SIZE_HINT
+    return _BY_CODE.get(code, FacemuxRpcError)(code, details)

@@ -1,0 +1,115 @@
+"""Conversions between wire messages and arrays, with the validation that goes with them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from facemux.models import imageio
+from facemux.models.errors import FingerprintMismatchError, InvalidInputError
+from facemux.v1 import types_pb2
+
+_LAYOUT_NAMES = {
+    types_pb2.PIXEL_LAYOUT_RGB8: "RGB8",
+    types_pb2.PIXEL_LAYOUT_BGR8: "BGR8",
+    types_pb2.PIXEL_LAYOUT_RGBA8: "RGBA8",
+    types_pb2.PIXEL_LAYOUT_BGRA8: "BGRA8",
+    types_pb2.PIXEL_LAYOUT_GRAY8: "GRAY8",
+}
+_FORMAT_NAMES = {
+    types_pb2.IMAGE_FORMAT_JPEG: "JPEG",
+    types_pb2.IMAGE_FORMAT_PNG: "PNG",
+    types_pb2.IMAGE_FORMAT_WEBP: "WEBP",
+    types_pb2.IMAGE_FORMAT_RAW: "RAW",
+}
+_DTYPES = {
+    types_pb2.LATENT_D_TYPE_FLOAT32: np.dtype("<f4"),
+    types_pb2.LATENT_D_TYPE_FLOAT16: np.dtype("<f2"),
+}
+
+
+def image_from_proto(msg: types_pb2.Image, max_pixels: int, what: str) -> imageio.DecodedImage:
+    try:
+        kind = msg.WhichOneof("source")
+        if kind == "encoded":
+            if not msg.encoded:
+                raise InvalidInputError("encoded image bytes are empty")
+            return imageio.decode_image(msg.encoded, max_pixels)
+        if kind == "raw":
+            raw = msg.raw
+            layout = _LAYOUT_NAMES.get(raw.layout, "")
+            return imageio.decode_raw(raw.data, raw.width, raw.height, layout, max_pixels)
+        raise InvalidInputError("image has neither encoded bytes nor raw pixels")
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{what}: {exc}") from None
+
+
+def image_to_proto(
+    rgb: np.ndarray,
+    output: types_pb2.OutputOptions,
+    input_format: str,
+    alpha: np.ndarray | None = None,
+) -> types_pb2.Image:
+    fmt = _FORMAT_NAMES.get(output.format) or ("PNG" if input_format == "RAW" else input_format)
+    if fmt == "RAW":
+        layout = _LAYOUT_NAMES.get(output.raw_layout, "RGB8")
+        h, w = rgb.shape[:2]
+        return types_pb2.Image(
+            raw=types_pb2.RawImage(
+                width=w,
+                height=h,
+                layout=types_pb2.PixelLayout.Value("PIXEL_LAYOUT_" + layout),
+                data=imageio.to_raw(rgb, layout),
+            )
+        )
+    quality = output.quality or 95
+    if not 1 <= quality <= 100:
+        raise InvalidInputError(f"output quality {quality} is not in 1..100")
+    return types_pb2.Image(encoded=imageio.encode_image(rgb, fmt, quality, alpha))
+
+
+def mask_to_proto(mask: np.ndarray) -> types_pb2.Image:
+    return types_pb2.Image(encoded=imageio.encode_image(mask, "PNG"))
+
+
+def latent_from_proto(
+    msg: types_pb2.Latent, shape: tuple[int, ...], fingerprint: str, index: int
+) -> np.ndarray:
+    """Validate one latent and return it as float32 (C, H, W)."""
+    where = f"latents[{index}]"
+    if tuple(msg.shape) != shape:
+        raise InvalidInputError(
+            f"{where} has shape {list(msg.shape)} but this encoder's latents are {list(shape)}"
+        )
+    dtype = _DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidInputError(f"{where} dtype must be FLOAT32 or FLOAT16")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(msg.data) != expected:
+        raise InvalidInputError(
+            f"{where} needs {expected} bytes for shape {list(shape)} {dtype.name}, "
+            f"got {len(msg.data)}"
+        )
+    if not msg.encoder_fingerprint:
+        raise InvalidInputError(f"{where} has no encoder_fingerprint; send latents as Encode returns them")
+    if msg.encoder_fingerprint != fingerprint:
+        raise FingerprintMismatchError(where, fingerprint, msg.encoder_fingerprint)
+    arr = np.frombuffer(msg.data, dtype=dtype).reshape(shape).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{where} contains NaN or infinite values")
+    return arr
+
+
+def latent_to_proto(arr: np.ndarray, dtype: int, fingerprint: str) -> types_pb2.Latent:
+    if dtype == types_pb2.LATENT_D_TYPE_UNSPECIFIED:
+        dtype = types_pb2.LATENT_D_TYPE_FLOAT32
+    np_dtype = _DTYPES.get(dtype)
+    if np_dtype is None:
+        raise InvalidInputError("latent dtype must be FLOAT32 or FLOAT16")
+    return types_pb2.Latent(
+        shape=list(arr.shape),
+        dtype=dtype,
+        data=np.ascontiguousarray(arr, dtype=np_dtype).tobytes(),
+        encoder_fingerprint=fingerprint,
+    )

@@ -1,0 +1,202 @@
+"""The model as the server holds it: the shared encoder, and decoders resident in an LRU.
+
+All methods here are synchronous and may take a while; the servicer calls them from
+worker threads so the event loop never waits on torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from facemux.models import checkpoint, inference
+from facemux.models.config import ModelConfig
+from facemux.models.errors import CheckpointError, PreconditionError, UnavailableError
+from facemux.models.networks import Decoder, Encoder
+from facemux.service.settings import Settings
+from facemux.service.store import Store, VersionRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidentDecoder:
+    decoder: Decoder
+    version: VersionRecord
+    bytes: int
+
+
+class DecoderCache:
+    """LRU of decoders on the device, bounded by count and (optionally) bytes."""
+
+    def __init__(self, max_count: int, max_bytes: int = 0) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int], ResidentDecoder] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> ResidentDecoder | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple[str, int], item: ResidentDecoder) -> list[tuple[str, int]]:
+        """Insert and evict least recently used entries; returns the evicted keys."""
+        evicted = []
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and (
+                len(self._items) > self.max_count
+                or (self.max_bytes and self.total_bytes() > self.max_bytes)
+            ):
+                old, _ = self._items.popitem(last=False)
+                evicted.append(old)
+        return evicted
+
+    def evict(self, name: str, version: int = 0) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == name and (not version or k[1] == version)]:
+                del self._items[key]
+
+    def keys(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return list(self._items)
+
+    def total_bytes(self) -> int:
+        return sum(i.bytes for i in self._items.values())
+
+
+class Runtime:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.device = inference.pick_device(settings.device)
+        self.cache = DecoderCache(settings.decoder_cache_count, settings.decoder_cache_bytes)
+        self._encoder: Encoder | None = None
+        self.config: ModelConfig | None = None
+        self.fingerprint = ""
+        self.load_seconds = 0.0
+        # One model call at a time: torch already spreads one call over every core, and
+        # concurrent calls would only fight over them.
+        self._model_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._encoder is not None
+
+    def load(self) -> None:
+        t0 = time.perf_counter()
+        if self.device.type == "cpu" and self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        fingerprint, data = self.store.read_encoder(self.settings.encoder)
+        encoder, meta = checkpoint.load_encoder(data, device=self.device)
+        encoder.eval()
+        if meta.fingerprint != fingerprint:
+            raise CheckpointError(
+                f"encoder stored as {fingerprint[:16]} has fingerprint {meta.fingerprint[:16]}"
+            )
+        self.config = meta.config
+        self.fingerprint = meta.fingerprint
+        self._encoder = encoder
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "encoder %s (%s, %dpx) loaded on %s in %.2fs",
+            self.fingerprint[:16],
+            self.config.name,
+            self.config.resolution,
+            self.device,
+            self.load_seconds,
+        )
+
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self._encoder
+
+    def model_config(self) -> ModelConfig:
+        self.encoder()
+        assert self.config is not None
+        return self.config
+
+    def decoder(self, name: str, version: int = 0) -> ResidentDecoder:
+        """The identity's decoder on the device, loading it from the store on a miss."""
+        self.encoder()
+        rec = self.store.get(name)
+        v = rec.version(version)
+        key = (name, v.version)
+        item = self.cache.get(key)
+        if item is not None:
+            return item
+        with self._load_lock:
+            item = self.cache.get(key)
+            if item is not None:
+                return item
+            if v.encoder_fingerprint != self.fingerprint:
+                raise PreconditionError(
+                    f"identity {name!r} v{v.version} was trained for encoder "
+                    f"{v.encoder_fingerprint[:16]}, but this server serves encoder "
+                    f"{self.fingerprint[:16]}"
+                )
+            data = self.store.read_decoder(name, v.version)
+            decoder, _ = checkpoint.load_decoder(
+                data, device=self.device, expected_encoder_fingerprint=self.fingerprint
+            )
+            decoder.eval()
+            item = ResidentDecoder(decoder, v, inference.module_bytes(decoder))
+            for old in self.cache.put(key, item):
+                log.info("evicted decoder %s v%d from %s", old[0], old[1], self.device)
+            return item
+
+    def encode(self, faces: list[np.ndarray]) -> tuple[np.ndarray, list[bool]]:
+        cfg = self.model_config()
+        x, resized = inference.faces_to_tensor(faces, cfg.resolution, self.device)
+        with self._model_lock:
+            z = inference.encode(self.encoder(), x)
+        return z.float().cpu().numpy(), resized
+
+    def decode(
+        self, latents: np.ndarray, decoder: Decoder
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        z = torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)
+        with self._model_lock:
+            rgb, mask = inference.decode(decoder, z)
+        return inference.tensor_to_images(rgb), (
+            None if mask is None else inference.tensor_to_images(mask)
+        )
+
+    def swap(
+        self, faces: list[np.ndarray], decoder: Decoder
+    ) -> tuple[np.ndarray, np.ndarray | None, list[bool]]:
+        cfg = self.model_config()
+        x, resized = inference.faces_to_tensor(faces, cfg.resolution, self.device)
+        with self._model_lock:
+            rgb, mask = inference.decode(decoder, inference.encode(self.encoder(), x))
+        return (
+            inference.tensor_to_images(rgb),
+            None if mask is None else inference.tensor_to_images(mask),
+            resized,
+        )
+
+    def validate_decoder_upload(self, data: bytes) -> checkpoint.DecoderMeta:
+        """Fully validate an uploaded decoder (parse, shapes, fingerprint) before storing."""
+        self.encoder()
+        _, meta = checkpoint.load_decoder(
+            data, device="cpu", expected_encoder_fingerprint=self.fingerprint
+        )
+        if meta.config != self.config:
+            assert self.config is not None
+            raise PreconditionError(
+                f"decoder is preset {meta.config.name!r} but the served encoder is "
+                f"{self.config.name!r}"
+            )
+        return meta

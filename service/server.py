@@ -1,0 +1,130 @@
+"""Building and running the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from facemux.service.runtime import Runtime
+from facemux.service.servicer import IdentityServicer, SwapServicer, TrainingServicer
+from facemux.service.settings import Settings
+from facemux.service.store import LocalStore, Store
+from facemux.v1 import (
+    identity_service_pb2,
+    identity_service_pb2_grpc,
+    swap_service_pb2,
+    swap_service_pb2_grpc,
+    training_service_pb2,
+    training_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    swap_service_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name,
+    identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
+    training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+)
+
+
+@dataclass
+class App:
+    """Everything one server process holds."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    store: Store
+    runtime: Runtime
+    health: health_aio.HealthServicer
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+
+async def _load_model(app: App) -> None:
+    try:
+        await asyncio.to_thread(app.runtime.load)
+    except Exception:
+        # Stay up and NOT_SERVING: the operator sees why in the log and in health checks,
+        # and identity management over the API still needs a live process to report.
+        log.exception("could not load the encoder; the server stays NOT_SERVING")
+        return
+    await app.set_serving(True)
+
+
+async def build_app(settings: Settings, store: Store | None = None) -> App:
+    """Create the server, bind its port and start loading the model in the background.
+
+    Must run inside the event loop that will serve (grpc.aio binds to it)."""
+    store = store or LocalStore(settings.store)
+    runtime = Runtime(settings, store)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    swap_service_pb2_grpc.add_SwapServiceServicer_to_server(
+        SwapServicer(settings, runtime, store), server
+    )
+    identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(settings, runtime, store), server
+    )
+    training_service_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise OSError(f"could not bind {settings.address}")
+    app = App(settings, server, port, store, runtime, health)
+    await app.set_serving(False)
+    app.tasks.append(asyncio.create_task(_load_model(app)))
+    return app
+
+
+async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
+    """A bound, not yet started server and its port. Health answers NOT_SERVING until the
+    encoder is loaded (which starts now, in the background)."""
+    app = await build_app(settings)
+    return app.server, app.port
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then drain: NOT_SERVING, refuse new calls, finish the
+    ones in flight within the grace period."""
+    app = await build_app(settings)
+    await app.server.start()
+    log.info("facemux listening on %s (store %s)", f"{settings.host}:{app.port}", settings.store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
+    await app.set_serving(False)
+    await app.server.stop(settings.grace_seconds)
+    for task in app.tasks:
+        task.cancel()
+    log.info("stopped")

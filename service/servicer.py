@@ -1,0 +1,549 @@
+"""gRPC servicers: validate requests, call the runtime and store, build responses."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from facemux.models.errors import (
+    FacemuxError,
+    InvalidInputError,
+    NotImplementedYetError,
+    PreconditionError,
+    ResourceExhaustedError,
+)
+from facemux.service import convert
+from facemux.service.errors import status_for
+from facemux.service.runtime import ResidentDecoder, Runtime
+from facemux.service.settings import Settings
+from facemux.service.store import IdentityRecord, Store, VersionRecord, now_iso, validate_name
+from facemux.v1 import (
+    identity_service_pb2 as ipb,
+)
+from facemux.v1 import (
+    identity_service_pb2_grpc as igrpc,
+)
+from facemux.v1 import (
+    swap_service_pb2 as spb,
+)
+from facemux.v1 import (
+    swap_service_pb2_grpc as sgrpc,
+)
+from facemux.v1 import (
+    training_service_pb2 as tpb,
+)
+from facemux.v1 import (
+    training_service_pb2_grpc as tgrpc,
+)
+from facemux.v1 import (
+    types_pb2,
+)
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, FacemuxError):
+        await context.abort(status_for(exc), str(exc))
+    ref = uuid.uuid4().hex[:12]
+    log.exception("internal error, reference %s", ref, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {ref})")
+
+
+def unary(
+    method: Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Turn domain errors into statuses; anything unexpected becomes INTERNAL, logged."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _fail(context, exc)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Self, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    @functools.wraps(method)
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Resp]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _fail(context, exc)
+
+    return wrapper
+
+
+def _check_consent(rec: IdentityRecord) -> None:
+    consent = rec.consent
+    if consent.get("revoked_at"):
+        raise PreconditionError(
+            f"identity {rec.name!r}: consent was revoked at {consent['revoked_at']}"
+            + (f" ({consent['revocation_reason']})" if consent.get("revocation_reason") else "")
+            + "; it can no longer be swapped"
+        )
+    expires = consent.get("expires_at", "")
+    if expires:
+        try:
+            when = datetime.fromisoformat(expires)
+        except ValueError:
+            return
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        if when < datetime.now(timezone.utc):
+            raise PreconditionError(
+                f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
+                "to swap it again"
+            )
+
+
+class SwapServicer(sgrpc.SwapServiceServicer):
+    def __init__(self, settings: Settings, runtime: Runtime, store: Store) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _count(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidInputError(f"no {what} in the request; send at least one")
+        limit = self.settings.max_faces_per_request
+        if n > limit:
+            raise InvalidInputError(
+                f"{n} {what} in one request, over the limit of {limit}; split the batch"
+            )
+
+    def _resolve(self, name: str, version: int) -> ResidentDecoder:
+        if not name:
+            raise InvalidInputError("identity is required: name the identity to draw")
+        validate_name(name)
+        _check_consent(self.store.get(name))
+        return self.runtime.decoder(name, version)
+
+    def _decode_images(
+        self, images: Any, what: str
+    ) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
+        out = []
+        for i, img in enumerate(images):
+            d = convert.image_from_proto(img, self.settings.max_image_pixels, f"{what}[{i}]")
+            out.append((d.rgb, d.alpha, d.format))
+        return out
+
+    def _swap_faces(
+        self,
+        identity: str,
+        version: int,
+        faces: Any,
+        options: spb.SwapOptions,
+        output: types_pb2.OutputOptions,
+    ) -> spb.SwapResponse:
+        self._count(len(faces), "faces")
+        resident = self._resolve(identity, version)
+        decoded = self._decode_images(faces, "faces")
+        rgb, masks, resized = self.runtime.swap([d[0] for d in decoded], resident.decoder)
+        res = self.runtime.model_config().resolution
+        resp = spb.SwapResponse(
+            identity=identity,
+            identity_version=resident.version.version,
+            model_resolution=res,
+            faces_swapped=len(decoded),
+        )
+        for i, ((src, _, fmt), out) in enumerate(zip(decoded, rgb, strict=True)):
+            resp.faces.append(convert.image_to_proto(out, output, fmt))
+            h, w = src.shape[:2]
+            resp.results.append(
+                spb.FaceResult(
+                    index=i,
+                    confidence=1.0,
+                    swapped=True,
+                    resized=resized[i],
+                    input_width=w,
+                    input_height=h,
+                )
+            )
+        if options.return_masks and masks is not None:
+            resp.masks.extend(convert.mask_to_proto(m) for m in masks)
+        n_resized = sum(resized)
+        if n_resized:
+            resp.notes.append(
+                f"{n_resized} of {len(decoded)} crops were resized to the model's {res}x{res}"
+            )
+        return resp
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    @unary
+    async def Swap(
+        self, request: spb.SwapRequest, context: grpc.aio.ServicerContext
+    ) -> spb.SwapResponse:
+        kind = request.WhichOneof("input")
+        if kind == "frame":
+            raise NotImplementedYetError(
+                "full-frame swap (face detection and paste-back) is not available in this "
+                "release; send aligned face crops in SwapRequest.faces"
+            )
+        if kind != "faces":
+            raise InvalidInputError("SwapRequest needs an input: a frame or aligned faces")
+        resp = await asyncio.to_thread(
+            self._swap_faces,
+            request.identity,
+            request.identity_version,
+            request.faces.faces,
+            request.options,
+            request.output,
+        )
+        resp.request_id = request.request_id or uuid.uuid4().hex
+        return resp
+
+    @streaming
+    async def SwapStream(
+        self,
+        request_iterator: AsyncIterator[spb.SwapStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[spb.SwapStreamResponse]:
+        identity, version = "", 0
+        options, output = spb.SwapOptions(), types_pb2.OutputOptions()
+        async for req in request_iterator:
+            if req.identity:
+                identity, version = req.identity, req.identity_version
+            if req.HasField("options"):
+                options = req.options
+            if req.HasField("output"):
+                output = req.output
+            if not req.aligned:
+                raise NotImplementedYetError(
+                    "full-frame streaming (face detection and paste-back) is not available in "
+                    "this release; send aligned crops with aligned=true"
+                )
+            if not identity:
+                raise InvalidInputError("the first SwapStream message must name the identity")
+            try:
+                r = await asyncio.to_thread(
+                    self._swap_faces, identity, version, [req.frame], options, output
+                )
+            except (InvalidInputError, PreconditionError) as exc:
+                # A bad frame fails alone; the stream goes on.
+                yield spb.SwapStreamResponse(
+                    frame_index=req.frame_index,
+                    error=spb.FrameError(code=status_for(exc).value[0], message=str(exc)),
+                )
+                continue
+            yield spb.SwapStreamResponse(
+                frame_index=req.frame_index,
+                frame=r.faces[0],
+                results=r.results,
+                faces_swapped=r.faces_swapped,
+            )
+
+    def _encode(self, request: spb.EncodeRequest) -> spb.EncodeResponse:
+        self._count(len(request.faces), "faces")
+        if request.dtype not in (
+            types_pb2.LATENT_D_TYPE_UNSPECIFIED,
+            types_pb2.LATENT_D_TYPE_FLOAT32,
+            types_pb2.LATENT_D_TYPE_FLOAT16,
+        ):
+            raise InvalidInputError("dtype must be FLOAT32 or FLOAT16")
+        decoded = self._decode_images(request.faces, "faces")
+        z, resized = self.runtime.encode([d[0] for d in decoded])
+        fp = self.runtime.fingerprint
+        return spb.EncodeResponse(
+            latents=[convert.latent_to_proto(zi, request.dtype, fp) for zi in z],
+            encoder_fingerprint=fp,
+            resized=resized,
+            model_resolution=self.runtime.model_config().resolution,
+        )
+
+    @unary
+    async def Encode(
+        self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> spb.EncodeResponse:
+        return await asyncio.to_thread(self._encode, request)
+
+    def _decode(self, request: spb.DecodeRequest) -> spb.DecodeResponse:
+        self._count(len(request.latents), "latents")
+        cfg = self.runtime.model_config()
+        fp = self.runtime.fingerprint
+        z = np.stack(
+            [
+                convert.latent_from_proto(m, cfg.latent_shape, fp, i)
+                for i, m in enumerate(request.latents)
+            ]
+        )
+        resident = self._resolve(request.identity, request.identity_version)
+        rgb, masks = self.runtime.decode(z, resident.decoder)
+        resp = spb.DecodeResponse(
+            identity=request.identity, identity_version=resident.version.version
+        )
+        resp.faces.extend(convert.image_to_proto(f, request.output, "PNG") for f in rgb)
+        if request.return_masks and masks is not None:
+            resp.masks.extend(convert.mask_to_proto(m) for m in masks)
+        return resp
+
+    @unary
+    async def Decode(
+        self, request: spb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> spb.DecodeResponse:
+        return await asyncio.to_thread(self._decode, request)
+
+    @unary
+    async def GetModelInfo(
+        self, request: spb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> spb.GetModelInfoResponse:
+        from facemux.service import __version__
+
+        cfg = self.runtime.model_config()
+        return spb.GetModelInfoResponse(
+            encoder_fingerprint=self.runtime.fingerprint,
+            preset=cfg.name,
+            resolution=cfg.resolution,
+            latent_shape=list(cfg.latent_shape),
+            has_mask=cfg.mask_head,
+            device=str(self.runtime.device),
+            server_version=__version__,
+        )
+
+
+def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
+    def version(v: VersionRecord) -> ipb.IdentityVersion:
+        return ipb.IdentityVersion(
+            version=v.version,
+            created_at=v.created_at,
+            decoder_fingerprint=v.decoder_fingerprint,
+            encoder_fingerprint=v.encoder_fingerprint,
+            preset=v.preset,
+            resolution=v.resolution,
+            size_bytes=v.size_bytes,
+            source=ipb.VERSION_SOURCE_TRAINED
+            if v.source == "trained"
+            else ipb.VERSION_SOURCE_UPLOADED,
+            job_id=v.job_id,
+            summary_json=json.dumps(v.summary, sort_keys=True) if v.summary else "",
+        )
+
+    return ipb.Identity(
+        name=rec.name,
+        display_name=rec.display_name,
+        default_version=rec.default_version,
+        versions=[version(v) for v in rec.versions],
+        consent=types_pb2.ConsentRecord(**rec.consent),
+        created_at=rec.created_at,
+    )
+
+
+_CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
+
+
+def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
+    consent = {f: getattr(msg, f) for f in _CONSENT_FIELDS if getattr(msg, f)}
+    for f in ("granted_at", "expires_at"):
+        if consent.get(f):
+            try:
+                datetime.fromisoformat(consent[f])
+            except ValueError:
+                raise InvalidInputError(
+                    f"consent.{f} {consent[f]!r} is not an ISO-8601 date or timestamp"
+                ) from None
+    return consent
+
+
+class IdentityServicer(igrpc.IdentityServiceServicer):
+    def __init__(self, settings: Settings, runtime: Runtime, store: Store) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+
+    @unary
+    async def RegisterIdentity(
+        self,
+        request_iterator: AsyncIterator[ipb.RegisterIdentityRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> ipb.RegisterIdentityResponse:
+        limit = self.settings.max_checkpoint_bytes
+        meta: ipb.RegisterIdentityMetadata | None = None
+        chunks: list[bytes] = []
+        received = 0
+        async for part in request_iterator:
+            kind = part.WhichOneof("part")
+            if kind == "metadata":
+                if meta is not None:
+                    raise InvalidInputError("metadata was sent twice; send it once, first")
+                meta = part.metadata
+                validate_name(meta.name)
+                if meta.size_bytes > limit:
+                    raise ResourceExhaustedError(
+                        f"checkpoint of {meta.size_bytes} bytes is over the server limit of "
+                        f"{limit} (setting max_checkpoint_bytes)"
+                    )
+            elif kind == "chunk":
+                if meta is None:
+                    raise InvalidInputError("the first message must carry the metadata")
+                received += len(part.chunk)
+                if received > limit:
+                    raise ResourceExhaustedError(
+                        f"checkpoint upload passed the server limit of {limit} bytes "
+                        "(setting max_checkpoint_bytes)"
+                    )
+                chunks.append(part.chunk)
+            else:
+                raise InvalidInputError("empty RegisterIdentity message")
+        if meta is None:
+            raise InvalidInputError("RegisterIdentity stream had no metadata")
+        data = b"".join(chunks)
+        if not data:
+            raise InvalidInputError("no checkpoint bytes were sent")
+        if meta.sha256 and hashlib.sha256(data).hexdigest() != meta.sha256.lower():
+            raise InvalidInputError("checkpoint sha256 does not match metadata.sha256: upload corrupted")
+        consent = consent_from_proto(meta.consent)
+
+        def register() -> tuple[IdentityRecord, int]:
+            dmeta = self.runtime.validate_decoder_upload(data)
+            record = VersionRecord(
+                version=0,
+                created_at=now_iso(),
+                decoder_fingerprint=dmeta.fingerprint,
+                encoder_fingerprint=dmeta.encoder_fingerprint,
+                preset=dmeta.config.name,
+                resolution=dmeta.config.resolution,
+                size_bytes=len(data),
+                sha256="",
+                source="uploaded",
+                summary=dict(dmeta.summary),
+            )
+            rec = self.store.add_version(
+                meta.name,
+                data,
+                record,
+                display_name=meta.display_name,
+                make_default=meta.make_default,
+                consent=consent or None,
+            )
+            return rec, record.version
+
+        rec, version = await asyncio.to_thread(register)
+        log.info("registered identity %s v%d", rec.name, version)
+        return ipb.RegisterIdentityResponse(identity=identity_to_proto(rec), version=version)
+
+    @unary
+    async def ListIdentities(
+        self, request: ipb.ListIdentitiesRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.ListIdentitiesResponse:
+        size = request.page_size or 100
+        after = ""
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidInputError("page_token is not one this server issued") from None
+        records = [r for r in await asyncio.to_thread(self.store.list) if r.name > after]
+        page = records[:size]
+        token = ""
+        if len(records) > size:
+            token = base64.urlsafe_b64encode(page[-1].name.encode()).decode()
+        return ipb.ListIdentitiesResponse(
+            identities=[identity_to_proto(r) for r in page], next_page_token=token
+        )
+
+    @unary
+    async def GetIdentity(
+        self, request: ipb.GetIdentityRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.GetIdentityResponse:
+        validate_name(request.name)
+        rec = await asyncio.to_thread(self.store.get, request.name)
+        return ipb.GetIdentityResponse(identity=identity_to_proto(rec))
+
+    @unary
+    async def DeleteIdentity(
+        self, request: ipb.DeleteIdentityRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.DeleteIdentityResponse:
+        validate_name(request.name)
+        deleted, gone = await asyncio.to_thread(self.store.delete, request.name, request.version)
+        self.runtime.cache.evict(request.name, 0 if gone else request.version)
+        log.info("deleted identity %s versions %s", request.name, deleted)
+        return ipb.DeleteIdentityResponse(deleted_versions=deleted, identity_deleted=gone)
+
+    @unary
+    async def SetDefaultVersion(
+        self, request: ipb.SetDefaultVersionRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.SetDefaultVersionResponse:
+        validate_name(request.name)
+        if request.version == 0:
+            raise InvalidInputError("version must be a stored version number (1 or more)")
+        rec = await asyncio.to_thread(self.store.set_default, request.name, request.version)
+        return ipb.SetDefaultVersionResponse(identity=identity_to_proto(rec))
+
+    @unary
+    async def RevokeConsent(
+        self, request: ipb.RevokeConsentRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.RevokeConsentResponse:
+        validate_name(request.name)
+
+        def revoke() -> IdentityRecord:
+            rec = self.store.get(request.name)
+            consent = dict(rec.consent)
+            consent["revoked_at"] = now_iso()
+            consent["revocation_reason"] = request.reason[:500]
+            return self.store.update_consent(request.name, consent)
+
+        rec = await asyncio.to_thread(revoke)
+        self.runtime.cache.evict(request.name)
+        return ipb.RevokeConsentResponse(identity=identity_to_proto(rec))
+
+
+_TRAINING_LATER = (
+    "training over the API is not available in this release; train with the library "
+    "(facemux.models.trainer) and upload the decoder with RegisterIdentity"
+)
+
+
+def _training_not_yet(name: str) -> Callable[..., Any]:
+    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: {_TRAINING_LATER}")
+
+    method.__name__ = name
+    return method
+
+
+class TrainingServicer(tgrpc.TrainingServiceServicer):
+    """Datasets and jobs: answered UNIMPLEMENTED until the training service ships."""
+
+    UploadDataset = _training_not_yet("UploadDataset")
+    ListDatasets = _training_not_yet("ListDatasets")
+    DeleteDataset = _training_not_yet("DeleteDataset")
+    Train = _training_not_yet("Train")
+    GetJob = _training_not_yet("GetJob")
+    ListJobs = _training_not_yet("ListJobs")
+    CancelJob = _training_not_yet("CancelJob")
+
+    async def WatchJob(
+        self, request: tpb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tpb.WatchJobResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"WatchJob: {_TRAINING_LATER}")
+        yield tpb.WatchJobResponse()  # pragma: no cover - makes this an async generator

@@ -1,0 +1,146 @@
+"""Server settings: the only place that reads environment variables and command-line flags.
+
+Precedence: flag > FACEMUX_* environment variable > default. Every field has an
+environment variable named FACEMUX_<FIELD> and a flag --<field-with-dashes>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from facemux.models.errors import InvalidInputError
+
+ENV_PREFIX = "FACEMUX_"
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata=_help("address to listen on ([::] for all)"))
+    port: int = field(default=50051, metadata=_help("gRPC port; 0 picks a free one"))
+    store: Path = field(
+        default=Path("facemux-store"), metadata=_help("identity store directory")
+    )
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    encoder: str = field(
+        default="", metadata=_help("encoder fingerprint to serve; empty = the store's default")
+    )
+    max_message_bytes: int = field(
+        default=64 * 1024 * 1024, metadata=_help("largest gRPC message accepted or sent")
+    )
+    max_image_pixels: int = field(
+        default=40_000_000, metadata=_help("largest image accepted (width x height)")
+    )
+    max_faces_per_request: int = field(
+        default=256, metadata=_help("most aligned faces or latents in one call")
+    )
+    max_checkpoint_bytes: int = field(
+        default=1024 * 1024 * 1024, metadata=_help("largest decoder checkpoint upload")
+    )
+    decoder_cache_count: int = field(
+        default=16, metadata=_help("most decoders resident on the device at once")
+    )
+    decoder_cache_bytes: int = field(
+        default=0, metadata=_help("most bytes of resident decoders; 0 = no byte bound")
+    )
+    torch_threads: int = field(
+        default=0, metadata=_help("torch intra-op threads; 0 = one per core")
+    )
+    grace_seconds: float = field(
+        default=10.0, metadata=_help("how long in-flight calls may finish on shutdown")
+    )
+    log_level: str = field(default="INFO", metadata=_help("logging level"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        for name in (
+            "max_message_bytes",
+            "max_image_pixels",
+            "max_faces_per_request",
+            "max_checkpoint_bytes",
+            "decoder_cache_count",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.decoder_cache_bytes < 0 or self.torch_threads < 0 or self.grace_seconds < 0:
+            problems.append("decoder_cache_bytes, torch_threads and grace_seconds must be >= 0")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            problems.append(f"device {dev!r} must be auto, cpu, cuda or cuda:N")
+        if problems:
+            raise InvalidInputError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def address(self) -> str:
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            env = ENV_PREFIX + f.name.upper()
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                help=f"{f.metadata.get('help', '')} (env {env}, default {f.default})",
+            )
+
+    @classmethod
+    def load(
+        cls,
+        args: argparse.Namespace | None = None,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw: Any = None
+            if args is not None and getattr(args, f.name, None) is not None:
+                raw = getattr(args, f.name)
+            elif ENV_PREFIX + f.name.upper() in env:
+                raw = env[ENV_PREFIX + f.name.upper()]
+            if f.name in overrides:
+                raw = overrides[f.name]
+            if raw is not None:
+                values[f.name] = _coerce(f.name, raw, type(f.default))
+        return cls(**values)
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    if isinstance(raw, kind):
+        return raw
+    try:
+        if kind is bool:
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if kind is Path or issubclass(kind, os.PathLike):
+            return Path(raw)
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"setting {name}={raw!r} is not a valid {kind.__name__}"
+        ) from exc
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="facemux serve")
+    Settings.add_arguments(parser)
+    return Settings.load(parser.parse_args(argv))
