@@ -193,10 +193,13 @@ class Runtime:
         _, meta = checkpoint.load_decoder(
             data, device="cpu", expected_encoder_fingerprint=self.fingerprint
         )
-        if meta.config != self.config:
-            assert self.config is not None
-            raise PreconditionError(
-                f"decoder is preset {meta.config.name!r} but the served encoder is "
-                f"{self.config.name!r}"
+        assert self.config is not None
+        # Decoder widths may differ per identity (a bigger decoder for a demanding one);
+        # what must match is what the encoder hands over and the size it works at.
+        got, want = meta.config, self.config
+        if (got.latent_shape, got.resolution) != (want.latent_shape, want.resolution):
+            raise CheckpointError(
+                f"decoder takes latents {list(got.latent_shape)} at {got.resolution}px but the "
+                f"served encoder makes {list(want.latent_shape)} at {want.resolution}px"
             )
         return meta

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from facemux.models.errors import NotFoundError
 from facemux.service.runtime import Runtime
 from facemux.service.servicer import IdentityServicer, SwapServicer, TrainingServicer
 from facemux.service.settings import Settings
@@ -56,14 +57,24 @@ class App:
             await self.health.set(name, status)
 
 
-async def _load_model(app: App) -> None:
-    try:
-        await asyncio.to_thread(app.runtime.load)
-    except Exception:
-        # Stay up and NOT_SERVING: the operator sees why in the log and in health checks,
-        # and identity management over the API still needs a live process to report.
-        log.exception("could not load the encoder; the server stays NOT_SERVING")
-        return
+async def _load_model(app: App, poll_seconds: float = 2.0) -> None:
+    """Load the encoder; while the store has none yet, keep looking (a server may start
+    before its first pretraining finishes), staying NOT_SERVING meanwhile."""
+    waiting_logged = False
+    while True:
+        try:
+            await asyncio.to_thread(app.runtime.load)
+            break
+        except NotFoundError as exc:
+            if not waiting_logged:
+                log.warning("%s; waiting for an encoder to appear (NOT_SERVING)", exc)
+                waiting_logged = True
+            await asyncio.sleep(poll_seconds)
+        except Exception:
+            # Stay up and NOT_SERVING: the operator sees why in the log and in health
+            # checks, and identity management still needs a live process to answer.
+            log.exception("could not load the encoder; the server stays NOT_SERVING")
+            return
     await app.set_serving(True)
 
 
@@ -128,3 +139,80 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     for task in app.tasks:
         task.cancel()
     log.info("stopped")
+
+
+class ServerThread:
+    """A real server on its own event loop in a background thread: for the demo, tests and
+    benchmarks that drive it with the (synchronous) client from the main thread.
+
+        with ServerThread(settings) as srv:
+            client = FacemuxClient(srv.target)
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        import threading
+
+        self.settings = settings
+        self.app: App | None = None
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._grace = 1.0
+        self._stop_requested: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="facemux-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        assert self.app is not None
+        return self.app.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            try:
+                self.app = await build_app(self.settings)
+                await self.app.server.start()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._started.set()
+            self._stop_requested = asyncio.Event()
+            await self._stop_requested.wait()
+            await self.app.server.stop(self._grace)
+            for task in self.app.tasks:
+                task.cancel()
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException:
+            if self._error is None:
+                raise
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._grace = grace
+        if self._thread.is_alive():
+            assert self._stop_requested is not None
+            self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join(timeout=grace + 10)
+        if self._thread.is_alive():
+            raise RuntimeError("facemux server thread did not stop")
+        self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

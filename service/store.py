@@ -79,6 +79,8 @@ class IdentityRecord:
     created_at: str
     consent: dict[str, str] = field(default_factory=dict)
     versions: list[VersionRecord] = field(default_factory=list)
+    # Highest number ever issued: numbers are never reused, so "v3" always means one decoder.
+    last_version: int = 0
 
     def version(self, number: int = 0) -> VersionRecord:
         wanted = number or self.default_version
@@ -245,6 +247,7 @@ class LocalStore(Store):
             created_at=meta["created_at"],
             consent=meta.get("consent", {}),
             versions=versions,
+            last_version=int(meta.get("last_version", 0)),
         )
 
     def _write_identity_meta(self, d: Path, rec: IdentityRecord) -> None:
@@ -290,9 +293,8 @@ class LocalStore(Store):
                 )
             )
             used = [v.version for v in rec.versions]
-            # Numbers are never reused, even after deletion, so "v3" always means one decoder.
-            used += [int(p.name[1:]) for p in d.glob("v*") if p.name[1:].isdigit()] if exists else []
-            version.version = max(used, default=0) + 1
+            version.version = max([rec.last_version, *used]) + 1
+            rec.last_version = version.version
             version.size_bytes = len(checkpoint)
             version.sha256 = sha256_hex(checkpoint)
             if display_name:

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny real models in a real store, a real server on port 0, a real client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from facemux.client import FacemuxClient
+from facemux.models import checkpoint
+from facemux.models.config import ModelConfig, get_preset
+from facemux.models.networks import build_decoder, build_encoder
+from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
+from facemux.service.store import LocalStore
+
+# Keep each test process from spreading tiny models over every core.
+torch.set_num_threads(2)
+
+
+@dataclass
+class Models:
+    config: ModelConfig
+    encoder_bytes: bytes
+    fingerprint: str
+    decoders: dict[str, bytes]  # identity -> checkpoint bytes for the encoder above
+    foreign_decoder: bytes  # a tiny decoder trained against another encoder
+
+
+@pytest.fixture(scope="session")
+def models() -> Models:
+    cfg = get_preset("tiny")
+    enc = build_encoder(cfg, seed=1)
+    enc_bytes, meta = checkpoint.encoder_to_bytes(enc, cfg)
+    decoders = {
+        name: checkpoint.decoder_to_bytes(build_decoder(cfg, seed=10 + i), cfg, meta.fingerprint, name)[0]
+        for i, name in enumerate(("alice", "bob", "carol"))
+    }
+    other = checkpoint.encoder_to_bytes(build_encoder(cfg, seed=99), cfg)[1]
+    foreign = checkpoint.decoder_to_bytes(
+        build_decoder(cfg, seed=5), cfg, other.fingerprint, "mallory"
+    )[0]
+    return Models(cfg, enc_bytes, meta.fingerprint, decoders, foreign)
+
+
+def make_store(root: Path, models: Models, identities: tuple[str, ...] = ()) -> LocalStore:
+    from facemux.service.store import VersionRecord, now_iso
+
+    store = LocalStore(root)
+    store.put_encoder(models.encoder_bytes, models.fingerprint)
+    for name in identities:
+        data = models.decoders[name]
+        _, meta = checkpoint.read_decoder(data)
+        store.add_version(
+            name,
+            data,
+            VersionRecord(
+                version=0,
+                created_at=now_iso(),
+                decoder_fingerprint=meta.fingerprint,
+                encoder_fingerprint=meta.encoder_fingerprint,
+                preset=meta.config.name,
+                resolution=meta.config.resolution,
+                size_bytes=0,
+                sha256="",
+            ),
+        )
+    return store
+
+
+@pytest.fixture
+def server(tmp_path: Path, models: Models) -> Iterator[ServerThread]:
+    """A server with alice and bob registered; decoder cache bound of 2."""
+    make_store(tmp_path / "store", models, ("alice", "bob"))
+    settings = Settings(
+        port=0,
+        store=tmp_path / "store",
+        decoder_cache_count=2,
+        max_message_bytes=4 * 1024 * 1024,
+        max_image_pixels=4_000_000,
+    )
+    with ServerThread(settings) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[FacemuxClient]:
+    with FacemuxClient(server.target, timeout=30, retries=1) as c:
+        c.wait_ready(30)
+        yield c
+
+
+def face_image(seed: int = 0, size: int = 64) -> np.ndarray:
+    """A smooth random RGB image (stand-in for an aligned crop)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img is not None
+    return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
