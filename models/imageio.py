@@ -137,10 +137,24 @@ def _to_rgb8(img: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
 
 
+def _check_complete(fmt: str, data: bytes) -> None:
+    """Decoders fill a truncated file's missing rows with grey instead of failing, so a cut
+    upload would be swapped silently: look for the format's end marker instead."""
+    if fmt == "JPEG":
+        complete = data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    elif fmt == "PNG":
+        complete = b"IEND" in data[-16:]
+    else:
+        complete = int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    if not complete:
+        raise InvalidInputError(f"{fmt} data is truncated (no end marker); re-send the whole file")
+
+
 def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode a JPEG/PNG/WebP file into RGB uint8, refusing oversized or broken files."""
     fmt, w, h = encoded_size(data)
     check_pixels(w, h, max_pixels)
+    _check_complete(fmt, data)
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:

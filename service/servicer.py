@@ -142,6 +142,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             )
 
     def _resolve(self, name: str, version: int) -> ResidentDecoder:
+        self.runtime.encoder()  # UNAVAILABLE while loading, before anything else
         if not name:
             raise InvalidInputError("identity is required: name the identity to draw")
         validate_name(name)
@@ -459,8 +460,8 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         after = ""
         if request.page_token:
             try:
-                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
-            except (ValueError, UnicodeDecodeError):
+                after = base64.b64decode(request.page_token, altchars=b"-_", validate=True).decode()
+            except ValueError:
                 raise InvalidInputError("page_token is not one this server issued") from None
         records = [r for r in await asyncio.to_thread(self.store.list) if r.name > after]
         page = records[:size]

@@ -1,0 +1,123 @@
+"""Health before and after the encoder loads; settings; the client without torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Models, face_image
+from facemux.client import FacemuxClient, Unavailable
+from facemux.models.errors import InvalidInputError
+from facemux.service.server import ServerThread
+from facemux.service.settings import Settings, parse_settings
+from facemux.service.store import LocalStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_not_serving_until_the_encoder_is_loaded(tmp_path: Path, models: Models) -> None:
+    store = LocalStore(tmp_path / "store")  # empty: no encoder yet
+    with ServerThread(Settings(port=0, store=store.root)) as srv, \
+            FacemuxClient(srv.target, retries=1) as c:
+        assert c.health() == "NOT_SERVING"
+        assert c.health("facemux.v1.SwapService") == "NOT_SERVING"
+        with pytest.raises(Unavailable, match="still loading"):
+            c.swap_faces([face_image(0)], "alice")
+        # Publishing an encoder into the store brings the server up without a restart.
+        store.put_encoder(models.encoder_bytes, models.fingerprint)
+        c.wait_ready(15)
+        assert c.health("facemux.v1.SwapService") == "SERVING"
+        assert c.model_info().encoder_fingerprint == models.fingerprint
+
+
+def test_reflection_lists_the_services(client: FacemuxClient, server: ServerThread) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        resp = next(stub.ServerReflectionInfo(iter([req])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"facemux.v1.SwapService", "facemux.v1.IdentityService",
+            "facemux.v1.TrainingService", "grpc.health.v1.Health"} <= names
+
+
+def test_settings_precedence_and_validation(tmp_path: Path) -> None:
+    env = {"FACEMUX_PORT": "6000", "FACEMUX_DECODER_CACHE_COUNT": "3",
+           "FACEMUX_STORE": str(tmp_path)}
+    s = Settings.load(environ=env)
+    assert (s.port, s.decoder_cache_count, s.store) == (6000, 3, tmp_path)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    s = Settings.load(parser.parse_args(["--port", "7000"]), environ=env)
+    assert s.port == 7000 and s.decoder_cache_count == 3  # flag beats env, env beats default
+    assert parse_settings(["--host", "::", "--port", "1"]).address == "[::]:1"
+    with pytest.raises(InvalidInputError, match="FACEMUX|port"):
+        Settings.load(environ={"FACEMUX_PORT": "eighty"})
+    with pytest.raises(InvalidInputError, match="decoder_cache_count must be positive"):
+        Settings(decoder_cache_count=0)
+    with pytest.raises(InvalidInputError, match="device"):
+        Settings(device="tpu")
+
+
+def test_client_imports_without_torch() -> None:
+    # A finder that refuses torch: if the client (or the CLI's client commands) needed it,
+    # the import below would fail.
+    code = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed here")
+sys.meta_path.insert(0, NoTorch())
+import facemux.client, facemux.client.cli
+facemux.client.cli.build_parser().parse_args(["swap", "x.png", "--identity", "a"])
+assert "torch" not in sys.modules and "cv2" not in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_generated_code_matches_protos() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_serve_command_starts_and_stops_on_sigterm(tmp_path: Path, models: Models) -> None:
+    import signal
+    import socket
+
+    from conftest import make_store
+
+    make_store(tmp_path / "store", models, ("alice",))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "facemux"
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--store",
+                             str(tmp_path / "store")], stderr=subprocess.PIPE, text=True)
+    try:
+        with FacemuxClient(f"127.0.0.1:{port}") as c:
+            c.wait_ready(60)
+            assert c.swap_faces([face_image(0)], "alice").faces_swapped == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "listening" in log and "stopped" in log
+    time.sleep(0)
