@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from google.protobuf.json_format import MessageToDict
-
 from facemux.client.client import FacemuxClient, Latent
 from facemux.client.errors import FacemuxRpcError
+from google.protobuf.json_format import MessageToDict
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -128,8 +127,11 @@ def cmd_identities(args: argparse.Namespace) -> int:
         elif args.action == "register":
             consent = json.loads(args.consent) if args.consent else None
             r = c.register_identity(
-                args.name, args.checkpoint, display_name=args.display_name,
-                make_default=not args.no_default, consent=consent,
+                args.name,
+                args.checkpoint,
+                display_name=args.display_name,
+                make_default=not args.no_default,
+                consent=consent,
             )
             print(f"registered {r.identity.name} v{r.version}")
         elif args.action == "delete":
@@ -153,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--timeout", type=float, default=60.0, help="per-call deadline, seconds")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def client_cmd(name: str, **kw: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[conn], **kw)
+    def client_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[conn], help=help)
 
     sub.add_parser("serve", help="run the server (flags: facemux serve --help)", add_help=False)
-    sub.add_parser("demo", help="train a tiny model on synthetic faces, serve it, swap", add_help=False)
+    sub.add_parser(
+        "demo", help="train a tiny model on synthetic faces, serve it, swap", add_help=False
+    )
     client_cmd("info", help="describe the served model")
     h = client_cmd("health", help="print the server's health status")
     h.add_argument("--service", default="", help="service name; empty = whole server")
@@ -186,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     isub.add_parser("list", parents=[conn])
     g = isub.add_parser("get", parents=[conn])
     g.add_argument("name")
-    r = isub.add_parser("register", parents=[conn], help="upload a decoder checkpoint (.safetensors)")
+    r = isub.add_parser(
+        "register", parents=[conn], help="upload a decoder checkpoint (.safetensors)"
+    )
     r.add_argument("name")
     r.add_argument("checkpoint")
     r.add_argument("--display-name", default="")

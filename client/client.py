@@ -22,8 +22,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from facemux.client.errors import Unavailable, from_rpc_error
 from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import identity_service_pb2_grpc as igrpc
@@ -31,6 +29,7 @@ from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import swap_service_pb2_grpc as sgrpc
 from facemux.v1 import training_service_pb2_grpc as tgrpc
 from facemux.v1 import types_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ImageLike = bytes | str | os.PathLike[str] | np.ndarray
 T = TypeVar("T")
@@ -43,8 +42,11 @@ _FORMATS = {
     "webp": types_pb2.IMAGE_FORMAT_WEBP,
     "raw": types_pb2.IMAGE_FORMAT_RAW,
 }
-_RAW_LAYOUTS = {1: types_pb2.PIXEL_LAYOUT_GRAY8, 3: types_pb2.PIXEL_LAYOUT_RGB8,
-                4: types_pb2.PIXEL_LAYOUT_RGBA8}
+_RAW_LAYOUTS = {
+    1: types_pb2.PIXEL_LAYOUT_GRAY8,
+    3: types_pb2.PIXEL_LAYOUT_RGB8,
+    4: types_pb2.PIXEL_LAYOUT_RGBA8,
+}
 
 
 def _service_config(retries: int) -> str:
@@ -78,7 +80,9 @@ def image_to_proto(image: ImageLike) -> types_pb2.Image:
             raise ValueError(f"image array shape {arr.shape} is not (H,W), (H,W,3) or (H,W,4)")
         return types_pb2.Image(
             raw=types_pb2.RawImage(
-                width=arr.shape[1], height=arr.shape[0], layout=_RAW_LAYOUTS[channels],
+                width=arr.shape[1],
+                height=arr.shape[0],
+                layout=_RAW_LAYOUTS[channels],
                 data=arr.tobytes(),
             )
         )
@@ -121,7 +125,9 @@ class Latent:
         else:
             dtype, data = types_pb2.LATENT_D_TYPE_FLOAT32, arr.astype("<f4").tobytes()
         return types_pb2.Latent(
-            shape=list(arr.shape), dtype=dtype, data=data,
+            shape=list(arr.shape),
+            dtype=dtype,
+            data=data,
             encoder_fingerprint=self.encoder_fingerprint,
         )
 
@@ -190,7 +196,8 @@ class FacemuxClient:
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
             return method(
-                request, timeout=self.timeout if timeout is None else timeout,
+                request,
+                timeout=self.timeout if timeout is None else timeout,
                 metadata=self.metadata,
             )
         except grpc.RpcError as err:
@@ -303,8 +310,9 @@ class FacemuxClient:
 
         def requests() -> Iterator[spb.SwapStreamRequest]:
             for i, frame in enumerate(frames):
-                req = spb.SwapStreamRequest(frame_index=i, frame=image_to_proto(frame),
-                                            aligned=aligned)
+                req = spb.SwapStreamRequest(
+                    frame_index=i, frame=image_to_proto(frame), aligned=aligned
+                )
                 if i == 0:
                     req.identity = identity
                     req.identity_version = version
@@ -313,9 +321,7 @@ class FacemuxClient:
                     req.options.CopyFrom(options or spb.SwapOptions())
                 yield req
 
-        call = self.swap_stub.SwapStream(
-            requests(), timeout=timeout, metadata=self.metadata
-        )
+        call = self.swap_stub.SwapStream(requests(), timeout=timeout, metadata=self.metadata)
         try:
             yield from call
         except grpc.RpcError as err:
@@ -324,7 +330,10 @@ class FacemuxClient:
             call.cancel()
 
     def encode(self, faces: Sequence[ImageLike], dtype: str = "float32") -> list[Latent]:
-        dt = {"float32": types_pb2.LATENT_D_TYPE_FLOAT32, "float16": types_pb2.LATENT_D_TYPE_FLOAT16}
+        dt = {
+            "float32": types_pb2.LATENT_D_TYPE_FLOAT32,
+            "float16": types_pb2.LATENT_D_TYPE_FLOAT16,
+        }
         if dtype not in dt:
             raise ValueError("dtype must be float32 or float16")
         req = spb.EncodeRequest(faces=[image_to_proto(f) for f in faces], dtype=dt[dtype])
@@ -342,8 +351,11 @@ class FacemuxClient:
     ) -> DecodeResult:
         msgs = [lat.to_proto() if isinstance(lat, Latent) else lat for lat in latents]
         req = spb.DecodeRequest(
-            latents=msgs, identity=identity, identity_version=version,
-            output=output_options(output_format), return_masks=return_masks,
+            latents=msgs,
+            identity=identity,
+            identity_version=version,
+            output=output_options(output_format),
+            return_masks=return_masks,
         )
         resp = self._call(self.swap_stub.Decode, req)
         return DecodeResult(
@@ -397,7 +409,9 @@ class FacemuxClient:
                 return out
 
     def get_identity(self, name: str) -> ipb.Identity:
-        return self._call(self.identity_stub.GetIdentity, ipb.GetIdentityRequest(name=name)).identity
+        return self._call(
+            self.identity_stub.GetIdentity, ipb.GetIdentityRequest(name=name)
+        ).identity
 
     def delete_identity(self, name: str, version: int = 0) -> ipb.DeleteIdentityResponse:
         return self._call(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
 from facemux.models.errors import InvalidInputError
 
 # Layout name -> (channels, conversion to RGB). Names match the proto's PixelLayout.

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from facemux.models.imageio import resize_square
 from facemux.models.networks import Decoder, Encoder
+from torch import Tensor
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
-
 from facemux.models import imageio
 from facemux.models.errors import FingerprintMismatchError, InvalidInputError
 from facemux.v1 import types_pb2
@@ -23,7 +23,7 @@ _FORMAT_NAMES = {
     types_pb2.IMAGE_FORMAT_WEBP: "WEBP",
     types_pb2.IMAGE_FORMAT_RAW: "RAW",
 }
-_DTYPES = {
+_DTYPES: dict[int, np.dtype[Any]] = {
     types_pb2.LATENT_D_TYPE_FLOAT32: np.dtype("<f4"),
     types_pb2.LATENT_D_TYPE_FLOAT16: np.dtype("<f2"),
 }
@@ -92,7 +92,9 @@ def latent_from_proto(
             f"got {len(msg.data)}"
         )
     if not msg.encoder_fingerprint:
-        raise InvalidInputError(f"{where} has no encoder_fingerprint; send latents as Encode returns them")
+        raise InvalidInputError(
+            f"{where} has no encoder_fingerprint; send latents as Encode returns them"
+        )
     if msg.encoder_fingerprint != fingerprint:
         raise FingerprintMismatchError(where, fingerprint, msg.encoder_fingerprint)
     arr = np.frombuffer(msg.data, dtype=dtype).reshape(shape).astype(np.float32)

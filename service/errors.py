@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-
 from facemux.models import errors as e
 
 # Most specific first: the first matching class wins.

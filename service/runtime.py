@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from facemux.models import checkpoint, inference
 from facemux.models.config import ModelConfig
 from facemux.models.errors import CheckpointError, PreconditionError, UnavailableError
@@ -64,10 +63,12 @@ class DecoderCache:
 
     def evict(self, name: str, version: int = 0) -> None:
         with self._lock:
-            for key in [k for k in self._items if k[0] == name and (not version or k[1] == version)]:
+            for key in [
+                k for k in self._items if k[0] == name and (not version or k[1] == version)
+            ]:
                 del self._items[key]
 
-    def keys(self) -> list[tuple[str, int]]:
+    def resident(self) -> list[tuple[str, int]]:
         with self._lock:
             return list(self._items)
 
@@ -164,9 +165,7 @@ class Runtime:
             z = inference.encode(self.encoder(), x)
         return z.float().cpu().numpy(), resized
 
-    def decode(
-        self, latents: np.ndarray, decoder: Decoder
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    def decode(self, latents: np.ndarray, decoder: Decoder) -> tuple[np.ndarray, np.ndarray | None]:
         z = torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)
         with self._model_lock:
             rgb, mask = inference.decode(decoder, z)

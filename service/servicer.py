@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-
 from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
@@ -421,7 +420,9 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         if not data:
             raise InvalidInputError("no checkpoint bytes were sent")
         if meta.sha256 and hashlib.sha256(data).hexdigest() != meta.sha256.lower():
-            raise InvalidInputError("checkpoint sha256 does not match metadata.sha256: upload corrupted")
+            raise InvalidInputError(
+                "checkpoint sha256 does not match metadata.sha256: upload corrupted"
+            )
         consent = consent_from_proto(meta.consent)
 
         def register() -> tuple[IdentityRecord, int]:
@@ -463,7 +464,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
                 after = base64.b64decode(request.page_token, altchars=b"-_", validate=True).decode()
             except ValueError:
                 raise InvalidInputError("page_token is not one this server issued") from None
-        records = [r for r in await asyncio.to_thread(self.store.list) if r.name > after]
+        records = [r for r in await asyncio.to_thread(self.store.list_identities) if r.name > after]
         page = records[:size]
         token = ""
         if len(records) > size:

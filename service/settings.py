@@ -27,9 +27,7 @@ def _help(text: str) -> dict[str, Any]:
 class Settings:
     host: str = field(default="127.0.0.1", metadata=_help("address to listen on ([::] for all)"))
     port: int = field(default=50051, metadata=_help("gRPC port; 0 picks a free one"))
-    store: Path = field(
-        default=Path("facemux-store"), metadata=_help("identity store directory")
-    )
+    store: Path = field(default=Path("facemux-store"), metadata=_help("identity store directory"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     encoder: str = field(
         default="", metadata=_help("encoder fingerprint to serve; empty = the store's default")
@@ -121,23 +119,29 @@ class Settings:
             if f.name in overrides:
                 raw = overrides[f.name]
             if raw is not None:
-                values[f.name] = _coerce(f.name, raw, type(f.default))
+                values[f.name] = _coerce(f.name, raw, f.default)
         return cls(**values)
 
 
-def _coerce(name: str, raw: Any, kind: type) -> Any:
-    if isinstance(raw, kind):
-        return raw
+def _coerce(name: str, raw: Any, default: Any) -> Any:
+    """Convert a flag or environment string to the type of the field's default."""
     try:
-        if kind is bool:
-            return str(raw).strip().lower() in ("1", "true", "yes", "on")
-        if kind is Path or issubclass(kind, os.PathLike):
+        if isinstance(default, bool):
+            return (
+                raw
+                if isinstance(raw, bool)
+                else str(raw).strip().lower() in ("1", "true", "yes", "on")
+            )
+        if isinstance(default, Path):
             return Path(raw)
-        return kind(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return str(raw)
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(
-            f"setting {name}={raw!r} is not a valid {kind.__name__}"
-        ) from exc
+        kind = type(default).__name__
+        raise InvalidInputError(f"setting {name}={raw!r} is not a valid {kind}") from exc
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:

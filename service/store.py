@@ -120,7 +120,7 @@ class Store(ABC):
     def get(self, name: str) -> IdentityRecord: ...
 
     @abstractmethod
-    def list(self) -> list[IdentityRecord]: ...
+    def list_identities(self) -> list[IdentityRecord]: ...
 
     @abstractmethod
     def read_decoder(self, name: str, version: int) -> bytes: ...
@@ -236,7 +236,9 @@ class LocalStore(Store):
     def _read_identity(self, d: Path) -> IdentityRecord:
         meta = json.loads((d / "identity.json").read_text())
         versions = []
-        for vdir in sorted(d.glob("v*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1):
+        for vdir in sorted(
+            d.glob("v*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1
+        ):
             vfile = vdir / "version.json"
             if vfile.exists():
                 versions.append(VersionRecord(**json.loads(vfile.read_text())))
@@ -261,7 +263,7 @@ class LocalStore(Store):
             raise NotFoundError(f"identity {name!r} does not exist; list them with ListIdentities")
         return self._read_identity(d)
 
-    def list(self) -> list[IdentityRecord]:
+    def list_identities(self) -> list[IdentityRecord]:
         out = []
         for d in sorted(self._identities.iterdir()):
             if d.is_dir() and not d.name.startswith(".") and (d / "identity.json").exists():
@@ -363,7 +365,7 @@ class LocalStore(Store):
     def verify(self) -> list[str]:
         """Problems found (empty = clean): every stored decoder matches its recorded sha256."""
         problems = []
-        for rec in self.list():
+        for rec in self.list_identities():
             for v in rec.versions:
                 path = self._identity_dir(rec.name) / f"v{v.version}" / "decoder.safetensors"
                 if not path.exists():

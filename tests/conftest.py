@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from facemux.client import FacemuxClient
 from facemux.models import checkpoint
 from facemux.models.config import ModelConfig, get_preset
@@ -38,7 +37,9 @@ def models() -> Models:
     enc = build_encoder(cfg, seed=1)
     enc_bytes, meta = checkpoint.encoder_to_bytes(enc, cfg)
     decoders = {
-        name: checkpoint.decoder_to_bytes(build_decoder(cfg, seed=10 + i), cfg, meta.fingerprint, name)[0]
+        name: checkpoint.decoder_to_bytes(
+            build_decoder(cfg, seed=10 + i), cfg, meta.fingerprint, name
+        )[0]
         for i, name in enumerate(("alice", "bob", "carol"))
     }
     other = checkpoint.encoder_to_bytes(build_encoder(cfg, seed=99), cfg)[1]

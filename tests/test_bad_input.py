@@ -13,7 +13,6 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-
 from conftest import Models, face_image, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
@@ -30,7 +29,12 @@ def _png_claiming(width: int, height: int) -> bytes:
     chunk = b"IHDR" + ihdr
     body = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
     idat = zlib.compress(b"\x00" * 1024)
-    body += struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    body += (
+        struct.pack(">I", len(idat))
+        + b"IDAT"
+        + idat
+        + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    )
     return b"\x89PNG\r\n\x1a\n" + body + b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -85,10 +89,12 @@ SWAP_CASES: list[tuple[str, spb.SwapRequest, grpc.StatusCode, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "request_", "code", "words"), SWAP_CASES,
-                         ids=[c[0] for c in SWAP_CASES])
-def test_bad_swap_requests(client: FacemuxClient, name: str, request_: spb.SwapRequest,
-                           code: grpc.StatusCode, words: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "request_", "code", "words"), SWAP_CASES, ids=[c[0] for c in SWAP_CASES]
+)
+def test_bad_swap_requests(
+    client: FacemuxClient, name: str, request_: spb.SwapRequest, code: grpc.StatusCode, words: str
+) -> None:
     with pytest.raises(FacemuxRpcError) as info:
         client._call(client.swap_stub.Swap, request_)
     assert info.value.code == code, info.value
@@ -124,22 +130,40 @@ LATENT_CASES: list[tuple[str, Callable[[Models], tpb.Latent], grpc.StatusCode, s
     ("wrong shape", lambda m: _latent(m, shape=[1, 2, 3]), C.INVALID_ARGUMENT, "has shape"),
     ("no dtype", lambda m: _latent(m, dtype=0), C.INVALID_ARGUMENT, "FLOAT32 or FLOAT16"),
     ("short data", lambda m: _latent(m, data=b"\x00" * 10), C.INVALID_ARGUMENT, "needs"),
-    ("float16 size as float32", lambda m: _latent(m, dtype=tpb.LATENT_D_TYPE_FLOAT16),
-     C.INVALID_ARGUMENT, "needs"),
+    (
+        "float16 size as float32",
+        lambda m: _latent(m, dtype=tpb.LATENT_D_TYPE_FLOAT16),
+        C.INVALID_ARGUMENT,
+        "needs",
+    ),
     ("NaN", lambda m: _latent(m, data=_with_value(m, math.nan)), C.INVALID_ARGUMENT, "NaN"),
     ("Inf", lambda m: _latent(m, data=_with_value(m, math.inf)), C.INVALID_ARGUMENT, "infinite"),
-    ("no fingerprint", lambda m: _latent(m, encoder_fingerprint=""), C.INVALID_ARGUMENT,
-     "encoder_fingerprint"),
-    ("other encoder", lambda m: _latent(m, encoder_fingerprint="ab" * 32),
-     C.FAILED_PRECONDITION, "made for encoder abababab"),
+    (
+        "no fingerprint",
+        lambda m: _latent(m, encoder_fingerprint=""),
+        C.INVALID_ARGUMENT,
+        "encoder_fingerprint",
+    ),
+    (
+        "other encoder",
+        lambda m: _latent(m, encoder_fingerprint="ab" * 32),
+        C.FAILED_PRECONDITION,
+        "made for encoder abababab",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "make", "code", "words"), LATENT_CASES,
-                         ids=[c[0] for c in LATENT_CASES])
-def test_bad_latents(client: FacemuxClient, models: Models, name: str,
-                     make: Callable[[Models], tpb.Latent], code: grpc.StatusCode,
-                     words: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "make", "code", "words"), LATENT_CASES, ids=[c[0] for c in LATENT_CASES]
+)
+def test_bad_latents(
+    client: FacemuxClient,
+    models: Models,
+    name: str,
+    make: Callable[[Models], tpb.Latent],
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
     req = spb.DecodeRequest(latents=[_latent(models), make(models)], identity="alice")
     with pytest.raises(FacemuxRpcError) as info:
         client._call(client.swap_stub.Decode, req)
@@ -172,20 +196,35 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None
         ([ipb.RegisterIdentityRequest(metadata=meta)] * 2, C.INVALID_ARGUMENT, "twice"),
         ([], C.INVALID_ARGUMENT, "no metadata"),
         (
-            [ipb.RegisterIdentityRequest(metadata=ipb.RegisterIdentityMetadata(
-                name="newbie", sha256="00" * 32)), ipb.RegisterIdentityRequest(chunk=data)],
-            C.INVALID_ARGUMENT, "sha256",
+            [
+                ipb.RegisterIdentityRequest(
+                    metadata=ipb.RegisterIdentityMetadata(name="newbie", sha256="00" * 32)
+                ),
+                ipb.RegisterIdentityRequest(chunk=data),
+            ],
+            C.INVALID_ARGUMENT,
+            "sha256",
         ),
         (
-            [ipb.RegisterIdentityRequest(metadata=ipb.RegisterIdentityMetadata(
-                name="newbie", size_bytes=1 << 40))],
-            C.RESOURCE_EXHAUSTED, "max_checkpoint_bytes",
+            [
+                ipb.RegisterIdentityRequest(
+                    metadata=ipb.RegisterIdentityMetadata(name="newbie", size_bytes=1 << 40)
+                )
+            ],
+            C.RESOURCE_EXHAUSTED,
+            "max_checkpoint_bytes",
         ),
         (
-            [ipb.RegisterIdentityRequest(metadata=ipb.RegisterIdentityMetadata(
-                name="newbie", consent=tpb.ConsentRecord(expires_at="next tuesday"))),
-             ipb.RegisterIdentityRequest(chunk=data)],
-            C.INVALID_ARGUMENT, "ISO-8601",
+            [
+                ipb.RegisterIdentityRequest(
+                    metadata=ipb.RegisterIdentityMetadata(
+                        name="newbie", consent=tpb.ConsentRecord(expires_at="next tuesday")
+                    )
+                ),
+                ipb.RegisterIdentityRequest(chunk=data),
+            ],
+            C.INVALID_ARGUMENT,
+            "ISO-8601",
         ),
     ]
     for parts, code, words in cases:
@@ -205,9 +244,11 @@ def test_bad_identity_calls(client: FacemuxClient) -> None:
         (lambda: client.set_default_version("alice", 0), C.INVALID_ARGUMENT, "version"),
         (lambda: client.set_default_version("alice", 4), C.NOT_FOUND, "no version 4"),
         (
-            lambda: client._call(client.identity_stub.ListIdentities,
-                                 ipb.ListIdentitiesRequest(page_token="%%%")),
-            C.INVALID_ARGUMENT, "page_token",
+            lambda: client._call(
+                client.identity_stub.ListIdentities, ipb.ListIdentitiesRequest(page_token="%%%")
+            ),
+            C.INVALID_ARGUMENT,
+            "page_token",
         ),
     ]
     for call, code, words in cases:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import Models, face_image, png
 from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
 from facemux.service.server import ServerThread
@@ -18,9 +17,14 @@ def test_hot_registration_and_deletion(client: FacemuxClient, models: Models) ->
     with pytest.raises(NotFound):
         client.swap_faces([face], "carol")
     resp = client.register_identity(
-        "carol", models.decoders["carol"], display_name="Carol C.",
-        consent={"attested_by": "qa@example.com", "evidence_ref": "TICKET-1",
-                 "granted_at": "2026-01-01"},
+        "carol",
+        models.decoders["carol"],
+        display_name="Carol C.",
+        consent={
+            "attested_by": "qa@example.com",
+            "evidence_ref": "TICKET-1",
+            "granted_at": "2026-01-01",
+        },
     )
     assert resp.version == 1 and resp.identity.default_version == 1
     assert resp.identity.consent.attested_by == "qa@example.com"
@@ -74,12 +78,13 @@ def test_revoked_consent_stops_swapping(client: FacemuxClient) -> None:
     client.swap_faces([face], "bob")
     ident = client.revoke_consent("bob", reason="subject withdrew")
     assert ident.consent.revoked_at
-    with pytest.raises(FailedPrecondition, match="revoked.*subject withdrew"):
+    with pytest.raises(FailedPrecondition, match=r"revoked.*subject withdrew"):
         client.swap_faces([face], "bob")
 
 
-def test_lru_keeps_at_most_the_bound(server: ServerThread, client: FacemuxClient,
-                                     models: Models) -> None:
+def test_lru_keeps_at_most_the_bound(
+    server: ServerThread, client: FacemuxClient, models: Models
+) -> None:
     client.register_identity("carol", models.decoders["carol"])
     face = png(face_image(4))
     assert server.app is not None
@@ -87,9 +92,9 @@ def test_lru_keeps_at_most_the_bound(server: ServerThread, client: FacemuxClient
     for name in ("alice", "bob", "carol"):
         client.swap_faces([face], name)
     # Bound is 2 (conftest): the least recently used (alice) was evicted.
-    assert [k[0] for k in cache.keys()] == ["bob", "carol"]
+    assert [k[0] for k in cache.resident()] == ["bob", "carol"]
     first = client.swap_faces([face], "alice").faces[0]
-    assert [k[0] for k in cache.keys()] == ["carol", "alice"]
+    assert [k[0] for k in cache.resident()] == ["carol", "alice"]
     # Reloading after eviction gives the same output.
     assert client.swap_faces([face], "alice").faces[0] == first
 
@@ -99,14 +104,15 @@ def test_lru_bound_by_bytes(tmp_path: Path, models: Models) -> None:
 
     make_store(tmp_path / "s", models, ("alice", "bob", "carol"))
     one = len(models.decoders["alice"])
-    settings = Settings(port=0, store=tmp_path / "s", decoder_cache_count=10,
-                        decoder_cache_bytes=int(one * 1.5))
+    settings = Settings(
+        port=0, store=tmp_path / "s", decoder_cache_count=10, decoder_cache_bytes=int(one * 1.5)
+    )
     with ServerThread(settings) as srv, FacemuxClient(srv.target) as c:
         c.wait_ready(30)
         for name in ("alice", "bob", "carol"):
             c.swap_faces([face_image(0)], name)
         assert srv.app is not None
-        assert [k[0] for k in srv.app.runtime.cache.keys()] == ["carol"]
+        assert [k[0] for k in srv.app.runtime.cache.resident()] == ["carol"]
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", ".hidden", "x" * 65, "", "sp ace"])
@@ -123,22 +129,23 @@ def test_registration_refusals_store_nothing(
     import struct
 
     import safetensors.torch
-
     from facemux.models import checkpoint
     from facemux.models.networks import build_decoder
 
     # Tensors of a wider decoder under the metadata of a tiny one: shapes disagree.
     wide = dataclasses.replace(models.config, name="tiny-wide", decoder_dims=(48, 24, 12))
-    wide_bytes = checkpoint.decoder_to_bytes(build_decoder(wide, seed=0), wide,
-                                             models.fingerprint, "x")[0]
+    wide_bytes = checkpoint.decoder_to_bytes(
+        build_decoder(wide, seed=0), wide, models.fingerprint, "x"
+    )[0]
     carol = models.decoders["carol"]
     (n,) = struct.unpack("<Q", carol[:8])
     carol_meta = json.loads(carol[8 : 8 + n])["__metadata__"]
     wrong_shapes = safetensors.torch.save(safetensors.torch.load(wide_bytes), carol_meta)
     # A decoder for another resolution (self-consistent, but not for this encoder's latents).
     other_res = dataclasses.replace(models.config, name="tiny32", resolution=32)
-    other_res_bytes = checkpoint.decoder_to_bytes(build_decoder(other_res, seed=0), other_res,
-                                                  models.fingerprint, "x")[0]
+    other_res_bytes = checkpoint.decoder_to_bytes(
+        build_decoder(other_res, seed=0), other_res, models.fingerprint, "x"
+    )[0]
     cases = [
         (b"definitely not a checkpoint", InvalidArgument, "safetensors"),
         (models.decoders["carol"][:1000], InvalidArgument, "truncated"),

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Models, face_image
 from facemux.client import FacemuxClient, Unavailable
 from facemux.models.errors import InvalidInputError
@@ -22,8 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_not_serving_until_the_encoder_is_loaded(tmp_path: Path, models: Models) -> None:
     store = LocalStore(tmp_path / "store")  # empty: no encoder yet
-    with ServerThread(Settings(port=0, store=store.root)) as srv, \
-            FacemuxClient(srv.target, retries=1) as c:
+    with (
+        ServerThread(Settings(port=0, store=store.root)) as srv,
+        FacemuxClient(srv.target, retries=1) as c,
+    ):
         assert c.health() == "NOT_SERVING"
         assert c.health("facemux.v1.SwapService") == "NOT_SERVING"
         with pytest.raises(Unavailable, match="still loading"):
@@ -44,13 +45,20 @@ def test_reflection_lists_the_services(client: FacemuxClient, server: ServerThre
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         resp = next(stub.ServerReflectionInfo(iter([req])))
     names = {s.name for s in resp.list_services_response.service}
-    assert {"facemux.v1.SwapService", "facemux.v1.IdentityService",
-            "facemux.v1.TrainingService", "grpc.health.v1.Health"} <= names
+    assert {
+        "facemux.v1.SwapService",
+        "facemux.v1.IdentityService",
+        "facemux.v1.TrainingService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 def test_settings_precedence_and_validation(tmp_path: Path) -> None:
-    env = {"FACEMUX_PORT": "6000", "FACEMUX_DECODER_CACHE_COUNT": "3",
-           "FACEMUX_STORE": str(tmp_path)}
+    env = {
+        "FACEMUX_PORT": "6000",
+        "FACEMUX_DECODER_CACHE_COUNT": "3",
+        "FACEMUX_STORE": str(tmp_path),
+    }
     s = Settings.load(environ=env)
     assert (s.port, s.decoder_cache_count, s.store) == (6000, 3, tmp_path)
     import argparse
@@ -60,7 +68,7 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
     s = Settings.load(parser.parse_args(["--port", "7000"]), environ=env)
     assert s.port == 7000 and s.decoder_cache_count == 3  # flag beats env, env beats default
     assert parse_settings(["--host", "::", "--port", "1"]).address == "[::]:1"
-    with pytest.raises(InvalidInputError, match="FACEMUX|port"):
+    with pytest.raises(InvalidInputError, match=r"FACEMUX|port"):
         Settings.load(environ={"FACEMUX_PORT": "eighty"})
     with pytest.raises(InvalidInputError, match="decoder_cache_count must be positive"):
         Settings(decoder_cache_count=0)
@@ -83,15 +91,24 @@ facemux.client.cli.build_parser().parse_args(["swap", "x.png", "--identity", "a"
 assert "torch" not in sys.modules and "cv2" not in sys.modules
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHONPATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
 
 def test_generated_code_matches_protos() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -106,8 +123,11 @@ def test_serve_command_starts_and_stops_on_sigterm(tmp_path: Path, models: Model
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "facemux"
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--store",
-                             str(tmp_path / "store")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--port", str(port), "--store", str(tmp_path / "store")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         with FacemuxClient(f"127.0.0.1:{port}") as c:
             c.wait_ready(60)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import Models, decode_png, face_image, png
 from facemux.client import FacemuxClient, Latent, Unimplemented
 from facemux.models import checkpoint, inference
