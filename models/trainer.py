@@ -1,0 +1,370 @@
+"""Library-level training of one shared encoder and one decoder per identity.
+
+Every step draws a batch per identity, augments it, runs all identities through the
+shared encoder in one pass, decodes each with its own decoder and sums the per-identity
+reconstruction losses. With ``encoder_lr == 0`` the encoder is frozen and only the
+decoders learn: how a new identity is added to a deployed encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .augment import AugmentConfig, make_training_pair
+from .errors import InvalidInputError, PreconditionError
+from .losses import LossWeights, loss_terms
+from .networks import Decoder, Encoder
+
+__all__ = ["Progress", "TrainConfig", "Trainer"]
+
+TOTAL = "total"
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int = 16  # per identity
+    lr: float = 5e-5  # faceswap's default
+    encoder_lr: float | None = None  # None: same as lr; 0: encoder frozen
+    betas: tuple[float, float] = (0.5, 0.999)  # faceswap's Adam betas
+    warp: bool = True
+    seed: int = 0
+    log_every: int = 50
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    masked_loss: bool = True  # with masks, the RGB loss only counts inside the face
+    grad_clip: float | None = None
+    autocast: bool = True  # bf16 autocast on CUDA; never used on CPU (far slower there)
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise InvalidInputError(f"steps must be a non-negative integer, got {self.steps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidInputError(f"lr must be a positive number, got {self.lr!r}")
+        if self.encoder_lr is not None and not (
+            self.encoder_lr >= 0 and math.isfinite(self.encoder_lr)
+        ):
+            raise InvalidInputError(
+                f"encoder_lr must be >= 0 (0 freezes the encoder) or None, got {self.encoder_lr!r}"
+            )
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise InvalidInputError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise InvalidInputError(f"log_every must be >= 1, got {self.log_every!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InvalidInputError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+
+    @property
+    def effective_encoder_lr(self) -> float:
+        return self.lr if self.encoder_lr is None else self.encoder_lr
+
+    @property
+    def encoder_frozen(self) -> bool:
+        return self.effective_encoder_lr == 0
+
+
+@dataclass
+class Progress:
+    step: int
+    steps: int
+    losses: dict[str, float]  # per identity + "total", mean since the previous report
+    examples_per_s: float
+    eta_s: float
+    elapsed_s: float
+
+
+class Trainer:
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoders: Mapping[str, Decoder],
+        data: Mapping[str, Tensor],
+        config: TrainConfig,
+        device: torch.device | str = "cpu",
+        masks: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """``data[name]``: uint8 (N,R,R,3) RGB faces of that identity, or float (N,3,R,R)
+        in [0,1]; copied to ``device`` once. ``masks[name]`` (optional): (N,R,R), (N,R,R,1)
+        or (N,1,R,R), uint8 0..255 / bool / float in [0,1]."""
+        if not decoders:
+            raise InvalidInputError("at least one identity decoder is needed to train")
+        if set(data) != set(decoders):
+            raise InvalidInputError(
+                f"data and decoders must name the same identities: data has "
+                f"{sorted(data)}, decoders have {sorted(decoders)}"
+            )
+        if TOTAL in decoders:
+            raise InvalidInputError(f"{TOTAL!r} is reserved and cannot name an identity")
+        extra_masks = set(masks or {}) - set(decoders)
+        if extra_masks:
+            raise InvalidInputError(f"masks given for unknown identities: {sorted(extra_masks)}")
+
+        self.config = config
+        self.device = torch.device(device)
+        self.model_config = encoder.config
+        res = self.model_config.resolution
+        for name, dec in decoders.items():
+            dc = dec.config
+            if dc.latent_shape != self.model_config.latent_shape or dc.resolution != res:
+                raise InvalidInputError(
+                    f"decoder {name!r} ({dc.name}: latent {dc.latent_shape}, {dc.resolution}px) "
+                    f"does not fit encoder {self.model_config.name} (latent "
+                    f"{self.model_config.latent_shape}, {res}px)"
+                )
+
+        self.identities = sorted(decoders)  # fixed order: results do not depend on dict order
+        memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+        # Module.to accepts memory_format at runtime; torch's stubs do not declare it.
+        self.encoder = encoder.to(self.device, memory_format=memory_format)  # type: ignore[call-overload]
+        self.decoders = {
+            n: decoders[n].to(self.device, memory_format=memory_format)  # type: ignore[call-overload]
+            for n in self.identities
+        }
+        self._images = {n: self._prepare_images(n, data[n], res) for n in self.identities}
+        self._masks: dict[str, Tensor] = {}
+        for n, m in (masks or {}).items():
+            self._masks[n] = self._prepare_masks(n, m, res, self._images[n].shape[0])
+
+        self.encoder.train(not config.encoder_frozen)
+        for dec in self.decoders.values():
+            dec.train()
+        groups: list[dict[str, Any]] = []
+        if not config.encoder_frozen:
+            groups.append(
+                {"params": list(self.encoder.parameters()), "lr": config.effective_encoder_lr}
+            )
+        groups.append(
+            {
+                "params": [p for n in self.identities for p in self.decoders[n].parameters()],
+                "lr": config.lr,
+            }
+        )
+        self._params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.Adam(
+            groups, lr=config.lr, betas=config.betas, fused=self.device.type == "cuda"
+        )
+
+        # A CPU generator drives sampling and augmentation on any device (augment draws its
+        # few random numbers on the generator's device), so a seed means the same batches
+        # everywhere and nothing global is seeded.
+        self._gen = torch.Generator(device="cpu")
+        self._gen.manual_seed(config.seed)
+        self._queues: dict[str, Tensor] = {
+            n: torch.empty(0, dtype=torch.long) for n in self.identities
+        }
+        self._use_autocast = config.autocast and self.device.type == "cuda"
+        self.steps_done = 0
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_images(self, name: str, x: Tensor | np.ndarray, res: int) -> Tensor:
+        t = torch.as_tensor(x)
+        if t.dtype == torch.uint8:
+            if t.dim() != 4 or tuple(t.shape[1:]) != (res, res, 3):
+                raise InvalidInputError(
+                    f"faces for {name!r} must be uint8 (N,{res},{res},3) RGB, got {tuple(t.shape)}"
+                )
+        elif t.is_floating_point():
+            if t.dim() != 4 or tuple(t.shape[1:]) != (3, res, res):
+                raise InvalidInputError(
+                    f"float faces for {name!r} must be (N,3,{res},{res}), got {tuple(t.shape)}"
+                )
+            if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
+                raise InvalidInputError(f"float faces for {name!r} must be finite, in [0, 1]")
+            t = t.float()
+        else:
+            raise InvalidInputError(f"faces for {name!r} must be uint8 or float, got {t.dtype}")
+        if t.shape[0] < 1:
+            raise InvalidInputError(f"no faces for identity {name!r}")
+        # uint8 stays uint8 on the device: 4x less memory than float for large sets.
+        return t.to(self.device).contiguous()
+
+    def _prepare_masks(self, name: str, m: Tensor | np.ndarray, res: int, n: int) -> Tensor:
+        t = torch.as_tensor(m)
+        if t.dim() == 4 and t.shape[-1] == 1 and t.shape[1] != 1:
+            t = t.permute(0, 3, 1, 2)
+        elif t.dim() == 3:
+            t = t.unsqueeze(1)
+        if t.dim() != 4 or tuple(t.shape[1:]) != (1, res, res) or t.shape[0] != n:
+            raise InvalidInputError(
+                f"masks for {name!r} must be ({n},{res},{res}) or ({n},1,{res},{res}), got "
+                f"{tuple(torch.as_tensor(m).shape)}"
+            )
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8) * 255
+        elif t.is_floating_point():
+            if t.numel() and (t.min() < 0 or t.max() > 1):
+                raise InvalidInputError(f"float masks for {name!r} must be in [0, 1]")
+            t = t.float()
+        elif t.dtype != torch.uint8:
+            raise InvalidInputError(f"masks for {name!r} must be uint8, bool or float")
+        return t.to(self.device).contiguous()
+
+    def _next_indices(self, name: str) -> Tensor:
+        # Epoch-style: walk shuffled permutations so every face is seen once per epoch.
+        bs = self.config.batch_size
+        n = self._images[name].shape[0]
+        queue = self._queues[name]
+        while queue.numel() < bs:
+            queue = torch.cat((queue, torch.randperm(n, generator=self._gen)))
+        self._queues[name] = queue[bs:]
+        return queue[:bs]
+
+    def _batch(self, name: str, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        idx = idx.to(self.device)
+        imgs = self._images[name].index_select(0, idx)
+        if imgs.dtype == torch.uint8:
+            imgs = imgs.permute(0, 3, 1, 2).float().div_(255.0)
+        mask = self._masks.get(name)
+        if mask is None:
+            return imgs, None
+        m = mask.index_select(0, idx)
+        return imgs, (m.float().div_(255.0) if m.dtype == torch.uint8 else m)
+
+    # ------------------------------------------------------------------ training
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._use_autocast:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _train_step(self) -> Tensor:
+        """One optimisation step; returns detached [loss per identity..., total] without
+        a host sync, so ``fit`` can read losses only when it reports."""
+        cfg = self.config
+        pairs = []
+        for name in self.identities:
+            imgs, masks = self._batch(name, self._next_indices(name))
+            pairs.append(make_training_pair(imgs, self._gen, cfg.augment, cfg.warp, masks))
+        inputs = torch.cat([p.inputs for p in pairs])
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+
+        outputs = []
+        with self._autocast():
+            if cfg.encoder_frozen:
+                with torch.no_grad():
+                    z = self.encoder(inputs)
+            else:
+                z = self.encoder(inputs)
+            for name, zi in zip(self.identities, z.split(cfg.batch_size), strict=True):
+                outputs.append(self.decoders[name](zi))
+
+        # Loss outside autocast: SSIM's convolutions and the sums need float32.
+        per_identity = []
+        for pair, (rgb, pred_mask) in zip(pairs, outputs, strict=True):
+            terms = loss_terms(
+                rgb,
+                pair.targets,
+                mask=pair.masks if cfg.masked_loss else None,
+                pred_mask=pred_mask,
+                target_mask=pair.masks,
+                terms=cfg.loss,
+            )
+            per_identity.append(terms["total"])
+        total = torch.stack(per_identity).sum()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+        self.optimizer.step()
+        self.steps_done += 1
+        return torch.cat((torch.stack(per_identity), total.view(1))).detach()
+
+    def _as_dict(self, values: list[float]) -> dict[str, float]:
+        out = dict(zip(self.identities, values[:-1], strict=True))
+        out[TOTAL] = values[-1]
+        if not all(math.isfinite(v) for v in values):
+            raise PreconditionError(
+                f"training diverged at step {self.steps_done}: losses {out}; lower the "
+                "learning rate or set grad_clip"
+            )
+        return out
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step over a batch of every identity; returns its losses."""
+        return self._as_dict(self._train_step().tolist())
+
+    def fit(
+        self,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Train until ``config.steps`` steps are done (counting earlier ``step``/``fit``
+        calls) or ``should_stop()`` returns True; ``on_progress`` is called every
+        ``log_every`` steps and at the end. Returns a JSON-safe summary."""
+        cfg = self.config
+        start = time.perf_counter()
+        start_step = self.steps_done
+        per_step = cfg.batch_size * len(self.identities)
+        acc: Tensor | None = None
+        acc_n = 0
+        last: dict[str, float] = {}
+        stopped = False
+
+        def report() -> None:
+            nonlocal acc, acc_n, last
+            if acc is None:
+                return
+            last = self._as_dict((acc / acc_n).tolist())  # the only host sync in the loop
+            acc, acc_n = None, 0
+            if on_progress is not None:
+                elapsed = time.perf_counter() - start
+                rate = (self.steps_done - start_step) / elapsed if elapsed > 0 else 0.0
+                remaining = max(cfg.steps - self.steps_done, 0)
+                on_progress(
+                    Progress(
+                        step=self.steps_done,
+                        steps=cfg.steps,
+                        losses=dict(last),
+                        examples_per_s=rate * per_step,
+                        eta_s=remaining / rate if rate > 0 else math.inf,
+                        elapsed_s=elapsed,
+                    )
+                )
+
+        while self.steps_done < cfg.steps:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            losses = self._train_step()
+            acc = losses if acc is None else acc + losses
+            acc_n += 1
+            if self.steps_done % cfg.log_every == 0:
+                report()
+        report()
+
+        elapsed = time.perf_counter() - start
+        done = self.steps_done - start_step
+        return {
+            "steps": self.steps_done,
+            "steps_requested": cfg.steps,
+            "steps_this_run": done,
+            "stopped": stopped,
+            "final_losses": last,
+            "wall_s": elapsed,
+            "steps_per_s": done / elapsed if elapsed > 0 else 0.0,
+            "examples_per_s": done * per_step / elapsed if elapsed > 0 else 0.0,
+            "batch_size": cfg.batch_size,
+            "identities": list(self.identities),
+            "encoder_frozen": cfg.encoder_frozen,
+            "lr": cfg.lr,
+            "encoder_lr": cfg.effective_encoder_lr,
+            "seed": cfg.seed,
+            "warp": cfg.warp,
+            "model": self.model_config.name,
+            "device": str(self.device),
+        }

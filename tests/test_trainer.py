@@ -1,0 +1,307 @@
+"""Augmentation, losses and the trainer, on the tiny preset and synthetic shapes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from facemux.models.augment import (
+    AugmentConfig,
+    colour_jitter,
+    make_training_pair,
+    random_transform,
+    random_warp,
+)
+from facemux.models.config import ModelConfig, get_preset
+from facemux.models.errors import InvalidInputError, PreconditionError
+from facemux.models.losses import (
+    LossWeights,
+    auto_ssim_window,
+    landmark_weight_map,
+    psnr_from_mse,
+    reconstruction_loss,
+    ssim,
+)
+from facemux.models.networks import Decoder, Encoder, build_decoder, build_encoder
+from facemux.models.trainer import Progress, TrainConfig, Trainer
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _shapes(n: int, seed: int, colour: tuple[float, float, float], size: int = 64) -> torch.Tensor:
+    """uint8 (N,size,size,3): a coloured ellipse ("face") on a soft gradient background."""
+    g = _gen(seed)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = []
+    for _ in range(n):
+        cx, cy = (torch.rand(2, generator=g) - 0.5) * 0.4
+        rx, ry = 0.45 + torch.rand(2, generator=g) * 0.2
+        inside = (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1).float()
+        bg = 0.3 + 0.2 * (xs + 1) / 2 + 0.1 * torch.rand(1, generator=g)
+        eye = (((xs - cx) ** 2 + (ys - cy + 0.15) ** 2) < 0.01).float()
+        img = torch.stack(
+            [bg * (1 - inside) + (c * inside) * (1 - eye) for c in colour], dim=-1
+        ).clamp(0, 1)
+        out.append(img)
+    return (torch.stack(out) * 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def cfg() -> ModelConfig:
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def faces() -> dict[str, torch.Tensor]:
+    return {"alice": _shapes(24, 1, (0.9, 0.6, 0.5)), "bob": _shapes(24, 2, (0.4, 0.5, 0.8))}
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return _shapes(4, 3, (0.8, 0.7, 0.6)).permute(0, 3, 1, 2).float() / 255
+
+
+# ------------------------------------------------------------------ augment
+
+
+def test_warp_shape_range_determinism(images: torch.Tensor) -> None:
+    a = random_warp(images, _gen(1))
+    b = random_warp(images, _gen(1))
+    c = random_warp(images, _gen(2))
+    assert a.shape == images.shape and a.dtype == images.dtype
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # The warp actually moves pixels (edges of the ellipse shift).
+    assert (a - images).abs().mean() > 0.003
+    # ... and with zero displacement it is the identity.
+    assert torch.allclose(random_warp(images, _gen(1), scale=0.0), images, atol=1e-5)
+
+
+def test_transform_identity_and_flip(images: torch.Tensor) -> None:
+    same, none = random_transform(images, _gen(), rotation=0, zoom=0, shift=0, flip=0)
+    assert none is None
+    assert torch.allclose(same, images, atol=1e-5)
+    flipped, _ = random_transform(images, _gen(), rotation=0, zoom=0, shift=0, flip=1.0)
+    assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
+
+
+def test_transform_moves_masks_with_images(images: torch.Tensor) -> None:
+    masks = images[:, :1].clone()
+    out, out_masks = random_transform(images, _gen(5), rotation=20, zoom=0.1, masks=masks)
+    assert out_masks is not None and out_masks.shape == masks.shape
+    assert torch.allclose(out_masks, out[:, :1], atol=1e-6)
+    assert not torch.allclose(out, images, atol=1e-3)
+
+
+def test_colour_jitter_range_and_determinism(images: torch.Tensor) -> None:
+    a = colour_jitter(images, _gen(3), 0.2, 0.2, 0.2)
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, colour_jitter(images, _gen(3), 0.2, 0.2, 0.2))
+    assert not torch.equal(a, images)
+
+
+def test_training_pair(images: torch.Tensor) -> None:
+    masks = (images[:, :1] > 0.5).float()
+    pair = make_training_pair(images, _gen(4), AugmentConfig(), warp=True, masks=masks)
+    again = make_training_pair(images, _gen(4), AugmentConfig(), warp=True, masks=masks)
+    assert torch.equal(pair.inputs, again.inputs) and torch.equal(pair.targets, again.targets)
+    assert pair.inputs.shape == pair.targets.shape == images.shape
+    assert pair.masks is not None and pair.masks.shape == masks.shape
+    assert not torch.equal(pair.inputs, pair.targets)  # input is warped, target is not
+    for t in (pair.inputs, pair.targets, pair.masks):
+        assert t.min() >= 0 and t.max() <= 1
+    flat = make_training_pair(images, _gen(4), AugmentConfig(), warp=False)
+    assert torch.equal(flat.inputs, flat.targets)
+
+
+def test_augment_rejects_bad_input() -> None:
+    with pytest.raises(InvalidInputError):
+        random_warp(torch.zeros(2, 64, 64, 3, dtype=torch.uint8), _gen())
+    with pytest.raises(InvalidInputError):
+        AugmentConfig(flip=2.0)
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_ssim_identity_and_noise(images: torch.Tensor) -> None:
+    assert torch.allclose(ssim(images, images), torch.ones(4), atol=1e-5)
+    g = _gen(0)
+    scores = []
+    for sigma in (0.02, 0.05, 0.1, 0.2):
+        noisy = (images + sigma * torch.randn(images.shape, generator=g)).clamp(0, 1)
+        scores.append(ssim(images, noisy).mean().item())
+    assert all(a > b for a, b in itertools.pairwise(scores)), scores
+    assert scores[0] < 1.0
+    assert auto_ssim_window(64) == 5 and auto_ssim_window(128) == 11
+
+
+def test_reconstruction_loss_terms(images: torch.Tensor) -> None:
+    zero, parts = reconstruction_loss(images, images)
+    assert zero.item() == pytest.approx(0, abs=1e-6)
+    assert set(parts) == {"dssim", "mse", "total"}
+    noisy = (images + 0.1 * torch.randn(images.shape, generator=_gen(1))).clamp(0, 1)
+    total, parts = reconstruction_loss(noisy, images)
+    assert parts["total"] == pytest.approx(10 * parts["dssim"] + 10 * parts["mse"], rel=1e-5)
+    assert total.item() == pytest.approx(parts["total"], rel=1e-6)
+    _, with_l1 = reconstruction_loss(noisy, images, terms=LossWeights(l1=1.0))
+    assert with_l1["l1"] > 0
+    assert with_l1["total"] == pytest.approx(parts["total"] + with_l1["l1"], rel=1e-5)
+    assert psnr_from_mse(parts["mse"]) > 15
+
+
+def test_masked_loss_ignores_background(images: torch.Tensor) -> None:
+    mask = torch.zeros(4, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    spoiled = images.clone()
+    spoiled[..., :8, :] = 0.0  # only outside the mask
+    _, parts = reconstruction_loss(spoiled, images, mask=mask)
+    assert parts["mse"] == pytest.approx(0, abs=1e-7)
+    assert parts["dssim"] == pytest.approx(0, abs=1e-5)
+    _, unmasked = reconstruction_loss(spoiled, images)
+    assert unmasked["mse"] > 1e-3
+
+
+def test_mask_head_term(images: torch.Tensor) -> None:
+    target_mask = torch.ones(4, 1, 64, 64)
+    _, parts = reconstruction_loss(
+        images, images, pred_mask=torch.zeros(4, 1, 64, 64), target_mask=target_mask
+    )
+    assert parts["mask_mse"] == pytest.approx(1.0)
+    assert parts["total"] == pytest.approx(10.0)
+
+
+def test_emphasis_weights(images: torch.Tensor) -> None:
+    pred = images.clone()
+    pred[..., :32, :] = (pred[..., :32, :] + 0.2).clamp(0, 1)  # error in the top half only
+    top = torch.ones(1, 1, 64, 64)
+    top[..., :32, :] = 3.0
+    bottom = torch.ones(1, 1, 64, 64)
+    bottom[..., 32:, :] = 3.0
+    _, up = reconstruction_loss(pred, images, weights=top)
+    _, down = reconstruction_loss(pred, images, weights=bottom)
+    assert up["mse"] > down["mse"] and up["dssim"] > down["dssim"]
+
+
+def test_landmark_weight_map() -> None:
+    lm = np.zeros((68, 2), dtype=np.float32)
+    lm[:] = (32, 50)  # park unused points on the chin area
+    lm[36:42] = [(16, 24), (19, 22), (23, 22), (26, 24), (23, 26), (19, 26)]
+    lm[42:48] = lm[36:42] + np.array([22, 0])
+    mouth = [(22, 46), (26, 44), (32, 43), (38, 44), (42, 46), (38, 50)]
+    mouth += [(32, 51), (26, 50), (24, 47), (32, 46), (40, 47), (32, 49)]
+    lm[48:60] = mouth
+    w = landmark_weight_map(lm, 64)
+    assert w.shape == (1, 1, 64, 64) and w.dtype == torch.float32
+    assert w[0, 0, 24, 21] == 3.0 and w[0, 0, 24, 43] == 3.0  # eye centres (row, col)
+    assert w[0, 0, 47, 32] == 2.0  # mouth
+    assert w[0, 0, 5, 5] == 1.0  # forehead corner
+    batched = landmark_weight_map(torch.from_numpy(np.stack([lm, lm])), 64)
+    assert batched.shape == (2, 1, 64, 64) and torch.equal(batched[0], w[0])
+    with pytest.raises(InvalidInputError):
+        landmark_weight_map(np.zeros((5, 2)), 64)
+
+
+# ------------------------------------------------------------------ trainer
+
+
+def _models(
+    cfg: ModelConfig, names: list[str], seed: int = 0
+) -> tuple[Encoder, dict[str, Decoder]]:
+    enc = build_encoder(cfg, seed=seed)
+    decs = {n: build_decoder(cfg, seed=seed + 1 + i) for i, n in enumerate(names)}
+    return enc, decs
+
+
+def test_loss_decreases(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
+    enc, decs = _models(cfg, list(faces))
+    tc = TrainConfig(steps=30, batch_size=8, lr=1e-3, log_every=10, seed=0)
+    trainer = Trainer(enc, decs, faces, tc)
+    first = trainer.step()  # loss of the untrained networks
+    reports: list[Progress] = []
+    summary = trainer.fit(on_progress=reports.append)
+    assert [p.step for p in reports] == [10, 20, 30]
+    last = reports[-1].losses  # mean over steps 21..30
+    assert set(last) == {"alice", "bob", "total"}
+    assert last["total"] < 0.75 * first["total"], (first, last)
+    for name in faces:
+        assert last[name] < first[name]
+    assert reports[-1].eta_s == 0 and reports[-1].examples_per_s > 0
+    assert summary["steps"] == 30 and not summary["stopped"]
+    assert summary["final_losses"] == last
+    json.dumps(summary, allow_nan=False)  # goes into checkpoint metadata as is
+
+
+def test_training_is_deterministic(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
+    runs = []
+    for _ in range(2):
+        enc, decs = _models(cfg, list(faces))
+        trainer = Trainer(enc, decs, faces, TrainConfig(steps=3, batch_size=4, seed=11))
+        runs.append([trainer.step() for _ in range(3)])
+    assert runs[0] == runs[1]
+
+
+def test_frozen_encoder_stays_bit_identical(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    enc, decs = _models(cfg, ["carol"])
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    dec_before = decs["carol"].rgb.weight.detach().clone()
+    tc = TrainConfig(steps=3, batch_size=4, lr=1e-3, encoder_lr=0.0)
+    trainer = Trainer(enc, decs, {"carol": faces["alice"]}, tc)
+    summary = trainer.fit()
+    assert summary["encoder_frozen"] is True
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in enc.parameters())
+    assert not torch.equal(decs["carol"].rgb.weight, dec_before)
+
+
+def test_masks_float_data_and_stop(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
+    enc, decs = _models(cfg, ["alice"])
+    data = {"alice": faces["alice"].permute(0, 3, 1, 2).float() / 255}  # float NCHW
+    masks = {"alice": (faces["alice"][..., 0] > 150).to(torch.uint8) * 255}  # (N,R,R)
+    calls = iter(range(100))
+    trainer = Trainer(
+        enc, decs, data, TrainConfig(steps=50, batch_size=4, log_every=1), masks=masks
+    )
+    summary = trainer.fit(should_stop=lambda: next(calls) >= 2)
+    assert summary["stopped"] is True and summary["steps"] == 2
+    assert math.isfinite(summary["final_losses"]["total"])
+
+
+def test_small_dataset_smaller_than_batch(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
+    enc, decs = _models(cfg, ["alice"])
+    trainer = Trainer(enc, decs, {"alice": faces["alice"][:3]}, TrainConfig(steps=1, batch_size=8))
+    assert set(trainer.step()) == {"alice", "total"}
+
+
+def test_trainer_rejects_bad_setup(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
+    enc, decs = _models(cfg, ["alice"])
+    tc = TrainConfig(steps=1, batch_size=2)
+    with pytest.raises(InvalidInputError, match="same identities"):
+        Trainer(enc, decs, {"bob": faces["bob"]}, tc)
+    with pytest.raises(InvalidInputError, match="uint8"):
+        Trainer(enc, decs, {"alice": faces["alice"][:, :32]}, tc)
+    with pytest.raises(InvalidInputError, match="masks"):
+        Trainer(enc, decs, {"alice": faces["alice"]}, tc, masks={"alice": torch.ones(2, 64, 64)})
+    with pytest.raises(InvalidInputError, match="at least one"):
+        Trainer(enc, {}, {}, tc)
+    with pytest.raises(InvalidInputError, match="encoder_lr"):
+        TrainConfig(steps=1, encoder_lr=-1.0)
+
+
+def test_divergence_is_reported(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
+    enc, decs = _models(cfg, ["alice"])
+    with torch.no_grad():
+        enc.dense1.weight.fill_(float("nan"))
+    trainer = Trainer(enc, decs, {"alice": faces["alice"]}, TrainConfig(steps=2, batch_size=2))
+    with pytest.raises(PreconditionError, match="diverged"):
+        trainer.fit()
