@@ -43,6 +43,10 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     masked_loss: bool = True  # with masks, the RGB loss only counts inside the face
     grad_clip: float | None = None
+    # "cosine" anneals every group's lr to min_lr_ratio of its start over `steps`: a short
+    # run ends sharper than at a constant rate.
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.02
     autocast: bool = True  # bf16 autocast on CUDA; never used on CPU (far slower there)
     channels_last: bool = False
 
@@ -63,6 +67,12 @@ class TrainConfig:
             raise InvalidInputError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise InvalidInputError(f"log_every must be >= 1, got {self.log_every!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InvalidInputError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InvalidInputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise InvalidInputError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
 
@@ -152,6 +162,7 @@ class Trainer:
             }
         )
         self._params = [p for g in groups for p in g["params"]]
+        self._base_lrs = [float(g["lr"]) for g in groups]
         self.optimizer = torch.optim.Adam(
             groups, lr=config.lr, betas=config.betas, fused=self.device.type == "cuda"
         )
@@ -278,11 +289,23 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self._apply_schedule()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
         self.optimizer.step()
         self.steps_done += 1
         return torch.cat((torch.stack(per_identity), total.view(1))).detach()
+
+    def _apply_schedule(self) -> None:
+        cfg = self.config
+        if cfg.lr_schedule != "cosine" or cfg.steps <= 0:
+            return
+        progress = min(self.steps_done / cfg.steps, 1.0)
+        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def _as_dict(self, values: list[float]) -> dict[str, float]:
         out = dict(zip(self.identities, values[:-1], strict=True))
@@ -365,6 +388,7 @@ class Trainer:
             "encoder_lr": cfg.effective_encoder_lr,
             "seed": cfg.seed,
             "warp": cfg.warp,
+            "lr_schedule": cfg.lr_schedule,
             "model": self.model_config.name,
             "device": str(self.device),
         }

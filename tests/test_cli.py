@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from conftest import Models, decode_png, face_image, png
 from facemux.service.server import ServerThread
 
@@ -51,8 +50,18 @@ def test_swap_encode_decode_commands(server: ServerThread, tmp_path: Path) -> No
     assert decode_png(files[0].read_bytes()).shape == (64, 64, 3)
 
     single = tmp_path / "one.jpg"
-    r = run("swap", inputs[0], "--identity", "bob", "--aligned", "--format", "jpeg",
-            "-o", str(single), *t)
+    r = run(
+        "swap",
+        inputs[0],
+        "--identity",
+        "bob",
+        "--aligned",
+        "--format",
+        "jpeg",
+        "-o",
+        str(single),
+        *t,
+    )
     assert r.returncode == 0 and single.read_bytes()[:3] == b"\xff\xd8\xff"
 
     lat = tmp_path / "z.npz"

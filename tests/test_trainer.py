@@ -305,3 +305,24 @@ def test_divergence_is_reported(cfg: ModelConfig, faces: dict[str, torch.Tensor]
     trainer = Trainer(enc, decs, {"alice": faces["alice"]}, TrainConfig(steps=2, batch_size=2))
     with pytest.raises(PreconditionError, match="diverged"):
         trainer.fit()
+
+
+def test_cosine_schedule_anneals_to_the_floor() -> None:
+    cfg = get_preset("tiny")
+    imgs = torch.randint(0, 255, (8, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8)
+    trainer = Trainer(
+        build_encoder(cfg, seed=0),
+        {"a": build_decoder(cfg, seed=1)},
+        {"a": imgs},
+        TrainConfig(steps=4, batch_size=2, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1),
+    )
+    lrs = []
+    for _ in range(4):
+        trainer.step()
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    # Step k runs at the rate for progress k/steps: 1.0, ..., then cos(3/4 pi) of the way.
+    expected = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4))) for k in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert lrs == sorted(lrs, reverse=True)
+    with pytest.raises(InvalidInputError, match="lr_schedule"):
+        TrainConfig(steps=1, lr_schedule="sometimes")
