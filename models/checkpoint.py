@@ -544,7 +544,7 @@ def save_encoder(
     summary: Mapping[str, Any] | None = None,
 ) -> EncoderMeta:
     data, meta = _serialise_encoder(encoder, config, summary)
-    _atomic_write(Path(path), data)
+    atomic_write(Path(path), data)
     return meta
 
 
@@ -557,11 +557,11 @@ def save_decoder(
     summary: Mapping[str, Any] | None = None,
 ) -> DecoderMeta:
     data, meta = _serialise_decoder(decoder, config, encoder_fingerprint, identity, summary)
-    _atomic_write(Path(path), data)
+    atomic_write(Path(path), data)
     return meta
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never a partial write, even on power loss:
     temp file in the same directory (same filesystem, so rename is atomic), fsync, rename,
     fsync the directory so the rename itself is durable."""
@@ -583,10 +583,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     if os.name != "posix":
         return
     # Some filesystems refuse to fsync a directory; the data itself is already durable.

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from facemux.models.checkpoint import atomic_write, fsync_directory
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
@@ -135,29 +136,6 @@ class Store(ABC):
     def update_consent(self, name: str, consent: dict[str, str]) -> IdentityRecord: ...
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so readers see either the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
@@ -208,7 +186,7 @@ class LocalStore(Store):
                 staging.mkdir()
                 atomic_write(staging / "encoder.safetensors", data)
                 os.rename(staging, final)
-                fsync_dir(self._encoders)
+                fsync_directory(self._encoders)
             if make_default:
                 atomic_write(self._encoders / "DEFAULT", fingerprint.encode())
 
@@ -315,13 +293,13 @@ class LocalStore(Store):
             _write_json(vdir / "version.json", asdict(version))
             if exists:
                 os.rename(staging, d / f"v{version.version}")
-                fsync_dir(d)
+                fsync_directory(d)
                 # The version directory is complete before identity.json points at it.
                 self._write_identity_meta(d, rec)
             else:
                 self._write_identity_meta(staging, rec)
                 os.rename(staging, d)
-                fsync_dir(self._identities)
+                fsync_directory(self._identities)
             return rec
 
     def delete(self, name: str, version: int = 0) -> tuple[list[int], bool]:
@@ -333,7 +311,7 @@ class LocalStore(Store):
                     rec.version(version)  # NOT_FOUND for a wrong number
                 trash = self._hidden(self._identities, "trash")
                 os.rename(d, trash)
-                fsync_dir(self._identities)
+                fsync_directory(self._identities)
                 shutil.rmtree(trash, ignore_errors=True)
                 return [v.version for v in rec.versions], True
             v = rec.version(version)
@@ -344,7 +322,7 @@ class LocalStore(Store):
                 )
             trash = self._hidden(d, "trash")
             os.rename(d / f"v{v.version}", trash)
-            fsync_dir(d)
+            fsync_directory(d)
             shutil.rmtree(trash, ignore_errors=True)
             return [v.version], False
 
