@@ -118,11 +118,6 @@ def run(
         masks=masks,
     )
     t_train = time.perf_counter()
-    # Size the cosine schedule to the time budget: time a few steps, then plan the rest.
-    for _ in range(10):
-        trainer.step()
-    rate = 10 / (time.perf_counter() - t_train)
-    trainer.config.steps = max(11, min(max_steps, int(rate * seconds * 0.95)))
 
     def progress(p: Progress) -> None:
         losses = "  ".join(f"{k} {v:.3f}" for k, v in p.losses.items())
@@ -132,7 +127,18 @@ def run(
             flush=True,
         )
 
-    summary = trainer.fit(progress, should_stop=lambda: time.perf_counter() - t_train > seconds)
+    def out_of_time() -> bool:
+        # The cosine schedule runs on steps; re-project the total from the average rate so
+        # far, so the rate anneals with elapsed time whatever else the machine is doing.
+        elapsed = time.perf_counter() - t_train
+        if elapsed > seconds:
+            return True
+        if trainer.steps_done >= 10:
+            projected = int(trainer.steps_done * seconds / elapsed)
+            trainer.config.steps = max(trainer.steps_done + 1, min(max_steps, projected))
+        return False
+
+    summary = trainer.fit(progress, should_stop=out_of_time)
 
     print("[3/5] publishing the encoder to a fresh store and starting the server")
     encoder.eval()
