@@ -20,15 +20,22 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def faces_to_tensor(
-    faces: Sequence[np.ndarray], resolution: int, device: torch.device
-) -> tuple[Tensor, list[bool]]:
-    """RGB uint8 crops of any size -> (N,3,R,R) float in [0,1], and which were resized."""
+def stack_faces(faces: Sequence[np.ndarray], resolution: int) -> tuple[np.ndarray, list[bool]]:
+    """RGB uint8 crops of any size -> (N,R,R,3) uint8 at the model's size, and which were
+    resized."""
     resized = []
     batch = np.empty((len(faces), resolution, resolution, 3), dtype=np.uint8)
     for i, face in enumerate(faces):
         batch[i], was = resize_square(face, resolution)
         resized.append(was)
+    return batch, resized
+
+
+def faces_to_tensor(
+    faces: Sequence[np.ndarray], resolution: int, device: torch.device
+) -> tuple[Tensor, list[bool]]:
+    """RGB uint8 crops of any size -> (N,3,R,R) float in [0,1], and which were resized."""
+    batch, resized = stack_faces(faces, resolution)
     x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
     return x, resized
 

@@ -86,9 +86,6 @@ class Runtime:
         self.config: ModelConfig | None = None
         self.fingerprint = ""
         self.load_seconds = 0.0
-        # One model call at a time: torch already spreads one call over every core, and
-        # concurrent calls would only fight over them.
-        self._model_lock = threading.Lock()
         self._load_lock = threading.Lock()
 
     @property
@@ -158,33 +155,28 @@ class Runtime:
                 log.info("evicted decoder %s v%d from %s", old[0], old[1], self.device)
             return item
 
-    def encode(self, faces: list[np.ndarray]) -> tuple[np.ndarray, list[bool]]:
-        cfg = self.model_config()
-        x, resized = inference.faces_to_tensor(faces, cfg.resolution, self.device)
-        with self._model_lock:
-            z = inference.encode(self.encoder(), x)
-        return z.float().cpu().numpy(), resized
+    # -- model primitives for the scheduler (called from its worker thread only) -----------
 
-    def decode(self, latents: np.ndarray, decoder: Decoder) -> tuple[np.ndarray, np.ndarray | None]:
-        z = torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)
-        with self._model_lock:
-            rgb, mask = inference.decode(decoder, z)
+    def encode_batch(self, faces: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(faces)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return inference.encode(self.encoder(), x)
+
+    def decode_batch(
+        self, decoder: Decoder, latents: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        rgb, mask = inference.decode(decoder, latents)
         return inference.tensor_to_images(rgb), (
             None if mask is None else inference.tensor_to_images(mask)
         )
 
-    def swap(
-        self, faces: list[np.ndarray], decoder: Decoder
-    ) -> tuple[np.ndarray, np.ndarray | None, list[bool]]:
-        cfg = self.model_config()
-        x, resized = inference.faces_to_tensor(faces, cfg.resolution, self.device)
-        with self._model_lock:
-            rgb, mask = inference.decode(decoder, inference.encode(self.encoder(), x))
-        return (
-            inference.tensor_to_images(rgb),
-            None if mask is None else inference.tensor_to_images(mask),
-            resized,
-        )
+    def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)
+
+    def latents_to_host(self, latents: torch.Tensor) -> np.ndarray:
+        return latents.float().cpu().numpy()
 
     def validate_decoder_upload(self, data: bytes) -> checkpoint.DecoderMeta:
         """Fully validate an uploaded decoder (parse, shapes, fingerprint) before storing."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 from facemux.models.errors import NotFoundError
 from facemux.service.runtime import Runtime
+from facemux.service.scheduler import Scheduler
 from facemux.service.servicer import IdentityServicer, SwapServicer, TrainingServicer
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore, Store
@@ -43,8 +44,15 @@ class App:
     port: int
     store: Store
     runtime: Runtime
+    scheduler: Scheduler
     health: health_aio.HealthServicer
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """After the server stopped: end background work."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.to_thread(self.scheduler.stop)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -83,6 +91,13 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
     Must run inside the event loop that will serve (grpc.aio binds to it)."""
     store = store or LocalStore(settings.store)
     runtime = Runtime(settings, store)
+    scheduler = Scheduler(
+        runtime,
+        max_batch=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        max_queue_faces=settings.max_queue_faces,
+        batching=settings.batching,
+    )
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -90,7 +105,7 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
     ]
     server = grpc.aio.server(options=options)
     swap_service_pb2_grpc.add_SwapServiceServicer_to_server(
-        SwapServicer(settings, runtime, store), server
+        SwapServicer(settings, runtime, store, scheduler), server
     )
     identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(settings, runtime, store), server
@@ -109,7 +124,7 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"could not bind {settings.address}")
-    app = App(settings, server, port, store, runtime, health)
+    app = App(settings, server, port, store, runtime, scheduler, health)
     await app.set_serving(False)
     app.tasks.append(asyncio.create_task(_load_model(app)))
     return app
@@ -138,8 +153,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
     await app.set_serving(False)
     await app.server.stop(settings.grace_seconds)
-    for task in app.tasks:
-        task.cancel()
+    await app.close()
     log.info("stopped")
 
 
@@ -187,8 +201,7 @@ class ServerThread:
             self._stop_requested = asyncio.Event()
             await self._stop_requested.wait()
             await self.app.server.stop(self._grace)
-            for task in self.app.tasks:
-                task.cancel()
+            await self.app.close()
 
         try:
             self._loop.run_until_complete(main())

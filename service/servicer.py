@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from facemux.models import inference
 from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
@@ -25,6 +27,7 @@ from facemux.models.errors import (
 from facemux.service import convert
 from facemux.service.errors import status_for
 from facemux.service.runtime import ResidentDecoder, Runtime
+from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, Store, VersionRecord, now_iso, validate_name
 from facemux.v1 import (
@@ -123,11 +126,19 @@ def _check_consent(rec: IdentityRecord) -> None:
             )
 
 
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
 class SwapServicer(sgrpc.SwapServiceServicer):
-    def __init__(self, settings: Settings, runtime: Runtime, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, runtime: Runtime, store: Store, scheduler: Scheduler
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.store = store
+        self.scheduler = scheduler
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -157,18 +168,29 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             out.append((d.rgb, d.alpha, d.format))
         return out
 
-    def _swap_faces(
-        self,
-        identity: str,
-        version: int,
-        faces: Any,
-        options: spb.SwapOptions,
-        output: types_pb2.OutputOptions,
-    ) -> spb.SwapResponse:
+    def _prepare_swap(
+        self, identity: str, version: int, faces: Any
+    ) -> tuple[
+        ResidentDecoder, list[tuple[np.ndarray, np.ndarray | None, str]], np.ndarray, list[bool]
+    ]:
         self._count(len(faces), "faces")
         resident = self._resolve(identity, version)
         decoded = self._decode_images(faces, "faces")
-        rgb, masks, resized = self.runtime.swap([d[0] for d in decoded], resident.decoder)
+        res = self.runtime.model_config().resolution
+        batch, resized = inference.stack_faces([d[0] for d in decoded], res)
+        return resident, decoded, batch, resized
+
+    def _swap_response(
+        self,
+        identity: str,
+        resident: ResidentDecoder,
+        decoded: list[tuple[np.ndarray, np.ndarray | None, str]],
+        resized: list[bool],
+        result: Result,
+        options: spb.SwapOptions,
+        output: types_pb2.OutputOptions,
+    ) -> spb.SwapResponse:
+        assert result.faces is not None
         res = self.runtime.model_config().resolution
         resp = spb.SwapResponse(
             identity=identity,
@@ -176,7 +198,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             model_resolution=res,
             faces_swapped=len(decoded),
         )
-        for i, ((src, _, fmt), out) in enumerate(zip(decoded, rgb, strict=True)):
+        for i, ((src, _, fmt), out) in enumerate(zip(decoded, result.faces, strict=True)):
             resp.faces.append(convert.image_to_proto(out, output, fmt))
             h, w = src.shape[:2]
             resp.results.append(
@@ -189,14 +211,31 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                     input_height=h,
                 )
             )
-        if options.return_masks and masks is not None:
-            resp.masks.extend(convert.mask_to_proto(m) for m in masks)
+        if options.return_masks and result.masks is not None:
+            resp.masks.extend(convert.mask_to_proto(m) for m in result.masks)
         n_resized = sum(resized)
         if n_resized:
             resp.notes.append(
                 f"{n_resized} of {len(decoded)} crops were resized to the model's {res}x{res}"
             )
         return resp
+
+    async def _swap_faces(
+        self,
+        identity: str,
+        version: int,
+        faces: Any,
+        options: spb.SwapOptions,
+        output: types_pb2.OutputOptions,
+        deadline: float | None,
+    ) -> spb.SwapResponse:
+        resident, decoded, batch, resized = await asyncio.to_thread(
+            self._prepare_swap, identity, version, faces
+        )
+        result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
+        return await asyncio.to_thread(
+            self._swap_response, identity, resident, decoded, resized, result, options, output
+        )
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -212,13 +251,13 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             )
         if kind != "faces":
             raise InvalidInputError("SwapRequest needs an input: a frame or aligned faces")
-        resp = await asyncio.to_thread(
-            self._swap_faces,
+        resp = await self._swap_faces(
             request.identity,
             request.identity_version,
             request.faces.faces,
             request.options,
             request.output,
+            _deadline(context),
         )
         resp.request_id = request.request_id or uuid.uuid4().hex
         return resp
@@ -246,8 +285,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             if not identity:
                 raise InvalidInputError("the first SwapStream message must name the identity")
             try:
-                r = await asyncio.to_thread(
-                    self._swap_faces, identity, version, [req.frame], options, output
+                r = await self._swap_faces(
+                    identity, version, [req.frame], options, output, _deadline(context)
                 )
             except (InvalidInputError, PreconditionError) as exc:
                 # A bad frame fails alone; the stream goes on.
@@ -263,7 +302,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 faces_swapped=r.faces_swapped,
             )
 
-    def _encode(self, request: spb.EncodeRequest) -> spb.EncodeResponse:
+    def _prepare_encode(self, request: spb.EncodeRequest) -> tuple[np.ndarray, list[bool]]:
+        self.runtime.encoder()  # UNAVAILABLE while loading
         self._count(len(request.faces), "faces")
         if request.dtype not in (
             types_pb2.LATENT_D_TYPE_UNSPECIFIED,
@@ -272,22 +312,26 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         ):
             raise InvalidInputError("dtype must be FLOAT32 or FLOAT16")
         decoded = self._decode_images(request.faces, "faces")
-        z, resized = self.runtime.encode([d[0] for d in decoded])
-        fp = self.runtime.fingerprint
-        return spb.EncodeResponse(
-            latents=[convert.latent_to_proto(zi, request.dtype, fp) for zi in z],
-            encoder_fingerprint=fp,
-            resized=resized,
-            model_resolution=self.runtime.model_config().resolution,
-        )
+        res = self.runtime.model_config().resolution
+        return inference.stack_faces([d[0] for d in decoded], res)
 
     @unary
     async def Encode(
         self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.EncodeResponse:
-        return await asyncio.to_thread(self._encode, request)
+        batch, resized = await asyncio.to_thread(self._prepare_encode, request)
+        result = await self.scheduler.run(Item(Op.ENCODE, batch, None, _deadline(context)))
+        assert result.latents is not None
+        fp = self.runtime.fingerprint
+        return spb.EncodeResponse(
+            latents=[convert.latent_to_proto(z, request.dtype, fp) for z in result.latents],
+            encoder_fingerprint=fp,
+            resized=resized,
+            model_resolution=self.runtime.model_config().resolution,
+        )
 
-    def _decode(self, request: spb.DecodeRequest) -> spb.DecodeResponse:
+    def _prepare_decode(self, request: spb.DecodeRequest) -> tuple[np.ndarray, ResidentDecoder]:
+        self.runtime.encoder()  # UNAVAILABLE while loading
         self._count(len(request.latents), "latents")
         cfg = self.runtime.model_config()
         fp = self.runtime.fingerprint
@@ -297,21 +341,27 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 for i, m in enumerate(request.latents)
             ]
         )
-        resident = self._resolve(request.identity, request.identity_version)
-        rgb, masks = self.runtime.decode(z, resident.decoder)
+        return z, self._resolve(request.identity, request.identity_version)
+
+    def _decode_response(
+        self, request: spb.DecodeRequest, resident: ResidentDecoder, result: Result
+    ) -> spb.DecodeResponse:
+        assert result.faces is not None
         resp = spb.DecodeResponse(
             identity=request.identity, identity_version=resident.version.version
         )
-        resp.faces.extend(convert.image_to_proto(f, request.output, "PNG") for f in rgb)
-        if request.return_masks and masks is not None:
-            resp.masks.extend(convert.mask_to_proto(m) for m in masks)
+        resp.faces.extend(convert.image_to_proto(f, request.output, "PNG") for f in result.faces)
+        if request.return_masks and result.masks is not None:
+            resp.masks.extend(convert.mask_to_proto(m) for m in result.masks)
         return resp
 
     @unary
     async def Decode(
         self, request: spb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.DecodeResponse:
-        return await asyncio.to_thread(self._decode, request)
+        z, resident = await asyncio.to_thread(self._prepare_decode, request)
+        result = await self.scheduler.run(Item(Op.DECODE, z, resident.decoder, _deadline(context)))
+        return await asyncio.to_thread(self._decode_response, request, resident, result)
 
     @unary
     async def GetModelInfo(

@@ -50,6 +50,16 @@ class Settings:
     decoder_cache_bytes: int = field(
         default=0, metadata=_help("most bytes of resident decoders; 0 = no byte bound")
     )
+    batching: bool = field(
+        default=True, metadata=_help("batch model work across concurrent requests")
+    )
+    max_batch_size: int = field(default=32, metadata=_help("most faces in one model batch"))
+    max_batch_wait_ms: float = field(
+        default=2.0, metadata=_help("how long a batch waits for more requests")
+    )
+    max_queue_faces: int = field(
+        default=2048, metadata=_help("faces waiting for the model before RESOURCE_EXHAUSTED")
+    )
     torch_threads: int = field(
         default=0, metadata=_help("torch intra-op threads; 0 = one per core")
     )
@@ -68,11 +78,24 @@ class Settings:
             "max_faces_per_request",
             "max_checkpoint_bytes",
             "decoder_cache_count",
+            "max_batch_size",
+            "max_queue_faces",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        if self.decoder_cache_bytes < 0 or self.torch_threads < 0 or self.grace_seconds < 0:
-            problems.append("decoder_cache_bytes, torch_threads and grace_seconds must be >= 0")
+        if (
+            min(
+                self.decoder_cache_bytes,
+                self.torch_threads,
+                self.grace_seconds,
+                self.max_batch_wait_ms,
+            )
+            < 0
+        ):
+            problems.append(
+                "decoder_cache_bytes, torch_threads, grace_seconds and max_batch_wait_ms "
+                "must be >= 0"
+            )
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             problems.append(f"device {dev!r} must be auto, cpu, cuda or cuda:N")
