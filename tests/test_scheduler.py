@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import Models, decode_png, face_image, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument
 from facemux.models.errors import ResourceExhaustedError
