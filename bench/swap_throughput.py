@@ -83,7 +83,7 @@ def bare_loop(preset: str, batch: int, seconds: float, threads: int) -> Row:
     enc, dec = build_encoder(cfg, seed=0).eval(), build_decoder(cfg, seed=1).eval()
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution)
     inference.decode(dec, inference.encode(enc, x))  # warm-up
-    times = []
+    times: list[float] = []
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 3:
         t0 = time.perf_counter()
