@@ -163,7 +163,60 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             f"{fmt} header says {w}x{h} but the data decodes to {img.shape[1]}x{img.shape[0]}"
         )
     rgb, alpha = _to_rgb8(img)
+    orientation = jpeg_orientation(data) if fmt == "JPEG" else 1
+    if orientation != 1:
+        rgb = apply_orientation(rgb, orientation)
+        alpha = None if alpha is None else apply_orientation(alpha, orientation)
     return DecodedImage(rgb=rgb, alpha=alpha, format=fmt)
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF Orientation tag (1-8) of a JPEG, 1 when absent or unreadable. Phones store
+    portrait photos sideways and set this tag; ignoring it would find no upright faces."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        (seg_len,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(data[i + 10 : i + 2 + seg_len])
+        if marker == 0xDA or seg_len < 2:  # start of scan: no more metadata
+            break
+        i += 2 + seg_len
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    end = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(end + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(end + "H", tiff[ifd : ifd + 2])
+    for k in range(count):
+        off = ifd + 2 + 12 * k
+        if off + 12 > len(tiff):
+            break
+        tag, typ, _, value = struct.unpack(end + "HHI4s", tiff[off : off + 12])
+        if tag == 0x0112 and typ == 3:  # SHORT
+            (v,) = struct.unpack(end + "H", value[:2])
+            return v if 1 <= v <= 8 else 1
+    return 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip an image stored with EXIF orientation `orientation` to upright."""
+    ops = {
+        2: lambda a: cv2.flip(a, 1),
+        3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+        4: lambda a: cv2.flip(a, 0),
+        5: lambda a: cv2.flip(cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE), 1),
+        6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+        7: lambda a: cv2.flip(cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE), 1),
+        8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+    }
+    op = ops.get(orientation)
+    return img if op is None else np.ascontiguousarray(op(img))
 
 
 def decode_raw(data: bytes, width: int, height: int, layout: str, max_pixels: int) -> DecodedImage:
