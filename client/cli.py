@@ -94,6 +94,28 @@ def cmd_swap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_swap_video(args: argparse.Namespace) -> int:
+    from facemux.client.video import swap_video
+
+    with _client(args) as c:
+        summary = swap_video(
+            c,
+            args.input,
+            args.output,
+            args.identity,
+            args.version,
+            detect_every=args.detect_every,
+            quality=args.quality,
+            show_progress=not args.quiet,
+        )
+    print(
+        f"{args.output}: {summary.frames} frames at {summary.fps:.2f} fps, "
+        f"{summary.faces_swapped} faces swapped, {summary.frame_errors} frame errors, "
+        f"{summary.frames / max(summary.seconds, 1e-9):.1f} frames/s; audio {summary.audio}"
+    )
+    return 0
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     with _client(args) as c:
         latents = c.encode(args.images, dtype=args.dtype)
@@ -174,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["png", "jpeg", "webp"], help="output format")
     s.add_argument("-o", "--output", help="output file (one input) or directory")
 
+    v = client_cmd("swap-video", help="swap faces in a video file through SwapStream")
+    v.add_argument("input", help="any video OpenCV can read")
+    v.add_argument("output", help="output video (.mp4)")
+    v.add_argument("--identity", required=True)
+    v.add_argument("--version", type=int, default=0)
+    v.add_argument(
+        "--detect-every",
+        type=int,
+        default=0,
+        help="run the detector every N frames (0 = server default)",
+    )
+    v.add_argument("--quality", type=int, default=95, help="JPEG quality of frames in transit")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+
     e = client_cmd("encode", help="encode aligned crops into latents (.npz)")
     e.add_argument("images", nargs="+")
     e.add_argument("-o", "--output", default="latents.npz")
@@ -214,6 +250,7 @@ COMMANDS = {
     "info": cmd_info,
     "health": cmd_health,
     "swap": cmd_swap,
+    "swap-video": cmd_swap_video,
     "encode": cmd_encode,
     "decode": cmd_decode,
     "identities": cmd_identities,

@@ -1,0 +1,160 @@
+"""Swap a whole video file through SwapStream: frames out in order, same size and rate, audio
+kept when ffmpeg is available. Needs OpenCV on the client (`pip install "facemux[video]"`)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from facemux.client.client import FacemuxClient
+
+
+@dataclass
+class VideoSummary:
+    frames: int
+    faces_swapped: int
+    frame_errors: int
+    fps: float
+    seconds: float
+    audio: str  # "kept", "none in source", or why not
+
+
+def _cv2() -> Any:
+    try:
+        import cv2
+    except ImportError:
+        raise SystemExit(
+            "swap-video needs OpenCV on the client: pip install 'facemux[video]'"
+        ) from None
+    return cv2
+
+
+def _progress(done: int, total: int, t0: float) -> None:
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    if total > 0:
+        filled = int(30 * done / total)
+        bar = "#" * filled + "." * (30 - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{total} frames  {rate:5.1f} fps")
+    else:
+        sys.stderr.write(f"\r{done} frames  {rate:5.1f} fps")
+    sys.stderr.flush()
+
+
+def _mux_audio(video_only: Path, source: Path, out: Path) -> str:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        shutil.move(str(video_only), out)
+        return "dropped: ffmpeg is not on the PATH, so the output has no audio track"
+    probe = subprocess.run(
+        [ffmpeg, "-hide_banner", "-i", str(source)], capture_output=True, text=True
+    )
+    has_audio = "Audio:" in probe.stderr
+    if not has_audio:
+        shutil.move(str(video_only), out)
+        return "none in source"
+    cmd = [
+        ffmpeg,
+        "-y",
+        "-loglevel",
+        "error",
+        "-i",
+        str(video_only),
+        "-i",
+        str(source),
+        "-map",
+        "0:v:0",
+        "-map",
+        "1:a:0",
+        "-c:v",
+        "copy",
+        "-c:a",
+        "aac",
+        "-shortest",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.move(str(video_only), out)
+        return f"dropped: ffmpeg failed ({done.stderr.strip()[:200]})"
+    return "kept"
+
+
+def swap_video(
+    client: FacemuxClient,
+    source: str | Path,
+    out: str | Path,
+    identity: str,
+    version: int = 0,
+    *,
+    detect_every: int = 0,
+    quality: int = 95,
+    show_progress: bool = True,
+) -> VideoSummary:
+    cv2 = _cv2()
+    source, out = Path(source), Path(out)
+    cap = cv2.VideoCapture(str(source))
+    if not cap.isOpened():
+        raise ValueError(f"{source}: OpenCV cannot open this video")
+    fps = float(cap.get(cv2.CAP_PROP_FPS)) or 25.0
+    width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    originals: dict[int, np.ndarray] = {}
+
+    def frames() -> Iterator[bytes]:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            originals[len(originals)] = bgr
+            ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            yield bytes(buf.tobytes())
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        video_only = Path(tmp) / ("video" + (out.suffix or ".mp4"))
+        writer = cv2.VideoWriter(
+            str(video_only), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height)
+        )
+        if not writer.isOpened():
+            raise ValueError(f"OpenCV cannot write {out.suffix or '.mp4'} video here")
+        written = swapped = errors = 0
+        t0 = time.perf_counter()
+        try:
+            stream = client.swap_stream(
+                frames(),
+                identity,
+                version,
+                output_format="jpeg",
+                quality=quality,
+                detect_every=detect_every,
+                timeout=None,
+            )
+            for resp in stream:
+                original = originals.pop(int(resp.frame_index))
+                if resp.HasField("error"):
+                    errors += 1  # keep the original frame: the video stays complete
+                    frame = original
+                else:
+                    data = np.frombuffer(resp.frame.encoded, np.uint8)
+                    frame = cv2.imdecode(data, cv2.IMREAD_COLOR)
+                    swapped += resp.faces_swapped
+                writer.write(frame)
+                written += 1
+                if show_progress:
+                    _progress(written, total, t0)
+        finally:
+            writer.release()
+            cap.release()
+            if show_progress:
+                sys.stderr.write("\n")
+        seconds = time.perf_counter() - t0
+        audio = _mux_audio(video_only, source, out)
+    return VideoSummary(written, swapped, errors, fps, seconds, audio)
