@@ -110,11 +110,13 @@ def swap_video(
     originals: dict[int, np.ndarray] = {}
 
     def frames() -> Iterator[bytes]:
+        index = 0
         while True:
             ok, bgr = cap.read()
             if not ok:
                 return
-            originals[len(originals)] = bgr
+            originals[index] = bgr  # kept until its answer arrives, for error fallback
+            index += 1
             ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
             yield bytes(buf.tobytes())
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import grpc
 from facemux.models.errors import NotFoundError
+from facemux.service.metrics import Metrics, MetricsServer, grpc_type
 from facemux.service.runtime import Runtime
 from facemux.service.scheduler import Scheduler
 from facemux.service.servicer import IdentityServicer, SwapServicer, TrainingServicer
@@ -22,6 +23,7 @@ from facemux.v1 import (
     training_service_pb2,
     training_service_pb2_grpc,
 )
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -33,6 +35,10 @@ SERVICE_NAMES = (
     identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
 )
+# A health service name that is SERVING for as long as the process answers, whether or not
+# the model is loaded: the liveness probe asks for it, so a server waiting for its first
+# encoder (or draining) is not restarted; readiness asks for "" (model loaded, not draining).
+LIVENESS_SERVICE = "liveness"
 
 
 @dataclass
@@ -47,12 +53,23 @@ class App:
     scheduler: Scheduler
     health: health_aio.HealthServicer
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_server: MetricsServer | None = None  # None when metrics_port is -1
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (the real one when metrics_port was 0), None if off."""
+        return None if self.metrics_server is None else self.metrics_server.port
 
     async def close(self) -> None:
         """After the server stopped: end background work."""
         for task in self.tasks:
             task.cancel()
         await asyncio.to_thread(self.scheduler.stop)
+        # Last, so a final scrape during the drain still sees the in-flight calls finish.
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
+        self.metrics.close()
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -62,6 +79,7 @@ class App:
         )
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+        self.metrics.set_serving(serving)
 
 
 async def _load_model(app: App, poll_seconds: float = 2.0) -> None:
@@ -90,6 +108,26 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
 
     Must run inside the event loop that will serve (grpc.aio binds to it)."""
     store = store or LocalStore(settings.store)
+    metrics = Metrics(max_identities=settings.metrics_max_identities)
+    # Bind the metrics port first: a port clash fails the start before anything else runs,
+    # as a clash on the gRPC port does.
+    metrics_server = (
+        None
+        if settings.metrics_port < 0
+        else MetricsServer(metrics.registry, settings.host, settings.metrics_port)
+    )
+    try:
+        return await _build_app(settings, store, metrics, metrics_server)
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.close()
+        metrics.close()
+        raise
+
+
+async def _build_app(
+    settings: Settings, store: Store, metrics: Metrics, metrics_server: MetricsServer | None
+) -> App:
     runtime = Runtime(settings, store)
     scheduler = Scheduler(
         runtime,
@@ -97,15 +135,17 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
         max_wait_s=settings.max_batch_wait_ms / 1000.0,
         max_queue_faces=settings.max_queue_faces,
         batching=settings.batching,
+        on_batch=metrics.observe_batch,
     )
+    metrics.attach(runtime=runtime, store=store, queue_depth=scheduler.queue_depth)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[metrics.interceptor()])
     swap_service_pb2_grpc.add_SwapServiceServicer_to_server(
-        SwapServicer(settings, runtime, store, scheduler), server
+        SwapServicer(settings, runtime, store, scheduler, metrics=metrics), server
     )
     identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(settings, runtime, store), server
@@ -113,6 +153,10 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
     training_service_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    metrics.init_grpc_methods(
+        _grpc_methods((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    )
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
@@ -123,11 +167,32 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
     )
     port = server.add_insecure_port(settings.address)
     if port == 0:
+        await asyncio.to_thread(scheduler.stop)
         raise OSError(f"could not bind {settings.address}")
-    app = App(settings, server, port, store, runtime, scheduler, health)
+    app = App(
+        settings,
+        server,
+        port,
+        store,
+        runtime,
+        scheduler,
+        health,
+        metrics=metrics,
+        metrics_server=metrics_server,
+    )
     await app.set_serving(False)
     app.tasks.append(asyncio.create_task(_load_model(app)))
     return app
+
+
+def _grpc_methods(services: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(grpc_type, service, method) of every method of the named services."""
+    pool = descriptor_pool.Default()
+    out = []
+    for name in services:
+        for m in pool.FindServiceByName(name).methods:
+            out.append((grpc_type(m.client_streaming, m.server_streaming), name, m.name))
+    return out
 
 
 async def create_server(settings: Settings) -> tuple[grpc.aio.Server, int]:
@@ -143,6 +208,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     app = await build_app(settings)
     await app.server.start()
     log.info("facemux listening on %s (store %s)", f"{settings.host}:{app.port}", settings.store)
+    if app.metrics_server is not None:
+        log.info("metrics on %s", app.metrics_server.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,6 +224,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     log.info("stopped")
 
 
+_DEFAULT_METRICS_PORT = next(f.default for f in fields(Settings) if f.name == "metrics_port")
+
+
 class ServerThread:
     """A real server on its own event loop in a background thread: for the demo, tests and
     benchmarks that drive it with the (synchronous) client from the main thread.
@@ -168,6 +238,11 @@ class ServerThread:
     def __init__(self, settings: Settings) -> None:
         import threading
 
+        # Embedded servers run beside others in one process or on one machine, so one left
+        # at the default metrics port takes any free port instead (app.metrics_port says
+        # which); an explicit port, or -1, is kept.
+        if settings.metrics_port == _DEFAULT_METRICS_PORT:
+            settings = settings.replace(metrics_port=0)
         self.settings = settings
         self.app: App | None = None
         self._loop = asyncio.new_event_loop()

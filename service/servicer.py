@@ -20,12 +20,14 @@ from facemux.models import inference
 from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
-    NotImplementedYetError,
     PreconditionError,
     ResourceExhaustedError,
 )
+from facemux.models.faces import FaceTracker
 from facemux.service import convert
 from facemux.service.errors import status_for
+from facemux.service.frames import FrameOutcome, FramePipeline
+from facemux.service.metrics import Metrics
 from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
@@ -133,12 +135,20 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 class SwapServicer(sgrpc.SwapServiceServicer):
     def __init__(
-        self, settings: Settings, runtime: Runtime, store: Store, scheduler: Scheduler
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        store: Store,
+        scheduler: Scheduler,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.store = store
         self.scheduler = scheduler
+        self.frames = FramePipeline(settings, scheduler)
+        # A private, unexposed registry when none is given (servicer built alone in tests).
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -229,13 +239,46 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         output: types_pb2.OutputOptions,
         deadline: float | None,
     ) -> spb.SwapResponse:
+        clock = self.metrics.stage_clock()
         resident, decoded, batch, resized = await asyncio.to_thread(
             self._prepare_swap, identity, version, faces
         )
+        clock.lap("preprocess")
         result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
-        return await asyncio.to_thread(
+        clock.lap("queue_and_model")
+        resp = await asyncio.to_thread(
             self._swap_response, identity, resident, decoded, resized, result, options, output
         )
+        clock.lap("postprocess")
+        self.metrics.faces_swapped(identity, resp.faces_swapped)
+        return resp
+
+    def _swap_frame(
+        self,
+        frame: types_pb2.Image,
+        identity: str,
+        version: int,
+        options: spb.SwapOptions,
+        output: types_pb2.OutputOptions,
+        deadline: float | None,
+        tracker: FaceTracker | None = None,
+    ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
+        """One full frame, synchronously (runs in a worker thread)."""
+        resident = self._resolve(identity, version)
+        t0 = time.perf_counter()
+        image = convert.image_from_proto(frame, self.settings.max_image_pixels, "frame")
+        t1 = time.perf_counter()
+        res = self.runtime.model_config().resolution
+        out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker)
+        t2 = time.perf_counter()
+        encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
+        out.timings["decode"] = t1 - t0
+        out.timings["encode"] = time.perf_counter() - t2
+        for stage, seconds in out.timings.items():
+            self.metrics.observe_stage(stage, seconds)
+        self.metrics.faces_swapped(identity, out.faces_swapped)
+        self.metrics.frames_swapped()
+        return encoded, out, resident
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -245,9 +288,24 @@ class SwapServicer(sgrpc.SwapServiceServicer):
     ) -> spb.SwapResponse:
         kind = request.WhichOneof("input")
         if kind == "frame":
-            raise NotImplementedYetError(
-                "full-frame swap (face detection and paste-back) is not available in this "
-                "release; send aligned face crops in SwapRequest.faces"
+            img, out, resident = await asyncio.to_thread(
+                self._swap_frame,
+                request.frame,
+                request.identity,
+                request.identity_version,
+                request.options,
+                request.output,
+                _deadline(context),
+            )
+            return spb.SwapResponse(
+                frame=img,
+                results=out.results,
+                faces_swapped=out.faces_swapped,
+                identity=request.identity,
+                identity_version=resident.version.version,
+                model_resolution=self.runtime.model_config().resolution,
+                notes=out.notes,
+                request_id=request.request_id or uuid.uuid4().hex,
             )
         if kind != "faces":
             raise InvalidInputError("SwapRequest needs an input: a frame or aligned faces")
@@ -270,6 +328,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
     ) -> AsyncIterator[spb.SwapStreamResponse]:
         identity, version = "", 0
         options, output = spb.SwapOptions(), types_pb2.OutputOptions()
+        tracker: FaceTracker | None = None  # per stream: tracks faces between detections
+        detect_every = 0
         async for req in request_iterator:
             if req.identity:
                 identity, version = req.identity, req.identity_version
@@ -277,17 +337,31 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 options = req.options
             if req.HasField("output"):
                 output = req.output
-            if not req.aligned:
-                raise NotImplementedYetError(
-                    "full-frame streaming (face detection and paste-back) is not available in "
-                    "this release; send aligned crops with aligned=true"
-                )
+            if req.detect_every:
+                detect_every = req.detect_every
             if not identity:
                 raise InvalidInputError("the first SwapStream message must name the identity")
             try:
-                r = await self._swap_faces(
-                    identity, version, [req.frame], options, output, _deadline(context)
-                )
+                if req.aligned:
+                    r = await self._swap_faces(
+                        identity, version, [req.frame], options, output, _deadline(context)
+                    )
+                    self.metrics.frames_swapped()
+                    frame, results, n = r.faces[0], list(r.results), r.faces_swapped
+                else:
+                    if tracker is None:
+                        tracker = await asyncio.to_thread(self.frames.tracker, detect_every)
+                    frame, out, _ = await asyncio.to_thread(
+                        self._swap_frame,
+                        req.frame,
+                        identity,
+                        version,
+                        options,
+                        output,
+                        _deadline(context),
+                        tracker,
+                    )
+                    results, n = out.results, out.faces_swapped
             except (InvalidInputError, PreconditionError) as exc:
                 # A bad frame fails alone; the stream goes on.
                 yield spb.SwapStreamResponse(
@@ -296,10 +370,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 )
                 continue
             yield spb.SwapStreamResponse(
-                frame_index=req.frame_index,
-                frame=r.faces[0],
-                results=r.results,
-                faces_swapped=r.faces_swapped,
+                frame_index=req.frame_index, frame=frame, results=results, faces_swapped=n
             )
 
     def _prepare_encode(self, request: spb.EncodeRequest) -> tuple[np.ndarray, list[bool]]:
@@ -361,7 +432,9 @@ class SwapServicer(sgrpc.SwapServiceServicer):
     ) -> spb.DecodeResponse:
         z, resident = await asyncio.to_thread(self._prepare_decode, request)
         result = await self.scheduler.run(Item(Op.DECODE, z, resident.decoder, _deadline(context)))
-        return await asyncio.to_thread(self._decode_response, request, resident, result)
+        resp = await asyncio.to_thread(self._decode_response, request, resident, result)
+        self.metrics.faces_swapped(request.identity, len(resp.faces))
+        return resp
 
     @unary
     async def GetModelInfo(

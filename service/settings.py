@@ -60,6 +60,26 @@ class Settings:
     max_queue_faces: int = field(
         default=2048, metadata=_help("faces waiting for the model before RESOURCE_EXHAUSTED")
     )
+    detector: str = field(default="hog", metadata=_help("face detector: hog or yunet"))
+    detector_model: str = field(
+        default="", metadata=_help("ONNX model file for the yunet detector")
+    )
+    detector_threshold: float = field(
+        default=0.3,
+        metadata=_help("HOG detector score threshold; higher = fewer false faces"),
+    )
+    detector_max_side: int = field(
+        default=640, metadata=_help("frames are downscaled to this longest side to detect")
+    )
+    landmark_points: int = field(
+        default=5, metadata=_help("landmark model: 5 (CC0) or 68 (non-commercial data)")
+    )
+    max_faces_per_frame: int = field(
+        default=8, metadata=_help("most faces swapped in one frame (largest first)")
+    )
+    detect_every: int = field(
+        default=5, metadata=_help("in streams, run the detector every N frames and track between")
+    )
     torch_threads: int = field(
         default=0, metadata=_help("torch intra-op threads; 0 = one per core")
     )
@@ -67,11 +87,23 @@ class Settings:
         default=10.0, metadata=_help("how long in-flight calls may finish on shutdown")
     )
     log_level: str = field(default="INFO", metadata=_help("logging level"))
+    metrics_port: int = field(
+        default=9090,
+        metadata=_help("Prometheus /metrics HTTP port (same host); 0 = any free port, -1 = off"),
+    )
+    metrics_max_identities: int = field(
+        default=100,
+        metadata=_help("identities with their own metrics label; the rest count as (other)"),
+    )
 
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port {self.metrics_port} is not in -1..65535")
+        if self.metrics_max_identities < 0:
+            problems.append("metrics_max_identities must be >= 0")
         for name in (
             "max_message_bytes",
             "max_image_pixels",
@@ -80,6 +112,9 @@ class Settings:
             "decoder_cache_count",
             "max_batch_size",
             "max_queue_faces",
+            "detector_max_side",
+            "max_faces_per_frame",
+            "detect_every",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -96,6 +131,12 @@ class Settings:
                 "decoder_cache_bytes, torch_threads, grace_seconds and max_batch_wait_ms "
                 "must be >= 0"
             )
+        if self.detector not in ("hog", "yunet"):
+            problems.append(f"detector {self.detector!r} must be hog or yunet")
+        if self.detector == "yunet" and not self.detector_model:
+            problems.append("the yunet detector needs detector_model (an ONNX file)")
+        if self.landmark_points not in (5, 68):
+            problems.append(f"landmark_points must be 5 or 68, not {self.landmark_points}")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             problems.append(f"device {dev!r} must be auto, cpu, cuda or cuda:N")

@@ -124,7 +124,17 @@ def test_serve_command_starts_and_stops_on_sigterm(tmp_path: Path, models: Model
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "facemux"
     proc = subprocess.Popen(
-        [str(exe), "serve", "--port", str(port), "--store", str(tmp_path / "store")],
+        # Metrics on any free port: the default 9090 may be taken on a developer's machine.
+        [
+            str(exe),
+            "serve",
+            "--port",
+            str(port),
+            "--store",
+            str(tmp_path / "store"),
+            "--metrics-port",
+            "0",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from conftest import Models, decode_png, face_image, png
-from facemux.client import FacemuxClient, Latent, Unimplemented
+from facemux.client import FacemuxClient, Latent
 from facemux.models import checkpoint, inference
 from facemux.service.server import ServerThread
 
@@ -90,11 +89,6 @@ def test_swap_stream_of_aligned_crops_keeps_order(client: FacemuxClient) -> None
     assert all(r.faces_swapped == 1 and r.frame.encoded for r in good)
     # The same crop through unary Swap gives the same pixels.
     assert good[0].frame.encoded == client.swap_faces([frames[0]], "bob").faces[0]
-
-
-def test_full_frame_is_unimplemented_with_a_clear_message(client: FacemuxClient) -> None:
-    with pytest.raises(Unimplemented, match="send aligned face crops"):
-        client.swap_image(png(face_image(0, 200)), "alice")
 
 
 def test_latent_from_client_object(client: FacemuxClient, models: Models) -> None:

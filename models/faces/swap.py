@@ -1,0 +1,387 @@
+"""One frame through the whole pipeline: find faces, align, run the model, paste back."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from facemux.models.errors import InvalidInputError
+from numpy.typing import NDArray
+
+from .align import align_matrix, box_from_landmarks, compose_affine, crop_landmarks, warp_crop
+from .blend import BLEND_MODES, paste_into
+from .colour import COLOUR_METHODS, correct_colour
+from .detect import DetectedFace, Detector, box_area, check_rgb
+from .landmarks import Landmarker
+from .mask import as_float_mask, landmark_mask, refine_mask, template_mask
+
+__all__ = [
+    "MASK_SOURCES",
+    "SELECT_MODES",
+    "SKIP_NOT_SELECTED",
+    "SKIP_OVER_LIMIT",
+    "STAGES",
+    "FaceResult",
+    "FaceSwapper",
+    "SwapCrops",
+    "SwapOptions",
+    "SwapResult",
+    "swap_frame",
+]
+
+F32 = NDArray[np.float32]
+U8 = NDArray[np.uint8]
+
+# The model: aligned crops in, swapped crops (and, if its decoder has a mask head, masks)
+# out, in the same order. The service batches the list into one forward pass.
+SwapCrops = Callable[[list[U8]], tuple[Sequence[U8], Sequence[NDArray[Any]] | None]]
+
+STAGES = ("detect", "landmarks", "align", "model", "mask_colour", "blend")
+SELECT_MODES = ("all", "largest")
+MASK_SOURCES = ("auto", "landmarks", "template")
+SKIP_NOT_SELECTED = "not_selected"
+SKIP_OVER_LIMIT = "over_limit"
+MAX_CALLER_FACES = 256
+
+
+@dataclass
+class SwapOptions:
+    """How to swap one frame.
+
+    Selection: ``select`` "all" or "largest" face; ``indices`` picks faces by position
+    instead (detected faces are ordered largest first, caller-supplied ones keep the
+    caller's order; indices past the end select nothing). ``max_faces`` > 0 then swaps only
+    the largest N selected faces and reports the rest as skipped "over_limit".
+
+    Look: ``colour`` (none/average/reinhard), ``blend`` (feather/seamless), ``mask``
+    ("auto": the decoder's mask if it predicts one, else from 68 landmarks, else the
+    template ellipse), ``mask_erosion`` and ``mask_blur`` as fractions of the crop size
+    (see refine_mask), and the crop framing ``coverage``/``y_offset`` (see align_matrix),
+    which must match what the model was trained on. ``crop_size`` is the side of the crops
+    handed to the model."""
+
+    select: str = "all"
+    indices: Sequence[int] | None = None
+    max_faces: int = 0
+    colour: str = "reinhard"
+    blend: str = "feather"
+    mask: str = "auto"
+    mask_erosion: float = 0.02
+    mask_blur: float = 0.05
+    crop_size: int = 64
+    coverage: float = 1.0
+    y_offset: float = 0.0
+
+    def validate(self) -> None:
+        def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise InvalidInputError(
+                    f"unknown {name} {value!r}; choose one of {', '.join(allowed)}"
+                )
+
+        choice("face selection", self.select, SELECT_MODES)
+        choice("colour correction", self.colour, COLOUR_METHODS)
+        choice("blend mode", self.blend, BLEND_MODES)
+        choice("mask source", self.mask, MASK_SOURCES)
+        if self.indices is not None and any(int(i) < 0 for i in self.indices):
+            raise InvalidInputError(f"face indices must be >= 0, got {list(self.indices)}")
+        if self.max_faces < 0:
+            raise InvalidInputError(f"max_faces must be >= 0 (0: no limit), got {self.max_faces}")
+        if not (16 <= self.crop_size <= 1024):
+            raise InvalidInputError(f"crop_size must be in [16, 1024], got {self.crop_size}")
+        for name, lo, hi in (
+            ("mask_erosion", -0.5, 0.5),
+            ("mask_blur", 0.0, 0.5),
+            ("coverage", 0.1, 4.0),
+            ("y_offset", -0.5, 0.5),
+        ):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise InvalidInputError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass
+class FaceResult:
+    index: int  # position among the frame's faces (see SwapOptions.indices)
+    box: F32  # (4,) x0, y0, x1, y1
+    landmarks: F32  # (5|68, 2) frame pixels
+    confidence: float  # detector confidence; 1.0 for caller-supplied faces
+    swapped: bool
+    skip_reason: str | None = None  # "not_selected" or "over_limit" when not swapped
+    track_id: int | None = None
+
+
+@dataclass
+class SwapResult:
+    frame: U8  # same shape as the input (RGBA keeps its alpha)
+    faces: list[FaceResult]
+    timings: dict[str, float] = field(default_factory=dict)  # STAGES -> seconds
+
+
+def _as_points(value: Any, what: str) -> NDArray[np.float64]:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{what} must be numbers: {exc}") from None
+
+
+def _check_inside(pts: NDArray[np.float64], w: int, h: int, what: str) -> None:
+    if not np.all(np.isfinite(pts)):
+        raise InvalidInputError(f"{what} has non-finite coordinates (NaN or inf)")
+    x, y = pts[..., 0], pts[..., 1]
+    if x.min() < 0 or y.min() < 0 or x.max() > w or y.max() > h:
+        raise InvalidInputError(
+            f"{what} reaches outside the {w}x{h} image (x in {x.min():.1f}..{x.max():.1f}, "
+            f"y in {y.min():.1f}..{y.max():.1f}); coordinates are frame pixels"
+        )
+
+
+def validate_landmarks(value: Any, w: int, h: int) -> list[NDArray[np.float32]]:
+    """Caller landmarks: one face (k, 2) or several (n, k, 2) / a list of (k, 2), k 5 or 68."""
+    faces: list[NDArray[np.float64]]
+    if isinstance(value, np.ndarray) and value.ndim == 3:
+        faces = [_as_points(f, "landmarks") for f in value]
+    elif isinstance(value, np.ndarray) and value.ndim == 2:
+        faces = [_as_points(value, "landmarks")]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise InvalidInputError("landmarks must be a list of (k, 2) point arrays") from None
+        faces = [_as_points(f, "landmarks") for f in items]
+    if len(faces) > MAX_CALLER_FACES:
+        raise InvalidInputError(f"at most {MAX_CALLER_FACES} faces per frame, got {len(faces)}")
+    for i, lm in enumerate(faces):
+        what = f"landmarks of face {i}"
+        if lm.ndim != 2 or lm.shape[1] != 2 or lm.shape[0] not in (5, 68):
+            raise InvalidInputError(
+                f"{what} must be 5 or 68 (x, y) points (dlib order), got shape {lm.shape}"
+            )
+        _check_inside(lm, w, h, what)
+        if float(np.ptp(lm, axis=0).max()) < 2.0:
+            raise InvalidInputError(f"{what} are degenerate: all points within 2 px")
+    return [f.astype(np.float32) for f in faces]
+
+
+def validate_boxes(value: Any, w: int, h: int) -> list[NDArray[np.float32]]:
+    """Caller boxes: (4,) or (n, 4) as x0, y0, x1, y1 in frame pixels."""
+    boxes = _as_points(value, "boxes")
+    if boxes.ndim == 1:
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise InvalidInputError(f"boxes must be (n, 4) as x0, y0, x1, y1; got shape {boxes.shape}")
+    if len(boxes) > MAX_CALLER_FACES:
+        raise InvalidInputError(f"at most {MAX_CALLER_FACES} faces per frame, got {len(boxes)}")
+    for i, b in enumerate(boxes):
+        what = f"box {i} {b.tolist()}"
+        _check_inside(b.reshape(2, 2), w, h, what)
+        if b[2] - b[0] < 8 or b[3] - b[1] < 8:
+            raise InvalidInputError(f"{what} must have x0 < x1 and y0 < y1, at least 8 px apart")
+    return [b.astype(np.float32) for b in boxes]
+
+
+def _resize_affine(m: NDArray[np.float64], k: float) -> NDArray[np.float64]:
+    """``m`` followed by resizing the crop by ``k`` (pixel centres stay pixel centres)."""
+    return compose_affine(np.array([[k, 0.0, 0.5 * k - 0.5], [0.0, k, 0.5 * k - 0.5]]), m)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = dict.fromkeys(STAGES, 0.0)
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.t[stage] += now - self._last
+        self._last = now
+
+
+class FaceSwapper:
+    """Swap every selected face of a frame through a model callback (see :data:`SwapCrops`).
+
+    Holds the detector and landmark predictor; holds no per-frame state, so one instance
+    serves any number of requests (the components lock themselves)."""
+
+    def __init__(self, detector: Detector, landmarker: Landmarker) -> None:
+        self.detector = detector
+        self.landmarker = landmarker
+
+    def find_faces(
+        self,
+        rgb: U8,
+        *,
+        boxes: Any = None,
+        landmarks: Any = None,
+        faces: Sequence[DetectedFace] | None = None,
+        clock: _Clock | None = None,
+    ) -> list[DetectedFace]:
+        """Faces with landmarks: from ``faces`` (e.g. a FaceTracker), caller ``landmarks``
+        and/or ``boxes`` (validated; no detection), or the detector."""
+        clock = clock or _Clock()
+        h, w = rgb.shape[:2]
+        found: list[DetectedFace]
+        if faces is not None:
+            found = [DetectedFace(f.box, f.confidence, f.landmarks, f.track_id) for f in faces]
+        elif landmarks is not None:
+            lms = validate_landmarks(landmarks, w, h)
+            bxs = validate_boxes(boxes, w, h) if boxes is not None else None
+            if bxs is not None and len(bxs) != len(lms):
+                raise InvalidInputError(
+                    f"got {len(bxs)} boxes but {len(lms)} landmark sets; send one box per face"
+                )
+            found = [
+                DetectedFace(bxs[i] if bxs else box_from_landmarks(lm), 1.0, lm)
+                for i, lm in enumerate(lms)
+            ]
+        elif boxes is not None:
+            found = [DetectedFace(b, 1.0) for b in validate_boxes(boxes, w, h)]
+        else:
+            found = self.detector.detect(rgb)
+        clock.lap("detect")
+        for f in found:
+            if f.landmarks is None:
+                f.landmarks = self.landmarker.predict(rgb, f.box)
+        clock.lap("landmarks")
+        return found
+
+    def swap(
+        self,
+        frame: U8,
+        swap_crops: SwapCrops,
+        options: SwapOptions | None = None,
+        *,
+        boxes: Any = None,
+        landmarks: Any = None,
+        faces: Sequence[DetectedFace] | None = None,
+    ) -> SwapResult:
+        """Swap the selected faces of ``frame`` (RGB or RGBA uint8). Caller ``boxes``
+        ((n, 4)) skip detection, caller ``landmarks`` ((n, 5|68, 2)) skip detection and
+        landmark prediction, ``faces`` (e.g. from FaceTracker.track) are used as given."""
+        opts = options or SwapOptions()
+        opts.validate()
+        check_rgb(frame)
+        clock = _Clock()
+        rgb = frame if frame.shape[2] == 3 else np.ascontiguousarray(frame[..., :3])
+        found = self.find_faces(rgb, boxes=boxes, landmarks=landmarks, faces=faces, clock=clock)
+
+        results = [
+            FaceResult(i, f.box, _landmarks_of(f), f.confidence, False, SKIP_NOT_SELECTED)
+            for i, f in enumerate(found)
+        ]
+        for r, f in zip(results, found, strict=True):
+            r.track_id = f.track_id
+        chosen = _select(results, opts)
+        if not chosen:
+            return SwapResult(frame.copy(), results, clock.t)
+
+        size = opts.crop_size
+        matrices = [align_matrix(r.landmarks, size, opts.coverage, opts.y_offset) for r in chosen]
+        crops = [warp_crop(rgb, m, size) for m in matrices]
+        clock.lap("align")
+
+        out_faces, out_masks = swap_crops(crops)
+        out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
+        clock.lap("model")
+
+        pastes = []
+        for j, r in enumerate(chosen):
+            face = out_faces[j]
+            k = face.shape[0] / size
+            m = matrices[j] if k == 1.0 else _resize_affine(matrices[j], k)
+            hard = self._mask(r.landmarks, m, face.shape[0], opts, out_masks, j)
+            original = crops[j]
+            if original.shape != face.shape:
+                original = np.asarray(
+                    cv2.resize(original, face.shape[1::-1], interpolation=cv2.INTER_LINEAR),
+                    np.uint8,
+                )
+            face = correct_colour(face, original, hard, opts.colour)
+            soft = refine_mask(hard, opts.mask_erosion, opts.mask_blur)
+            pastes.append((face, soft, m))
+        clock.lap("mask_colour")
+
+        out = frame.copy()
+        for face, soft, m in pastes:
+            paste_into(out, face, soft, m, opts.blend)
+        for r in chosen:
+            r.swapped, r.skip_reason = True, None
+        clock.lap("blend")
+        return SwapResult(out, results, clock.t)
+
+    @staticmethod
+    def _mask(
+        landmarks: F32,
+        m: NDArray[np.float64],
+        size: int,
+        opts: SwapOptions,
+        model_masks: list[NDArray[np.float32]] | None,
+        j: int,
+    ) -> NDArray[np.float32]:
+        if opts.mask == "auto" and model_masks is not None:
+            mask = model_masks[j]
+            if mask.shape != (size, size):
+                mask = np.asarray(
+                    cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR), np.float32
+                )
+            return mask
+        if opts.mask in ("auto", "landmarks") and len(landmarks) == 68:
+            return landmark_mask(crop_landmarks(landmarks, m), size)
+        return template_mask(size, opts.coverage, opts.y_offset)
+
+
+def _landmarks_of(face: DetectedFace) -> F32:
+    if face.landmarks is None:
+        raise RuntimeError("find_faces left a face without landmarks")
+    return face.landmarks
+
+
+def _select(results: list[FaceResult], opts: SwapOptions) -> list[FaceResult]:
+    if not results:
+        return []
+    if opts.indices is not None:
+        wanted = {int(i) for i in opts.indices}
+        chosen = [r for r in results if r.index in wanted]
+    elif opts.select == "largest":
+        chosen = [max(results, key=lambda r: box_area(r.box))]
+    else:
+        chosen = list(results)
+    if opts.max_faces and len(chosen) > opts.max_faces:
+        by_size = sorted(chosen, key=lambda r: box_area(r.box), reverse=True)
+        for r in by_size[opts.max_faces :]:
+            r.skip_reason = SKIP_OVER_LIMIT
+        chosen = sorted(by_size[: opts.max_faces], key=lambda r: r.index)
+    return chosen
+
+
+def _check_model_output(
+    faces: Sequence[U8], masks: Sequence[NDArray[Any]] | None, n: int
+) -> tuple[list[U8], list[NDArray[np.float32]] | None]:
+    """The callback is server code, not caller input: a mismatch is a bug (RuntimeError)."""
+    faces = list(faces)
+    if len(faces) != n:
+        raise RuntimeError(f"swap_crops returned {len(faces)} faces for {n} crops")
+    for f in faces:
+        if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8 or f.shape[0] != f.shape[1]:
+            raise RuntimeError(f"swap_crops must return square (S, S, 3) uint8, got {f.shape}")
+    if masks is None:
+        return faces, None
+    if len(masks) != n:
+        raise RuntimeError(f"swap_crops returned {len(masks)} masks for {n} crops")
+    return faces, [as_float_mask(mk) for mk in masks]
+
+
+def swap_frame(
+    frame: U8,
+    swap_crops: SwapCrops,
+    detector: Detector,
+    landmarker: Landmarker,
+    options: SwapOptions | None = None,
+    **faces: Any,
+) -> SwapResult:
+    """Functional form of ``FaceSwapper(detector, landmarker).swap(...)``."""
+    return FaceSwapper(detector, landmarker).swap(frame, swap_crops, options, **faces)

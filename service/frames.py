@@ -1,0 +1,201 @@
+"""Full frames on the server: wire options to the face pipeline and its model callback.
+
+The pipeline itself (detection, landmarks, alignment, masks, colour, paste-back, tracking)
+lives in facemux.models.faces; this module turns wire options into its options, feeds its
+model callback through the batching scheduler, and turns its results into wire results.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from facemux.models import faces as fp
+from facemux.models.errors import InvalidInputError, NotFoundError
+from facemux.models.imageio import DecodedImage
+from facemux.models.networks import Decoder
+from facemux.service.scheduler import Item, Op, Scheduler
+from facemux.service.settings import Settings
+from facemux.v1 import swap_service_pb2 as spb
+from facemux.v1 import types_pb2
+
+_SELECTION = {
+    spb.FACE_SELECTION_UNSPECIFIED: "all",
+    spb.FACE_SELECTION_ALL: "all",
+    spb.FACE_SELECTION_LARGEST: "largest",
+    spb.FACE_SELECTION_LISTED: "all",  # narrowed by indices below
+}
+_COLOUR = {
+    spb.COLOR_CORRECTION_UNSPECIFIED: "reinhard",
+    spb.COLOR_CORRECTION_NONE: "none",
+    spb.COLOR_CORRECTION_AVERAGE: "average",
+    spb.COLOR_CORRECTION_REINHARD: "reinhard",
+}
+_BLEND = {
+    spb.BLEND_MODE_UNSPECIFIED: "feather",
+    spb.BLEND_MODE_FEATHER: "feather",
+    spb.BLEND_MODE_SEAMLESS: "seamless",
+}
+_SKIP = {
+    fp.SKIP_NOT_SELECTED: spb.SKIP_REASON_NOT_SELECTED,
+    fp.SKIP_OVER_LIMIT: spb.SKIP_REASON_OVER_LIMIT,
+}
+
+
+@dataclass
+class FrameOutcome:
+    rgb: np.ndarray
+    results: list[spb.FaceResult]
+    faces_swapped: int
+    notes: list[str]
+    timings: dict[str, float]
+
+
+class FramePipeline:
+    """Detector and landmark predictor, built from settings on first use (loading them costs
+    a second; a server that only sees aligned crops never pays it)."""
+
+    def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self._swapper: fp.FaceSwapper | None = None
+        self._lock = threading.Lock()
+
+    def swapper(self) -> fp.FaceSwapper:
+        with self._lock:
+            if self._swapper is None:
+                s = self.settings
+                options: dict[str, object] = {}
+                if s.detector == "hog":
+                    options["max_side"] = s.detector_max_side
+                    options["threshold"] = s.detector_threshold
+                else:
+                    options["onnx_path"] = s.detector_model
+                self._swapper = fp.FaceSwapper(
+                    fp.make_detector(s.detector, **options),
+                    fp.LandmarkPredictor(s.landmark_points),
+                )
+            return self._swapper
+
+    def tracker(self, detect_every: int) -> fp.FaceTracker:
+        sw = self.swapper()
+        return fp.FaceTracker(
+            sw.detector, sw.landmarker, detect_every=detect_every or self.settings.detect_every
+        )
+
+    # -- options ---------------------------------------------------------------------------
+
+    def options(self, o: spb.SwapOptions, resolution: int) -> fp.SwapOptions:
+        limit = self.settings.max_faces_per_frame
+        return fp.SwapOptions(
+            select=_SELECTION.get(o.selection, "all"),
+            max_faces=min(o.max_faces or limit, limit),
+            colour=_COLOUR.get(o.color_correction, "reinhard"),
+            blend=_BLEND.get(o.blend_mode, "feather"),
+            mask_erosion=o.mask_erosion / 100.0 if o.mask_erosion else 0.02,
+            mask_blur=o.mask_blur / 100.0 if o.mask_blur else 0.05,
+            crop_size=resolution,
+        )
+
+    @staticmethod
+    def hints(o: spb.SwapOptions) -> dict[str, object]:
+        """Caller-supplied faces: landmarks (skip detection and landmarks) or boxes."""
+        if not o.faces:
+            return {}
+        with_lm = [h for h in o.faces if h.landmarks]
+        if with_lm and len(with_lm) != len(o.faces):
+            raise InvalidInputError(
+                "options.faces: give landmarks for every face or for none (boxes only)"
+            )
+        if with_lm:
+            lms = [np.array([[p.x, p.y] for p in h.landmarks], np.float64) for h in o.faces]
+            if len({len(lm) for lm in lms}) != 1:
+                raise InvalidInputError(
+                    "options.faces: every face needs the same number of landmarks"
+                )
+            out: dict[str, object] = {"landmarks": np.stack(lms)}
+            if all(h.HasField("box") for h in o.faces):
+                out["boxes"] = np.array([_box(h.box) for h in o.faces], np.float64)
+            return out
+        if not all(h.HasField("box") for h in o.faces):
+            raise InvalidInputError("options.faces: each face needs a box or landmarks")
+        return {"boxes": np.array([_box(h.box) for h in o.faces], np.float64)}
+
+    # -- one frame -------------------------------------------------------------------------
+
+    def swap(
+        self,
+        image: DecodedImage,
+        decoder: Decoder,
+        o: spb.SwapOptions,
+        resolution: int,
+        deadline: float | None,
+        tracker: fp.FaceTracker | None = None,
+    ) -> FrameOutcome:
+        rgb = image.rgb
+        opts = self.options(o, resolution)
+        swapper = self.swapper()
+        t0 = time.perf_counter()
+        if tracker is not None and not o.faces:
+            found = tracker.track(rgb)
+        else:
+            found = swapper.find_faces(rgb, **self.hints(o))
+        t_find = time.perf_counter() - t0
+        if o.selection == spb.FACE_SELECTION_LISTED:
+            opts.indices = self._listed(o, found)
+
+        def swap_crops(crops: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+            item = Item(Op.SWAP, np.stack(crops), decoder, deadline)
+            result = self.scheduler.submit(item).result()
+            assert result.faces is not None
+            masks = None if result.masks is None else list(result.masks)
+            return list(result.faces), masks
+
+        out = swapper.swap(rgb, swap_crops, opts, faces=found)
+        if o.require_face and not out.faces:
+            raise NotFoundError(
+                "no face was found in the frame and require_face is set; send a photo with a "
+                "visible face, or pass its box or landmarks in options.faces"
+            )
+        timings = dict(out.timings)
+        timings["detect"] = timings.get("detect", 0.0) + t_find
+        results = [self._result(r) for r in out.faces]
+        swapped = sum(r.swapped for r in out.faces)
+        notes = []
+        over = sum(r.skip_reason == fp.SKIP_OVER_LIMIT for r in out.faces)
+        if over:
+            notes.append(
+                f"{len(out.faces)} faces found; only the largest {opts.max_faces} were swapped "
+                f"(per-frame limit), {over} skipped"
+            )
+        return FrameOutcome(out.frame, results, swapped, notes, timings)
+
+    @staticmethod
+    def _listed(o: spb.SwapOptions, found: list[fp.DetectedFace]) -> list[int]:
+        wanted = [int(i) for i in o.face_indices]
+        for b in o.face_boxes:
+            box = np.array(_box(b), np.float32)
+            ious = [fp.box_iou(box, f.box) for f in found]
+            if ious and max(ious) > 0:
+                wanted.append(int(np.argmax(ious)))
+        return wanted
+
+    @staticmethod
+    def _result(r: fp.FaceResult) -> spb.FaceResult:
+        x0, y0, x1, y1 = (float(v) for v in r.box)
+        return spb.FaceResult(
+            index=r.index,
+            box=types_pb2.Box(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+            landmarks=[types_pb2.Point(x=float(x), y=float(y)) for x, y in r.landmarks],
+            confidence=float(r.confidence),
+            swapped=r.swapped,
+            skip_reason=_SKIP.get(r.skip_reason or "", spb.SKIP_REASON_UNSPECIFIED),
+            input_width=round(x1 - x0),
+            input_height=round(y1 - y0),
+        )
+
+
+def _box(b: types_pb2.Box) -> tuple[float, float, float, float]:
+    return (b.x_min, b.y_min, b.x_max, b.y_max)

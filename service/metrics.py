@@ -1,0 +1,842 @@
+"""Prometheus metrics: the standard gRPC server metrics, facemux's own, and the GPU's.
+
+Each `App` owns one `Metrics` with its own `CollectorRegistry` (never the process-global
+one), so several servers can live in one process (tests, benchmarks) without clashing.
+The registry is exposed over plain HTTP on `metrics_port` (see `MetricsServer`).
+
+Three kinds of sources:
+
+* instruments updated as work happens: the gRPC interceptor (`MetricsInterceptor`), the
+  servicer (`faces_swapped`, `frames_swapped`, `stage_clock`), the batching scheduler
+  (`observe_batch`), the server (`set_serving`) and, later, the training service
+  (`set_training_jobs`, `training_progress`);
+* collectors that read state at scrape time (resident decoders, identities, queue depth,
+  model load time), so nothing has to remember to update a gauge and the runtime and the
+  store need no metrics code;
+* the GPU via NVML, only when one is present: without one the GPU series are absent (not
+  zero), which is what dashboards and alerts expect from "no GPU here".
+
+Label cardinality: every label here has a small, bounded set of values (gRPC methods and
+codes, pipeline stages, job states, GPU indices) except `identity` on
+`facemux_faces_swapped_total`. Identities are user data, so only the first
+`metrics_max_identities` distinct identities seen by a process get their own series; the
+rest are counted under `identity="(other)"`, a value no identity can take (names cannot
+contain parentheses). Set `metrics_max_identities=0` to count everything there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import platform
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from facemux.service.runtime import Runtime
+    from facemux.service.store import Store
+
+log = logging.getLogger(__name__)
+
+# prometheus-client also exposes a `<name>_created` timestamp series beside every counter and
+# histogram; Prometheus stores each as one more series, and nothing here reads them. (The
+# switch is process-wide: facemux owns the process it serves from.)
+disable_created_metrics()
+
+# Latency buckets span a cache-hot tiny-model call (~1 ms) to a cold decoder load on a big
+# batch (tens of seconds).
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+# Faces per model batch: powers of two up to the largest allowed request.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+OTHER_IDENTITY = "(other)"
+TRAINING_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+# Stages of an aligned-crop swap as one request sees them (servicer), plus one model batch
+# (scheduler). Other pipelines (full frames) observe stage names of their own.
+STAGES = ("preprocess", "queue_and_model", "postprocess", "model_batch")
+
+# Series that exist only on a host with an NVIDIA GPU (dashboards may use them; tests
+# accept their absence on a CPU host).
+GPU_METRICS = (
+    "facemux_gpu_utilization_ratio",
+    "facemux_gpu_memory_used_bytes",
+    "facemux_gpu_memory_total_bytes",
+    "facemux_gpu_power_watts",
+)
+
+
+def grpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    """The grpc_type label, spelled as every other gRPC Prometheus library spells it."""
+    if request_streaming and response_streaming:
+        return "bidi_stream"
+    if request_streaming:
+        return "client_stream"
+    if response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def split_method(full: str) -> tuple[str, str]:
+    """'/pkg.Service/Method' -> ('pkg.Service', 'Method')."""
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+class BatchStatsLike(Protocol):
+    faces: int
+    items: int
+    seconds: float
+
+
+class StageClock:
+    """Times consecutive stages of one request: `lap(stage)` observes the time since the
+    previous lap (or since the clock was made). Keeps call sites to one line per stage."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._histogram.labels(stage).observe(now - self._last)
+        self._last = now
+
+
+class Metrics:
+    """All instruments of one server; cheap to create (tests and the servicer's default)."""
+
+    def __init__(self, max_identities: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.max_identities = max_identities
+        self._identities_seen: set[str] = set()
+        self._identities_lock = threading.Lock()
+        self.gpu: GpuCollector | None = None
+
+        # -- gRPC, as go-grpc-prometheus / py-grpc-prometheus name them --------------------
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "RPCs started on the server.",
+            GRPC_LABELS,
+            registry=r,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, whatever their status code.",
+            (*GRPC_LABELS, "grpc_code"),
+            registry=r,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its handler finishing (whole stream for "
+            "streaming RPCs).",
+            GRPC_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.grpc_received = Counter(
+            "grpc_server_msg_received",
+            "Request messages received (1 per unary request).",
+            GRPC_LABELS,
+            registry=r,
+        )
+        self.grpc_sent = Counter(
+            "grpc_server_msg_sent",
+            "Response messages sent (1 per successful unary response).",
+            GRPC_LABELS,
+            registry=r,
+        )
+
+        # -- facemux ---------------------------------------------------------------------
+        self._faces = Counter(
+            "facemux_faces_swapped",
+            "Faces drawn as an identity (Swap, SwapStream, Decode). Identities beyond "
+            'metrics_max_identities are counted under identity="(other)".',
+            ("identity",),
+            registry=r,
+        )
+        self._frames = Counter(
+            "facemux_frames_swapped",
+            "Frames answered with a swapped face on SwapStream.",
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "facemux_stage_seconds",
+            "Time per pipeline stage. Aligned crops, per request: preprocess (validate, "
+            "decode images, resolve the identity), queue_and_model (wait for and run the "
+            "model batch), postprocess (encode output images); per scheduler batch: "
+            "model_batch. Full frames add their own stages (detect, align, blend, ...).",
+            ("stage",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "facemux_batch_size",
+            "Faces per model batch formed by the scheduler.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self._serving = Gauge(
+            "facemux_serving",
+            "1 while health answers SERVING (encoder loaded, not draining), else 0.",
+            registry=r,
+        )
+        self._training_jobs = Gauge(
+            "facemux_training_jobs",
+            "Training jobs known to this server, by state.",
+            ("state",),
+            registry=r,
+        )
+        self._training_rate = Gauge(
+            "facemux_training_examples_per_second",
+            "Training throughput summed over this server's running jobs.",
+            registry=r,
+        )
+        self._training_loss = Gauge(
+            "facemux_training_loss",
+            "Latest training loss, averaged over this server's running jobs.",
+            registry=r,
+        )
+        self._training: dict[str, tuple[float, float]] = {}
+        self._training_lock = threading.Lock()
+        build = Gauge(
+            "facemux_build_info",
+            "Always 1; the labels say what is running.",
+            ("version", "python_version", "grpc_version", "torch_version"),
+            registry=r,
+        )
+        build.labels(*_versions()).set(1)
+
+        # Zero-valued series from the start, so rate() and dashboards see them before the
+        # first event rather than "no data".
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for state in TRAINING_STATES:
+            self._training_jobs.labels(state).set(0)
+
+    # -- API for the servicer, scheduler and server ----------------------------------------
+
+    def faces_swapped(self, identity: str, n: int) -> None:
+        if n > 0:
+            self._faces.labels(self._identity_label(identity)).inc(n)
+
+    def frames_swapped(self, n: int = 1) -> None:
+        if n > 0:
+            self._frames.inc(n)
+
+    def stage_clock(self) -> StageClock:
+        return StageClock(self.stage_seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
+
+    def observe_batch(self, stats: BatchStatsLike) -> None:
+        """The scheduler's on_batch callback (runs on its worker thread)."""
+        self.batch_size.observe(stats.faces)
+        self.stage_seconds.labels("model_batch").observe(stats.seconds)
+
+    def set_serving(self, serving: bool) -> None:
+        self._serving.set(1 if serving else 0)
+
+    def set_training_jobs(self, counts: Mapping[str, int]) -> None:
+        """Jobs by state; states not named are set to 0."""
+        for state in {*TRAINING_STATES, *counts}:
+            self._training_jobs.labels(state).set(counts.get(state, 0))
+
+    def training_progress(self, job_id: str, examples_per_second: float, loss: float) -> None:
+        """A running job's latest step. Per-job values are folded into two unlabelled
+        gauges so that job ids (unbounded) never become label values."""
+        with self._training_lock:
+            self._training[job_id] = (examples_per_second, loss)
+            self._publish_training()
+
+    def training_finished(self, job_id: str) -> None:
+        with self._training_lock:
+            self._training.pop(job_id, None)
+            self._publish_training()
+
+    def _publish_training(self) -> None:
+        values = list(self._training.values())
+        self._training_rate.set(sum(v[0] for v in values))
+        self._training_loss.set(sum(v[1] for v in values) / len(values) if values else 0.0)
+
+    def _identity_label(self, identity: str) -> str:
+        with self._identities_lock:
+            if identity in self._identities_seen:
+                return identity
+            if len(self._identities_seen) < self.max_identities:
+                self._identities_seen.add(identity)
+                return identity
+        return OTHER_IDENTITY
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def init_grpc_methods(self, methods: Iterable[tuple[str, str, str]]) -> None:
+        """Create the zero series of (grpc_type, service, method) so that a method nobody
+        called yet reads 0 rather than 'no data'."""
+        for labels in methods:
+            self.grpc_started.labels(*labels)
+            self.grpc_received.labels(*labels)
+            self.grpc_sent.labels(*labels)
+            self.grpc_seconds.labels(*labels)
+            self.grpc_handled.labels(*labels, grpc.StatusCode.OK.name)
+
+    def attach(
+        self,
+        runtime: Runtime | None = None,
+        store: Store | None = None,
+        queue_depth: Callable[[], int] | None = None,
+        gpu: bool = True,
+    ) -> None:
+        """Register the scrape-time collectors over the server's runtime, store and
+        scheduler queue, and the GPU collector when NVML finds a GPU."""
+        self.registry.register(StateCollector(runtime, store, queue_depth))
+        if gpu and self.gpu is None:
+            self.gpu = GpuCollector.create()
+            if self.gpu is not None:
+                self.registry.register(self.gpu)
+
+    def interceptor(self) -> MetricsInterceptor:
+        return MetricsInterceptor(self)
+
+    def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.close()
+            self.gpu = None
+
+
+def _versions() -> tuple[str, str, str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from facemux.service import __version__
+
+    def dist(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "none"
+
+    return __version__, platform.python_version(), grpc.__version__, dist("torch")
+
+
+# -- scrape-time collectors ----------------------------------------------------------------
+
+
+class StateCollector(Collector):
+    """Reads the runtime, store and scheduler when Prometheus scrapes (on the HTTP
+    server's thread). Each source is optional; a failing read drops that one series."""
+
+    IDENTITY_TTL_S = 10.0  # a scrape storm must not turn into a store-listing storm
+
+    def __init__(
+        self,
+        runtime: Runtime | None,
+        store: Store | None,
+        queue_depth: Callable[[], int] | None,
+    ) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.queue_depth = queue_depth
+        self._identities: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._queue()
+        yield from self._runtime()
+        yield from self._store()
+
+    def _queue(self) -> Iterator[Metric]:
+        if self.queue_depth is None:
+            return
+        g = GaugeMetricFamily(
+            "facemux_queue_depth", "Faces waiting in the scheduler queue for a model batch."
+        )
+        g.add_metric([], float(self.queue_depth()))
+        yield g
+
+    def _runtime(self) -> Iterator[Metric]:
+        rt = self.runtime
+        if rt is None:
+            return
+        count, nbytes = _cache_totals(rt)
+        g = GaugeMetricFamily(
+            "facemux_resident_decoders", "Identity decoders resident on the device (LRU)."
+        )
+        g.add_metric([], float(count))
+        yield g
+        g = GaugeMetricFamily(
+            "facemux_resident_decoder_bytes", "Bytes of parameters of the resident decoders."
+        )
+        g.add_metric([], float(nbytes))
+        yield g
+        g = GaugeMetricFamily(
+            "facemux_decoder_cache_max_decoders",
+            "Most decoders the LRU keeps resident (setting decoder_cache_count).",
+        )
+        g.add_metric([], float(rt.cache.max_count))
+        yield g
+        if rt.ready and rt.config is not None:
+            g = GaugeMetricFamily(
+                "facemux_model_load_seconds", "Time the served encoder took to load."
+            )
+            g.add_metric([], float(rt.load_seconds))
+            yield g
+            info = GaugeMetricFamily(
+                "facemux_model_info",
+                "Always 1 once the encoder is loaded; the labels describe it.",
+                labels=("preset", "resolution", "encoder", "device"),
+            )
+            info.add_metric(
+                [rt.config.name, str(rt.config.resolution), rt.fingerprint[:16], str(rt.device)],
+                1.0,
+            )
+            yield info
+
+    def _store(self) -> Iterator[Metric]:
+        if self.store is None:
+            return
+        try:
+            n = self._identity_count()
+        except OSError:
+            log.warning("could not count identities in the store", exc_info=True)
+            return
+        g = GaugeMetricFamily("facemux_identities", "Identities registered in the store.")
+        g.add_metric([], float(n))
+        yield g
+
+    def _identity_count(self) -> int:
+        with self._lock:
+            now = time.monotonic()
+            if self._identities is not None and now - self._identities[0] < self.IDENTITY_TTL_S:
+                return self._identities[1]
+            n = count_identities(self.store)
+            self._identities = (now, n)
+            return n
+
+
+def count_identities(store: Store | None) -> int:
+    """Cheap for the local store: one directory listing, no JSON parsed."""
+    from facemux.service.store import LocalStore
+
+    if store is None:
+        return 0
+    if isinstance(store, LocalStore):
+        root = store.root / "identities"
+        if not root.is_dir():
+            return 0
+        return sum(
+            1
+            for d in root.iterdir()
+            if not d.name.startswith(".") and (d / "identity.json").is_file()
+        )
+    return len(store.list_identities())
+
+
+def _cache_totals(rt: Runtime) -> tuple[int, int]:
+    cache = rt.cache
+    # total_bytes() walks the LRU without its lock; a decoder load racing the walk makes
+    # the dict change size under it. Retry a few times rather than reach into the cache.
+    for _ in range(5):
+        try:
+            return len(cache.resident()), int(cache.total_bytes())
+        except RuntimeError:
+            continue
+    return len(cache.resident()), 0
+
+
+class GpuCollector(Collector):
+    """NVIDIA GPUs through NVML (package nvidia-ml-py). `create()` answers None where
+    there is no NVIDIA driver or GPU, so the GPU series are simply absent there."""
+
+    def __init__(self, nvml: Any) -> None:
+        self.nvml = nvml
+
+    @classmethod
+    def create(cls, nvml: Any = None) -> GpuCollector | None:
+        if nvml is None:
+            try:
+                import pynvml  # from nvidia-ml-py
+            except ImportError:
+                log.info("nvidia-ml-py is not installed: no GPU metrics")
+                return None
+            nvml = pynvml
+        try:
+            nvml.nvmlInit()
+            count = nvml.nvmlDeviceGetCount()
+        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+            log.info("no NVIDIA GPU found (%s): no GPU metrics", exc)
+            return None
+        if count == 0:
+            nvml.nvmlShutdown()
+            return None
+        return cls(nvml)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.nvml.nvmlShutdown()
+
+    def collect(self) -> Iterator[Metric]:
+        nv = self.nvml
+        labels = ("gpu", "uuid", "model")
+        util = GaugeMetricFamily(
+            "facemux_gpu_utilization_ratio",
+            "Fraction of the last sample period in which a kernel ran on the GPU (0-1).",
+            labels=labels,
+        )
+        used = GaugeMetricFamily(
+            "facemux_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=labels
+        )
+        total = GaugeMetricFamily(
+            "facemux_gpu_memory_total_bytes", "GPU memory installed.", labels=labels
+        )
+        power = GaugeMetricFamily("facemux_gpu_power_watts", "GPU power draw.", labels=labels)
+        try:
+            count = nv.nvmlDeviceGetCount()
+        except Exception:
+            log.warning("NVML stopped answering", exc_info=True)
+            return
+        for i in range(count):
+            try:
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                values = [str(i), _text(nv.nvmlDeviceGetUUID(h)), _text(nv.nvmlDeviceGetName(h))]
+            except Exception:
+                continue
+            # Each reading on its own: some boards do not report power, say.
+            for family, read in (
+                (util, lambda h=h: nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0),
+                (used, lambda h=h: nv.nvmlDeviceGetMemoryInfo(h).used),
+                (total, lambda h=h: nv.nvmlDeviceGetMemoryInfo(h).total),
+                (power, lambda h=h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+            ):
+                try:
+                    family.add_metric(values, float(read()))
+                except Exception:
+                    continue
+        for family in (util, used, total, power):
+            if family.samples:
+                yield family
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# -- gRPC interceptor ----------------------------------------------------------------------
+
+
+def _normalize_code(code: Any) -> grpc.StatusCode | None:
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c
+    return None
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    try:
+        return _normalize_code(context.code())
+    except Exception:
+        return None
+
+
+def _code_for_exception(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    if isinstance(exc, grpc.aio.AbortError):
+        # context.abort() recorded the status before raising.
+        return _context_code(context) or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        # gRPC cancels the handler when the client goes away or its deadline passes.
+        try:
+            remaining = context.time_remaining()
+        except Exception:
+            remaining = None
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    # grpc.aio answers an unhandled exception with UNKNOWN.
+    return _context_code(context) or grpc.StatusCode.UNKNOWN
+
+
+class _Call:
+    """Bookkeeping of one RPC."""
+
+    __slots__ = ("_done", "_labels", "_m", "_t0")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self._m = metrics
+        self._labels = labels
+        self._t0 = time.perf_counter()
+        self._done = False
+        metrics.grpc_started.labels(*labels).inc()
+
+    def received(self) -> None:
+        self._m.grpc_received.labels(*self._labels).inc()
+
+    def sent(self) -> None:
+        self._m.grpc_sent.labels(*self._labels).inc()
+
+    def end(self, code: grpc.StatusCode) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._m.grpc_handled.labels(*self._labels, code.name).inc()
+        self._m.grpc_seconds.labels(*self._labels).observe(time.perf_counter() - self._t0)
+
+    def end_ok(self, context: grpc.aio.ServicerContext) -> None:
+        # A handler may set a status with context.set_code() and return normally.
+        self.end(_context_code(context) or grpc.StatusCode.OK)
+
+
+class _CountingContext:
+    """Forwards everything to the real servicer context, counting messages that a
+    coroutine-style streaming handler reads or writes through it (grpc.health's Watch
+    writes with context.write(), for one)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, call: _Call) -> None:
+        self._context = context
+        self._call = call
+
+    async def read(self) -> Any:
+        msg = await self._context.read()
+        if msg is not grpc.aio.EOF:
+            self._call.received()
+        return msg
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._call.sent()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+async def _counted(iterator: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+    async for message in iterator:
+        call.received()
+        yield message
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Standard gRPC server metrics for grpc.aio, for all four RPC shapes.
+
+    grpc.aio picks how to drive a handler by what kind of function it is (coroutine
+    function, async generator function or plain function), so each wrapper below is of the
+    same kind as the handler it wraps. Plain (synchronous) handlers are passed through
+    unmeasured: an aio server only runs them with a migration thread pool, which facemux
+    does not use."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return None
+        service, method = split_method(handler_call_details.method)
+        labels = (grpc_type(handler.request_streaming, handler.response_streaming), service, method)
+        return self._wrap(handler, labels)
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler, labels: tuple[str, str, str]
+    ) -> grpc.RpcMethodHandler:
+        m = self.metrics
+        des, ser = handler.request_deserializer, handler.response_serializer
+
+        def is_async(fn: Any) -> bool:
+            return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+        if not handler.request_streaming and not handler.response_streaming:
+            uu = handler.unary_unary
+            if not inspect.iscoroutinefunction(uu):
+                return handler
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(m, labels)
+                call.received()
+                try:
+                    response = await uu(request, context)
+                except BaseException as exc:
+                    call.end(_code_for_exception(exc, context))
+                    raise
+                if response is not None:
+                    call.sent()
+                call.end_ok(context)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=des, response_serializer=ser
+            )
+
+        if not handler.request_streaming:
+            us = handler.unary_stream
+            if not is_async(us):
+                return handler
+            if inspect.isasyncgenfunction(us):
+
+                async def unary_stream_gen(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> AsyncIterator[Any]:
+                    call = _Call(m, labels)
+                    call.received()
+                    responses = us(request, context)
+                    try:
+                        async for item in responses:
+                            call.sent()
+                            yield item
+                    except BaseException as exc:
+                        call.end(_code_for_exception(exc, context))
+                        raise
+                    finally:
+                        await responses.aclose()  # its cleanup runs now, not at GC
+                    call.end_ok(context)
+
+                return grpc.unary_stream_rpc_method_handler(
+                    unary_stream_gen, request_deserializer=des, response_serializer=ser
+                )
+
+            async def unary_stream_coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(m, labels)
+                call.received()
+                return await _run_coro(us, request, context, call)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_coro, request_deserializer=des, response_serializer=ser
+            )
+
+        if not handler.response_streaming:
+            su = handler.stream_unary
+            if not inspect.iscoroutinefunction(su):
+                return handler
+
+            async def stream_unary(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> Any:
+                call = _Call(m, labels)
+                proxy = _CountingContext(context, call)
+                try:
+                    response = await su(_counted(requests, call), proxy)
+                except BaseException as exc:
+                    call.end(_code_for_exception(exc, context))
+                    raise
+                if response is not None:
+                    call.sent()
+                call.end_ok(context)
+                return response
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, request_deserializer=des, response_serializer=ser
+            )
+
+        ss = handler.stream_stream
+        if not is_async(ss):
+            return handler
+        if inspect.isasyncgenfunction(ss):
+
+            async def stream_stream_gen(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                call = _Call(m, labels)
+                responses = ss(_counted(requests, call), _CountingContext(context, call))
+                try:
+                    async for item in responses:
+                        call.sent()
+                        yield item
+                except BaseException as exc:
+                    call.end(_code_for_exception(exc, context))
+                    raise
+                finally:
+                    await responses.aclose()
+                call.end_ok(context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream_gen, request_deserializer=des, response_serializer=ser
+            )
+
+        async def stream_stream_coro(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> Any:
+            call = _Call(m, labels)
+            return await _run_coro(ss, _counted(requests, call), context, call)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream_coro, request_deserializer=des, response_serializer=ser
+        )
+
+
+async def _run_coro(
+    handler: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext, call: _Call
+) -> Any:
+    proxy = _CountingContext(context, call)
+    try:
+        result = await handler(request, proxy)
+    except BaseException as exc:
+        call.end(_code_for_exception(exc, context))
+        raise
+    call.end_ok(context)
+    return result
+
+
+# -- HTTP exposition -----------------------------------------------------------------------
+
+
+class MetricsServer:
+    """/metrics over HTTP on its own port and thread (prometheus-client's WSGI server),
+    so a scrape never waits on the gRPC event loop."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self._httpd: WSGIServer
+        self._thread: threading.Thread
+        addr = host.strip("[]") or "0.0.0.0"
+        self._httpd, self._thread = start_http_server(port, addr=addr, registry=registry)
+        self.port = int(self._httpd.server_port)
+        self.host = addr
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
