@@ -114,8 +114,10 @@ def synthetic(client: FacemuxClient, identity: str, n: int, save: Path | None) -
         x0, y0, w, h = cv2.boundingRect(inside.astype(np.uint8))
         crop = (slice(y0, y0 + h), slice(x0, x0 + w))
 
-        def ssim(img: np.ndarray, crop: tuple[slice, slice] = crop) -> float:
-            return float(structural_similarity(img[crop], truth.image[crop], channel_axis=2))
+        def ssim(
+            img: np.ndarray, crop: tuple[slice, slice] = crop, ref: np.ndarray = truth.image
+        ) -> float:
+            return float(structural_similarity(img[crop], ref[crop], channel_axis=2))
 
         if save is not None and i < 3:
             strip = np.concatenate([src.image[crop], out[crop], truth.image[crop]], axis=1)
