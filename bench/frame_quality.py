@@ -38,9 +38,10 @@ def _png(rgb: np.ndarray) -> bytes:
 
 
 def _decode(b: bytes) -> np.ndarray:
-    return cv2.cvtColor(
-        cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
-    )
+    img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("the server returned an undecodable frame")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
