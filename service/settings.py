@@ -80,6 +80,16 @@ class Settings:
     detect_every: int = field(
         default=5, metadata=_help("in streams, run the detector every N frames and track between")
     )
+    precision: str = field(
+        default="auto", metadata=_help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    )
+    compile: str = field(
+        default="off",
+        metadata=_help("torch.compile on CUDA: off, default, reduce-overhead (CUDA graphs)"),
+    )
+    warmup_batch_sizes: str = field(
+        default="1", metadata=_help("batch sizes run once at load, comma-separated")
+    )
     torch_threads: int = field(
         default=0, metadata=_help("torch intra-op threads; 0 = one per core")
     )
@@ -135,6 +145,16 @@ class Settings:
             problems.append(f"detector {self.detector!r} must be hog or yunet")
         if self.detector == "yunet" and not self.detector_model:
             problems.append("the yunet detector needs detector_model (an ONNX file)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision {self.precision!r} must be auto, fp32 or bf16")
+        if self.compile not in ("off", "default", "reduce-overhead", "max-autotune"):
+            problems.append(
+                f"compile {self.compile!r} must be off, default, reduce-overhead or max-autotune"
+            )
+        try:
+            [int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            problems.append(f"warmup_batch_sizes {self.warmup_batch_sizes!r} must be like 1,8,32")
         if self.landmark_points not in (5, 68):
             problems.append(f"landmark_points must be 5 or 68, not {self.landmark_points}")
         dev = self.device
