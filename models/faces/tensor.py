@@ -1,0 +1,171 @@
+"""The frame pipeline's pixel work as tensor ops, for frames already on a GPU.
+
+Alignment and paste-back become one `grid_sample` each, blending and colour correction
+elementwise ops, so a 1080p frame never returns to the host between decode (nvjpeg) and
+encode. The same functions run on the CPU device, which is how the tests hold them to the
+OpenCV path (`align.warp_crop`, `blend.paste_face` feather mode, `colour.correct_colour`).
+
+Frames are float tensors (3, H, W) in [0, 1]; affines are the same 2x3 frame -> crop pixel
+matrices the OpenCV path uses (pixel centres at integer coordinates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from facemux.models.errors import InvalidInputError
+from numpy.typing import NDArray
+from torch import Tensor
+
+__all__ = [
+    "correct_colour_t",
+    "from_uint8",
+    "lab_to_rgb",
+    "paste_face_t",
+    "rgb_to_lab",
+    "to_uint8",
+    "warp_crop_t",
+]
+
+
+def from_uint8(rgb: NDArray[np.uint8], device: torch.device | str = "cpu") -> Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1] on `device` (the copy moves uint8)."""
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
+    return t.permute(2, 0, 1).float().div_(255.0)
+
+
+def to_uint8(t: Tensor) -> NDArray[np.uint8]:
+    out = t.clamp(0, 1).mul(255.0).add_(0.5).floor_().to(torch.uint8)
+    return np.ascontiguousarray(out.permute(1, 2, 0).cpu().numpy())
+
+
+def _normaliser(h: int, w: int) -> NDArray[np.float64]:
+    """Pixel coordinates -> grid_sample's [-1, 1] (align_corners=False: pixel centres at
+    (2i + 1) / n - 1)."""
+    return np.array([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0, 0, 1]])
+
+
+def _h(m: NDArray[np.floating]) -> NDArray[np.float64]:
+    return np.vstack([np.asarray(m, np.float64), [0.0, 0.0, 1.0]])
+
+
+def _sample(src: Tensor, dst_to_src: NDArray[np.float64], out_hw: tuple[int, int]) -> Tensor:
+    """Sample `src` (C, H, W) at dst pixels mapped through the 3x3 pixel matrix."""
+    sh, sw = src.shape[-2:]
+    oh, ow = out_hw
+    theta = _normaliser(sh, sw) @ dst_to_src @ np.linalg.inv(_normaliser(oh, ow))
+    th = torch.as_tensor(theta[:2], dtype=src.dtype, device=src.device).unsqueeze(0)
+    grid = F.affine_grid(th, [1, src.shape[0], oh, ow], align_corners=False)
+    return F.grid_sample(
+        src.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )[0]
+
+
+def warp_crop_t(frame: Tensor, m: NDArray[np.floating], size: int) -> Tensor:
+    """The aligned crop (3, size, size) of `frame` through the frame -> crop matrix `m`."""
+    return _sample(frame, np.asarray(np.linalg.inv(_h(m)), np.float64), (size, size))
+
+
+def _roi(
+    mask: Tensor, m: NDArray[np.floating], frame_hw: tuple[int, int], pad: int = 2
+) -> tuple[int, int, int, int] | None:
+    """The frame rectangle the mask's support lands in: only it is resampled and blended."""
+    nz = torch.nonzero(mask[0] > 0)
+    if nz.numel() == 0:
+        return None
+    (y0, x0), (y1, x1) = nz.min(0).values.tolist(), nz.max(0).values.tolist()
+    corners = np.array(
+        [[x0 - 1, y0 - 1, 1], [x1 + 1, y0 - 1, 1], [x0 - 1, y1 + 1, 1], [x1 + 1, y1 + 1, 1]],
+        np.float64,
+    )
+    pts = corners @ np.linalg.inv(_h(m)).T
+    h, w = frame_hw
+    fx0 = max(0, math.floor(pts[:, 0].min()) - pad)
+    fy0 = max(0, math.floor(pts[:, 1].min()) - pad)
+    fx1 = min(w, math.ceil(pts[:, 0].max()) + pad + 1)
+    fy1 = min(h, math.ceil(pts[:, 1].max()) + pad + 1)
+    return None if fx1 <= fx0 or fy1 <= fy0 else (fx0, fy0, fx1, fy1)
+
+
+def paste_face_t(frame: Tensor, face: Tensor, mask: Tensor, m: NDArray[np.floating]) -> Tensor:
+    """`frame` with `face` (3, S, S) warped back and alpha-blended under `mask` (1, S, S) in
+    [0, 1]. Pixels outside the warped mask's support are returned untouched (the blend
+    multiplies them by exactly 1)."""
+    if face.shape[-2:] != mask.shape[-2:]:
+        raise InvalidInputError("face and mask crops must be the same size")
+    roi = _roi(mask, m, (int(frame.shape[1]), int(frame.shape[2])))
+    out = frame.clone()
+    if roi is None:
+        return out
+    x0, y0, x1, y1 = roi
+    # ROI pixel -> frame pixel -> crop pixel.
+    roi_to_crop = _h(m) @ np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1.0]])
+    both = _sample(torch.cat([face, mask]), roi_to_crop, (y1 - y0, x1 - x0))
+    warped, alpha = both[:3], both[3:4]
+    region = out[:, y0:y1, x0:x1]
+    out[:, y0:y1, x0:x1] = region + (warped - region) * alpha
+    return out
+
+
+# CIELAB with D65 white, sRGB transfer curve: the conversion OpenCV applies to float RGB.
+_RGB2XYZ = torch.tensor(
+    [
+        [0.412453, 0.357580, 0.180423],
+        [0.212671, 0.715160, 0.072169],
+        [0.019334, 0.119193, 0.950227],
+    ],
+    dtype=torch.float64,
+)
+_WHITE = (0.950456, 1.0, 1.088754)
+
+
+def rgb_to_lab(rgb: Tensor) -> Tensor:
+    """(3, H, W) sRGB in [0, 1] -> L in [0, 100], a and b."""
+    lin = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = torch.einsum("ij,jhw->ihw", _RGB2XYZ.to(rgb), lin)
+    white = torch.tensor(_WHITE, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    t = xyz / white
+    f = torch.where(t > 0.008856, t.clamp_min(1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
+    lum = torch.where(t[1] > 0.008856, 116 * f[1] - 16, 903.3 * t[1])
+    return torch.stack([lum, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    fy = (lab[0] + 16) / 116
+    fx, fz = fy + lab[1] / 500, fy - lab[2] / 200
+    f = torch.stack([fx, fy, fz])
+    t = torch.where(f > 0.206893, f**3, (f - 16 / 116) / 7.787)
+    white = torch.tensor(_WHITE, dtype=lab.dtype, device=lab.device).view(3, 1, 1)
+    lin = torch.einsum("ij,jhw->ihw", torch.linalg.inv(_RGB2XYZ).to(lab), t * white)
+    lin = lin.clamp(0, 1)
+    return torch.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin ** (1 / 2.4) - 0.055)
+
+
+def _stats(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    total = w.sum()
+    mean = (x * w).sum(dim=(1, 2), keepdim=True) / total
+    var = (((x - mean) ** 2) * w).sum(dim=(1, 2), keepdim=True) / total
+    return mean, var.sqrt()
+
+
+def correct_colour_t(
+    face: Tensor, target: Tensor, mask: Tensor, method: str = "reinhard"
+) -> Tensor:
+    """The tensor twin of `colour.correct_colour`: match `face` to `target` inside `mask`
+    (1, S, S) by channel means ("average") or LAB means and deviations ("reinhard")."""
+    if method == "none" or float(mask.sum()) < 1.0:
+        return face
+    if method == "average":
+        mf, _ = _stats(face, mask)
+        mt, _ = _stats(target, mask)
+        return (face + (mt - mf)).clamp(0, 1)
+    if method != "reinhard":
+        raise InvalidInputError(f"unknown colour correction {method!r}")
+    lf, lt = rgb_to_lab(face), rgb_to_lab(target)
+    mf, sf = _stats(lf, mask)
+    mt, st = _stats(lt, mask)
+    gain = (st / sf.clamp_min(1e-3)).clamp_max(4.0)
+    return lab_to_rgb((lf - mf) * gain + mt).clamp(0, 1)
