@@ -57,9 +57,14 @@ class FramePipeline:
     """Detector and landmark predictor, built from settings on first use (loading them costs
     a second; a server that only sees aligned crops never pays it)."""
 
-    def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
+    def __init__(self, settings: Settings, scheduler: Scheduler, device: str = "cpu") -> None:
         self.settings = settings
         self.scheduler = scheduler
+        # Where the pixel work runs: the model's device when it is a GPU (tensor ops, the
+        # frame stays on the card), else OpenCV on the host.
+        mode = settings.frame_pipeline
+        use_tensor = mode == "tensor" or (mode == "auto" and device.startswith("cuda"))
+        self.pixel_device: str | None = device if use_tensor else None
         self._swapper: fp.FaceSwapper | None = None
         self._lock = threading.Lock()
 
@@ -76,6 +81,7 @@ class FramePipeline:
                 self._swapper = fp.FaceSwapper(
                     fp.make_detector(s.detector, **options),
                     fp.LandmarkPredictor(s.landmark_points),
+                    device=self.pixel_device,
                 )
             return self._swapper
 

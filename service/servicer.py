@@ -146,7 +146,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.runtime = runtime
         self.store = store
         self.scheduler = scheduler
-        self.frames = FramePipeline(settings, scheduler)
+        self.frames = FramePipeline(settings, scheduler, str(runtime.device))
         # A private, unexposed registry when none is given (servicer built alone in tests).
         self.metrics = metrics if metrics is not None else Metrics()
 

@@ -80,6 +80,10 @@ class Settings:
     detect_every: int = field(
         default=5, metadata=_help("in streams, run the detector every N frames and track between")
     )
+    frame_pipeline: str = field(
+        default="auto",
+        metadata=_help("pixel ops for full frames: auto (tensor on CUDA), opencv or tensor"),
+    )
     precision: str = field(
         default="auto", metadata=_help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     )
@@ -145,6 +149,10 @@ class Settings:
             problems.append(f"detector {self.detector!r} must be hog or yunet")
         if self.detector == "yunet" and not self.detector_model:
             problems.append("the yunet detector needs detector_model (an ONNX file)")
+        if self.frame_pipeline not in ("auto", "opencv", "tensor"):
+            problems.append(
+                f"frame_pipeline {self.frame_pipeline!r} must be auto, opencv or tensor"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision {self.precision!r} must be auto, fp32 or bf16")
         if self.compile not in ("off", "default", "reduce-overhead", "max-autotune"):

@@ -77,3 +77,24 @@ def test_colour_correction_matches_opencv(method: str) -> None:
         correct_colour_t(from_uint8(face), from_uint8(target), torch.from_numpy(mask)[None], method)
     )
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 1.0
+
+
+def test_whole_frame_swap_on_the_tensor_path_matches_opencv() -> None:
+    from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions, make_detector
+
+    def model(crops: list[np.ndarray]) -> tuple[list[np.ndarray], None]:
+        return [np.ascontiguousarray(c[:, ::-1]) for c in crops], None  # a visible change
+
+    det, lms = make_detector("hog"), LandmarkPredictor(5)
+    opts = SwapOptions(colour="reinhard")
+    want = FaceSwapper(det, lms).swap(PHOTO, model, opts)
+    got = FaceSwapper(det, lms, device="cpu").swap(PHOTO, model, opts)
+    assert [f.swapped for f in got.faces] == [f.swapped for f in want.faces] == [True]
+    diff = np.abs(got.frame.astype(int) - want.frame.astype(int))
+    changed = np.any(want.frame != PHOTO, axis=2)
+    assert changed.sum() > 1000
+    assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
+    # The tensor path touches only the neighbourhood the OpenCV path touches.
+    changed_t = np.any(got.frame != PHOTO, axis=2)
+    near = cv2.dilate(changed.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    assert not (changed_t & ~near).any()

@@ -10,6 +10,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from facemux.models.errors import InvalidInputError
 from numpy.typing import NDArray
 
@@ -207,9 +208,62 @@ class FaceSwapper:
     Holds the detector and landmark predictor; holds no per-frame state, so one instance
     serves any number of requests (the components lock themselves)."""
 
-    def __init__(self, detector: Detector, landmarker: Landmarker) -> None:
+    def __init__(
+        self, detector: Detector, landmarker: Landmarker, device: str | None = None
+    ) -> None:
+        """``device`` (e.g. "cuda"): align, colour-correct and paste back with the tensor ops
+        of :mod:`.tensor` on that device instead of OpenCV (feather blending only)."""
         self.detector = detector
         self.landmarker = landmarker
+        self.device = device
+
+    def _swap_tensor(
+        self,
+        frame: U8,
+        rgb: U8,
+        chosen: list[FaceResult],
+        matrices: list[NDArray[np.float64]],
+        swap_crops: SwapCrops,
+        opts: SwapOptions,
+        results: list[FaceResult],
+        clock: _Clock,
+    ) -> SwapResult:
+        """The same steps as the OpenCV path, with the frame resident on ``self.device``:
+        only the small aligned crops travel to the model and back."""
+        from . import tensor as T
+
+        assert self.device is not None
+        size = opts.crop_size
+        frame_t = T.from_uint8(rgb, self.device)
+        crops_t = [T.warp_crop_t(frame_t, m, size) for m in matrices]
+        crops = [T.to_uint8(c) for c in crops_t]
+        clock.lap("align")
+        out_faces, out_masks = swap_crops(crops)
+        out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
+        clock.lap("model")
+        pastes = []
+        for j, r in enumerate(chosen):
+            face = out_faces[j]
+            k = face.shape[0] / size
+            m = matrices[j] if k == 1.0 else _resize_affine(matrices[j], k)
+            hard = self._mask(r.landmarks, m, face.shape[0], opts, out_masks, j)
+            original = crops_t[j]
+            if face.shape[0] != size:
+                original = T.warp_crop_t(frame_t, m, face.shape[0])
+            face_t = T.from_uint8(face, self.device)
+            hard_t = torch.from_numpy(np.ascontiguousarray(hard)).to(self.device)[None]
+            face_t = T.correct_colour_t(face_t, original, hard_t, opts.colour)
+            soft = refine_mask(hard, opts.mask_erosion, opts.mask_blur)
+            pastes.append((face_t, torch.from_numpy(soft).to(self.device)[None], m))
+        clock.lap("mask_colour")
+        for face_t, soft_t, m in pastes:
+            frame_t = T.paste_face_t(frame_t, face_t, soft_t, m)
+        out = frame.copy()
+        out[..., :3] = T.to_uint8(frame_t)
+        for r in chosen:
+            r.swapped, r.skip_reason = True, None
+        clock.lap("blend")
+        return SwapResult(out, results, clock.t)
 
     def find_faces(
         self,
@@ -281,6 +335,8 @@ class FaceSwapper:
 
         size = opts.crop_size
         matrices = [align_matrix(r.landmarks, size, opts.coverage, opts.y_offset) for r in chosen]
+        if self.device is not None and opts.blend == "feather":
+            return self._swap_tensor(frame, rgb, chosen, matrices, swap_crops, opts, results, clock)
         crops = [warp_crop(rgb, m, size) for m in matrices]
         clock.lap("align")
 
