@@ -77,18 +77,29 @@ def crops(n: int, res: int) -> list[bytes]:
     return out
 
 
-def bare_loop(preset: str, batch: int, seconds: float, threads: int) -> Row:
+def bare_loop(preset: str, batch: int, seconds: float, threads: int, device: str) -> Row:
+    """The model alone at the server's batch size, with the server's precision rules
+    (bf16 autocast on CUDA, fp32 on CPU) and the same uint8 in / uint8 out work."""
     torch.set_num_threads(threads)
+    dev = inference.pick_device(device)
     cfg = get_preset(preset)
-    enc, dec = build_encoder(cfg, seed=0).eval(), build_decoder(cfg, seed=1).eval()
-    x = torch.rand(batch, 3, cfg.resolution, cfg.resolution)
-    inference.decode(dec, inference.encode(enc, x))  # warm-up
+    enc = build_encoder(cfg, seed=0).eval().to(dev)
+    dec = build_decoder(cfg, seed=1).eval().to(dev)
+    faces = torch.randint(0, 255, (batch, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8)
+    bf16 = dev.type == "cuda"
+
+    def once() -> None:
+        x = faces.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            rgb, _ = inference.decode(dec, inference.encode(enc, x))
+        inference.tensor_to_images(rgb.float())
+
+    once()  # warm-up
     times: list[float] = []
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 3:
         t0 = time.perf_counter()
-        rgb, _ = inference.decode(dec, inference.encode(enc, x))
-        inference.tensor_to_images(rgb)
+        once()
         times.append(time.perf_counter() - t0)
     total = sum(times)
     return Row(
@@ -120,6 +131,8 @@ def through_server(
         str(port),
         "--store",
         str(store),
+        "--metrics-port",
+        "0",
         "--torch-threads",
         str(threads),
         *extra,
@@ -179,6 +192,7 @@ def main() -> int:
         help="torch threads for the server and the bare loop",
     )
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (server and bare loop)")
     args = p.parse_args()
     batch = args.clients * args.faces_per_call
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +205,14 @@ def main() -> int:
             args.faces_per_call,
             args.seconds,
             args.threads,
-            ["--max-batch-size", str(batch), "--max-batch-wait-ms", str(args.max_wait_ms)],
+            [
+                "--max-batch-size",
+                str(batch),
+                "--max-batch-wait-ms",
+                str(args.max_wait_ms),
+                "--device",
+                args.device,
+            ],
         )
         unbatched = through_server(
             "server, batching off",
@@ -200,9 +221,9 @@ def main() -> int:
             args.faces_per_call,
             args.seconds,
             args.threads,
-            ["--batching", "false"],
+            ["--batching", "false", "--device", args.device],
         )
-    bare = bare_loop(args.preset, batch, args.seconds, args.threads)
+    bare = bare_loop(args.preset, batch, args.seconds, args.threads, args.device)
     print(
         f"\npreset {args.preset}, {args.clients} clients x {args.faces_per_call} face(s) per "
         f"call, {args.seconds:.0f} s each, {args.threads} torch threads, {os.cpu_count()} cores"

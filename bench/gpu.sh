@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: the CUDA tests and the GPU benchmarks, then one summary table.
+# Budget: under 8 minutes on an H100/H200.   Usage: bash bench/gpu.sh [outdir]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/facemux-gpu}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+# The machine brings its own CUDA torch; install the rest around it.
+python3 -m pip install -q --disable-pip-version-check -e ".[server,dev]" >"$out/pip.log" 2>&1 \
+  || { echo "pip install failed (see $out/pip.log)"; tail -5 "$out/pip.log"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+run() {  # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  echo "exit ${PIPESTATUS[0]}" >>"$out/$name.log"
+}
+
+run cuda_tests 120 python3 -m pytest -q -m cuda tests
+run model_df128 150 python3 bench/model_throughput.py --preset df128 --device cuda \
+  --batches 1,8,64,256 --seconds 2 --compile
+run swap_df128 150 python3 bench/swap_throughput.py --preset df128 --device cuda \
+  --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
+run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
+  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
+run frames 60 python3 bench/frame_stages.py
+
+echo
+echo "== summary ($(head -1 "$out/gpu.txt"), $(date -u +%Y-%m-%d))"
+grep -h "^summary\|passed\|failed" "$out"/*.log
