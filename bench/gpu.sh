@@ -27,6 +27,7 @@ run swap_df128 150 python3 bench/swap_throughput.py --preset df128 --device cuda
 run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
   --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
 run frames 60 python3 bench/frame_stages.py
+run memory 60 python3 bench/memory.py --preset df128 --identities 8 --device cuda
 
 echo
 echo "== summary ($(head -1 "$out/gpu.txt"), $(date -u +%Y-%m-%d))"
