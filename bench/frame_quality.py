@@ -169,7 +169,7 @@ def main() -> int:
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--save", type=Path, help="write a few input|swap|truth strips here")
     args = p.parse_args()
-    settings = Settings(port=0, store=args.store, metrics_port=-1)
+    settings = Settings(port=0, auth="off", store=args.store, metrics_port=-1)
     with ServerThread(settings) as srv, FacemuxClient(srv.target) as client:
         client.wait_ready(60)
         astronaut(client, args.identity)

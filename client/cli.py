@@ -15,13 +15,38 @@ from pathlib import Path
 import numpy as np
 from facemux.client.client import FacemuxClient, Latent
 from facemux.client.errors import FacemuxRpcError
+from facemux.v1 import provenance_service_pb2 as ppb
+from facemux.v1 import training_service_pb2 as tpb
 from google.protobuf.json_format import MessageToDict
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _client(args: argparse.Namespace) -> FacemuxClient:
-    return FacemuxClient(args.target, timeout=args.timeout)
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    return FacemuxClient(
+        args.target,
+        timeout=args.timeout,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        token=token,
+        server_name=args.server_name,
+    )
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Print a callers-file entry (hash only) on stdout; a new token goes to stderr once."""
+    from facemux.service.auth import make_entry
+
+    given = sys.stdin.readline().strip() if args.token_stdin else None
+    entry, token = make_entry(args.name, args.roles.split(","), given, args.scheme)
+    print(json.dumps(entry))
+    if given is None:
+        print(f"token for {args.name} (shown once, store it safely): {token}", file=sys.stderr)
+    return 0
 
 
 def _print_json(obj: object) -> None:
@@ -169,12 +194,137 @@ def cmd_identities(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_local(data: bytes, anchors: str | None = None) -> ppb.VerifyResponse:
+    # Same code as the server's Verify; needs the server extra (opencv, c2pa-python).
+    from facemux.service.provenance import verify_bytes
+
+    pem = Path(anchors).read_bytes() if anchors else None
+    return verify_bytes(data, trust_anchors_pem=pem)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the image carries a facemux mark (valid manifest or watermark), else 1."""
+    from facemux.client.errors import DeadlineExceeded, Unavailable, Unimplemented
+
+    data = Path(args.image).read_bytes()
+    where = "local"
+    if args.local or args.trust_anchors:
+        r = _verify_local(data, args.trust_anchors)
+    else:
+        try:
+            with _client(args) as c:
+                r = c.verify(data)
+            where = args.target
+        except (Unavailable, DeadlineExceeded, Unimplemented) as exc:
+            # No server reachable (or an older one): the check needs no model, so do it here.
+            why = type(exc).__name__
+            print(f"no answer from {args.target} ({why}); verifying locally", file=sys.stderr)
+            r = _verify_local(data)
+    if args.json:
+        _print_json(MessageToDict(r, always_print_fields_with_no_presence=True))
+    else:
+        print(f"file:      {args.image} (checked {where})")
+        manifest = r.manifest_summary
+        if r.manifest_present and r.manifest_valid:
+            manifest += (
+                f"; generator {r.generator or '?'}, source type "
+                f"{r.digital_source_type or '?'}, request {r.request_id or '?'}"
+            )
+        print(f"manifest:  {manifest}")
+        wm = "found" if r.watermark_found else "not found"
+        if r.watermark_found:
+            wm += f", payload {r.watermark_payload or 'unreadable'}"
+        print(f"watermark: {wm} (confidence {r.watermark_confidence:.1f}, threshold 6)")
+    return 0 if (r.manifest_valid or r.watermark_found) else 1
+
+
+def _job_line(j: tpb.Job) -> str:
+    state = tpb.JobState.Name(j.state).removeprefix("JOB_STATE_").lower()
+    mode = tpb.TrainMode.Name(j.mode).removeprefix("TRAIN_MODE_").lower()
+    what = j.identity or ",".join(j.datasets)
+    line = f"{j.id}\t{state}\t{mode}\t{what}\tstep {j.step}/{j.steps}"
+    if j.result_version:
+        line += f"\tv{j.result_version}"
+    return line + (f"\t{j.error}" if j.error else "")
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            for d in c.list_datasets():
+                print(f"{d.name}\t{d.faces} faces\t{d.resolution}px\t{d.content_hash[:16]}")
+        elif args.action == "upload":
+            r = c.upload_dataset(args.name, args.images, aligned=args.aligned)
+            for rej in r.rejected:
+                print(f"rejected {args.images[rej.index]}: {rej.reason}", file=sys.stderr)
+            print(
+                f"{r.dataset.name}: {r.accepted} added, {r.duplicates} duplicate(s), "
+                f"{len(r.rejected) - r.duplicates} rejected; {r.dataset.faces} faces"
+            )
+        elif args.action == "delete":
+            c.delete_dataset(args.name)
+            print(f"deleted dataset {args.name}")
+    return 0
+
+
+def _watch(c: FacemuxClient, job_id: str) -> int:
+    last = None
+    for ev in c.watch_job(job_id):
+        last = ev.job
+        losses = " ".join(f"{k} {v:.4f}" for k, v in sorted(ev.losses.items()))
+        note = f"  {ev.message}" if ev.message else ""
+        rate = f"  {ev.examples_per_second:.0f} faces/s" if ev.examples_per_second else ""
+        print(f"step {ev.job.step}/{ev.job.steps}  {losses}{rate}{note}", flush=True)
+    return 0 if last is not None and last.state == tpb.JOB_STATE_SUCCEEDED else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    consent = json.loads(args.consent) if args.consent else None
+    with _client(args) as c:
+        job = c.train(
+            args.datasets,
+            identity=args.identity,
+            mode=args.mode,
+            preset=args.preset,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            encoder_learning_rate=args.encoder_lr,
+            checkpoint_every=args.checkpoint_every,
+            seed=args.seed,
+            consent=consent,
+        )
+        print(_job_line(job))
+        return _watch(c, job.id) if args.watch else 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            for j in c.list_jobs():
+                print(_job_line(j))
+        elif args.action == "get":
+            _print_json(MessageToDict(c.get_job(args.id)))
+        elif args.action == "watch":
+            return _watch(c, args.id)
+        elif args.action == "cancel":
+            print(_job_line(c.cancel_job(args.id)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facemux", description="facemux face-swap server and client")
     # Connection flags go on every client command, so they may follow the command name.
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
     conn.add_argument("--timeout", type=float, default=60.0, help="per-call deadline, seconds")
+    conn.add_argument("--ca", help="CA certificate (PEM) to verify the server: turns TLS on")
+    conn.add_argument("--cert", help="client certificate (PEM) for mTLS")
+    conn.add_argument("--key", help="client private key (PEM) for mTLS")
+    conn.add_argument("--server-name", help="name to check in the server certificate")
+    creds = conn.add_mutually_exclusive_group()
+    creds.add_argument("--token", help="bearer token (prefer --token-file: argv is visible)")
+    creds.add_argument("--token-file", help="file holding the bearer token")
     sub = p.add_subparsers(dest="command", required=True)
 
     def client_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -243,6 +393,62 @@ def build_parser() -> argparse.ArgumentParser:
     rv = isub.add_parser("revoke", parents=[conn], help="revoke an identity's consent")
     rv.add_argument("name")
     rv.add_argument("--reason", default="")
+
+    vf = client_cmd(
+        "verify", help="check an image's provenance: C2PA manifest and facemux watermark"
+    )
+    vf.add_argument("image", help="PNG, JPEG or WebP file")
+    vf.add_argument(
+        "--local",
+        action="store_true",
+        help="check here, without a server (needs the server extra); also used when no "
+        "server answers",
+    )
+    vf.add_argument(
+        "--trust-anchors",
+        help="CA certificates (PEM) to trust as manifest signers; implies --local",
+    )
+    vf.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+    t = sub.add_parser("tokens", help="manage server callers (auth_tokens_file entries)")
+    tsub = t.add_subparsers(dest="action", required=True)
+    th = tsub.add_parser("hash", help="make a callers-file entry: a new token and its hash")
+    th.add_argument("name", help="caller name (letters, digits, _ and -)")
+    th.add_argument("--roles", required=True, help="comma-separated: swap, train, admin")
+    th.add_argument("--scheme", choices=["scrypt", "sha256"], default="scrypt")
+    th.add_argument(
+        "--token-stdin", action="store_true", help="hash a token read from stdin (NAME.secret)"
+    )
+
+    ds = sub.add_parser("datasets", help="manage training datasets")
+    dsub = ds.add_subparsers(dest="action", required=True)
+    dsub.add_parser("list", parents=[conn])
+    du = dsub.add_parser("upload", parents=[conn], help="add photos or aligned crops")
+    du.add_argument("name")
+    du.add_argument("images", nargs="+")
+    du.add_argument("--aligned", action="store_true", help="images are aligned face crops")
+    dd = dsub.add_parser("delete", parents=[conn])
+    dd.add_argument("name")
+
+    tr = client_cmd("train", help="start a training job (and watch it with --watch)")
+    tr.add_argument("datasets", nargs="+", help="identity mode: one; pretrain: one per identity")
+    tr.add_argument("--identity", default="", help="identity mode: the identity to train")
+    tr.add_argument("--mode", choices=["identity", "pretrain"], default="identity")
+    tr.add_argument("--preset", default="", help="pretrain: model preset")
+    tr.add_argument("--steps", type=int, default=0, help="0 = server default")
+    tr.add_argument("--batch-size", type=int, default=0)
+    tr.add_argument("--lr", type=float, default=0.0)
+    tr.add_argument("--encoder-lr", type=float, default=0.0, help="identity mode; 0 = frozen")
+    tr.add_argument("--checkpoint-every", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--consent", help="consent record as JSON (attested_by, evidence_ref, ...)")
+    tr.add_argument("--watch", action="store_true", help="stream progress until it ends")
+
+    jb = sub.add_parser("jobs", help="list, watch and cancel training jobs")
+    jsub = jb.add_subparsers(dest="action", required=True)
+    jsub.add_parser("list", parents=[conn])
+    for action in ("get", "watch", "cancel"):
+        jsub.add_parser(action, parents=[conn]).add_argument("id")
     return p
 
 
@@ -254,6 +460,11 @@ COMMANDS = {
     "encode": cmd_encode,
     "decode": cmd_decode,
     "identities": cmd_identities,
+    "datasets": cmd_datasets,
+    "train": cmd_train,
+    "jobs": cmd_jobs,
+    "tokens": cmd_tokens,
+    "verify": cmd_verify,
 }
 
 

@@ -25,8 +25,11 @@ import numpy as np
 from facemux.client.errors import Unavailable, from_rpc_error
 from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import identity_service_pb2_grpc as igrpc
+from facemux.v1 import provenance_service_pb2 as ppb
+from facemux.v1 import provenance_service_pb2_grpc as pgrpc
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import swap_service_pb2_grpc as sgrpc
+from facemux.v1 import training_service_pb2 as tpb
 from facemux.v1 import training_service_pb2_grpc as tgrpc
 from facemux.v1 import types_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,7 +37,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ImageLike = bytes | str | os.PathLike[str] | np.ndarray
 T = TypeVar("T")
 
-_SERVICES = ("facemux.v1.SwapService", "facemux.v1.IdentityService", "facemux.v1.TrainingService")
+_SERVICES = (
+    "facemux.v1.SwapService",
+    "facemux.v1.IdentityService",
+    "facemux.v1.TrainingService",
+    "facemux.v1.ProvenanceService",
+)
 _FORMATS = {
     "jpeg": types_pb2.IMAGE_FORMAT_JPEG,
     "jpg": types_pb2.IMAGE_FORMAT_JPEG,
@@ -68,6 +76,13 @@ def _service_config(retries: int) -> str:
             ]
         }
     )
+
+
+def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    """PEM bytes from bytes or a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
 
 
 def image_to_proto(image: ImageLike) -> types_pb2.Image:
@@ -150,6 +165,8 @@ class DecodeResult:
     faces: list[bytes]
     masks: list[bytes]
     identity_version: int
+    request_id: str = ""  # recorded in the faces' provenance marks
+    notes: list[str] = field(default_factory=list)
 
 
 class FacemuxClient:
@@ -162,7 +179,15 @@ class FacemuxClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = 256 * 1024 * 1024,
+        ca: str | os.PathLike[str] | bytes | None = None,
+        cert: str | os.PathLike[str] | bytes | None = None,
+        key: str | os.PathLike[str] | bytes | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
     ) -> None:
+        """`ca` (PEM, path or bytes) turns TLS on; `cert`/`key` add a client certificate
+        (mTLS); `token` is sent as `authorization: Bearer <token>` on every call;
+        `server_name` overrides the name checked against the server certificate."""
         options: list[tuple[str, Any]] = [
             ("grpc.enable_retries", 1),
             ("grpc.service_config", _service_config(retries)),
@@ -172,6 +197,14 @@ class FacemuxClient:
         self.target = target
         self.timeout = timeout
         self.metadata = tuple(metadata)
+        if token:
+            self.metadata += (("authorization", f"Bearer {token.strip()}"),)
+        if credentials is None and (ca is not None or cert is not None):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
+            )
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         self._channel = (
             grpc.secure_channel(target, credentials, options)
             if credentials is not None
@@ -180,6 +213,7 @@ class FacemuxClient:
         self.swap_stub = sgrpc.SwapServiceStub(self._channel)
         self.identity_stub = igrpc.IdentityServiceStub(self._channel)
         self.training_stub = tgrpc.TrainingServiceStub(self._channel)
+        self.provenance_stub = pgrpc.ProvenanceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -362,6 +396,8 @@ class FacemuxClient:
             faces=[image_bytes(f) for f in resp.faces],
             masks=[image_bytes(m) for m in resp.masks],
             identity_version=resp.identity_version,
+            request_id=resp.request_id,
+            notes=list(resp.notes),
         )
 
     # -- identities --------------------------------------------------------------------------
@@ -428,3 +464,99 @@ class FacemuxClient:
         return self._call(
             self.identity_stub.RevokeConsent, ipb.RevokeConsentRequest(name=name, reason=reason)
         ).identity
+
+    def verify(self, image: bytes | str | os.PathLike[str]) -> ppb.VerifyResponse:
+        """Provenance of an image file (bytes or path): its C2PA manifest and watermark."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        return self._call(
+            self.provenance_stub.Verify, ppb.VerifyRequest(image=types_pb2.Image(encoded=data))
+        )
+
+    # -- training ----------------------------------------------------------------------------
+
+    def upload_dataset(
+        self,
+        name: str,
+        images: Iterable[ImageLike],
+        *,
+        aligned: bool = False,
+        timeout: float | None = None,
+    ) -> tpb.UploadDatasetResponse:
+        """Add photos (detected and aligned server-side) or aligned crops to a dataset."""
+
+        def parts() -> Iterator[tpb.UploadDatasetRequest]:
+            yield tpb.UploadDatasetRequest(
+                metadata=tpb.UploadDatasetMetadata(name=name, aligned=aligned)
+            )
+            for img in images:
+                yield tpb.UploadDatasetRequest(image=image_to_proto(img))
+
+        return self._call(self.training_stub.UploadDataset, parts(), timeout)
+
+    def list_datasets(self) -> list[tpb.Dataset]:
+        return list(self._call(self.training_stub.ListDatasets, tpb.ListDatasetsRequest()).datasets)
+
+    def delete_dataset(self, name: str) -> None:
+        self._call(self.training_stub.DeleteDataset, tpb.DeleteDatasetRequest(name=name))
+
+    def train(
+        self,
+        datasets: Sequence[str],
+        *,
+        identity: str = "",
+        mode: str = "identity",
+        preset: str = "",
+        steps: int = 0,
+        batch_size: int = 0,
+        learning_rate: float = 0.0,
+        encoder_learning_rate: float = 0.0,
+        checkpoint_every: int = 0,
+        seed: int = 0,
+        consent: dict[str, str] | None = None,
+    ) -> tpb.Job:
+        """Start a job (mode "identity" or "pretrain"); zero values take server defaults."""
+        modes = {"identity": tpb.TRAIN_MODE_IDENTITY, "pretrain": tpb.TRAIN_MODE_PRETRAIN}
+        if mode not in modes:
+            raise ValueError(f"mode {mode!r}: use identity or pretrain")
+        req = tpb.TrainRequest(
+            mode=modes[mode],
+            identity=identity,
+            datasets=list(datasets),
+            preset=preset,
+            hyper_parameters=tpb.TrainHyperParameters(
+                steps=steps,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                encoder_learning_rate=encoder_learning_rate,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+            ),
+            consent=types_pb2.ConsentRecord(**(consent or {})),
+        )
+        return self._call(self.training_stub.Train, req).job
+
+    def watch_job(
+        self, job_id: str, timeout: float | None = None
+    ) -> Iterator[tpb.WatchJobResponse]:
+        """Progress events until the job ends (re-attach any time; stopping to read does not
+        stop the job). ``timeout`` bounds the whole stream; None = no bound."""
+        call = self.training_stub.WatchJob(
+            tpb.WatchJobRequest(id=job_id), timeout=timeout, metadata=self.metadata
+        )
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    def get_job(self, job_id: str) -> tpb.Job:
+        return self._call(self.training_stub.GetJob, tpb.GetJobRequest(id=job_id)).job
+
+    def list_jobs(self, states: Sequence[int] = ()) -> list[tpb.Job]:
+        return list(
+            self._call(self.training_stub.ListJobs, tpb.ListJobsRequest(states=list(states))).jobs
+        )
+
+    def cancel_job(self, job_id: str) -> tpb.Job:
+        return self._call(self.training_stub.CancelJob, tpb.CancelJobRequest(id=job_id)).job

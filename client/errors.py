@@ -9,6 +9,8 @@ class FacemuxRpcError(Exception):
     """A call failed; `code` is the gRPC status and `details` the server's message."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # Seconds the server asked the caller to wait (trailing metadata `retry-after`), if any.
+    retry_after: float | None = None
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -90,4 +92,12 @@ def from_rpc_error(err: grpc.RpcError) -> FacemuxRpcError:
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         details += _SIZE_HINT
-    return _BY_CODE.get(code, FacemuxRpcError)(code, details)
+    out = _BY_CODE.get(code, FacemuxRpcError)(code, details)
+    try:
+        trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        for key, value in trailers or ():
+            if key == "retry-after":
+                out.retry_after = float(value)
+    except (TypeError, ValueError):
+        pass  # a malformed hint is no reason to lose the error itself
+    return out

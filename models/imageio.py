@@ -51,6 +51,20 @@ def _png_size(data: bytes) -> tuple[int, int]:
     if len(data) < 24 or data[12:16] != b"IHDR":
         raise InvalidInputError("PNG is truncated before its IHDR header")
     w, h = struct.unpack(">II", data[16:24])
+    # Walk the chunk list: libpng (through OpenCV) allocates a chunk's declared length up
+    # front, so an 800-byte file claiming a 4 GiB chunk would cost 4 GiB (found by fuzzing).
+    i, n = 8, len(data)
+    while i + 8 <= n:
+        (length,) = struct.unpack(">I", data[i : i + 4])
+        kind = data[i + 4 : i + 8]
+        if i + 12 + length > n:
+            raise InvalidInputError(
+                f"PNG chunk {kind!r} claims {length} bytes, more than the file holds: "
+                "corrupt or truncated"
+            )
+        if kind == b"IEND":
+            break
+        i += 12 + length
     return int(w), int(h)
 
 

@@ -151,12 +151,12 @@ def run(
             dec_dir / f"{n}.safetensors", dec.eval(), cfg, enc_meta.fingerprint, n, summary
         )
 
-    settings = Settings(port=0, store=store_dir)
+    settings = Settings(port=0, store=store_dir, auth="off", audit_log=str(out / "audit.log"))
     with ServerThread(settings) as server, FacemuxClient(server.target) as client:
         client.wait_ready(60)
         print(
             f"      serving encoder {enc_meta.fingerprint[:16]} on {server.target} "
-            "(auth off: demo on loopback)"
+            "(auth OFF: a demo on loopback; audit trail in audit.log)"
         )
         print("[4/5] registering both decoders over gRPC")
         for n in NAMES:
@@ -167,6 +167,7 @@ def run(
                 consent={
                     "attested_by": "facemux demo",
                     "evidence_ref": "synthetic person",
+                    "granted_at": "2026-01-01",
                     "scope": "demo",
                 },
             )

@@ -9,15 +9,22 @@ from dataclasses import dataclass, field, fields
 
 import grpc
 from facemux.models.errors import NotFoundError
+from facemux.service.audit import AuditLog
+from facemux.service.auth import Guard, GuardInterceptor, RateLimiter, check_startup
 from facemux.service.metrics import Metrics, MetricsServer, grpc_type
+from facemux.service.provenance import Provenance, ProvenanceServicer
 from facemux.service.runtime import Runtime
 from facemux.service.scheduler import Scheduler
-from facemux.service.servicer import IdentityServicer, SwapServicer, TrainingServicer
+from facemux.service.servicer import IdentityServicer, SwapServicer
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore, Store
+from facemux.service.tls import server_credentials
+from facemux.service.training.servicer import Training, TrainingServicer
 from facemux.v1 import (
     identity_service_pb2,
     identity_service_pb2_grpc,
+    provenance_service_pb2,
+    provenance_service_pb2_grpc,
     swap_service_pb2,
     swap_service_pb2_grpc,
     training_service_pb2,
@@ -34,6 +41,7 @@ SERVICE_NAMES = (
     swap_service_pb2.DESCRIPTOR.services_by_name["SwapService"].full_name,
     identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+    provenance_service_pb2.DESCRIPTOR.services_by_name["ProvenanceService"].full_name,
 )
 # A health service name that is SERVING for as long as the process answers, whether or not
 # the model is loaded: the liveness probe asks for it, so a server waiting for its first
@@ -55,6 +63,8 @@ class App:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: MetricsServer | None = None  # None when metrics_port is -1
+    audit: AuditLog | None = None
+    training: Training | None = None  # datasets and training jobs
 
     @property
     def metrics_port(self) -> int | None:
@@ -66,10 +76,15 @@ class App:
         for task in self.tasks:
             task.cancel()
         await asyncio.to_thread(self.scheduler.stop)
+        if self.training is not None:
+            # Running jobs checkpoint and stop; the next start resumes them.
+            await asyncio.to_thread(self.training.close)
         # Last, so a final scrape during the drain still sees the in-flight calls finish.
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.close)
         self.metrics.close()
+        if self.audit is not None:
+            self.audit.close()
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -128,6 +143,21 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
 async def _build_app(
     settings: Settings, store: Store, metrics: Metrics, metrics_server: MetricsServer | None
 ) -> App:
+    # Refuse to start on unusable trust settings before anything else starts.
+    registry = check_startup(settings.auth, settings.auth_tokens_file, settings.tls_client_ca)
+    credentials = (
+        server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert
+        else None
+    )
+    audit = AuditLog(settings.audit_log, settings.audit_max_bytes, settings.audit_backups)
+    guard = Guard(
+        settings.auth,
+        registry,
+        RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+        settings.max_streams_per_caller,
+        audit=audit.hook if audit.enabled else None,
+    )
     runtime = Runtime(settings, store)
     scheduler = Scheduler(
         runtime,
@@ -143,14 +173,26 @@ async def _build_app(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, interceptors=[metrics.interceptor()])
+    # Metrics outermost, so refused calls (UNAUTHENTICATED, ...) are counted too.
+    server = grpc.aio.server(
+        options=options, interceptors=[metrics.interceptor(), GuardInterceptor(guard)]
+    )
+    # Signing key loaded (or the test one generated) now: a bad key fails the start.
+    provenance = await asyncio.to_thread(Provenance, settings)
     swap_service_pb2_grpc.add_SwapServiceServicer_to_server(
-        SwapServicer(settings, runtime, store, scheduler, metrics=metrics), server
+        SwapServicer(settings, runtime, store, scheduler, metrics=metrics, provenance=provenance),
+        server,
+    )
+    provenance_service_pb2_grpc.add_ProvenanceServiceServicer_to_server(
+        ProvenanceServicer(settings), server
     )
     identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(settings, runtime, store), server
     )
-    training_service_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(), server)
+    training = Training(settings, store, runtime, metrics)
+    training_service_pb2_grpc.add_TrainingServiceServicer_to_server(
+        TrainingServicer(training), server
+    )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -165,9 +207,14 @@ async def _build_app(
         ),
         server,
     )
-    port = server.add_insecure_port(settings.address)
+    port = (
+        server.add_insecure_port(settings.address)
+        if credentials is None
+        else server.add_secure_port(settings.address, credentials)
+    )
     if port == 0:
         await asyncio.to_thread(scheduler.stop)
+        await asyncio.to_thread(training.close)
         raise OSError(f"could not bind {settings.address}")
     app = App(
         settings,
@@ -179,6 +226,8 @@ async def _build_app(
         health,
         metrics=metrics,
         metrics_server=metrics_server,
+        audit=audit,
+        training=training,
     )
     await app.set_serving(False)
     app.tasks.append(asyncio.create_task(_load_model(app)))

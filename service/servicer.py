@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from facemux.models import inference
+from facemux.models import provenance as prov
 from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
@@ -25,9 +26,11 @@ from facemux.models.errors import (
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
+from facemux.service.consent import consent_for_upload
 from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
+from facemux.service.provenance import Provenance
 from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
@@ -43,12 +46,6 @@ from facemux.v1 import (
 )
 from facemux.v1 import (
     swap_service_pb2_grpc as sgrpc,
-)
-from facemux.v1 import (
-    training_service_pb2 as tpb,
-)
-from facemux.v1 import (
-    training_service_pb2_grpc as tgrpc,
 )
 from facemux.v1 import (
     types_pb2,
@@ -141,11 +138,14 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         store: Store,
         scheduler: Scheduler,
         metrics: Metrics | None = None,
+        provenance: Provenance | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.store = store
         self.scheduler = scheduler
+        # Watermark + C2PA manifest on every generated image (models/provenance.py).
+        self.provenance = provenance if provenance is not None else Provenance(settings)
         self.frames = FramePipeline(settings, scheduler, str(runtime.device))
         # A private, unexposed registry when none is given (servicer built alone in tests).
         self.metrics = metrics if metrics is not None else Metrics()
@@ -199,8 +199,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         result: Result,
         options: spb.SwapOptions,
         output: types_pb2.OutputOptions,
+        request_id: str = "",
+        mark_id: str = "",
     ) -> spb.SwapResponse:
         assert result.faces is not None
+        notes: list[str] = []
         res = self.runtime.model_config().resolution
         resp = spb.SwapResponse(
             identity=identity,
@@ -209,7 +212,17 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             faces_swapped=len(decoded),
         )
         for i, ((src, _, fmt), out) in enumerate(zip(decoded, result.faces, strict=True)):
-            resp.faces.append(convert.image_to_proto(out, output, fmt))
+            resp.faces.append(
+                self.provenance.output(
+                    out,
+                    output,
+                    fmt,
+                    mark_id=mark_id or request_id,
+                    request_id=request_id,
+                    source_type=prov.TRAINED,
+                    notes=notes,
+                )
+            )
             h, w = src.shape[:2]
             resp.results.append(
                 spb.FaceResult(
@@ -228,6 +241,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             resp.notes.append(
                 f"{n_resized} of {len(decoded)} crops were resized to the model's {res}x{res}"
             )
+        resp.notes.extend(notes)
         return resp
 
     async def _swap_faces(
@@ -238,6 +252,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         options: spb.SwapOptions,
         output: types_pb2.OutputOptions,
         deadline: float | None,
+        request_id: str = "",
+        mark_id: str = "",
     ) -> spb.SwapResponse:
         clock = self.metrics.stage_clock()
         resident, decoded, batch, resized = await asyncio.to_thread(
@@ -247,7 +263,16 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
         clock.lap("queue_and_model")
         resp = await asyncio.to_thread(
-            self._swap_response, identity, resident, decoded, resized, result, options, output
+            self._swap_response,
+            identity,
+            resident,
+            decoded,
+            resized,
+            result,
+            options,
+            output,
+            request_id,
+            mark_id,
         )
         clock.lap("postprocess")
         self.metrics.faces_swapped(identity, resp.faces_swapped)
@@ -262,6 +287,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         output: types_pb2.OutputOptions,
         deadline: float | None,
         tracker: FaceTracker | None = None,
+        request_id: str = "",
+        mark_id: str = "",
     ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
         """One full frame, synchronously (runs in a worker thread)."""
         resident = self._resolve(identity, version)
@@ -271,7 +298,21 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         res = self.runtime.model_config().resolution
         out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker)
         t2 = time.perf_counter()
-        encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
+        if out.faces_swapped:
+            # Only frames with a face drawn by the model are synthetic and get marked; a
+            # frame returned unchanged (no face found) is the caller's own image.
+            encoded = self.provenance.output(
+                out.rgb,
+                output,
+                image.format,
+                mark_id=mark_id or request_id,
+                request_id=request_id,
+                source_type=prov.COMPOSITE,
+                alpha=image.alpha,
+                notes=out.notes,
+            )
+        else:
+            encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
         out.timings["decode"] = t1 - t0
         out.timings["encode"] = time.perf_counter() - t2
         for stage, seconds in out.timings.items():
@@ -287,6 +328,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.SwapRequest, context: grpc.aio.ServicerContext
     ) -> spb.SwapResponse:
         kind = request.WhichOneof("input")
+        # Made up front: the watermark payload and the C2PA manifest carry it.
+        request_id = request.request_id or uuid.uuid4().hex
         if kind == "frame":
             img, out, resident = await asyncio.to_thread(
                 self._swap_frame,
@@ -296,6 +339,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 request.options,
                 request.output,
                 _deadline(context),
+                None,
+                request_id,
             )
             return spb.SwapResponse(
                 frame=img,
@@ -305,7 +350,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 identity_version=resident.version.version,
                 model_resolution=self.runtime.model_config().resolution,
                 notes=out.notes,
-                request_id=request.request_id or uuid.uuid4().hex,
+                request_id=request_id,
             )
         if kind != "faces":
             raise InvalidInputError("SwapRequest needs an input: a frame or aligned faces")
@@ -316,8 +361,9 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             request.options,
             request.output,
             _deadline(context),
+            request_id,
         )
-        resp.request_id = request.request_id or uuid.uuid4().hex
+        resp.request_id = request_id
         return resp
 
     @streaming
@@ -330,6 +376,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         options, output = spb.SwapOptions(), types_pb2.OutputOptions()
         tracker: FaceTracker | None = None  # per stream: tracks faces between detections
         detect_every = 0
+        # Each frame's provenance marks carry "<stream id>:<frame index>".
+        stream_id = uuid.uuid4().hex[:16]
         async for req in request_iterator:
             if req.identity:
                 identity, version = req.identity, req.identity_version
@@ -341,10 +389,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 detect_every = req.detect_every
             if not identity:
                 raise InvalidInputError("the first SwapStream message must name the identity")
+            mark = f"{stream_id}:{req.frame_index}"
             try:
                 if req.aligned:
                     r = await self._swap_faces(
-                        identity, version, [req.frame], options, output, _deadline(context)
+                        identity, version, [req.frame], options, output, _deadline(context), mark
                     )
                     self.metrics.frames_swapped()
                     frame, results, n = r.faces[0], list(r.results), r.faces_swapped
@@ -360,6 +409,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         output,
                         _deadline(context),
                         tracker,
+                        mark,
                     )
                     results, n = out.results, out.faces_swapped
             except (InvalidInputError, PreconditionError) as exc:
@@ -370,7 +420,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 )
                 continue
             yield spb.SwapStreamResponse(
-                frame_index=req.frame_index, frame=frame, results=results, faces_swapped=n
+                frame_index=req.frame_index,
+                frame=frame,
+                results=results,
+                faces_swapped=n,
+                request_id=mark,
             )
 
     def _prepare_encode(self, request: spb.EncodeRequest) -> tuple[np.ndarray, list[bool]]:
@@ -418,10 +472,26 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.DecodeRequest, resident: ResidentDecoder, result: Result
     ) -> spb.DecodeResponse:
         assert result.faces is not None
+        request_id = uuid.uuid4().hex
         resp = spb.DecodeResponse(
-            identity=request.identity, identity_version=resident.version.version
+            identity=request.identity,
+            identity_version=resident.version.version,
+            request_id=request_id,
         )
-        resp.faces.extend(convert.image_to_proto(f, request.output, "PNG") for f in result.faces)
+        notes: list[str] = []
+        resp.faces.extend(
+            self.provenance.output(
+                f,
+                request.output,
+                "PNG",
+                mark_id=request_id,
+                request_id=request_id,
+                source_type=prov.TRAINED,
+                notes=notes,
+            )
+            for f in result.faces
+        )
+        resp.notes.extend(notes)
         if request.return_masks and result.masks is not None:
             resp.masks.extend(convert.mask_to_proto(m) for m in result.masks)
         return resp
@@ -511,6 +581,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
     ) -> ipb.RegisterIdentityResponse:
         limit = self.settings.max_checkpoint_bytes
         meta: ipb.RegisterIdentityMetadata | None = None
+        consent: dict[str, str] = {}
         chunks: list[bytes] = []
         received = 0
         async for part in request_iterator:
@@ -520,6 +591,10 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
                     raise InvalidInputError("metadata was sent twice; send it once, first")
                 meta = part.metadata
                 validate_name(meta.name)
+                # Before any bytes arrive: no consent, no upload.
+                consent = await asyncio.to_thread(
+                    consent_for_upload, self.store, meta.name, meta.consent
+                )
                 if meta.size_bytes > limit:
                     raise ResourceExhaustedError(
                         f"checkpoint of {meta.size_bytes} bytes is over the server limit of "
@@ -546,7 +621,6 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
             raise InvalidInputError(
                 "checkpoint sha256 does not match metadata.sha256: upload corrupted"
             )
-        consent = consent_from_proto(meta.consent)
 
         def register() -> tuple[IdentityRecord, int]:
             dmeta = self.runtime.validate_decoder_upload(data)
@@ -640,35 +714,3 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         rec = await asyncio.to_thread(revoke)
         self.runtime.cache.evict(request.name)
         return ipb.RevokeConsentResponse(identity=identity_to_proto(rec))
-
-
-_TRAINING_LATER = (
-    "training over the API is not available in this release; train with the library "
-    "(facemux.models.trainer) and upload the decoder with RegisterIdentity"
-)
-
-
-def _training_not_yet(name: str) -> Callable[..., Any]:
-    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: {_TRAINING_LATER}")
-
-    method.__name__ = name
-    return method
-
-
-class TrainingServicer(tgrpc.TrainingServiceServicer):
-    """Datasets and jobs: answered UNIMPLEMENTED until the training service ships."""
-
-    UploadDataset = _training_not_yet("UploadDataset")
-    ListDatasets = _training_not_yet("ListDatasets")
-    DeleteDataset = _training_not_yet("DeleteDataset")
-    Train = _training_not_yet("Train")
-    GetJob = _training_not_yet("GetJob")
-    ListJobs = _training_not_yet("ListJobs")
-    CancelJob = _training_not_yet("CancelJob")
-
-    async def WatchJob(
-        self, request: tpb.WatchJobRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tpb.WatchJobResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"WatchJob: {_TRAINING_LATER}")
-        yield tpb.WatchJobResponse()  # pragma: no cover - makes this an async generator

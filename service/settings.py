@@ -100,7 +100,65 @@ class Settings:
     grace_seconds: float = field(
         default=10.0, metadata=_help("how long in-flight calls may finish on shutdown")
     )
+    auth: str = field(
+        default="tokens",
+        metadata=_help("tokens (bearer tokens), mtls (client certificates) or off (explicitly)"),
+    )
+    auth_tokens_file: str = field(
+        default="", metadata=_help("JSON-lines file of callers: name, hashed token, roles")
+    )
+    tls_cert: str = field(default="", metadata=_help("server certificate (PEM); reloaded live"))
+    tls_key: str = field(default="", metadata=_help("server private key (PEM)"))
+    tls_client_ca: str = field(
+        default="", metadata=_help("CA (PEM) that client certificates must chain to (mTLS)")
+    )
+    audit_log: str = field(
+        default="-", metadata=_help("audit trail: - = stdout, a path = rotating file, empty = off")
+    )
+    audit_max_bytes: int = field(
+        default=100 * 1024 * 1024, metadata=_help("audit file size before it rotates")
+    )
+    audit_backups: int = field(default=10, metadata=_help("rotated audit files kept"))
+    rate_limit_per_second: float = field(
+        default=0.0, metadata=_help("calls per second per caller; 0 = no rate limit")
+    )
+    rate_limit_burst: int = field(
+        default=0, metadata=_help("calls a caller may burst; 0 = twice the rate (at least 1)")
+    )
+    max_streams_per_caller: int = field(
+        default=16, metadata=_help("concurrent streaming calls per caller; 0 = unbounded")
+    )
+    max_upload_bytes: int = field(
+        default=1024 * 1024 * 1024, metadata=_help("largest dataset upload (bytes)")
+    )
+    max_dataset_faces: int = field(
+        default=100_000, metadata=_help("most face images in one dataset")
+    )
+    provenance: str = field(
+        default="on",
+        metadata=_help(
+            "marks on outputs: on (C2PA manifest + watermark), watermark-only, or off (explicitly)"
+        ),
+    )
+    provenance_key: str = field(
+        default="", metadata=_help("C2PA signing key (PEM); empty = a generated test key")
+    )
+    provenance_cert: str = field(
+        default="", metadata=_help("C2PA certificate chain (PEM, leaf first) for provenance_key")
+    )
     log_level: str = field(default="INFO", metadata=_help("logging level"))
+    max_running_jobs: int = field(
+        default=1, metadata=_help("training jobs running at once (one process each)")
+    )
+    max_queued_jobs: int = field(
+        default=16, metadata=_help("training jobs waiting before Train is RESOURCE_EXHAUSTED")
+    )
+    training_threads: int = field(
+        default=0, metadata=_help("torch threads of each training process; 0 = one per core")
+    )
+    training_log_every: int = field(
+        default=10, metadata=_help("training steps between progress events")
+    )
     metrics_port: int = field(
         default=9090,
         metadata=_help("Prometheus /metrics HTTP port (same host); 0 = any free port, -1 = off"),
@@ -129,6 +187,9 @@ class Settings:
             "detector_max_side",
             "max_faces_per_frame",
             "detect_every",
+            "max_running_jobs",
+            "max_queued_jobs",
+            "training_log_every",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -138,13 +199,31 @@ class Settings:
                 self.torch_threads,
                 self.grace_seconds,
                 self.max_batch_wait_ms,
+                self.training_threads,
             )
             < 0
         ):
             problems.append(
-                "decoder_cache_bytes, torch_threads, grace_seconds and max_batch_wait_ms "
-                "must be >= 0"
+                "decoder_cache_bytes, torch_threads, grace_seconds, max_batch_wait_ms and "
+                "training_threads must be >= 0"
             )
+        for name in ("max_upload_bytes", "max_dataset_faces", "audit_max_bytes"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if min(self.rate_limit_per_second, self.rate_limit_burst, self.max_streams_per_caller) < 0:
+            problems.append(
+                "rate_limit_per_second, rate_limit_burst and max_streams_per_caller must be >= 0"
+            )
+        if self.auth not in ("tokens", "mtls", "off"):
+            problems.append(f"auth {self.auth!r} must be tokens, mtls or off")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.provenance not in ("on", "watermark-only", "off"):
+            problems.append(f"provenance {self.provenance!r} must be on, watermark-only or off")
+        if bool(self.provenance_key) != bool(self.provenance_cert):
+            problems.append("provenance_key and provenance_cert go together: set both or neither")
         if self.detector not in ("hog", "yunet"):
             problems.append(f"detector {self.detector!r} must be hog or yunet")
         if self.detector == "yunet" and not self.detector_model:

@@ -49,6 +49,10 @@ def models() -> Models:
     return Models(cfg, enc_bytes, meta.fingerprint, decoders, foreign)
 
 
+# A complete consent record: registering or training an identity requires one.
+CONSENT = {"attested_by": "qa@example.com", "evidence_ref": "TICKET-1", "granted_at": "2026-01-01"}
+
+
 def make_store(root: Path, models: Models, identities: tuple[str, ...] = ()) -> LocalStore:
     from facemux.service.store import VersionRecord, now_iso
 
@@ -70,20 +74,28 @@ def make_store(root: Path, models: Models, identities: tuple[str, ...] = ()) -> 
                 size_bytes=0,
                 sha256="",
             ),
+            consent=dict(CONSENT),
         )
     return store
 
 
 @pytest.fixture
-def server(tmp_path: Path, models: Models) -> Iterator[ServerThread]:
-    """A server with alice and bob registered; decoder cache bound of 2."""
+def server(
+    tmp_path: Path, models: Models, request: pytest.FixtureRequest
+) -> Iterator[ServerThread]:
+    """A server with alice and bob registered; decoder cache bound of 2. Tests marked
+    `unmarked_outputs` compare exact model pixels or output bytes, so their server runs with
+    provenance off (the watermark changes pixels, each manifest is unique);
+    tests/test_provenance.py covers the marks."""
     make_store(tmp_path / "store", models, ("alice", "bob"))
     settings = Settings(
         port=0,
+        auth="off",  # tests/test_auth.py covers authentication
         store=tmp_path / "store",
         decoder_cache_count=2,
         max_message_bytes=4 * 1024 * 1024,
         max_image_pixels=4_000_000,
+        provenance="off" if request.node.get_closest_marker("unmarked_outputs") else "on",
     )
     with ServerThread(settings) as srv:
         yield srv

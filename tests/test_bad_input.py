@@ -13,7 +13,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from conftest import Models, face_image, png
+from conftest import CONSENT, Models, face_image, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.v1 import identity_service_pb2 as ipb
@@ -188,7 +188,8 @@ def _register(client: FacemuxClient, parts: list[ipb.RegisterIdentityRequest]) -
 
 
 def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None:
-    meta = ipb.RegisterIdentityMetadata(name="newbie")
+    consent = tpb.ConsentRecord(**CONSENT)
+    meta = ipb.RegisterIdentityMetadata(name="newbie", consent=consent)
     data = models.decoders["carol"]
     cases = [
         ([ipb.RegisterIdentityRequest(chunk=data)], C.INVALID_ARGUMENT, "first message"),
@@ -198,7 +199,9 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None
         (
             [
                 ipb.RegisterIdentityRequest(
-                    metadata=ipb.RegisterIdentityMetadata(name="newbie", sha256="00" * 32)
+                    metadata=ipb.RegisterIdentityMetadata(
+                        name="newbie", sha256="00" * 32, consent=consent
+                    )
                 ),
                 ipb.RegisterIdentityRequest(chunk=data),
             ],
@@ -208,7 +211,9 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None
         (
             [
                 ipb.RegisterIdentityRequest(
-                    metadata=ipb.RegisterIdentityMetadata(name="newbie", size_bytes=1 << 40)
+                    metadata=ipb.RegisterIdentityMetadata(
+                        name="newbie", size_bytes=1 << 40, consent=consent
+                    )
                 )
             ],
             C.RESOURCE_EXHAUSTED,
@@ -218,7 +223,8 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None
             [
                 ipb.RegisterIdentityRequest(
                     metadata=ipb.RegisterIdentityMetadata(
-                        name="newbie", consent=tpb.ConsentRecord(expires_at="next tuesday")
+                        name="newbie",
+                        consent=tpb.ConsentRecord(**CONSENT, expires_at="next tuesday"),
                     )
                 ),
                 ipb.RegisterIdentityRequest(chunk=data),
@@ -259,15 +265,166 @@ def test_bad_identity_calls(client: FacemuxClient) -> None:
     assert client.health() == "SERVING"
 
 
-def test_training_rpcs_say_they_are_not_available_yet(client: FacemuxClient) -> None:
+def test_empty_training_requests_are_refused(client: FacemuxClient) -> None:
     from facemux.v1 import training_service_pb2 as tr
 
     with pytest.raises(FacemuxRpcError) as info:
         client._call(client.training_stub.Train, tr.TrainRequest())
-    assert info.value.code == C.UNIMPLEMENTED
-    assert "RegisterIdentity" in info.value.details
+    assert info.value.code == C.INVALID_ARGUMENT
+    assert "mode" in info.value.details
     # The raw stub raises grpc's own error type.
     with pytest.raises(grpc.RpcError) as raw:
         list(client.training_stub.WatchJob(tr.WatchJobRequest(id="x")))
-    assert raw.value.code() == C.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert raw.value.code() == C.NOT_FOUND  # type: ignore[attr-defined]
     assert client.health() == "SERVING"
+
+
+# -- more RPCs: Encode, SwapStream, full frames, hints, metadata --------------------------------
+
+GIF_HTML = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;<html><script>alert(1)</script></html>"
+PNG_ZIP = GOOD + b"PK\x03\x04" + b"\x00" * 26 + b"evil.sh"  # PNG that is also a ZIP
+JPEG_PNG = JPEG[:200] + GOOD  # JPEG header, PNG body
+PNG_HUGE_CHUNK = GOOD[:33] + b"\xff\xff\xff\x00" + GOOD[37:]  # the first chunk after IHDR
+SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>'
+WEBP_HEADER = b"RIFF\xff\xff\xff\x7fWEBPVP8 " + b"\x00" * 20
+
+
+def _frame(image: tpb.Image, **options: Any) -> spb.SwapRequest:
+    return spb.SwapRequest(identity="alice", frame=image, options=spb.SwapOptions(**options))
+
+
+def _hint(*points: tuple[float, float]) -> spb.FaceHint:
+    return spb.FaceHint(landmarks=[tpb.Point(x=x, y=y) for x, y in points])
+
+
+FIVE = [(20.0, 20.0), (40.0, 20.0), (30.0, 30.0), (22.0, 40.0), (38.0, 40.0)]
+
+MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
+    ("GIF/HTML polyglot", "Swap", _swap(_enc(GIF_HTML)), C.INVALID_ARGUMENT, "not JPEG"),
+    ("SVG", "Swap", _swap(_enc(SVG)), C.INVALID_ARGUMENT, "not JPEG"),
+    # Found by fuzzing: a tiny PNG whose chunk claims 4 GiB made libpng allocate 4 GiB.
+    ("PNG 4 GiB chunk", "Swap", _swap(_enc(PNG_HUGE_CHUNK)), C.INVALID_ARGUMENT, "claims"),
+    ("JPEG header, PNG body", "Swap", _swap(_enc(JPEG_PNG)), C.INVALID_ARGUMENT, ""),
+    ("bogus WebP", "Swap", _swap(_enc(WEBP_HEADER)), C.INVALID_ARGUMENT, ""),
+    # Strict: bytes after the PNG's end marker are refused, not ignored.
+    ("PNG+ZIP polyglot", "Swap", _swap(_enc(PNG_ZIP)), C.INVALID_ARGUMENT, "PNG"),
+    ("frame: garbage", "Swap", _frame(_enc(b"\x00" * 64)), C.INVALID_ARGUMENT, "frame"),
+    ("frame: bomb", "Swap", _frame(_enc(PNG_BOMB)), C.INVALID_ARGUMENT, "over the server limit"),
+    (
+        "frame: NaN landmarks",
+        "Swap",
+        _frame(_enc(GOOD), faces=[_hint(*([(math.nan, 1.0)] * 5))]),
+        C.INVALID_ARGUMENT,
+        "",
+    ),
+    (
+        "frame: 3 landmarks",
+        "Swap",
+        _frame(_enc(GOOD), faces=[_hint(*FIVE[:3])]),
+        C.INVALID_ARGUMENT,
+        "landmarks",
+    ),
+    (
+        "frame: mixed hints",
+        "Swap",
+        _frame(_enc(GOOD), faces=[_hint(*FIVE), spb.FaceHint()]),
+        C.INVALID_ARGUMENT,
+        "options.faces",
+    ),
+    (
+        "encode: float64 dtype",
+        "Encode",
+        spb.EncodeRequest(faces=[_enc(GOOD)], dtype=99),
+        C.INVALID_ARGUMENT,
+        "FLOAT32 or FLOAT16",
+    ),
+    ("encode: no faces", "Encode", spb.EncodeRequest(), C.INVALID_ARGUMENT, "no faces"),
+    (
+        "encode: truncated",
+        "Encode",
+        spb.EncodeRequest(faces=[_enc(GOOD[:100])]),
+        C.INVALID_ARGUMENT,
+        "truncated",
+    ),
+    (
+        "decode: no identity",
+        "Decode",
+        spb.DecodeRequest(identity=""),
+        C.INVALID_ARGUMENT,
+        "no latents",
+    ),
+    (
+        "stream: no identity",
+        "SwapStream",
+        [spb.SwapStreamRequest(frame=_enc(GOOD), aligned=True)],
+        C.INVALID_ARGUMENT,
+        "must name the identity",
+    ),
+    (
+        "stream: traversal identity",
+        "SwapStream",
+        [spb.SwapStreamRequest(identity="../../etc/passwd", frame=_enc(GOOD), aligned=True)],
+        C.OK,  # per-frame error: the stream goes on
+        "invalid",
+    ),
+    (
+        "get: 10k-char name",
+        "GetIdentity",
+        ipb.GetIdentityRequest(name="a" * 10_000),
+        C.INVALID_ARGUMENT,
+        "invalid",
+    ),
+    (
+        "get: NUL in name",
+        "GetIdentity",
+        ipb.GetIdentityRequest(name="alice\x00.json"),
+        C.INVALID_ARGUMENT,
+        "invalid",
+    ),
+    (
+        "revoke: traversal",
+        "RevokeConsent",
+        ipb.RevokeConsentRequest(name="../bob"),
+        C.INVALID_ARGUMENT,
+        "invalid",
+    ),
+]
+
+
+def _invoke(client: FacemuxClient, rpc: str, request: Any, metadata: Any = None) -> Any:
+    md = tuple(metadata or ()) + client.metadata
+    if rpc == "SwapStream":
+        return list(client.swap_stub.SwapStream(iter(request), timeout=30, metadata=md))
+    stub = client.identity_stub if hasattr(client.identity_stub, rpc) else client.swap_stub
+    return getattr(stub, rpc)(request, timeout=30, metadata=md)
+
+
+@pytest.mark.parametrize(
+    ("name", "rpc", "request_", "code", "words"), MORE_CASES, ids=[c[0] for c in MORE_CASES]
+)
+def test_more_bad_requests(
+    client: FacemuxClient, name: str, rpc: str, request_: Any, code: grpc.StatusCode, words: str
+) -> None:
+    if code == C.OK:
+        out = _invoke(client, rpc, request_)
+        if rpc == "SwapStream":  # the error is reported per frame
+            assert out[0].error.code == C.INVALID_ARGUMENT.value[0]
+            assert words in out[0].error.message
+    else:
+        with pytest.raises(grpc.RpcError) as info:
+            _invoke(client, rpc, request_)
+        err: Any = info.value
+        assert err.code() == code, err
+        assert words in err.details()
+    assert client.swap_faces([GOOD], "alice").faces_swapped == 1
+
+
+def test_oversized_metadata_is_refused_and_server_survives(client: FacemuxClient) -> None:
+    # gRPC's default limit for a header block is 8 KiB (soft) / 16 KiB (hard).
+    with pytest.raises(grpc.RpcError) as info:
+        _invoke(client, "Swap", _swap(_enc(GOOD)), [("x-junk", "y" * 64 * 1024)])
+    err: Any = info.value
+    # The code depends on which side of the connection notices first (gRPC's, not ours).
+    assert err.code() in (C.RESOURCE_EXHAUSTED, C.INTERNAL, C.UNAVAILABLE), err
+    print(f"\noversized metadata -> {err.code().name}: {err.details()}")
+    assert client.swap_faces([GOOD], "alice").faces_swapped == 1

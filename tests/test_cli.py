@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import Models, decode_png, face_image, png
+import pytest
+from conftest import CONSENT, Models, decode_png, face_image, png
 from facemux.service.server import ServerThread
 
 FACEMUX = str(Path(sys.executable).parent / "facemux")
@@ -23,6 +24,19 @@ def test_identity_commands(server: ServerThread, models: Models, tmp_path: Path)
     ckpt = tmp_path / "carol.safetensors"
     ckpt.write_bytes(models.decoders["carol"])
     r = run("identities", "register", "carol", str(ckpt), "--display-name", "Carol", *t)
+    assert r.returncode == 2 and "consent record is required" in r.stderr
+    consent = json.dumps(CONSENT)
+    r = run(
+        "identities",
+        "register",
+        "carol",
+        str(ckpt),
+        "--display-name",
+        "Carol",
+        *t,
+        "--consent",
+        consent,
+    )
     assert r.returncode == 0, r.stderr
     assert "registered carol v1" in r.stdout
     r = run("identities", "list", *t)
@@ -35,6 +49,7 @@ def test_identity_commands(server: ServerThread, models: Models, tmp_path: Path)
     assert r.returncode == 2 and "NOT_FOUND" in r.stderr and "carol" in r.stderr
 
 
+@pytest.mark.unmarked_outputs
 def test_swap_encode_decode_commands(server: ServerThread, tmp_path: Path) -> None:
     t = ["--target", server.target]
     inputs = []

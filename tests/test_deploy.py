@@ -368,7 +368,7 @@ def live_metric_names(
     """Sample names scraped from a real server after a few swaps of each kind."""
     root = tmp_path_factory.mktemp("live") / "store"
     make_store(root, models, ("alice",))
-    settings = Settings(port=0, metrics_port=0, store=root, max_batch_wait_ms=0)
+    settings = Settings(port=0, auth="off", metrics_port=0, store=root, max_batch_wait_ms=0)
     with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=30, retries=1) as c:
         c.wait_ready(30)
         c.swap_faces([face_image(0), face_image(1)], "alice")
@@ -535,7 +535,7 @@ def test_healthcheck_command_probes_the_server(tmp_path: Path, models: Models) -
     """The image's HEALTHCHECK runs `facemux health`: 0 when SERVING, non-zero otherwise."""
     exe = Path(sys.executable).parent / "facemux"
     make_store(tmp_path / "store", models)
-    with ServerThread(Settings(port=0, store=tmp_path / "store")) as srv:
+    with ServerThread(Settings(port=0, auth="off", store=tmp_path / "store")) as srv:
         with FacemuxClient(srv.target) as c:
             c.wait_ready(30)
         ok = subprocess.run(

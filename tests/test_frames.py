@@ -44,6 +44,7 @@ def _hints(lms: list[np.ndarray]) -> list[spb.FaceHint]:
     ]
 
 
+@pytest.mark.unmarked_outputs
 def test_astronaut_face_is_found_and_only_its_region_changes(client: FacemuxClient) -> None:
     res = client.swap_image(png(ASTRONAUT), "alice", output_format="png")
     assert res.faces_swapped == 1
@@ -78,6 +79,7 @@ def test_no_face_returns_the_frame_unchanged_or_not_found(client: FacemuxClient)
         client.swap_image(png(blank), "alice", options=spb.SwapOptions(require_face=True))
 
 
+@pytest.mark.unmarked_outputs
 def test_caller_landmarks_selection_and_limits(client: FacemuxClient) -> None:
     frame, lms = _composite(3)
     opts = spb.SwapOptions(faces=_hints(lms))

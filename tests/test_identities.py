@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Models, face_image, png
+from conftest import CONSENT, Models, face_image, png
 from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
@@ -43,6 +43,7 @@ def test_hot_registration_and_deletion(client: FacemuxClient, models: Models) ->
     assert {i.name for i in client.list_identities()} == {"alice", "bob"}
 
 
+@pytest.mark.unmarked_outputs
 def test_versions_default_and_rollback(client: FacemuxClient, models: Models) -> None:
     face = png(face_image(2))
     v1 = client.swap_faces([face], "alice").faces[0]
@@ -68,7 +69,7 @@ def test_versions_default_and_rollback(client: FacemuxClient, models: Models) ->
 
 def test_list_pages(client: FacemuxClient, models: Models) -> None:
     for name in ("carol", "dave", "erin"):
-        client.register_identity(name, models.decoders["carol"])
+        client.register_identity(name, models.decoders["carol"], consent=CONSENT)
     names = [i.name for i in client.list_identities(page_size=2)]
     assert names == ["alice", "bob", "carol", "dave", "erin"]
 
@@ -82,10 +83,11 @@ def test_revoked_consent_stops_swapping(client: FacemuxClient) -> None:
         client.swap_faces([face], "bob")
 
 
+@pytest.mark.unmarked_outputs
 def test_lru_keeps_at_most_the_bound(
     server: ServerThread, client: FacemuxClient, models: Models
 ) -> None:
-    client.register_identity("carol", models.decoders["carol"])
+    client.register_identity("carol", models.decoders["carol"], consent=CONSENT)
     face = png(face_image(4))
     assert server.app is not None
     cache = server.app.runtime.cache
@@ -105,7 +107,11 @@ def test_lru_bound_by_bytes(tmp_path: Path, models: Models) -> None:
     make_store(tmp_path / "s", models, ("alice", "bob", "carol"))
     one = len(models.decoders["alice"])
     settings = Settings(
-        port=0, store=tmp_path / "s", decoder_cache_count=10, decoder_cache_bytes=int(one * 1.5)
+        port=0,
+        auth="off",
+        store=tmp_path / "s",
+        decoder_cache_count=10,
+        decoder_cache_bytes=int(one * 1.5),
     )
     with ServerThread(settings) as srv, FacemuxClient(srv.target) as c:
         c.wait_ready(30)
@@ -118,7 +124,7 @@ def test_lru_bound_by_bytes(tmp_path: Path, models: Models) -> None:
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", ".hidden", "x" * 65, "", "sp ace"])
 def test_identity_names_are_validated(client: FacemuxClient, models: Models, name: str) -> None:
     with pytest.raises(InvalidArgument, match="name"):
-        client.register_identity(name, models.decoders["carol"])
+        client.register_identity(name, models.decoders["carol"], consent=CONSENT)
 
 
 def test_registration_refusals_store_nothing(
@@ -156,7 +162,7 @@ def test_registration_refusals_store_nothing(
     ]
     for data, exc, words in cases:
         with pytest.raises(exc, match=words):
-            client.register_identity("newbie", data)
+            client.register_identity("newbie", data, consent=CONSENT)
     assert {i.name for i in client.list_identities()} == {"alice", "bob"}
     assert server.app is not None
     store = server.app.store

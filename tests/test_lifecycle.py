@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_not_serving_until_the_encoder_is_loaded(tmp_path: Path, models: Models) -> None:
     store = LocalStore(tmp_path / "store")  # empty: no encoder yet
     with (
-        ServerThread(Settings(port=0, store=store.root)) as srv,
+        ServerThread(Settings(port=0, auth="off", store=store.root)) as srv,
         FacemuxClient(srv.target, retries=1) as c,
     ):
         assert c.health() == "NOT_SERVING"
@@ -128,6 +128,8 @@ def test_serve_command_starts_and_stops_on_sigterm(tmp_path: Path, models: Model
         [
             str(exe),
             "serve",
+            "--auth",
+            "off",
             "--port",
             str(port),
             "--store",

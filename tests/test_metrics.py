@@ -279,7 +279,9 @@ def test_unknown_methods_pass_through(tmp_path: Path) -> None:
 @pytest.fixture
 def live(tmp_path: Path, models: Models) -> Iterator[tuple[ServerThread, FacemuxClient]]:
     make_store(tmp_path / "store", models, ("alice", "bob"))
-    settings = Settings(port=0, metrics_port=0, store=tmp_path / "store", max_batch_wait_ms=0)
+    settings = Settings(
+        port=0, auth="off", metrics_port=0, store=tmp_path / "store", max_batch_wait_ms=0
+    )
     with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=30, retries=1) as c:
         c.wait_ready(30)
         yield srv, c
@@ -351,7 +353,7 @@ def test_servers_in_one_process_keep_their_own_registries(
 ) -> None:
     srv, c = live
     make_store(tmp_path / "other", models, ("carol",))
-    with ServerThread(Settings(port=0, store=tmp_path / "other")) as other:
+    with ServerThread(Settings(port=0, auth="off", store=tmp_path / "other")) as other:
         assert other.app is not None and srv.app is not None
         # Left at its default, an embedded server's metrics port becomes a free one.
         assert other.app.metrics_port not in (None, 9090, srv.app.metrics_port)
@@ -363,7 +365,9 @@ def test_servers_in_one_process_keep_their_own_registries(
 
 def test_metrics_port_setting(tmp_path: Path, models: Models) -> None:
     make_store(tmp_path / "store", models)
-    with ServerThread(Settings(port=0, metrics_port=-1, store=tmp_path / "store")) as srv:
+    with ServerThread(
+        Settings(port=0, auth="off", metrics_port=-1, store=tmp_path / "store")
+    ) as srv:
         assert srv.app is not None and srv.app.metrics_port is None
     with pytest.raises(InvalidInputError, match="metrics_port"):
         Settings(metrics_port=-2)
@@ -374,7 +378,9 @@ def test_metrics_port_setting(tmp_path: Path, models: Models) -> None:
         busy.listen()
         taken = busy.getsockname()[1]
         with pytest.raises(OSError):
-            ServerThread(Settings(port=0, metrics_port=taken, store=tmp_path / "store")).start()
+            ServerThread(
+                Settings(port=0, auth="off", metrics_port=taken, store=tmp_path / "store")
+            ).start()
 
 
 def test_identity_label_is_bounded() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import Models, decode_png, face_image, png
 from facemux.client import FacemuxClient, Latent
@@ -19,6 +20,7 @@ def test_model_info(client: FacemuxClient, models: Models) -> None:
     assert info.device == "cpu"
 
 
+@pytest.mark.unmarked_outputs
 def test_swap_matches_the_model_run_in_process(client: FacemuxClient, models: Models) -> None:
     faces = [face_image(i) for i in range(3)]
     res = client.swap_faces([png(f) for f in faces], "bob")
@@ -35,6 +37,7 @@ def test_swap_matches_the_model_run_in_process(client: FacemuxClient, models: Mo
     assert np.array_equal(got, want)
 
 
+@pytest.mark.unmarked_outputs
 def test_encode_then_decode_equals_swap(client: FacemuxClient, models: Models) -> None:
     faces = [png(face_image(i)) for i in range(2)]
     latents = client.encode(faces)
@@ -78,6 +81,7 @@ def test_raw_output(client: FacemuxClient) -> None:
     assert len(img.data) == 64 * 64 * 3
 
 
+@pytest.mark.unmarked_outputs
 def test_swap_stream_of_aligned_crops_keeps_order(client: FacemuxClient) -> None:
     frames = [png(face_image(i)) for i in range(5)]
     frames.insert(2, b"not an image")

@@ -61,6 +61,8 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
         [
             str(exe),
             "serve",
+            "--auth",
+            "off",
             "--port",
             str(port),
             "--metrics-port",

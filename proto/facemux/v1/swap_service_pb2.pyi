@@ -183,18 +183,20 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SwapStreamResponse(_message.Message):
-    __slots__ = ("frame_index", "frame", "results", "faces_swapped", "error")
+    __slots__ = ("frame_index", "frame", "results", "faces_swapped", "error", "request_id")
     FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     FACES_SWAPPED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     frame_index: int
     frame: _types_pb2.Image
     results: _containers.RepeatedCompositeFieldContainer[FaceResult]
     faces_swapped: int
     error: FrameError
-    def __init__(self, frame_index: _Optional[int] = ..., frame: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., results: _Optional[_Iterable[_Union[FaceResult, _Mapping]]] = ..., faces_swapped: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, frame_index: _Optional[int] = ..., frame: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., results: _Optional[_Iterable[_Union[FaceResult, _Mapping]]] = ..., faces_swapped: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("faces", "dtype")
@@ -231,16 +233,20 @@ class DecodeRequest(_message.Message):
     def __init__(self, latents: _Optional[_Iterable[_Union[_types_pb2.Latent, _Mapping]]] = ..., identity: _Optional[str] = ..., identity_version: _Optional[int] = ..., output: _Optional[_Union[_types_pb2.OutputOptions, _Mapping]] = ..., return_masks: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("faces", "masks", "identity", "identity_version")
+    __slots__ = ("faces", "masks", "identity", "identity_version", "request_id", "notes")
     FACES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     faces: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
     masks: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
     identity: str
     identity_version: int
-    def __init__(self, faces: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., identity: _Optional[str] = ..., identity_version: _Optional[int] = ...) -> None: ...
+    request_id: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, faces: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., identity: _Optional[str] = ..., identity_version: _Optional[int] = ..., request_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

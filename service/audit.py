@@ -1,0 +1,146 @@
+"""The audit trail: one JSON line per call that creates synthetic content or changes
+identities. It records who asked for what and how it ended, never image or latent content.
+
+Setting `audit_log`: "-" writes to stdout, a path writes to a size-rotated file, "" is off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+from facemux.service.auth import CallAudit
+
+# RPCs that make synthetic faces or change what identities exist or may be used.
+AUDITED = frozenset(
+    {
+        "/facemux.v1.SwapService/Swap",
+        "/facemux.v1.SwapService/SwapStream",
+        "/facemux.v1.SwapService/Decode",
+        "/facemux.v1.IdentityService/RegisterIdentity",
+        "/facemux.v1.IdentityService/DeleteIdentity",
+        "/facemux.v1.IdentityService/SetDefaultVersion",
+        "/facemux.v1.IdentityService/RevokeConsent",
+        "/facemux.v1.TrainingService/Train",
+    }
+)
+
+
+def _field(msg: Any, name: str) -> Any:
+    """A field's value if the message type has that field, else None."""
+    desc = getattr(msg, "DESCRIPTOR", None)
+    if desc is None or name not in desc.fields_by_name:
+        return None
+    return getattr(msg, name)
+
+
+class AuditLog:
+    def __init__(self, target: str, max_bytes: int = 100 << 20, backups: int = 10) -> None:
+        self.target = target
+        self._lock = threading.Lock()
+        self._handler: logging.Handler | None
+        if not target:
+            self._handler = None
+        elif target == "-":
+            self._handler = logging.StreamHandler(sys.stdout)
+        else:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            self._handler = logging.handlers.RotatingFileHandler(
+                target, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+        if self._handler is not None:
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def enabled(self) -> bool:
+        return self._handler is not None
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if self._handler is None:
+            return
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        record = logging.makeLogRecord({"msg": line, "levelno": logging.INFO})
+        with self._lock:
+            self._handler.handle(record)
+
+    def hook(
+        self, method: str, caller: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> CallAudit | None:
+        """For the guard interceptor: an observer for audited calls, None for the rest."""
+        if self._handler is None or method not in AUDITED:
+            return None
+        return _Entry(self, method, caller, context)
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._handler.close()
+
+
+class _Entry(CallAudit):
+    def __init__(
+        self, log: AuditLog, method: str, caller: str, context: grpc.aio.ServicerContext
+    ) -> None:
+        self._log = log
+        self._t0 = time.perf_counter()
+        peer = context.peer() or ""
+        self.data: dict[str, Any] = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "caller": caller,
+            "peer": peer.rsplit(":", 1)[0],
+            "rpc": method.rsplit("/", 1)[-1],
+            "identity": "",
+            "identity_version": 0,
+            "request_id": "",
+            "faces_swapped": 0,
+            "messages_in": 0,
+        }
+
+    def observe_request(self, message: Any) -> None:
+        d = self.data
+        d["messages_in"] += 1
+        meta = _field(message, "metadata")
+        for value in (_field(message, "identity"), _field(message, "name")):
+            if isinstance(value, str) and value and not d["identity"]:
+                d["identity"] = value[:128]  # names are validated later; cap what we echo
+        if meta is not None and not d["identity"]:
+            d["identity"] = str(_field(meta, "name") or "")[:128]
+        for key in ("identity_version", "version"):
+            v = _field(message, key)
+            if isinstance(v, int) and v and not d["identity_version"]:
+                d["identity_version"] = v
+        rid = _field(message, "request_id")
+        if isinstance(rid, str) and rid and not d["request_id"]:
+            d["request_id"] = rid[:128]
+
+    def observe_response(self, message: Any) -> None:
+        d = self.data
+        for key in ("identity_version", "version"):
+            v = _field(message, key)
+            if isinstance(v, int) and v:
+                d["identity_version"] = v
+        n = _field(message, "faces_swapped")
+        if isinstance(n, int):
+            d["faces_swapped"] += n
+        elif _field(message, "faces") is not None:  # Decode: every latent is drawn
+            d["faces_swapped"] += len(message.faces)
+        rid = _field(message, "request_id")
+        if isinstance(rid, str) and rid:
+            d["request_id"] = rid
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        d = self.data
+        if not d["request_id"]:
+            # Every line gets an id to quote in an investigation, even if the caller sent none.
+            d["request_id"] = "srv-" + uuid.uuid4().hex[:16]
+        d["status"] = code.name
+        d["duration_ms"] = round((time.perf_counter() - self._t0) * 1000, 2)
+        self._log.write(d)

@@ -1,0 +1,154 @@
+"""Provenance on every generated output, and the ProvenanceService.Verify RPC.
+
+Every image facemux draws (Swap crops and frames, SwapStream frames, Decode faces) gets an
+invisible watermark in its pixels before encoding and, when it is encoded (PNG, JPEG, WebP),
+a signed C2PA manifest on the bytes. Raw-pixel outputs cannot carry a manifest: they get
+the watermark only, and the response notes say so. See models/provenance.py for the marks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+from facemux.models import imageio
+from facemux.models import provenance as prov
+from facemux.models.errors import InvalidInputError
+from facemux.service import convert
+from facemux.service.settings import Settings
+from facemux.v1 import provenance_service_pb2 as ppb
+from facemux.v1 import provenance_service_pb2_grpc as pgrpc
+from facemux.v1 import types_pb2
+
+log = logging.getLogger(__name__)
+
+RAW_NOTE = (
+    "raw-pixel outputs carry the invisible watermark only: a C2PA manifest needs an encoded "
+    "image (ask for PNG, JPEG or WebP to get one)"
+)
+
+
+class Provenance:
+    """The server's marking policy (settings.provenance) and its signing key."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.mode = settings.provenance
+        self.signer: prov.C2paSigner | None = None
+        from facemux.service import __version__
+
+        self.version = __version__
+        if self.mode != "on":
+            if self.mode == "off":
+                log.warning("provenance is OFF: outputs carry neither watermark nor manifest")
+            return
+        if settings.provenance_key:
+            config = prov.SignerConfig(
+                Path(settings.provenance_cert).read_bytes(),
+                Path(settings.provenance_key).read_bytes(),
+            )
+        else:
+            directory = Path(settings.store) / "provenance"
+            config = prov.generate_test_signer(directory)
+            log.warning(
+                "C2PA manifests are signed with a generated TEST certificate (%s), for testing "
+                "only: verifiers report it as untrusted. Set provenance_key and "
+                "provenance_cert to the operator's key and certificate chain.",
+                directory,
+            )
+        self.signer = prov.C2paSigner(config)
+
+    @property
+    def watermarks(self) -> bool:
+        return self.mode != "off"
+
+    def output(
+        self,
+        rgb: np.ndarray,
+        output: types_pb2.OutputOptions,
+        input_format: str,
+        *,
+        mark_id: str,
+        request_id: str,
+        source_type: str,
+        alpha: np.ndarray | None = None,
+        notes: list[str] | None = None,
+    ) -> types_pb2.Image:
+        """Watermark, encode and sign one output image.
+
+        mark_id goes into the watermark payload (hashed to 32 bits); request_id into the
+        manifest. A raw output adds RAW_NOTE to `notes` (once)."""
+        if self.watermarks:
+            rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
+        img = convert.image_to_proto(rgb, output, input_format, alpha)
+        if self.signer is None:
+            return img
+        if img.WhichOneof("source") != "encoded":
+            if notes is not None and RAW_NOTE not in notes:
+                notes.append(RAW_NOTE)
+            return img
+        fmt = imageio.sniff_format(img.encoded) or "PNG"
+        request_id = request_id[:128]  # caller-chosen: bound what goes into the manifest
+        title = f"facemux-{request_id}.{fmt.lower()}"
+        img.encoded = self.signer.sign(
+            img.encoded, fmt, source_type, title, request_id, self.version
+        )
+        return img
+
+
+def verify_bytes(
+    data: bytes, max_pixels: int = 100_000_000, trust_anchors_pem: bytes | None = None
+) -> ppb.VerifyResponse:
+    """Check one encoded image for a C2PA manifest and the facemux watermark.
+
+    Shared by the RPC and `facemux verify --local`, so both answer the same."""
+    if not data:
+        raise InvalidInputError("image is empty")
+    # Header-first size check (and a clear error for non-images) before any parsing.
+    decoded = imageio.decode_image(data, max_pixels)
+    report = prov.read_c2pa(data, trust_anchors_pem)
+    resp = ppb.VerifyResponse(
+        manifest_present=report.present,
+        manifest_valid=report.valid,
+        issuer_trusted=report.trusted,
+        issuer=report.issuer,
+        signer=report.signer,
+        digital_source_type=report.digital_source_type,
+        generator=report.generator,
+        request_id=report.request_id,
+        manifest_errors=report.errors,
+        manifest_summary=report.summary,
+    )
+    wm = prov.detect_watermark_full(decoded.rgb)
+    resp.watermark_found = wm.found
+    resp.watermark_confidence = wm.confidence
+    if wm.payload is not None:
+        resp.watermark_payload = wm.payload.hex()
+    return resp
+
+
+class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def Verify(
+        self, request: ppb.VerifyRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.VerifyResponse:
+        from facemux.service.servicer import _fail
+
+        try:
+            if not request.image.encoded:
+                raise InvalidInputError(
+                    "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
+                    "the file, and raw pixels have none"
+                )
+            return await asyncio.to_thread(
+                verify_bytes, request.image.encoded, self.settings.max_image_pixels
+            )
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _fail(context, exc)
+            raise

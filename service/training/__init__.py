@@ -1,0 +1,1 @@
+"""Training over the API: datasets, jobs in worker processes, and their servicer."""

@@ -1,0 +1,341 @@
+"""Training jobs: persisted records, a bounded queue and worker processes.
+
+Layout::
+
+    <store>/jobs/<id>/job.json    the record below, replaced atomically on every change
+    <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain)
+
+Each job runs `facemux.models.pretrain.run_job` in its own process started with the
+multiprocessing *spawn* method: forking a process that runs gRPC's threads is unsafe, and a
+fresh interpreter also keeps a crashing job away from the server. A monitor thread starts
+queued jobs while fewer than ``max_running_jobs`` run, and turns a finished run's result.json
+into the record's final state (registering the trained decoder first). A server that
+restarts finds QUEUED and RUNNING records and queues them again; a RUNNING one resumes from
+its work directory's checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from facemux.models.checkpoint import atomic_write
+from facemux.models.errors import NotFoundError, ResourceExhaustedError
+from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
+from facemux.service.store import now_iso
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    mode: str
+    state: str
+    identity: str
+    datasets: list[str]
+    steps: int
+    created_at: str
+    updated_at: str
+    consent: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+    step: int = 0
+    result_version: int = 0
+    encoder_fingerprint: str = ""
+    dataset_hashes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRecord:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# Called in the monitor thread with a succeeded job and its work directory's result;
+# returns (identity version registered or 0, encoder fingerprint).
+Finisher = Callable[[JobRecord, Path, dict[str, Any]], tuple[int, str]]
+
+
+def _worker(work_dir: str, threads: int) -> None:
+    """Entry point of a job's process (module level: spawn pickles it by name)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    run_job(work_dir)
+
+
+class JobManager:
+    def __init__(
+        self,
+        root: Path,
+        finish: Finisher,
+        max_running: int = 1,
+        max_queued: int = 16,
+        worker_threads: int = 0,
+        poll_s: float = 0.2,
+        on_change: Callable[[JobManager], None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.finish = finish
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.worker_threads = worker_threads
+        self.poll_s = poll_s
+        self.on_change = on_change
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.RLock()
+        self._jobs: dict[str, JobRecord] = {}
+        self._procs: dict[str, BaseProcess] = {}
+        self._queue: list[str] = []
+        self._stop = threading.Event()
+        self._changed = threading.Condition(self._lock)
+        self._recover()
+        self._thread = threading.Thread(target=self._monitor, name="facemux-jobs", daemon=True)
+        self._thread.start()
+
+    # -- records -----------------------------------------------------------------------------
+
+    def work_dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def _save(self, rec: JobRecord) -> None:
+        rec.updated_at = now_iso()
+        atomic_write(self.work_dir(rec.id) / "job.json", json.dumps(asdict(rec), indent=1).encode())
+        self._changed.notify_all()
+
+    def _recover(self) -> None:
+        for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".staging-"):
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            path = d / "job.json"
+            if not path.exists():
+                continue
+            try:
+                rec = JobRecord.from_dict(json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                log.warning("skipping unreadable job record %s", path)
+                continue
+            self._jobs[rec.id] = rec
+            if rec.state in (QUEUED, RUNNING):
+                # A RUNNING job's process died with the previous server; it resumes from
+                # its checkpoint. Queue order: as they were created.
+                (d / "pause").unlink(missing_ok=True)
+                self._queue.append(rec.id)
+                if rec.state == RUNNING:
+                    log.info("job %s was running; resuming it from its checkpoint", rec.id)
+        self._queue.sort(key=lambda i: self._jobs[i].created_at)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            if rec is None:
+                raise NotFoundError(f"job {job_id[:80]!r} does not exist; list them with ListJobs")
+            out = JobRecord.from_dict(asdict(rec))
+        progress = self.latest_progress(job_id)
+        if progress and out.state == RUNNING:
+            out.step = max(out.step, int(progress.get("step", 0)))
+        return out
+
+    def list_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
+        with self._lock:
+            ids = list(self._jobs)
+        recs = [self.get(i) for i in ids]
+        recs = [r for r in recs if not states or r.state in states]
+        return sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True)
+
+    def latest_progress(self, job_id: str) -> dict[str, Any] | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            data: dict[str, Any] = json.loads((self.work_dir(job_id) / "progress.json").read_text())
+            return data
+        return None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out: dict[str, int] = {}
+            for r in self._jobs.values():
+                out[r.state] = out.get(r.state, 0) + 1
+            return out
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        spec: JobSpec,
+        datasets: dict[str, Any],
+        encoder_bytes: bytes | None,
+        identity: str,
+        consent: dict[str, str],
+        dataset_hashes: dict[str, str],
+        encoder_fingerprint: str = "",
+    ) -> JobRecord:
+        with self._lock:
+            if len(self._queue) >= self.max_queued:
+                raise ResourceExhaustedError(
+                    f"the training queue is full ({self.max_queued} jobs waiting; setting "
+                    "max_queued_jobs); retry when a job has started"
+                )
+        job_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        # Assemble the work directory aside and rename it into place: a crash never leaves a
+        # job.json next to half its data.
+        staging = self.root / f".staging-{job_id}"
+        spec.parent_pid = os.getpid()
+        prepare_work_dir(staging, spec, datasets, encoder_bytes)
+        now = now_iso()
+        rec = JobRecord(
+            id=job_id,
+            mode=spec.mode,
+            state=QUEUED,
+            identity=identity,
+            datasets=list(spec.datasets),
+            steps=spec.steps,
+            created_at=now,
+            updated_at=now,
+            consent=consent,
+            encoder_fingerprint=encoder_fingerprint,
+            dataset_hashes=dataset_hashes,
+        )
+        atomic_write(staging / "job.json", json.dumps(asdict(rec), indent=1).encode())
+        with self._lock:
+            if len(self._queue) >= self.max_queued:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ResourceExhaustedError(
+                    f"the training queue is full ({self.max_queued} jobs waiting)"
+                )
+            os.rename(staging, self.work_dir(job_id))
+            self._jobs[job_id] = rec
+            self._queue.append(job_id)
+            self._changed.notify_all()
+        log.info("job %s queued (%s, %s)", job_id, spec.mode, ", ".join(spec.datasets))
+        return self.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._lock:
+            rec = self._jobs.get(job_id)
+            if rec is None:
+                raise NotFoundError(f"job {job_id[:80]!r} does not exist")
+            if rec.state == QUEUED:
+                self._queue.remove(job_id)
+                rec.state = CANCELLED
+                self._save(rec)
+            elif rec.state == RUNNING:
+                # The run checkpoints and stops at its next step; the monitor records it.
+                (self.work_dir(job_id) / "cancel").touch()
+        return self.get(job_id)
+
+    def wait_changed(self, timeout: float) -> None:
+        with self._lock:
+            self._changed.wait(timeout)
+
+    # -- monitor -----------------------------------------------------------------------------
+
+    def _start(self, rec: JobRecord) -> None:
+        work = self.work_dir(rec.id)
+        spec_path = work / "spec.json"
+        spec = json.loads(spec_path.read_text())
+        # A resumed job belongs to this server now: its orphan watch follows this pid.
+        spec["parent_pid"] = os.getpid()
+        atomic_write(spec_path, json.dumps(spec, indent=2, sort_keys=True).encode())
+        (work / "result.json").unlink(missing_ok=True)
+        proc = self._ctx.Process(
+            target=_worker, args=(str(work), self.worker_threads), name=f"facemux-job-{rec.id}"
+        )
+        proc.start()
+        self._procs[rec.id] = proc
+        rec.state = RUNNING
+        self._save(rec)
+
+    def _reap(self, job_id: str, proc: BaseProcess) -> None:
+        rec = self._jobs[job_id]
+        work = self.work_dir(job_id)
+        try:
+            result = json.loads((work / "result.json").read_text())
+        except (FileNotFoundError, ValueError):
+            result = {"status": FAILED, "error": f"worker exited with code {proc.exitcode}"}
+        status = result.get("status")
+        rec.step = int(result.get("step", rec.step))
+        if status == "succeeded":
+            try:
+                rec.result_version, fp = self.finish(rec, work, result)
+                rec.encoder_fingerprint = fp or rec.encoder_fingerprint
+                rec.state = SUCCEEDED
+            except Exception as exc:
+                log.exception("job %s: registering its result failed", job_id)
+                rec.state, rec.error = FAILED, f"registering the result failed: {exc}"
+        elif status == "cancelled":
+            rec.state = CANCELLED
+        elif status == "paused":
+            return  # the server is stopping; the record stays RUNNING and resumes later
+        else:
+            rec.state, rec.error = FAILED, str(result.get("error") or "unknown error")
+        self._append_final(work, rec)
+        self._save(rec)
+        log.info("job %s %s", job_id, rec.state)
+
+    def _append_final(self, work: Path, rec: JobRecord) -> None:
+        line = {"type": "state", "state": rec.state, "error": rec.error, "time": now_iso()}
+        with open(work / "events.jsonl", "ab") as fh:
+            fh.write((json.dumps(line) + "\n").encode())
+
+    def _monitor(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    for job_id, proc in list(self._procs.items()):
+                        if not proc.is_alive():
+                            proc.join()
+                            del self._procs[job_id]
+                            self._reap(job_id, proc)
+                    while self._queue and len(self._procs) < self.max_running:
+                        job_id = self._queue.pop(0)
+                        self._start(self._jobs[job_id])
+                if self.on_change is not None:
+                    self.on_change(self)
+            except Exception:
+                log.exception("job monitor error")
+            self._stop.wait(self.poll_s)
+
+    def close(self, timeout: float = 8.0) -> None:
+        """Stop the monitor; running jobs checkpoint and exit (paused), resuming at the next
+        start. Nothing is marked finished."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            procs = dict(self._procs)
+        for job_id in procs:
+            with contextlib.suppress(OSError):
+                (self.work_dir(job_id) / "pause").touch()
+        deadline = time.monotonic() + timeout
+        for proc in procs.values():
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for job_id in procs:
+            with contextlib.suppress(OSError):
+                (self.work_dir(job_id) / "pause").unlink()
+
+    def events(self, job_id: str, offset: int) -> tuple[list[dict[str, Any]], int]:
+        return read_events(self.work_dir(job_id), offset)

@@ -1,0 +1,402 @@
+"""TrainingService: datasets and training jobs over gRPC.
+
+Everything that touches disk or images runs in a thread (asyncio.to_thread); the event loop
+only parses and answers. Requests are validated completely before a job is queued, so a bad
+request costs nothing and never leaves a job behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from facemux.models import checkpoint
+from facemux.models.errors import InvalidInputError, UnavailableError
+from facemux.models.pretrain import JobSpec, validate_hyper_parameters
+from facemux.service import convert
+from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
+from facemux.service.metrics import Metrics
+from facemux.service.runtime import Runtime
+from facemux.service.servicer import streaming, unary
+from facemux.service.settings import Settings
+from facemux.service.store import Store, VersionRecord, now_iso, validate_name
+from facemux.service.training.datasets import DatasetInfo, DatasetStore, rejection_reason
+from facemux.service.training.jobs import TERMINAL, JobManager, JobRecord
+from facemux.v1 import training_service_pb2 as tpb
+from facemux.v1 import training_service_pb2_grpc as tgrpc
+
+log = logging.getLogger(__name__)
+
+_MODES = {tpb.TRAIN_MODE_IDENTITY: "identity", tpb.TRAIN_MODE_PRETRAIN: "pretrain"}
+_MODE_PROTO = {v: k for k, v in _MODES.items()}
+_STATES = {
+    "queued": tpb.JOB_STATE_QUEUED,
+    "running": tpb.JOB_STATE_RUNNING,
+    "succeeded": tpb.JOB_STATE_SUCCEEDED,
+    "failed": tpb.JOB_STATE_FAILED,
+    "cancelled": tpb.JOB_STATE_CANCELLED,
+}
+_STATE_NAMES = {v: k for k, v in _STATES.items()}
+# Server defaults for zero-valued hyper-parameters.
+DEFAULT_STEPS = 2000
+DEFAULT_BATCH = 16
+DEFAULT_LR = 5e-5
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
+
+
+def dataset_to_proto(d: DatasetInfo) -> tpb.Dataset:
+    return tpb.Dataset(
+        name=d.name,
+        faces=d.faces,
+        content_hash=d.content_hash,
+        resolution=d.resolution,
+        updated_at=d.updated_at,
+    )
+
+
+def job_to_proto(rec: JobRecord) -> tpb.Job:
+    return tpb.Job(
+        id=rec.id,
+        mode=_MODE_PROTO.get(rec.mode, tpb.TRAIN_MODE_UNSPECIFIED),
+        state=_STATES.get(rec.state, tpb.JOB_STATE_UNSPECIFIED),
+        identity=rec.identity,
+        datasets=rec.datasets,
+        step=rec.step,
+        steps=rec.steps,
+        error=rec.error,
+        created_at=rec.created_at,
+        updated_at=rec.updated_at,
+        result_version=rec.result_version,
+        encoder_fingerprint=rec.encoder_fingerprint,
+    )
+
+
+class Training:
+    """The datasets store, the job manager and what registers a finished job's result."""
+
+    def __init__(
+        self, settings: Settings, store: Store, runtime: Runtime, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.metrics = metrics
+        root = Path(settings.store)
+        self.datasets = DatasetStore(root / "datasets", settings)
+        self.jobs = JobManager(
+            root / "jobs",
+            self._finish,
+            max_running=settings.max_running_jobs,
+            max_queued=settings.max_queued_jobs,
+            worker_threads=settings.training_threads,
+            on_change=self._report if metrics is not None else None,
+        )
+
+    def _report(self, jobs: JobManager) -> None:
+        assert self.metrics is not None
+        self.metrics.set_training_jobs(jobs.counts())
+        for rec in jobs.list_jobs({"running"}):
+            p = jobs.latest_progress(rec.id)
+            if p:
+                loss = float(p.get("losses", {}).get("total", 0.0))
+                self.metrics.training_progress(
+                    rec.id, float(p.get("examples_per_second", 0.0)), loss
+                )
+
+    def _finish(self, rec: JobRecord, work: Path, result: dict[str, Any]) -> tuple[int, str]:
+        """Publish a succeeded run: a trained encoder by fingerprint, each decoder as a new
+        identity version (source "trained", the job id, the request's consent)."""
+        if self.metrics is not None:
+            self.metrics.training_finished(rec.id)
+        fp = str(result.get("encoder_fingerprint", ""))
+        if result.get("encoder"):
+            data = (work / result["encoder"]).read_bytes()
+            # A pretrained encoder becomes the default only on a store that has none: a
+            # served encoder is never swapped under running servers by a job.
+            self.store.put_encoder(data, fp, make_default=not self.store.list_encoders())
+        version = 0
+        for name, rel in dict(result.get("decoders", {})).items():
+            data = (work / rel).read_bytes()
+            _, meta = checkpoint.read_decoder(data)
+            vrec = VersionRecord(
+                version=0,
+                created_at=now_iso(),
+                decoder_fingerprint=meta.fingerprint,
+                encoder_fingerprint=meta.encoder_fingerprint,
+                preset=meta.config.name,
+                resolution=meta.config.resolution,
+                size_bytes=len(data),
+                sha256="",
+                source="trained",
+                job_id=rec.id,
+                summary={
+                    "datasets": rec.dataset_hashes,
+                    **{k: v for k, v in dict(result.get("summary", {})).items() if k != "device"},
+                },
+            )
+            # Default only when it fits the served encoder: a decoder for a new encoder made
+            # default would turn that identity's swaps into FAILED_PRECONDITION.
+            fits = meta.encoder_fingerprint == self.runtime.fingerprint
+            self.store.add_version(name, data, vrec, make_default=fits, consent=rec.consent or None)
+            version = vrec.version
+        return (version if rec.mode == "identity" else 0), fp
+
+    def close(self) -> None:
+        self.jobs.close()
+
+    # -- Train validation -------------------------------------------------------------------
+
+    def submit(self, request: tpb.TrainRequest) -> JobRecord:
+        mode = _MODES.get(request.mode)
+        if mode is None:
+            raise InvalidInputError("mode must be TRAIN_MODE_IDENTITY or TRAIN_MODE_PRETRAIN")
+        hp = request.hyper_parameters
+        for name in ("learning_rate", "encoder_learning_rate"):
+            if not math.isfinite(getattr(hp, name)):
+                raise InvalidInputError(f"invalid hyper-parameters: {name} must be finite")
+        steps = hp.steps or DEFAULT_STEPS
+        batch = hp.batch_size or DEFAULT_BATCH
+        lr = float(hp.learning_rate) if hp.learning_rate else DEFAULT_LR
+        enc_lr = float(hp.encoder_learning_rate)
+        every = hp.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+        validate_hyper_parameters(steps, batch, lr, enc_lr, every)
+        names = list(request.datasets)
+        if not names:
+            raise InvalidInputError("name the dataset(s) to train on in `datasets`")
+        for n in names:
+            validate_name(n, "dataset")
+        if len(set(names)) != len(names):
+            raise InvalidInputError("datasets are named more than once")
+        encoder_bytes: bytes | None = None
+        encoder_fp = ""
+        identity = ""
+        if mode == "identity":
+            identity = validate_name(request.identity)
+            # The rule for every new identity version: a complete record in the request, or
+            # an existing identity's stored, unrevoked one.
+            consent = consent_for_upload(self.store, identity, request.consent)
+            if len(names) != 1:
+                raise InvalidInputError(
+                    f"identity mode trains from exactly one dataset, got {len(names)}"
+                )
+            if not self.runtime.ready:
+                raise UnavailableError("the encoder is still loading; retry in a moment")
+            encoder_fp, encoder_bytes = self.store.read_encoder(self.runtime.fingerprint)
+            preset = self.runtime.config.name if self.runtime.config else ""
+        else:
+            if request.identity:
+                raise InvalidInputError(
+                    "pretrain mode names identities by dataset; leave `identity` empty"
+                )
+            preset = request.preset or "tiny"
+            given = {f: getattr(request.consent, f) for f in CONSENT_FIELDS}
+            consent = {k: v for k, v in given.items() if v}
+            for n in names:  # each dataset becomes an identity: each needs consent
+                consent_for_upload(self.store, validate_name(n), request.consent)
+        data: dict[str, np.ndarray] = {}
+        hashes: dict[str, str] = {}
+        for n in names:
+            info = self.datasets.get(n)  # NOT_FOUND for an unknown dataset
+            if info.faces < 1:
+                raise InvalidInputError(f"dataset {n!r} has no faces")
+            data[n] = self.datasets.load(n)  # the job's own copy: deleting the dataset later
+            hashes[n] = info.content_hash  # does not touch it
+        spec = JobSpec(
+            mode=mode,
+            datasets=names,
+            identity=identity,
+            preset=preset,
+            steps=steps,
+            batch_size=batch,
+            lr=lr,
+            encoder_lr=enc_lr,
+            checkpoint_every=every,
+            log_every=max(1, min(every, self.settings.training_log_every)),
+            seed=int(hp.seed) if hp.seed else int(np.random.default_rng().integers(1, 2**31)),
+            device=self.settings.device,
+            threads=self.settings.training_threads,
+        )
+        spec.validate()
+        return self.jobs.submit(spec, data, encoder_bytes, identity, consent, hashes, encoder_fp)
+
+
+class TrainingServicer(tgrpc.TrainingServiceServicer):
+    def __init__(self, training: Training) -> None:
+        self.training = training
+        self.settings = training.settings
+
+    @unary
+    async def UploadDataset(
+        self,
+        request_iterator: AsyncIterator[tpb.UploadDatasetRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> tpb.UploadDatasetResponse:
+        meta: tpb.UploadDatasetMetadata | None = None
+        crops: list[tuple[int, np.ndarray | str]] = []
+        resolution = 0
+        index = 0
+        async for part in request_iterator:
+            kind = part.WhichOneof("part")
+            if kind == "metadata":
+                if meta is not None:
+                    raise InvalidInputError("metadata was sent twice; send it once, first")
+                meta = part.metadata
+                validate_name(meta.name, "dataset")
+                resolution = await asyncio.to_thread(self._resolution, meta.name)
+            elif kind == "image":
+                if meta is None:
+                    raise InvalidInputError("the first message must carry the metadata")
+                crops.append(
+                    (index, await asyncio.to_thread(self._align, part.image, meta, resolution))
+                )
+                index += 1
+            else:
+                raise InvalidInputError("empty UploadDataset message")
+        if meta is None:
+            raise InvalidInputError("UploadDataset stream had no metadata")
+        if not crops:
+            raise InvalidInputError("no images were sent")
+        result = await asyncio.to_thread(self.training.datasets.add, meta.name, resolution, crops)
+        log.info(
+            "dataset %s: %d added, %d duplicates, %d rejected",
+            meta.name,
+            result.accepted,
+            result.duplicates,
+            len(result.rejected),
+        )
+        return tpb.UploadDatasetResponse(
+            dataset=dataset_to_proto(result.dataset),
+            accepted=result.accepted,
+            duplicates=result.duplicates,
+            rejected=[tpb.RejectedImage(index=i, reason=r) for i, r in result.rejected],
+        )
+
+    def _resolution(self, name: str) -> int:
+        try:
+            return self.training.datasets.get(name).resolution
+        except Exception:
+            cfg = self.training.runtime.config
+            return cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+
+    def _align(self, image: Any, meta: tpb.UploadDatasetMetadata, res: int) -> np.ndarray | str:
+        # One bad image is a rejection with its reason, never a failed upload.
+        try:
+            rgb = convert.image_from_proto(image, self.settings.max_image_pixels, "image").rgb
+            return self.training.datasets.align(rgb, meta.aligned, res)
+        except Exception as exc:
+            return rejection_reason(exc)
+
+    @unary
+    async def ListDatasets(
+        self, request: tpb.ListDatasetsRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.ListDatasetsResponse:
+        items = await asyncio.to_thread(self.training.datasets.list_all)
+        return tpb.ListDatasetsResponse(datasets=[dataset_to_proto(d) for d in items])
+
+    @unary
+    async def DeleteDataset(
+        self, request: tpb.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.DeleteDatasetResponse:
+        await asyncio.to_thread(self.training.datasets.delete, request.name)
+        return tpb.DeleteDatasetResponse()
+
+    @unary
+    async def Train(
+        self, request: tpb.TrainRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.TrainResponse:
+        rec = await asyncio.to_thread(self.training.submit, request)
+        return tpb.TrainResponse(job=job_to_proto(rec))
+
+    @unary
+    async def GetJob(
+        self, request: tpb.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.GetJobResponse:
+        rec = await asyncio.to_thread(self.training.jobs.get, request.id)
+        return tpb.GetJobResponse(job=job_to_proto(rec))
+
+    @unary
+    async def ListJobs(
+        self, request: tpb.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.ListJobsResponse:
+        states = {_STATE_NAMES[s] for s in request.states if s in _STATE_NAMES}
+        recs = await asyncio.to_thread(self.training.jobs.list_jobs, states or None)
+        return tpb.ListJobsResponse(jobs=[job_to_proto(r) for r in recs])
+
+    @unary
+    async def CancelJob(
+        self, request: tpb.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> tpb.CancelJobResponse:
+        rec = await asyncio.to_thread(self.training.jobs.cancel, request.id)
+        return tpb.CancelJobResponse(job=job_to_proto(rec))
+
+    @streaming
+    async def WatchJob(
+        self, request: tpb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tpb.WatchJobResponse]:
+        """The job now (with its latest progress), then every new event until it ends. The
+        job runs in its own process, so a watcher that disconnects changes nothing."""
+        jobs = self.training.jobs
+        rec = await asyncio.to_thread(jobs.get, request.id)
+        offset = 0
+        # Skip the history: a re-attaching watcher wants the present, not a replay.
+        _, offset = await asyncio.to_thread(jobs.events, rec.id, 0)
+        first = tpb.WatchJobResponse(job=job_to_proto(rec))
+        latest = await asyncio.to_thread(jobs.latest_progress, rec.id)
+        if latest:
+            _fill(first, latest)
+        if rec.state in TERMINAL:
+            first.message = f"job {rec.state}" + (f": {rec.error}" if rec.error else "")
+        yield first
+        ended = rec.state in TERMINAL
+        while not ended:
+            await asyncio.to_thread(jobs.wait_changed, 0.25)
+            rec = await asyncio.to_thread(jobs.get, rec.id)
+            ended = rec.state in TERMINAL
+            # Read events after the state: a final state's own event is then already there.
+            events, offset = await asyncio.to_thread(jobs.events, rec.id, offset)
+            for ev in events:
+                msg = tpb.WatchJobResponse(job=job_to_proto(rec))
+                _fill(msg, ev)
+                if ev.get("type") == "preview":
+                    png = await asyncio.to_thread(_read_preview, jobs.work_dir(rec.id))
+                    if png:
+                        msg.preview.encoded = png
+                if ev.get("type") == "progress":
+                    msg.job.step = int(ev.get("step", msg.job.step))
+                yield msg
+
+
+def _read_preview(work: Path) -> bytes:
+    try:
+        return (work / "preview.png").read_bytes()
+    except OSError:
+        return b""
+
+
+def _fill(msg: tpb.WatchJobResponse, ev: dict[str, Any]) -> None:
+    kind = ev.get("type")
+    if kind == "progress":
+        for k, v in dict(ev.get("losses", {})).items():
+            msg.losses[str(k)] = float(v)
+        msg.examples_per_second = float(ev.get("examples_per_second", 0.0))
+        msg.eta_seconds = float(ev.get("eta_seconds", 0.0))
+    elif kind == "message":
+        msg.message = str(ev.get("message", ""))
+    elif kind == "checkpoint":
+        msg.message = f"checkpoint at step {ev.get('step')}"
+    elif kind == "preview":
+        msg.message = f"preview at step {ev.get('step')}"
+    elif kind in ("failed", "cancelled", "paused", "succeeded"):
+        msg.message = f"run {kind}" + (f": {ev['error']}" if ev.get("error") else "")
+    elif kind == "state":
+        msg.message = f"job {ev.get('state')}" + (f": {ev['error']}" if ev.get("error") else "")
+    else:
+        msg.message = json.dumps(ev)[:500]

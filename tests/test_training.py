@@ -1,0 +1,274 @@
+"""Training over the API, through the real client: datasets, jobs, watching, cancelling,
+restarts. Tiny preset, a few steps, 64 px synthetic faces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CONSENT, Models, decode_png, make_store, png
+from facemux.client import FacemuxClient
+from facemux.client.errors import FacemuxRpcError
+from facemux.models import synth
+from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
+from facemux.v1 import identity_service_pb2 as ipb
+from facemux.v1 import training_service_pb2 as tpb
+from grpc import StatusCode as C
+
+pytestmark = pytest.mark.slow
+
+
+def faces(seed: int, n: int = 12) -> list[np.ndarray]:
+    imgs, _ = synth.make_dataset(synth.identity_from_seed(seed), n, 64, seed=seed)
+    return list(imgs)
+
+
+def settings(root: Path, **kw: object) -> Settings:
+    base: dict[str, object] = {
+        "port": 0,
+        "auth": "off",
+        "store": root,
+        "metrics_port": -1,
+        "training_threads": 1,
+        "training_log_every": 5,
+    }
+    return Settings(**(base | kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def trainer_server(tmp_path: Path, models: Models) -> Iterator[FacemuxClient]:
+    make_store(tmp_path / "store", models, ("alice",))
+    with ServerThread(settings(tmp_path / "store", max_queued_jobs=1)) as srv:  # noqa: SIM117
+        with FacemuxClient(srv.target, timeout=30, retries=1) as c:
+            c.wait_ready(30)
+            yield c
+
+
+def watch_until_done(c: FacemuxClient, job_id: str, timeout: float = 120) -> list:
+    events = list(c.watch_job(job_id, timeout=timeout))
+    assert events[-1].job.state in (
+        tpb.JOB_STATE_SUCCEEDED,
+        tpb.JOB_STATE_FAILED,
+        tpb.JOB_STATE_CANCELLED,
+    )
+    return events
+
+
+def test_upload_train_watch_swap(trainer_server: FacemuxClient) -> None:
+    c = trainer_server
+    imgs = faces(7)
+    up = c.upload_dataset("dave", [png(i) for i in imgs] + [png(imgs[0]), b"junk"], aligned=True)
+    assert up.accepted == len(imgs) and up.duplicates == 1
+    assert [r.index for r in up.rejected] == [len(imgs), len(imgs) + 1]
+    assert "duplicate" in up.rejected[0].reason and "PNG" in up.rejected[1].reason
+    assert up.dataset.faces == len(imgs) and up.dataset.resolution == 64
+    # The content hash does not depend on upload order.
+    again = c.upload_dataset("dave2", [png(i) for i in reversed(imgs)], aligned=True)
+    assert again.dataset.content_hash == up.dataset.content_hash
+    assert {d.name for d in c.list_datasets()} == {"dave", "dave2"}
+    c.delete_dataset("dave2")
+    assert [d.name for d in c.list_datasets()] == ["dave"]
+
+    job = c.train(
+        ["dave"],
+        identity="dave",
+        steps=20,
+        batch_size=4,
+        learning_rate=1e-3,
+        checkpoint_every=10,
+        seed=3,
+        consent=CONSENT,
+    )
+    assert job.state == tpb.JOB_STATE_QUEUED and job.steps == 20
+    events = watch_until_done(c, job.id)
+    done = events[-1].job
+    assert done.state == tpb.JOB_STATE_SUCCEEDED, done.error
+    assert done.step == 20 and done.result_version == 1
+    progress = [e for e in events if e.losses]
+    assert progress and "dave" in progress[-1].losses and progress[-1].examples_per_second > 0
+    assert any("checkpoint" in e.message for e in events)
+    previews = [e.preview.encoded for e in events if e.preview.encoded]
+    assert previews and decode_png(previews[0]).shape == (64, 3 * 64, 3)  # in | recon | swap
+
+    ident = c.get_identity("dave")
+    v = ident.versions[0]
+    assert v.source == ipb.VERSION_SOURCE_TRAINED and v.job_id == job.id
+    assert ident.consent.attested_by == CONSENT["attested_by"]
+    assert v.encoder_fingerprint == c.model_info().encoder_fingerprint
+    swapped = c.swap_faces([png(faces(8, 1)[0])], identity="dave")
+    assert swapped.faces_swapped == 1 and swapped.identity_version == 1
+    assert [j.id for j in c.list_jobs([tpb.JOB_STATE_SUCCEEDED])] == [job.id]
+    # Re-attaching to a finished job answers at once with its final state.
+    assert [e.job.state for e in c.watch_job(job.id, timeout=10)][-1] == tpb.JOB_STATE_SUCCEEDED
+
+
+def test_upload_photos_are_detected_and_aligned(trainer_server: FacemuxClient) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = np.ascontiguousarray(skimage_data.astronaut())
+    blank = np.full((200, 200, 3), 90, np.uint8)
+    up = trainer_server.upload_dataset("eileen", [photo, blank])
+    assert up.accepted == 1
+    assert [(r.index, r.reason) for r in up.rejected] == [(1, "no face found")]
+
+
+def test_bad_requests_are_refused_before_any_job(trainer_server: FacemuxClient) -> None:
+    c = trainer_server
+    c.upload_dataset("frank", [png(i) for i in faces(9, 4)], aligned=True)
+    bad: list[dict[str, object]] = [
+        {"learning_rate": 0.5},
+        {"learning_rate": float("nan")},
+        {"encoder_learning_rate": 1.0},
+        {"batch_size": 5000},
+        {"steps": 20_000_000},
+        {"identity": "bad/name"},
+        {"identity": ""},
+        {"consent": {}},  # a new identity needs a complete consent record
+        {"consent": {"attested_by": "x@example.com"}},
+    ]
+    for kw in bad:
+        args: dict[str, object] = {"identity": "frank", "consent": CONSENT} | kw
+        with pytest.raises(FacemuxRpcError) as err:
+            c.train(["frank"], **args)  # type: ignore[arg-type]
+        assert err.value.code == C.INVALID_ARGUMENT, kw
+    with pytest.raises(FacemuxRpcError) as err:
+        c.train(["frank", "frank"], identity="frank", consent=CONSENT)
+    assert err.value.code == C.INVALID_ARGUMENT
+    with pytest.raises(FacemuxRpcError) as err:
+        c.train(["nobody"], identity="frank", consent=CONSENT)
+    assert err.value.code == C.NOT_FOUND and "nobody" in err.value.details
+    with pytest.raises(FacemuxRpcError) as err:
+        c.get_job("no-such-job")
+    assert err.value.code == C.NOT_FOUND
+    assert c.list_jobs() == []
+
+
+def test_queue_full_and_cancel(trainer_server: FacemuxClient, tmp_path: Path) -> None:
+    c = trainer_server
+    c.upload_dataset("gina", [png(i) for i in faces(11, 6)], aligned=True)
+    long = {"steps": 100_000, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 5}
+    running = c.train(["gina"], identity="gina", consent=CONSENT, **long)  # type: ignore[arg-type]
+    # Wait for it to leave the queue (one runs at once), then fill the queue (one waits).
+    for ev in c.watch_job(running.id, timeout=60):
+        if ev.job.step >= 5:
+            break
+    queued = c.train(["gina"], identity="gina", consent=CONSENT, **long)  # type: ignore[arg-type]
+    with pytest.raises(FacemuxRpcError) as err:
+        c.train(["gina"], identity="gina", consent=CONSENT, **long)  # type: ignore[arg-type]
+    assert err.value.code == C.RESOURCE_EXHAUSTED
+
+    assert c.cancel_job(queued.id).state == tpb.JOB_STATE_CANCELLED
+    c.cancel_job(running.id)
+    final = watch_until_done(c, running.id, timeout=60)[-1].job
+    assert final.state == tpb.JOB_STATE_CANCELLED and final.step >= 5
+    # It checkpointed where it stopped.
+    work = tmp_path / "store" / "jobs" / running.id
+    assert (work / "checkpoint.pt").exists()
+    assert json.loads((work / "result.json").read_text())["step"] == final.step
+    states = {j.id: j.state for j in c.list_jobs()}
+    assert states == {running.id: tpb.JOB_STATE_CANCELLED, queued.id: tpb.JOB_STATE_CANCELLED}
+    with pytest.raises(FacemuxRpcError):
+        c.get_identity("gina")  # nothing was registered
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(store: Path, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "facemux.client.cli",
+        "serve",
+        f"--store={store}",
+        f"--port={port}",
+        "--auth=off",
+        "--metrics-port=-1",
+        "--training-threads=1",
+        "--training-log-every=5",
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
+    store = tmp_path / "store"
+    make_store(store, models)
+    port = _free_port()
+    proc = _serve(store, port)
+    every = 10
+    try:
+        with FacemuxClient(f"127.0.0.1:{port}", timeout=30, retries=1) as c:
+            c.wait_ready(60)
+            c.upload_dataset("hana", [png(i) for i in faces(13, 8)], aligned=True)
+            job = c.train(
+                ["hana"],
+                identity="hana",
+                steps=120,
+                batch_size=4,
+                learning_rate=1e-3,
+                checkpoint_every=every,
+                consent=CONSENT,
+            )
+            seen = 0
+            for ev in c.watch_job(job.id, timeout=60):
+                seen = max(seen, ev.job.step)
+                if seen >= 25:
+                    break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = _serve(store, port)
+        with FacemuxClient(f"127.0.0.1:{port}", timeout=30, retries=1) as c:
+            c.wait_ready(60)
+            assert c.get_job(job.id).state in (tpb.JOB_STATE_QUEUED, tpb.JOB_STATE_RUNNING)
+            final = watch_until_done(c, job.id)[-1].job
+            assert final.state == tpb.JOB_STATE_SUCCEEDED, final.error
+            assert final.step == 120
+            assert c.get_identity("hana").versions[0].job_id == job.id
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    events = [json.loads(line) for line in (store / "jobs" / job.id / "events.jsonl").open()]
+    resumed = [e["message"] for e in events if "resumed" in e.get("message", "")]
+    assert resumed, events
+    step = int(resumed[0].rsplit(" ", 1)[1])
+    assert step >= seen - every  # lost at most one checkpoint interval
+
+
+def test_cli_datasets_train_jobs(
+    trainer_server: FacemuxClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from facemux.client.cli import main
+
+    target = ["--target", trainer_server.target]
+    files = []
+    for i, img in enumerate(faces(15, 4)):
+        files.append(tmp_path / f"f{i}.png")
+        files[-1].write_bytes(png(img))
+    assert main(["datasets", "upload", "ivy", *map(str, files), "--aligned", *target]) == 0
+    assert "4 added" in capsys.readouterr().out
+    assert main(["datasets", "list", *target]) == 0
+    assert "ivy\t4 faces\t64px" in capsys.readouterr().out
+    consent = json.dumps(CONSENT)
+    argv = ["train", "ivy", "--identity", "ivy", "--steps", "6", "--batch-size", "2"]
+    argv += ["--lr", "0.001", "--consent", consent, "--watch", *target]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6" in out and "job succeeded" in out
+    assert main(["jobs", "list", *target]) == 0
+    assert "\tsucceeded\tidentity\tivy\tstep 6/6\tv1" in capsys.readouterr().out
+    assert main(["datasets", "delete", "ivy", *target]) == 0
