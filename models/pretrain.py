@@ -371,6 +371,9 @@ def _run(
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
         _load_state(ckpt, trainer)
+        if rank > 0:
+            # The checkpoint holds rank 0's sampler; the others must keep drawing their own.
+            trainer._gen.manual_seed(spec.seed + rank + 7919 * trainer.steps_done)
         run.event("message", message=f"resumed from the checkpoint at step {trainer.steps_done}")
     else:
         run.event("message", message=f"started: {spec.mode} on {device}, {world} process(es)")
