@@ -133,6 +133,14 @@ def through_server(
         str(store),
         "--metrics-port",
         "0",
+        # Loopback benchmark: no callers, no provenance marks (they are measured on their own
+        # in bench/watermark.py), no audit lines.
+        "--auth",
+        "off",
+        "--provenance",
+        "off",
+        "--audit-log",
+        "",
         "--torch-threads",
         str(threads),
         *extra,
