@@ -53,6 +53,21 @@ class FrameOutcome:
     timings: dict[str, float]
 
 
+def build_swapper(settings: Settings, pixel_device: str | None = None) -> fp.FaceSwapper:
+    """The detector and landmark predictor the settings name (loading them takes ~1 s)."""
+    options: dict[str, object] = {}
+    if settings.detector == "hog":
+        options["max_side"] = settings.detector_max_side
+        options["threshold"] = settings.detector_threshold
+    else:
+        options["onnx_path"] = settings.detector_model
+    return fp.FaceSwapper(
+        fp.make_detector(settings.detector, **options),
+        fp.LandmarkPredictor(settings.landmark_points),
+        device=pixel_device,
+    )
+
+
 class FramePipeline:
     """Detector and landmark predictor, built from settings on first use (loading them costs
     a second; a server that only sees aligned crops never pays it)."""
@@ -71,18 +86,7 @@ class FramePipeline:
     def swapper(self) -> fp.FaceSwapper:
         with self._lock:
             if self._swapper is None:
-                s = self.settings
-                options: dict[str, object] = {}
-                if s.detector == "hog":
-                    options["max_side"] = s.detector_max_side
-                    options["threshold"] = s.detector_threshold
-                else:
-                    options["onnx_path"] = s.detector_model
-                self._swapper = fp.FaceSwapper(
-                    fp.make_detector(s.detector, **options),
-                    fp.LandmarkPredictor(s.landmark_points),
-                    device=self.pixel_device,
-                )
+                self._swapper = build_swapper(self.settings, self.pixel_device)
             return self._swapper
 
     def tracker(self, detect_every: int) -> fp.FaceTracker:

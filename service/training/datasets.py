@@ -30,6 +30,7 @@ from facemux.models import faces as fp
 from facemux.models.checkpoint import atomic_write
 from facemux.models.errors import FacemuxError, NotFoundError
 from facemux.models.imageio import resize_square
+from facemux.service.frames import build_swapper
 from facemux.service.settings import Settings
 from facemux.service.store import now_iso, validate_name
 
@@ -147,17 +148,7 @@ class DatasetStore:
     def swapper(self) -> fp.FaceSwapper:
         with self._swapper_lock:
             if self._swapper is None:
-                s = self.settings
-                options: dict[str, object] = {}
-                if s.detector == "hog":
-                    options["max_side"] = s.detector_max_side
-                    options["threshold"] = s.detector_threshold
-                else:
-                    options["onnx_path"] = s.detector_model
-                self._swapper = fp.FaceSwapper(
-                    fp.make_detector(s.detector, **options),
-                    fp.LandmarkPredictor(s.landmark_points),
-                )
+                self._swapper = build_swapper(self.settings)
             return self._swapper
 
     def align(self, rgb: np.ndarray, aligned: bool, resolution: int) -> np.ndarray:
