@@ -236,6 +236,11 @@ def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
             assert final.state == tpb.JOB_STATE_SUCCEEDED, final.error
             assert final.step == 120
             assert c.get_identity("hana").versions[0].job_id == job.id
+        # The kill landed while the worker was writing checkpoints every 10 steps: every
+        # stored decoder still matches its recorded checksum.
+        from facemux.service.store import LocalStore
+
+        assert LocalStore(store).verify() == []
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
