@@ -18,7 +18,7 @@ from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.runtime import Runtime
 from facemux.service.settings import Settings
-from facemux.service.store import LocalStore, VersionRecord, now_iso
+from facemux.service.store import LocalStore, VersionRecord
 
 
 def rss_bytes() -> int:
@@ -45,16 +45,7 @@ def main() -> int:
             store.add_version(
                 name,
                 data,
-                VersionRecord(
-                    0,
-                    now_iso(),
-                    dmeta.fingerprint,
-                    meta.fingerprint,
-                    cfg.name,
-                    cfg.resolution,
-                    0,
-                    "",
-                ),
+                VersionRecord.for_decoder(dmeta),
             )
         rt = Runtime(
             Settings(store=Path(tmp), device=args.device, decoder_cache_count=args.identities),

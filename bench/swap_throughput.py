@@ -32,7 +32,7 @@ from facemux.client import FacemuxClient
 from facemux.models import checkpoint, inference
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
-from facemux.service.store import LocalStore, VersionRecord, now_iso
+from facemux.service.store import LocalStore, VersionRecord
 
 
 @dataclass
@@ -61,9 +61,7 @@ def make_store(root: Path, preset: str) -> None:
     store.add_version(
         "bench",
         data,
-        VersionRecord(
-            0, now_iso(), dmeta.fingerprint, meta.fingerprint, cfg.name, cfg.resolution, 0, ""
-        ),
+        VersionRecord.for_decoder(dmeta),
     )
 
 

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=100_000, help="training step cap")
     p.add_argument("--faces", type=int, default=1500, help="training faces per identity")
     p.add_argument("--batch", type=int, default=8, help="faces per identity per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (cosine decay)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -624,18 +624,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
 
         def register() -> tuple[IdentityRecord, int]:
             dmeta = self.runtime.validate_decoder_upload(data)
-            record = VersionRecord(
-                version=0,
-                created_at=now_iso(),
-                decoder_fingerprint=dmeta.fingerprint,
-                encoder_fingerprint=dmeta.encoder_fingerprint,
-                preset=dmeta.config.name,
-                resolution=dmeta.config.resolution,
-                size_bytes=len(data),
-                sha256="",
-                source="uploaded",
-                summary=dict(dmeta.summary),
-            )
+            record = VersionRecord.for_decoder(dmeta)
             rec = self.store.add_version(
                 meta.name,
                 data,

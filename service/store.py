@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from facemux.models.checkpoint import atomic_write, fsync_directory
+from facemux.models.checkpoint import DecoderMeta, atomic_write, fsync_directory
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
@@ -70,6 +70,29 @@ class VersionRecord:
     source: str = "uploaded"  # "uploaded" | "trained"
     job_id: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_decoder(
+        cls,
+        meta: DecoderMeta,
+        source: str = "uploaded",
+        job_id: str = "",
+        summary: dict[str, Any] | None = None,
+    ) -> VersionRecord:
+        """A record for a validated decoder; the store fills in number, size and sha256."""
+        return cls(
+            version=0,
+            created_at=now_iso(),
+            decoder_fingerprint=meta.fingerprint,
+            encoder_fingerprint=meta.encoder_fingerprint,
+            preset=meta.config.name,
+            resolution=meta.config.resolution,
+            size_bytes=0,
+            sha256="",
+            source=source,
+            job_id=job_id,
+            summary=dict(meta.summary) if summary is None else summary,
+        )
 
 
 @dataclass

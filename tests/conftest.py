@@ -54,7 +54,7 @@ CONSENT = {"attested_by": "qa@example.com", "evidence_ref": "TICKET-1", "granted
 
 
 def make_store(root: Path, models: Models, identities: tuple[str, ...] = ()) -> LocalStore:
-    from facemux.service.store import VersionRecord, now_iso
+    from facemux.service.store import VersionRecord
 
     store = LocalStore(root)
     store.put_encoder(models.encoder_bytes, models.fingerprint)
@@ -64,16 +64,7 @@ def make_store(root: Path, models: Models, identities: tuple[str, ...] = ()) -> 
         store.add_version(
             name,
             data,
-            VersionRecord(
-                version=0,
-                created_at=now_iso(),
-                decoder_fingerprint=meta.fingerprint,
-                encoder_fingerprint=meta.encoder_fingerprint,
-                preset=meta.config.name,
-                resolution=meta.config.resolution,
-                size_bytes=0,
-                sha256="",
-            ),
+            VersionRecord.for_decoder(meta),
             consent=dict(CONSENT),
         )
     return store

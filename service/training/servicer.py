@@ -26,7 +26,7 @@ from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
 from facemux.service.servicer import streaming, unary
 from facemux.service.settings import Settings
-from facemux.service.store import Store, VersionRecord, now_iso, validate_name
+from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import DatasetInfo, DatasetStore, rejection_reason
 from facemux.service.training.jobs import TERMINAL, JobManager, JobRecord
 from facemux.v1 import training_service_pb2 as tpb
@@ -126,15 +126,8 @@ class Training:
         for name, rel in dict(result.get("decoders", {})).items():
             data = (work / rel).read_bytes()
             _, meta = checkpoint.read_decoder(data)
-            vrec = VersionRecord(
-                version=0,
-                created_at=now_iso(),
-                decoder_fingerprint=meta.fingerprint,
-                encoder_fingerprint=meta.encoder_fingerprint,
-                preset=meta.config.name,
-                resolution=meta.config.resolution,
-                size_bytes=len(data),
-                sha256="",
+            vrec = VersionRecord.for_decoder(
+                meta,
                 source="trained",
                 job_id=rec.id,
                 summary={
