@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--stream-frames", type=int, default=60)
     p.add_argument("--device", default="auto")
+    p.add_argument("--gpu-jpeg", default="auto", help="auto, on or off (nvjpeg on CUDA)")
     args = p.parse_args()
     frames = {
         "640x480": jpeg(synthetic_frame(640, 480, 240)),
@@ -102,6 +103,8 @@ def main() -> int:
             "",
             "--device",
             args.device,
+            "--gpu-jpeg",
+            args.gpu_jpeg,
             "--detector-threshold",
             "-0.5",
         ]
@@ -128,7 +131,8 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
     print(
-        f"\npreset {args.preset}, {args.clients} clients, unary Swap for {args.seconds:.0f} s; "
+        f"\npreset {args.preset}, device {args.device}, gpu_jpeg {args.gpu_jpeg}, "
+        f"{args.clients} clients, unary Swap for {args.seconds:.0f} s; "
         f"one SwapStream of {args.stream_frames} frames; {os.cpu_count()} cores"
     )
     print(

@@ -150,7 +150,7 @@ def _to_rgb8(img: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
 
 
-def _check_complete(fmt: str, data: bytes) -> None:
+def check_complete(fmt: str, data: bytes) -> None:
     """Decoders fill a truncated file's missing rows with grey instead of failing, so a cut
     upload would be swapped silently: look for the format's end marker instead."""
     if fmt == "JPEG":
@@ -167,7 +167,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
     """Decode a JPEG/PNG/WebP file into RGB uint8, refusing oversized or broken files."""
     fmt, w, h = encoded_size(data)
     check_pixels(w, h, max_pixels)
-    _check_complete(fmt, data)
+    check_complete(fmt, data)
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:

@@ -46,6 +46,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,18 @@ def embed_watermark(
     down = np.tile(np.where(sign < 0, level, 0).astype(np.uint8), reps)[:h, :w]
     image = np.ascontiguousarray(rgb, dtype=np.uint8)
     return cv2.subtract(cv2.add(image, np.ascontiguousarray(up)), np.ascontiguousarray(down))
+
+
+def embed_watermark_t(rgb: Tensor, payload: bytes, strength: float = DEFAULT_STRENGTH) -> Tensor:
+    """``embed_watermark`` for a uint8 (3, H, W) tensor on any device (a frame that stays on
+    the GPU between nvjpeg decode and encode); the same pixels as the array version."""
+    h, w = rgb.shape[-2:]
+    level = min(255, round(strength))
+    sign = np.sign(_tile(TILE, TILE, payload)).astype(np.int16) * level
+    reps = (-(-h // TILE), -(-w // TILE))
+    delta = torch.from_numpy(np.tile(sign, reps)[:h, :w]).to(rgb.device)
+    # Saturating add, as cv2.add/subtract do on the host.
+    return (rgb.to(torch.int16) + delta).clamp_(0, 255).to(torch.uint8)
 
 
 @dataclass

@@ -45,13 +45,25 @@ def image_from_proto(msg: types_pb2.Image, max_pixels: int, what: str) -> imagei
         raise InvalidInputError(f"{what}: {exc}") from None
 
 
+def output_format(output: types_pb2.OutputOptions, input_format: str) -> str:
+    """The format an output is sent in: the one asked for, else the input's (PNG for raw)."""
+    return _FORMAT_NAMES.get(output.format) or ("PNG" if input_format == "RAW" else input_format)
+
+
+def output_quality(output: types_pb2.OutputOptions) -> int:
+    quality = output.quality or 95
+    if not 1 <= quality <= 100:
+        raise InvalidInputError(f"output quality {quality} is not in 1..100")
+    return quality
+
+
 def image_to_proto(
     rgb: np.ndarray,
     output: types_pb2.OutputOptions,
     input_format: str,
     alpha: np.ndarray | None = None,
 ) -> types_pb2.Image:
-    fmt = _FORMAT_NAMES.get(output.format) or ("PNG" if input_format == "RAW" else input_format)
+    fmt = output_format(output, input_format)
     if fmt == "RAW":
         layout = _LAYOUT_NAMES.get(output.raw_layout, "RGB8")
         h, w = rgb.shape[:2]
@@ -63,10 +75,7 @@ def image_to_proto(
                 data=imageio.to_raw(rgb, layout),
             )
         )
-    quality = output.quality or 95
-    if not 1 <= quality <= 100:
-        raise InvalidInputError(f"output quality {quality} is not in 1..100")
-    return types_pb2.Image(encoded=imageio.encode_image(rgb, fmt, quality, alpha))
+    return types_pb2.Image(encoded=imageio.encode_image(rgb, fmt, output_quality(output), alpha))
 
 
 def mask_to_proto(mask: np.ndarray) -> types_pb2.Image:

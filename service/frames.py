@@ -12,9 +12,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from facemux.models import faces as fp
-from facemux.models.errors import InvalidInputError, NotFoundError
-from facemux.models.imageio import DecodedImage
+from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
+from facemux.models.faces import gpu_codec
+from facemux.models.imageio import DecodedImage, sniff_format
 from facemux.models.networks import Decoder
 from facemux.service.scheduler import Item, Op, Scheduler
 from facemux.service.settings import Settings
@@ -51,6 +53,7 @@ class FrameOutcome:
     faces_swapped: int
     notes: list[str]
     timings: dict[str, float]
+    device_frame: torch.Tensor | None = None  # rgb, uint8 (3, H, W), on the GPU
 
 
 def build_swapper(settings: Settings, pixel_device: str | None = None) -> fp.FaceSwapper:
@@ -80,8 +83,33 @@ class FramePipeline:
         mode = settings.frame_pipeline
         use_tensor = mode == "tensor" or (mode == "auto" and device.startswith("cuda"))
         self.pixel_device: str | None = device if use_tensor else None
+        self.jpeg: gpu_codec.JpegCodec | None = None
+        if settings.gpu_jpeg != "off":
+            on_gpu = self.pixel_device is not None and self.pixel_device.startswith("cuda")
+            if on_gpu and gpu_codec.available(device):
+                self.jpeg = gpu_codec.JpegCodec(device)
+            elif settings.gpu_jpeg == "on":
+                raise PreconditionError(
+                    "gpu_jpeg is on but nvjpeg cannot run here: it needs the tensor frame "
+                    f"pipeline on a CUDA device (model device {device}) and torchvision "
+                    "installed beside torch; set gpu_jpeg to auto or off"
+                )
         self._swapper: fp.FaceSwapper | None = None
         self._lock = threading.Lock()
+
+    def decode_jpeg(self, data: bytes, max_pixels: int) -> tuple[DecodedImage, torch.Tensor] | None:
+        """A JPEG frame decoded by nvjpeg: the host copy the detector reads and the device
+        copy the pixel path works on. None when this frame goes to OpenCV instead (no
+        nvjpeg here, not a JPEG, or a JPEG nvjpeg cannot handle); bad files raise exactly
+        as the host decoder would."""
+        if self.jpeg is None or sniff_format(data) != "JPEG":
+            return None
+        try:
+            frame_t = self.jpeg.decode(data, max_pixels)
+        except gpu_codec.GpuCodecUnsupported:
+            return None
+        rgb = np.ascontiguousarray(frame_t.permute(1, 2, 0).cpu().numpy())
+        return DecodedImage(rgb=rgb, alpha=None, format="JPEG"), frame_t
 
     def swapper(self) -> fp.FaceSwapper:
         with self._lock:
@@ -143,6 +171,7 @@ class FramePipeline:
         resolution: int,
         deadline: float | None,
         tracker: fp.FaceTracker | None = None,
+        frame_t: torch.Tensor | None = None,
     ) -> FrameOutcome:
         rgb = image.rgb
         opts = self.options(o, resolution)
@@ -163,7 +192,7 @@ class FramePipeline:
             masks = None if result.masks is None else list(result.masks)
             return list(result.faces), masks
 
-        out = swapper.swap(rgb, swap_crops, opts, faces=found)
+        out = swapper.swap(rgb, swap_crops, opts, faces=found, frame_t=frame_t)
         if o.require_face and not out.faces:
             raise NotFoundError(
                 "no face was found in the frame and require_face is set; send a photo with a "
@@ -180,7 +209,7 @@ class FramePipeline:
                 f"{len(out.faces)} faces found; only the largest {opts.max_faces} were swapped "
                 f"(per-frame limit), {over} skipped"
             )
-        return FrameOutcome(out.frame, results, swapped, notes, timings)
+        return FrameOutcome(out.frame, results, swapped, notes, timings, out.device_frame)
 
     @staticmethod
     def _listed(o: spb.SwapOptions, found: list[fp.DetectedFace]) -> list[int]:

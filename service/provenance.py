@@ -14,9 +14,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 from facemux.models import imageio
 from facemux.models import provenance as prov
 from facemux.models.errors import InvalidInputError
+from facemux.models.faces.gpu_codec import JpegCodec
 from facemux.service import convert
 from facemux.service.settings import Settings
 from facemux.v1 import provenance_service_pb2 as ppb
@@ -75,14 +77,28 @@ class Provenance:
         source_type: str,
         alpha: np.ndarray | None = None,
         notes: list[str] | None = None,
+        device_rgb: torch.Tensor | None = None,
+        jpeg: JpegCodec | None = None,
     ) -> types_pb2.Image:
         """Watermark, encode and sign one output image.
 
         mark_id goes into the watermark payload (hashed to 32 bits); request_id into the
-        manifest. A raw output adds RAW_NOTE to `notes` (once)."""
-        if self.watermarks:
-            rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
-        img = convert.image_to_proto(rgb, output, input_format, alpha)
+        manifest. A raw output adds RAW_NOTE to `notes` (once). With ``device_rgb`` (the
+        same pixels, uint8 (3, H, W) on the GPU) and ``jpeg``, a JPEG output is marked and
+        encoded on the GPU by nvjpeg; the manifest is signed on the host either way."""
+        if (
+            device_rgb is not None
+            and jpeg is not None
+            and alpha is None
+            and convert.output_format(output, input_format) == "JPEG"
+        ):
+            if self.watermarks:
+                device_rgb = prov.embed_watermark_t(device_rgb, prov.payload_for(mark_id))
+            img = types_pb2.Image(encoded=jpeg.encode(device_rgb, convert.output_quality(output)))
+        else:
+            if self.watermarks:
+                rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
+            img = convert.image_to_proto(rgb, output, input_format, alpha)
         if self.signer is None:
             return img
         if img.WhichOneof("source") != "encoded":

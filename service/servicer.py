@@ -293,10 +293,20 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         """One full frame, synchronously (runs in a worker thread)."""
         resident = self._resolve(identity, version)
         t0 = time.perf_counter()
-        image = convert.image_from_proto(frame, self.settings.max_image_pixels, "frame")
+        on_gpu = None
+        if frame.WhichOneof("source") == "encoded":
+            try:
+                on_gpu = self.frames.decode_jpeg(frame.encoded, self.settings.max_image_pixels)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"frame: {exc}") from None
+        if on_gpu is not None:
+            image, frame_t = on_gpu
+        else:
+            image = convert.image_from_proto(frame, self.settings.max_image_pixels, "frame")
+            frame_t = None
         t1 = time.perf_counter()
         res = self.runtime.model_config().resolution
-        out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker)
+        out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker, frame_t)
         t2 = time.perf_counter()
         if out.faces_swapped:
             # Only frames with a face drawn by the model are synthetic and get marked; a
@@ -310,6 +320,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 source_type=prov.COMPOSITE,
                 alpha=image.alpha,
                 notes=out.notes,
+                device_rgb=out.device_frame,
+                jpeg=self.frames.jpeg,
             )
         else:
             encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)

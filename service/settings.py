@@ -84,6 +84,14 @@ class Settings:
         default="auto",
         metadata=_help("pixel ops for full frames: auto (tensor on CUDA), opencv or tensor"),
     )
+    gpu_jpeg: str = field(
+        default="auto",
+        metadata=_help(
+            "JPEG frames decoded/encoded by nvjpeg on the GPU: auto (when the tensor frame "
+            "pipeline runs on CUDA and torchvision is installed), on (fail at start without "
+            "it) or off"
+        ),
+    )
     precision: str = field(
         default="auto", metadata=_help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
     )
@@ -232,6 +240,8 @@ class Settings:
             problems.append(
                 f"frame_pipeline {self.frame_pipeline!r} must be auto, opencv or tensor"
             )
+        if self.gpu_jpeg not in ("auto", "on", "off"):
+            problems.append(f"gpu_jpeg {self.gpu_jpeg!r} must be auto, on or off")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision {self.precision!r} must be auto, fp32 or bf16")
         if self.compile not in ("off", "default", "reduce-overhead", "max-autotune"):

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import Models, face_image, make_store
+from facemux.client import FacemuxClient
+from facemux.models import imageio
+from facemux.models.errors import InvalidInputError
+from facemux.models.faces import gpu_codec
 from facemux.models.faces.tensor import from_uint8, paste_face_t, to_uint8, warp_crop_t
 from facemux.service.runtime import Runtime
 from facemux.service.scheduler import Item, Op, Scheduler
+from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from skimage import data
 
@@ -54,3 +59,46 @@ def test_tensor_pixel_path_same_on_cuda_and_cpu() -> None:
         for d in ("cpu", "cuda")
     ]
     assert np.abs(frames[0].astype(int) - frames[1].astype(int)).max() <= 1
+
+
+needs_nvjpeg = pytest.mark.skipif(
+    not gpu_codec.available("cuda"), reason="needs torchvision's nvjpeg ops"
+)
+
+
+@needs_nvjpeg
+def test_nvjpeg_decode_and_encode_agree_with_opencv() -> None:
+    photo = data.astronaut()
+    jpeg = imageio.encode_image(photo, "JPEG", 95)
+    host = imageio.decode_image(jpeg, 10_000_000).rgb
+    codec = gpu_codec.JpegCodec("cuda")
+    dev = codec.decode(jpeg, 10_000_000)
+    assert dev.is_cuda and dev.dtype == torch.uint8 and tuple(dev.shape) == (3, 512, 512)
+    diff = np.abs(dev.permute(1, 2, 0).cpu().numpy().astype(int) - host.astype(int))
+    assert diff.mean() < 1.0  # IDCT and upsampling differ by a grey level here and there
+    back = imageio.decode_image(codec.encode(dev, 95), 10_000_000).rgb
+    assert np.abs(back.astype(int) - host.astype(int)).mean() < 2.0
+    with pytest.raises(InvalidInputError, match="truncated"):
+        codec.decode(jpeg[: len(jpeg) // 2], 10_000_000)
+    with pytest.raises(InvalidInputError):
+        codec.decode(jpeg, 1000)  # over the pixel limit, refused before decoding
+
+
+@needs_nvjpeg
+def test_full_frame_swap_with_nvjpeg_matches_the_host_codec(tmp_path: Path, models: Models) -> None:
+    make_store(tmp_path / "store", models, ("alice",))
+    jpeg = imageio.encode_image(data.astronaut(), "JPEG", 95)
+    frames = []
+    for mode in ("on", "off"):
+        settings = Settings(
+            port=0, auth="off", store=tmp_path / "store", device="cuda", gpu_jpeg=mode
+        )
+        with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as client:
+            client.wait_ready(60)
+            res = client.swap_image(jpeg, "alice")
+            assert res.faces_swapped == 1
+            assert res.frame is not None and imageio.sniff_format(res.frame) == "JPEG"
+            frames.append(imageio.decode_image(res.frame, 10_000_000).rgb.astype(int))
+            report = client.verify(res.frame)
+            assert report.watermark_found
+    assert np.abs(frames[0] - frames[1]).mean() < 2.0

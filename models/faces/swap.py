@@ -122,6 +122,9 @@ class SwapResult:
     frame: U8  # same shape as the input (RGBA keeps its alpha)
     faces: list[FaceResult]
     timings: dict[str, float] = field(default_factory=dict)  # STAGES -> seconds
+    # The tensor path's result, RGB uint8 (3, H, W) still on the device: a GPU encoder
+    # takes it from there without another upload.
+    device_frame: torch.Tensor | None = None
 
 
 def _as_points(value: Any, what: str) -> NDArray[np.float64]:
@@ -227,6 +230,7 @@ class FaceSwapper:
         opts: SwapOptions,
         results: list[FaceResult],
         clock: _Clock,
+        frame_t: torch.Tensor | None,
     ) -> SwapResult:
         """The same steps as the OpenCV path, with the frame resident on ``self.device``:
         only the small aligned crops travel to the model and back."""
@@ -234,7 +238,10 @@ class FaceSwapper:
 
         assert self.device is not None
         size = opts.crop_size
-        frame_t = T.from_uint8(rgb, self.device)
+        if frame_t is None:
+            frame_t = T.from_uint8(rgb, self.device)
+        else:
+            frame_t = frame_t.to(self.device).float().div_(255.0)
         crops_t = [T.warp_crop_t(frame_t, m, size) for m in matrices]
         crops = [T.to_uint8(c) for c in crops_t]
         clock.lap("align")
@@ -258,12 +265,13 @@ class FaceSwapper:
         clock.lap("mask_colour")
         for face_t, soft_t, m in pastes:
             frame_t = T.paste_face_t(frame_t, face_t, soft_t, m)
+        out_t = T.to_uint8_t(frame_t)
         out = frame.copy()
-        out[..., :3] = T.to_uint8(frame_t)
+        out[..., :3] = out_t.permute(1, 2, 0).cpu().numpy()
         for r in chosen:
             r.swapped, r.skip_reason = True, None
         clock.lap("blend")
-        return SwapResult(out, results, clock.t)
+        return SwapResult(out, results, clock.t, device_frame=out_t)
 
     def find_faces(
         self,
@@ -312,10 +320,13 @@ class FaceSwapper:
         boxes: Any = None,
         landmarks: Any = None,
         faces: Sequence[DetectedFace] | None = None,
+        frame_t: torch.Tensor | None = None,
     ) -> SwapResult:
         """Swap the selected faces of ``frame`` (RGB or RGBA uint8). Caller ``boxes``
         ((n, 4)) skip detection, caller ``landmarks`` ((n, 5|68, 2)) skip detection and
-        landmark prediction, ``faces`` (e.g. from FaceTracker.track) are used as given."""
+        landmark prediction, ``faces`` (e.g. from FaceTracker.track) are used as given.
+        ``frame_t``: the same RGB pixels as uint8 (3, H, W), already on ``self.device``
+        (decoded there by nvjpeg), so the tensor path skips the upload."""
         opts = options or SwapOptions()
         opts.validate()
         check_rgb(frame)
@@ -336,7 +347,9 @@ class FaceSwapper:
         size = opts.crop_size
         matrices = [align_matrix(r.landmarks, size, opts.coverage, opts.y_offset) for r in chosen]
         if self.device is not None and opts.blend == "feather":
-            return self._swap_tensor(frame, rgb, chosen, matrices, swap_crops, opts, results, clock)
+            return self._swap_tensor(
+                frame, rgb, chosen, matrices, swap_crops, opts, results, clock, frame_t
+            )
         crops = [warp_crop(rgb, m, size) for m in matrices]
         clock.lap("align")
 

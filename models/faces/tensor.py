@@ -27,6 +27,7 @@ __all__ = [
     "paste_face_t",
     "rgb_to_lab",
     "to_uint8",
+    "to_uint8_t",
     "warp_crop_t",
 ]
 
@@ -37,9 +38,13 @@ def from_uint8(rgb: NDArray[np.uint8], device: torch.device | str = "cpu") -> Te
     return t.permute(2, 0, 1).float().div_(255.0)
 
 
+def to_uint8_t(t: Tensor) -> Tensor:
+    """(3, H, W) float in [0, 1] -> (3, H, W) uint8, rounded, on the same device."""
+    return t.clamp(0, 1).mul(255.0).add_(0.5).floor_().to(torch.uint8)
+
+
 def to_uint8(t: Tensor) -> NDArray[np.uint8]:
-    out = t.clamp(0, 1).mul(255.0).add_(0.5).floor_().to(torch.uint8)
-    return np.ascontiguousarray(out.permute(1, 2, 0).cpu().numpy())
+    return np.ascontiguousarray(to_uint8_t(t).permute(1, 2, 0).cpu().numpy())
 
 
 def _normaliser(h: int, w: int) -> NDArray[np.float64]:

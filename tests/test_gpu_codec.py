@@ -1,0 +1,107 @@
+"""The pieces of the nvjpeg frame path that run without a GPU: orientation and watermark as
+tensor ops (held to the host versions), the micro-batcher, the device-frame hand-over in the
+swapper, and the gpu_jpeg setting. nvjpeg itself is exercised in tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import Models, make_store
+from facemux.models import imageio
+from facemux.models import provenance as prov
+from facemux.models.errors import InvalidInputError, PreconditionError
+from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions, make_detector
+from facemux.models.faces.gpu_codec import MicroBatcher, apply_orientation_t, available
+from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
+from skimage import data
+
+PHOTO = data.astronaut()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_on_tensors_matches_the_host(orientation: int) -> None:
+    img = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    want = imageio.apply_orientation(img, orientation)
+    got = apply_orientation_t(torch.from_numpy(img).permute(2, 0, 1), orientation)
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), want)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 101), (480, 640)])
+def test_watermark_on_tensors_matches_the_host(shape: tuple[int, int]) -> None:
+    img = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    img[:4] = 0  # saturation at both ends, as cv2.add/subtract saturate
+    img[-4:] = 255
+    payload = prov.payload_for("request-1")
+    want = prov.embed_watermark(img, payload)
+    got = prov.embed_watermark_t(torch.from_numpy(img).permute(2, 0, 1), payload)
+    assert got.dtype == torch.uint8
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), want)
+
+
+def test_micro_batcher_groups_waiting_callers_and_fails_items_alone() -> None:
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def work(items: list[int]) -> list[int | BaseException]:
+        gate.wait(10)
+        calls.append(list(items))
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(work, max_batch=4, name="test-batcher")
+    first = batcher.submit(1)  # taken alone; holds the worker at the gate
+    time.sleep(0.2)
+    rest = [batcher.submit(i) for i in (2, -3, 4, 5, 6)]
+    gate.set()
+    assert first.result(10) == 10
+    assert [f.exception(10) is None for f in rest] == [True, False, True, True, True]
+    assert [f.result() for f in rest if f.exception() is None] == [20, 40, 50, 60]
+    assert "bad -3" in str(rest[1].exception())
+    # The five that queued while the first ran went in batches of at most four.
+    assert calls[0] == [1] and calls[1] == [2, -3, 4, 5] and calls[2] == [6]
+
+
+def test_micro_batcher_survives_a_function_that_raises() -> None:
+    def work(items: list[int]) -> list[int | BaseException]:
+        if 0 in items:
+            raise RuntimeError("boom")
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(work, max_batch=8, name="test-raise")
+    with pytest.raises(RuntimeError, match="boom"):
+        batcher(0)
+    assert batcher(7) == 7
+
+
+def test_swapper_takes_a_frame_already_on_the_device() -> None:
+    def model(crops: list[np.ndarray]) -> tuple[list[np.ndarray], None]:
+        return [np.ascontiguousarray(c[:, ::-1]) for c in crops], None
+
+    swapper = FaceSwapper(make_detector("hog"), LandmarkPredictor(5), device="cpu")
+    opts = SwapOptions(colour="reinhard")
+    uploaded = swapper.swap(PHOTO, model, opts)
+    given = swapper.swap(PHOTO, model, opts, frame_t=torch.from_numpy(PHOTO).permute(2, 0, 1))
+    assert [f.swapped for f in given.faces] == [True]
+    assert np.array_equal(given.frame, uploaded.frame)
+    assert given.device_frame is not None
+    assert np.array_equal(given.device_frame.permute(1, 2, 0).numpy(), given.frame)
+    assert not np.array_equal(given.frame, PHOTO)
+
+
+def test_gpu_jpeg_on_without_a_gpu_refuses_to_start(tmp_path: Path, models: Models) -> None:
+    if available("cuda"):
+        pytest.skip("nvjpeg is available here")
+    make_store(tmp_path / "store", models, ("alice",))
+    with pytest.raises(InvalidInputError, match="gpu_jpeg"):
+        Settings(gpu_jpeg="sometimes")
+    settings = Settings(port=0, auth="off", store=tmp_path / "store", gpu_jpeg="on")
+    with (
+        pytest.raises(PreconditionError, match="gpu_jpeg is on but nvjpeg cannot run here"),
+        ServerThread(settings),
+    ):
+        pass
