@@ -47,6 +47,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .config import ModelConfig, get_preset
 from .errors import InvalidInputError
+from .faces.mask import template_mask
 from .inference import pick_device
 from .networks import Decoder, Encoder, build_decoder, build_encoder
 from .trainer import Progress, TrainConfig, Trainer
@@ -54,6 +55,10 @@ from .trainer import Progress, TrainConfig, Trainer
 __all__ = ["MODES", "JobSpec", "read_events", "run_job", "validate_hyper_parameters"]
 
 MODES = ("identity", "pretrain")
+# What the reconstruction loss counts: "template" weighs only the face (an ellipse around the
+# mean aligned face, which is where the alignment puts every face), so the model spends its
+# capacity where a swap is pasted; "none" counts the whole crop.
+LOSS_MASKS = ("template", "none")
 MAX_STEPS = 10_000_000
 MAX_BATCH = 1024
 MAX_LR = 0.01
@@ -75,6 +80,7 @@ class JobSpec:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     parent_pid: int = 0  # stop (after a checkpoint) when this process is gone; 0 = never
+    loss_mask: str = "template"  # one of LOSS_MASKS
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -92,6 +98,10 @@ class JobSpec:
             )
         if self.mode == "pretrain":
             get_preset(self.preset)
+        if self.loss_mask not in LOSS_MASKS:
+            raise InvalidInputError(
+                f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}"
+            )
         validate_hyper_parameters(
             self.steps, self.batch_size, self.lr, self.encoder_lr, self.checkpoint_every
         )
@@ -367,7 +377,13 @@ def _run(
         log_every=spec.log_every,
         lr_schedule="cosine",
     )
-    trainer = Trainer(encoder, decoders, data, config, device=device)
+    masks = None
+    if spec.loss_mask == "template":
+        template = torch.from_numpy(
+            (template_mask(cfg.resolution) * 255 + 0.5).astype(np.uint8)
+        )
+        masks = {n: template.expand(len(faces), -1, -1) for n, faces in data.items()}
+    trainer = Trainer(encoder, decoders, data, config, device=device, masks=masks)
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
         _load_state(ckpt, trainer)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from facemux.models import checkpoint, synth
 from facemux.models.augment import (
     AugmentConfig,
     colour_jitter,
@@ -18,6 +20,7 @@ from facemux.models.augment import (
 )
 from facemux.models.config import ModelConfig, get_preset
 from facemux.models.errors import InvalidInputError, PreconditionError
+from facemux.models.faces.mask import template_mask
 from facemux.models.losses import (
     LossWeights,
     auto_ssim_window,
@@ -27,6 +30,7 @@ from facemux.models.losses import (
     ssim,
 )
 from facemux.models.networks import Decoder, Encoder, build_decoder, build_encoder
+from facemux.models.pretrain import JobSpec, prepare_work_dir, run_job
 from facemux.models.trainer import Progress, TrainConfig, Trainer
 
 
@@ -326,3 +330,36 @@ def test_cosine_schedule_anneals_to_the_floor() -> None:
     assert lrs == sorted(lrs, reverse=True)
     with pytest.raises(InvalidInputError, match="lr_schedule"):
         TrainConfig(steps=1, lr_schedule="sometimes")
+
+
+def test_template_loss_mask_trains_the_mask_head_on_the_face(tmp_path: Path) -> None:
+    """The default loss_mask counts the face only and teaches the decoder's mask head where
+    the face is; "none" counts the whole crop and leaves the mask head untrained."""
+    faces = synth.make_dataset(synth.identity_from_seed(3), 16, 64, seed=3)[0]
+    template = template_mask(64) > 0.5
+    ious = {}
+    for mode in ("template", "none"):
+        work = tmp_path / mode
+        spec = JobSpec(
+            mode="pretrain",
+            datasets=["ann"],
+            steps=40,
+            batch_size=8,
+            lr=2e-3,
+            log_every=20,
+            loss_mask=mode,
+        )
+        prepare_work_dir(work, spec, {"ann": faces})
+        result = run_job(work)
+        assert result["status"] == "succeeded"
+        encoder, _ = checkpoint.load_encoder((work / result["encoder"]).read_bytes())
+        decoder, _ = checkpoint.load_decoder((work / result["decoders"]["ann"]).read_bytes())
+        with torch.no_grad():
+            x = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255
+            mask = decoder(encoder(x))[1]
+        assert mask is not None
+        pred = mask.mean(0)[0].numpy() > 0.5
+        ious[mode] = (pred & template).sum() / max((pred | template).sum(), 1)
+    assert ious["template"] > 0.8 > ious["none"], ious
+    with pytest.raises(InvalidInputError, match="loss_mask"):
+        JobSpec(mode="pretrain", datasets=["ann"], loss_mask="hair").validate()
