@@ -1,6 +1,6 @@
 """Swap quality of the training path, against ground truth, on synthetic faces.
 
-    python bench/quality.py [--identities 4] [--pretrain-steps 500] [--identity-steps 500]
+    python bench/quality.py [--identities 4] [--pretrain-steps 3000] [--identity-steps 2000]
 
 1. Pretrain (facemux.models.pretrain, pretrain mode) a tiny encoder with one decoder per K
    synthetic identities.
@@ -10,8 +10,12 @@
    mask of the truth): SSIM and PSNR. Two baselines: the unswapped input (A in that state)
    and B's decoder fed a random other state of B (right person, wrong pose/expression).
    A swap "wins" a pair when its mean SSIM and PSNR both beat both baselines.
+4. For scale, each identity's own held-out faces through its own decoder (the ceiling a swap
+   could reach with this model and budget).
 
-The default run takes about 5-10 minutes on 2 CPU cores; it prints the table and a summary.
+Training goes through the same job entry point as the training service (template loss mask,
+cosine schedule). The default run takes about 12 minutes on 2 CPU cores; it prints the table
+and a summary line.
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ def to_images(x: torch.Tensor) -> np.ndarray:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--identities", type=int, default=4, help="K identities to pretrain on")
-    p.add_argument("--faces", type=int, default=128, help="training faces per identity")
-    p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--identity-steps", type=int, default=500)
+    p.add_argument("--faces", type=int, default=512, help="training faces per identity")
+    p.add_argument("--pretrain-steps", type=int, default=3000)
+    p.add_argument("--identity-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--loss-mask", default="template", choices=("template", "none"))
     p.add_argument("--held-out", type=int, default=16, help="test states per pair")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -69,9 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     train = {n: render_set(people[n], 1000 + i, args.faces) for i, n in enumerate(people)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        common = {"batch_size": args.batch, "lr": args.lr, "checkpoint_every": 100}
+        common = {
+            "batch_size": args.batch,
+            "lr": args.lr,
+            "checkpoint_every": 500,
+            "loss_mask": args.loss_mask,
+        }
         spec = JobSpec(
             mode="pretrain",
+            preset=args.preset,
             datasets=names,
             steps=args.pretrain_steps,
             log_every=50,
@@ -115,8 +127,13 @@ def main(argv: list[str] | None = None) -> None:
             return to_images(decoders[name](encoder(x))[0])
 
     rows = []
+    ceiling = {}
     for a in people:
         src = np.stack([r.image for r in rendered[a]])
+        own = run(a, src)
+        ceiling[a] = np.mean(
+            [masked_scores(own[i], r.image, r.mask) for i, r in enumerate(rendered[a])], axis=0
+        )
         for b in people:
             if a == b:
                 continue
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((a, b, mean, wins))
 
     print(
-        f"tiny preset; pretrain {k} identities x {args.faces} faces, {args.pretrain_steps} steps "
+        f"{args.preset} preset, lr {args.lr:g}, loss mask {args.loss_mask}; pretrain {k} "
+        f"identities x {args.faces} faces, {args.pretrain_steps} steps "
         f"({t_pre:.0f}s); {new} added in identity mode, {args.identity_steps} steps ({t_id:.0f}s); "
         f"{args.held_out} held-out states per pair; face-region SSIM / PSNR dB"
     )
@@ -149,7 +167,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{mean[k][0]:.3f}/{mean[k][1]:5.2f}" for k in ("swap", "input", "other_state")
         )
         print(f"{a + ' -> ' + b:22s} {cells}  {'yes' if wins else 'no'}")
+    print(
+        "own decoder (ceiling): "
+        + ", ".join(f"{n} {v[0]:.3f}/{v[1]:.2f}" for n, v in ceiling.items())
+    )
     frac = sum(r[3] for r in rows) / len(rows)
+    per_metric = {
+        f"{metric}_beats_{base}": round(
+            float(np.mean([r[2]["swap"][m] > r[2][base][m] for r in rows])), 3
+        )
+        for base in ("input", "other_state")
+        for m, metric in ((0, "ssim"), (1, "psnr"))
+    }
     to_new = [r for r in rows if r[1] == new]
     frac_new = sum(r[3] for r in to_new) / len(to_new)
     avg = {
@@ -161,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         "to_newcomer_fraction": round(frac_new, 3),
         "mean_ssim": {key: round(float(v[0]), 4) for key, v in avg.items()},
         "mean_psnr": {key: round(float(v[1]), 2) for key, v in avg.items()},
+        "own_decoder_mean": [
+            round(float(np.mean([v[0] for v in ceiling.values()])), 4),
+            round(float(np.mean([v[1] for v in ceiling.values()])), 2),
+        ],
+        "per_metric": per_metric,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(f"summary: {json.dumps(summary, sort_keys=True)}")

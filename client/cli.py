@@ -437,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", default="", help="pretrain: model preset")
     tr.add_argument("--steps", type=int, default=0, help="0 = server default")
     tr.add_argument("--batch-size", type=int, default=0)
-    tr.add_argument("--lr", type=float, default=0.0)
+    tr.add_argument(
+        "--lr", type=float, default=0.0, help="peak learning rate; 0 = server default (1e-3)"
+    )
     tr.add_argument("--encoder-lr", type=float, default=0.0, help="identity mode; 0 = frozen")
     tr.add_argument("--checkpoint-every", type=int, default=0)
     tr.add_argument("--seed", type=int, default=0)

@@ -47,6 +47,9 @@ class TrainConfig:
     # run ends sharper than at a constant rate.
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.02
+    # Linear ramp from ~0 to the full rate over the first steps: Adam's first updates, before
+    # its second-moment estimate settles, are what throw a high-lr run into saturation.
+    warmup_steps: int = 0
     autocast: bool = True  # bf16 autocast on CUDA; never used on CPU (far slower there)
     channels_last: bool = False
 
@@ -71,6 +74,8 @@ class TrainConfig:
             raise InvalidInputError(
                 f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
             )
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise InvalidInputError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise InvalidInputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -298,12 +303,14 @@ class Trainer:
 
     def _apply_schedule(self) -> None:
         cfg = self.config
-        if cfg.lr_schedule != "cosine" or cfg.steps <= 0:
-            return
-        progress = min(self.steps_done / cfg.steps, 1.0)
-        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
-            1 + math.cos(math.pi * progress)
-        )
+        factor = 1.0
+        if cfg.lr_schedule == "cosine" and cfg.steps > 0:
+            progress = min(self.steps_done / cfg.steps, 1.0)
+            factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+        if self.steps_done < cfg.warmup_steps:
+            factor *= (self.steps_done + 1) / (cfg.warmup_steps + 1)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor
 

@@ -332,6 +332,30 @@ def test_cosine_schedule_anneals_to_the_floor() -> None:
         TrainConfig(steps=1, lr_schedule="sometimes")
 
 
+def test_warmup_ramps_the_rate_then_hands_over_to_the_schedule() -> None:
+    cfg = get_preset("tiny")
+    imgs = torch.randint(0, 255, (8, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8)
+    for schedule in ("constant", "cosine"):
+        trainer = Trainer(
+            build_encoder(cfg, seed=0),
+            {"a": build_decoder(cfg, seed=1)},
+            {"a": imgs},
+            TrainConfig(steps=6, batch_size=2, lr=1e-3, lr_schedule=schedule, warmup_steps=3),
+        )
+        lrs = []
+        for _ in range(6):
+            trainer.step()
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        after = [
+            1.0 if schedule == "constant" else 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * k / 6))
+            for k in range(6)
+        ]
+        ramp = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+        assert lrs == pytest.approx([1e-3 * a * r for a, r in zip(after, ramp, strict=True)])
+    with pytest.raises(InvalidInputError, match="warmup_steps"):
+        TrainConfig(steps=1, warmup_steps=-1)
+
+
 def test_template_loss_mask_trains_the_mask_head_on_the_face(tmp_path: Path) -> None:
     """The default loss_mask counts the face only and teaches the decoder's mask head where
     the face is; "none" counts the whole crop and leaves the mask head untrained."""

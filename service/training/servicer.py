@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from facemux.models import checkpoint
 from facemux.models.errors import InvalidInputError, UnavailableError
-from facemux.models.pretrain import JobSpec, validate_hyper_parameters
+from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
 from facemux.service import convert
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
 from facemux.service.metrics import Metrics
@@ -47,7 +47,6 @@ _STATE_NAMES = {v: k for k, v in _STATES.items()}
 # Server defaults for zero-valued hyper-parameters.
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 16
-DEFAULT_LR = 5e-5
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
 
