@@ -10,6 +10,8 @@ export PYTHONUNBUFFERED=1
 # The machine brings its own CUDA torch (and torchvision, for nvjpeg); install the rest around
 # it. Offline GPU machines get the wheels bench/gpu_wheels.sh put in .whl/.
 if [ -d .whl ]; then
+  python3 -c 'import sys; assert sys.version_info[:2] == (3, 12)' \
+    || echo "warning: .whl/ holds Python 3.12 wheels but python3 is $(python3 -V)"
   python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
     --upgrade --target /tmp/facemux-site .whl/*.whl >"$out/pip.log" 2>&1 \
     || { echo "wheel install failed (see $out/pip.log)"; tail -5 "$out/pip.log"; }
@@ -33,7 +35,7 @@ run() {  # name, timeout seconds, command...
   echo "exit ${PIPESTATUS[0]}" >>"$out/$name.log"
 }
 
-run cuda_tests 120 python3 -m pytest -q -m cuda tests
+run cuda_tests 180 python3 -m pytest -q -m cuda tests
 run model_df128 150 python3 bench/model_throughput.py --preset df128 --device cuda \
   --batches 1,8,64,256 --seconds 2 --compile
 run swap_df128 150 python3 bench/swap_throughput.py --preset df128 --device cuda \

@@ -49,7 +49,7 @@ def concurrent_ms(fn: Callable[[int], object], n: int, clients: int) -> float:
 
 def bench_size(
     w: int, h: int, args: argparse.Namespace, codec: gpu_codec.JpegCodec | None
-) -> list[tuple[str, str, float, float]]:
+) -> list[tuple[str, str, float, float, int]]:
     rng = np.random.default_rng(0)
     # Smooth content with some detail: closer to video than noise (which JPEG hates).
     base = cv2.resize(rng.integers(0, 256, (h // 16, w // 16, 3), np.uint8), (w, h))
@@ -62,6 +62,7 @@ def bench_size(
             "OpenCV, 1 core",
             per_frame_ms(lambda: [imageio.decode_image(data, 10**8) for _ in range(n)], n),
             per_frame_ms(lambda: [imageio.encode_image(frame, "JPEG", q) for _ in range(n)], n),
+            len(imageio.encode_image(frame, "JPEG", q)),
         )
     ]
     if codec is None:
@@ -79,7 +80,8 @@ def bench_size(
         tvio.encode_jpeg([dev] * n, quality=q)
         torch.cuda.synchronize()
 
-    bare = (per_frame_ms(bare_decode, n), per_frame_ms(bare_encode, n))
+    nbytes = len(codec.encode(dev, q))  # 4:4:4 chroma: larger than OpenCV's 4:2:0
+    bare = (per_frame_ms(bare_decode, n), per_frame_ms(bare_encode, n), nbytes)
     rows.append((size, f"nvjpeg, one list of {n}", *bare))
     rows.append(
         (
@@ -87,6 +89,7 @@ def bench_size(
             f"nvjpeg, facemux codec, {args.clients} threads",
             concurrent_ms(lambda _i: codec.decode(data, 10**8), n, args.clients),
             concurrent_ms(lambda _i: codec.encode(dev, q), n, args.clients),
+            nbytes,
         )
     )
     rows.append(
@@ -95,6 +98,7 @@ def bench_size(
             "nvjpeg, facemux codec, 1 thread",
             per_frame_ms(lambda: [codec.decode(data, 10**8) for _ in range(n)], n),
             per_frame_ms(lambda: [codec.encode(dev, q) for _ in range(n)], n),
+            nbytes,
         )
     )
     return rows
@@ -109,10 +113,10 @@ def main() -> int:
     cv2.setNumThreads(1)
     codec = gpu_codec.JpegCodec("cuda", max_batch=64) if gpu_codec.available("cuda") else None
     rows = [r for w, h in ((640, 480), (1920, 1080)) for r in bench_size(w, h, args, codec)]
-    print(f"{'frame':10s} {'codec':40s} {'decode ms':>10s} {'encode ms':>10s}")
-    for size, name, d, e in rows:
-        print(f"{size:10s} {name:40s} {d:10.3f} {e:10.3f}")
-    summary = {f"{s} {n}": (round(d, 3), round(e, 3)) for s, n, d, e in rows}
+    print(f"{'frame':10s} {'codec':40s} {'decode ms':>10s} {'encode ms':>10s} {'file KB':>8s}")
+    for size, name, d, e, b in rows:
+        print(f"{size:10s} {name:40s} {d:10.3f} {e:10.3f} {b / 1024:8.0f}")
+    summary = {f"{s} {n}": (round(d, 3), round(e, 3)) for s, n, d, e, _ in rows}
     print(f"summary: per-frame (decode ms, encode ms) {summary}")
     return 0
 

@@ -153,8 +153,8 @@ def embed_watermark_t(rgb: Tensor, payload: bytes, strength: float = DEFAULT_STR
     h, w = rgb.shape[-2:]
     level = min(255, round(strength))
     sign = np.sign(_tile(TILE, TILE, payload)).astype(np.int16) * level
-    reps = (-(-h // TILE), -(-w // TILE))
-    delta = torch.from_numpy(np.tile(sign, reps)[:h, :w]).to(rgb.device)
+    tile = torch.from_numpy(sign).to(rgb.device)  # one tile travels, repeated on the device
+    delta = tile.repeat(-(-h // TILE), -(-w // TILE))[:h, :w]
     # Saturating add, as cv2.add/subtract do on the host.
     return (rgb.to(torch.int16) + delta).clamp_(0, 255).to(torch.uint8)
 

@@ -7,6 +7,7 @@ model callback through the batching scheduler, and turns its results into wire r
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from facemux.service.scheduler import Item, Op, Scheduler
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import types_pb2
+
+log = logging.getLogger(__name__)
 
 _SELECTION = {
     spb.FACE_SELECTION_UNSPECIFIED: "all",
@@ -86,14 +89,23 @@ class FramePipeline:
         self.jpeg: gpu_codec.JpegCodec | None = None
         if settings.gpu_jpeg != "off":
             on_gpu = self.pixel_device is not None and self.pixel_device.startswith("cuda")
+            why = ""
             if on_gpu and gpu_codec.available(device):
-                self.jpeg = gpu_codec.JpegCodec(device)
-            elif settings.gpu_jpeg == "on":
-                raise PreconditionError(
-                    "gpu_jpeg is on but nvjpeg cannot run here: it needs the tensor frame "
-                    f"pipeline on a CUDA device (model device {device}) and torchvision "
-                    "installed beside torch; set gpu_jpeg to auto or off"
+                try:
+                    self.jpeg = gpu_codec.JpegCodec(device)
+                except RuntimeError as exc:
+                    why = str(exc)
+            else:
+                why = (
+                    "it needs the tensor frame pipeline on a CUDA device (model device "
+                    f"{device}) and torchvision installed beside torch"
                 )
+            if self.jpeg is None and settings.gpu_jpeg == "on":
+                raise PreconditionError(
+                    f"gpu_jpeg is on but nvjpeg cannot run here: {why}; set gpu_jpeg to auto or off"
+                )
+            if self.jpeg is None and on_gpu:
+                log.warning("JPEG frames are decoded on the host: %s", why)
         self._swapper: fp.FaceSwapper | None = None
         self._lock = threading.Lock()
 
@@ -108,7 +120,7 @@ class FramePipeline:
             frame_t = self.jpeg.decode(data, max_pixels)
         except gpu_codec.GpuCodecUnsupported:
             return None
-        rgb = np.ascontiguousarray(frame_t.permute(1, 2, 0).cpu().numpy())
+        rgb = frame_t.permute(1, 2, 0).contiguous().cpu().numpy()
         return DecodedImage(rgb=rgb, alpha=None, format="JPEG"), frame_t
 
     def swapper(self) -> fp.FaceSwapper:

@@ -193,6 +193,12 @@ class Metrics:
             "Frames answered with a swapped face on SwapStream.",
             registry=r,
         )
+        self._codec = Counter(
+            "facemux_frame_codec_frames",
+            "Full frames decoded and encoded, by codec: nvjpeg on the GPU or host (OpenCV).",
+            ["op", "codec"],
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "facemux_stage_seconds",
             "Time per pipeline stage. Aligned crops, per request: preprocess (validate, "
@@ -256,6 +262,9 @@ class Metrics:
     def frames_swapped(self, n: int = 1) -> None:
         if n > 0:
             self._frames.inc(n)
+
+    def frame_codec(self, op: str, codec: str) -> None:
+        self._codec.labels(op, codec).inc()
 
     def stage_clock(self) -> StageClock:
         return StageClock(self.stage_seconds)

@@ -77,30 +77,62 @@ class Provenance:
         source_type: str,
         alpha: np.ndarray | None = None,
         notes: list[str] | None = None,
-        device_rgb: torch.Tensor | None = None,
-        jpeg: JpegCodec | None = None,
     ) -> types_pb2.Image:
         """Watermark, encode and sign one output image.
 
         mark_id goes into the watermark payload (hashed to 32 bits); request_id into the
-        manifest. A raw output adds RAW_NOTE to `notes` (once). With ``device_rgb`` (the
-        same pixels, uint8 (3, H, W) on the GPU) and ``jpeg``, a JPEG output is marked and
-        encoded on the GPU by nvjpeg; the manifest is signed on the host either way."""
-        if (
-            device_rgb is not None
-            and jpeg is not None
-            and alpha is None
-            and convert.output_format(output, input_format) == "JPEG"
-        ):
+        manifest. A raw output adds RAW_NOTE to `notes` (once)."""
+        if self.watermarks:
+            rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
+        img = convert.image_to_proto(rgb, output, input_format, alpha)
+        return self._sign(img, request_id, source_type, notes)
+
+    def output_on_device(
+        self,
+        rgb: torch.Tensor,
+        jpeg: JpegCodec,
+        output: types_pb2.OutputOptions,
+        input_format: str,
+        *,
+        mark_id: str,
+        request_id: str,
+        source_type: str,
+    ) -> types_pb2.Image | None:
+        """``output`` for a frame still on the GPU (uint8 (3, H, W)) when it leaves as JPEG:
+        marked and encoded there by nvjpeg, signed on the host. None when the output is not a
+        JPEG or nvjpeg failed: the caller then uses ``output`` with the host copy."""
+        if convert.output_format(output, input_format) != "JPEG":
+            return None
+        quality = convert.output_quality(output)
+        try:
             if self.watermarks:
-                device_rgb = prov.embed_watermark_t(device_rgb, prov.payload_for(mark_id))
-            img = types_pb2.Image(encoded=jpeg.encode(device_rgb, convert.output_quality(output)))
-        else:
-            if self.watermarks:
-                rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
-            img = convert.image_to_proto(rgb, output, input_format, alpha)
+                rgb = prov.embed_watermark_t(rgb, prov.payload_for(mark_id))
+            data = jpeg.encode(rgb, quality)
+        except Exception:
+            log.exception("nvjpeg encode failed; this frame is encoded on the host")
+            return None
+        return self._sign(types_pb2.Image(encoded=data), request_id, source_type, None)
+
+    def _sign(
+        self,
+        img: types_pb2.Image,
+        request_id: str,
+        source_type: str,
+        notes: list[str] | None,
+    ) -> types_pb2.Image:
         if self.signer is None:
             return img
+        if img.WhichOneof("source") != "encoded":
+            if notes is not None and RAW_NOTE not in notes:
+                notes.append(RAW_NOTE)
+            return img
+        fmt = imageio.sniff_format(img.encoded) or "PNG"
+        request_id = request_id[:128]  # caller-chosen: bound what goes into the manifest
+        title = f"facemux-{request_id}.{fmt.lower()}"
+        img.encoded = self.signer.sign(
+            img.encoded, fmt, source_type, title, request_id, self.version
+        )
+        return img
         if img.WhichOneof("source") != "encoded":
             if notes is not None and RAW_NOTE not in notes:
                 notes.append(RAW_NOTE)

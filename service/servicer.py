@@ -308,22 +308,31 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         res = self.runtime.model_config().resolution
         out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker, frame_t)
         t2 = time.perf_counter()
+        self.metrics.frame_codec("decode", "nvjpeg" if frame_t is not None else "host")
         if out.faces_swapped:
             # Only frames with a face drawn by the model are synthetic and get marked; a
             # frame returned unchanged (no face found) is the caller's own image.
-            encoded = self.provenance.output(
-                out.rgb,
-                output,
-                image.format,
-                mark_id=mark_id or request_id,
-                request_id=request_id,
-                source_type=prov.COMPOSITE,
-                alpha=image.alpha,
-                notes=out.notes,
-                device_rgb=out.device_frame,
-                jpeg=self.frames.jpeg,
-            )
+            marks = {
+                "mark_id": mark_id or request_id,
+                "request_id": request_id,
+                "source_type": prov.COMPOSITE,
+            }
+            encoded = None
+            if (
+                out.device_frame is not None
+                and self.frames.jpeg is not None
+                and image.alpha is None
+            ):
+                encoded = self.provenance.output_on_device(
+                    out.device_frame, self.frames.jpeg, output, image.format, **marks
+                )
+            self.metrics.frame_codec("encode", "host" if encoded is None else "nvjpeg")
+            if encoded is None:
+                encoded = self.provenance.output(
+                    out.rgb, output, image.format, alpha=image.alpha, notes=out.notes, **marks
+                )
         else:
+            self.metrics.frame_codec("encode", "host")
             encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
         out.timings["decode"] = t1 - t0
         out.timings["encode"] = time.perf_counter() - t2

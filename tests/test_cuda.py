@@ -101,4 +101,11 @@ def test_full_frame_swap_with_nvjpeg_matches_the_host_codec(tmp_path: Path, mode
             frames.append(imageio.decode_image(res.frame, 10_000_000).rgb.astype(int))
             report = client.verify(res.frame)
             assert report.watermark_found
+            assert srv.app is not None
+            codec = "nvjpeg" if mode == "on" else "host"
+            for op in ("decode", "encode"):
+                n = srv.app.metrics.registry.get_sample_value(
+                    "facemux_frame_codec_frames_total", {"op": op, "codec": codec}
+                )
+                assert n == 1, (op, codec, n)
     assert np.abs(frames[0] - frames[1]).mean() < 2.0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Models, make_store
+from facemux.client import FacemuxClient
 from facemux.models import imageio
 from facemux.models import provenance as prov
 from facemux.models.errors import InvalidInputError, PreconditionError
@@ -105,3 +106,18 @@ def test_gpu_jpeg_on_without_a_gpu_refuses_to_start(tmp_path: Path, models: Mode
         ServerThread(settings),
     ):
         pass
+
+
+def test_frames_count_the_codec_that_handled_them(
+    server: ServerThread, client: FacemuxClient
+) -> None:
+    photo = imageio.encode_image(PHOTO, "JPEG", 95)
+    res = client.swap_image(photo, "alice")
+    assert res.faces_swapped == 1
+    assert server.app is not None
+    registry = server.app.metrics.registry
+    for op in ("decode", "encode"):
+        labels = {"op": op, "codec": "host"}  # no GPU here: OpenCV on the host
+        assert registry.get_sample_value("facemux_frame_codec_frames_total", labels) == 1
+        labels["codec"] = "nvjpeg"
+        assert registry.get_sample_value("facemux_frame_codec_frames_total", labels) is None

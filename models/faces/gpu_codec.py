@@ -96,14 +96,18 @@ class MicroBatcher(Generic[In, Out]):
         self._thread.start()
 
     def submit(self, item: In) -> Future[Out]:
+        if not self._thread.is_alive():
+            raise RuntimeError(f"{self._thread.name} has stopped")
         fut: Future[Out] = Future()
         with self._cv:
             self._items.append((item, fut))
             self._cv.notify()
         return fut
 
-    def __call__(self, item: In) -> Out:
-        return self.submit(item).result()
+    def __call__(self, item: In, timeout: float | None = 60.0) -> Out:
+        # A GPU that stops answering fails the call (INTERNAL) instead of holding a request
+        # thread forever.
+        return self.submit(item).result(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -113,11 +117,13 @@ class MicroBatcher(Generic[In, Out]):
                 batch, self._items = self._items[: self._max], self._items[self._max :]
             try:
                 results = self._fn([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} items")
             except BaseException as exc:  # one bad batch fails its callers, not the thread
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
+                results = [exc] * len(batch)
             for (_, fut), res in zip(batch, results, strict=True):
+                if fut.done():  # cannot happen today; never let it kill the worker
+                    continue
                 if isinstance(res, BaseException):
                     fut.set_exception(res)
                 else:
@@ -128,16 +134,31 @@ class JpegCodec:
     """nvjpeg decode to, and encode from, uint8 (3, H, W) tensors on one CUDA device."""
 
     def __init__(self, device: str | torch.device, max_batch: int = 32) -> None:
+        """Raises RuntimeError when nvjpeg cannot run here: torchvision's Python functions
+        can import while its compiled image ops (or their nvjpeg build) are missing, so one
+        small image is encoded and decoded before the codec is trusted."""
         if not available(device):
             raise RuntimeError(f"nvjpeg is not available on {device} (needs CUDA and torchvision)")
         self.device = torch.device(device)
         self._io = _torchvision_io()
+        probe = torch.zeros((3, 16, 16), dtype=torch.uint8, device=self.device)
+        try:
+            data = self._encode_batch([(probe, 90)])[0]
+            if isinstance(data, BaseException):
+                raise data
+            back = self._decode_batch([data])[0]
+            if isinstance(back, BaseException):
+                raise back
+        except Exception as exc:
+            raise RuntimeError(f"nvjpeg self-test failed on {device}: {exc}") from exc
+        self.frames_decoded = 0  # counters for tests and benchmarks
+        self.frames_encoded = 0
         self._decoder: MicroBatcher[bytes, Tensor] = MicroBatcher(
             self._decode_batch, max_batch, "facemux-nvjpeg-decode"
         )
-        self._encoders: dict[int, MicroBatcher[Tensor, bytes]] = {}
-        self._max_batch = max_batch
-        self._lock = threading.Lock()
+        self._encoder: MicroBatcher[tuple[Tensor, int], bytes] = MicroBatcher(
+            self._encode_batch, max_batch, "facemux-nvjpeg-encode"
+        )
 
     # -- decode ------------------------------------------------------------------------------
 
@@ -152,41 +173,54 @@ class JpegCodec:
         img = self._decoder(data)
         if tuple(img.shape) != (3, h, w):
             raise GpuCodecUnsupported(f"nvjpeg decoded {tuple(img.shape)} for a {w}x{h} header")
+        self.frames_decoded += 1
         return apply_orientation_t(img, imageio.jpeg_orientation(data))
 
     def _decode_batch(self, blobs: list[bytes]) -> list[Tensor | BaseException]:
         tvio = self._io
         rgb = tvio.ImageReadMode.RGB
         inputs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        # nvjpeg writes its output from its own stream: memory the caching allocator just
+        # handed back may still be read by kernels queued on ours, so let those finish.
+        torch.cuda.current_stream(self.device).synchronize()
         try:
             return list(tvio.decode_jpeg(inputs, mode=rgb, device=self.device))
-        except RuntimeError:
+        except Exception:
             pass  # one file nvjpeg rejects fails the whole list: find it one by one
         out: list[Tensor | BaseException] = []
         for t in inputs:
             try:
                 out.append(tvio.decode_jpeg(t, mode=rgb, device=self.device))
-            except RuntimeError as exc:
+            except Exception as exc:
                 out.append(GpuCodecUnsupported(f"nvjpeg: {exc}"))
         return out
 
     # -- encode ------------------------------------------------------------------------------
 
     def encode(self, rgb: Tensor, quality: int) -> bytes:
-        """uint8 (3, H, W) on the device -> JPEG bytes."""
+        """uint8 (3, H, W) on the device -> JPEG bytes (4:4:4: nvjpeg through torchvision
+        keeps full-resolution chroma, so files are larger than OpenCV's 4:2:0 at the same
+        quality)."""
         if rgb.dtype != torch.uint8 or rgb.dim() != 3 or rgb.shape[0] != 3:
             raise ValueError(f"encode needs uint8 (3, H, W), got {rgb.dtype} {tuple(rgb.shape)}")
-        with self._lock:
-            enc = self._encoders.get(quality)
-            if enc is None:
-                # nvjpeg takes one quality per call: a batcher per quality level in use.
-                enc = self._encoders[quality] = MicroBatcher(
-                    functools.partial(self._encode_batch, quality=quality),
-                    self._max_batch,
-                    f"facemux-nvjpeg-encode-q{quality}",
-                )
-        return enc(rgb.contiguous())
+        out = self._encoder((rgb.contiguous(), quality))
+        self.frames_encoded += 1
+        return out
 
-    def _encode_batch(self, frames: list[Tensor], quality: int) -> list[bytes | BaseException]:
-        out = self._io.encode_jpeg(frames, quality=quality)
-        return [np.asarray(t.cpu()).tobytes() for t in out]
+    def _encode_batch(self, items: list[tuple[Tensor, int]]) -> list[bytes | BaseException]:
+        # Older torchvision releases read the input without waiting for the caller's stream
+        # (the watermark kernels may still be running): wait for them here.
+        torch.cuda.current_stream(self.device).synchronize()
+        out: list[bytes | BaseException] = [RuntimeError("not encoded")] * len(items)
+        by_quality: dict[int, list[int]] = {}
+        for i, (_, q) in enumerate(items):
+            by_quality.setdefault(q, []).append(i)
+        for q, idx in by_quality.items():  # nvjpeg takes one quality per call
+            try:
+                encoded = self._io.encode_jpeg([items[i][0] for i in idx], quality=q)
+                for i, t in zip(idx, encoded, strict=True):
+                    out[i] = np.asarray(t.cpu()).tobytes()
+            except Exception as exc:
+                for i in idx:
+                    out[i] = exc
+        return out

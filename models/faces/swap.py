@@ -267,7 +267,7 @@ class FaceSwapper:
             frame_t = T.paste_face_t(frame_t, face_t, soft_t, m)
         out_t = T.to_uint8_t(frame_t)
         out = frame.copy()
-        out[..., :3] = out_t.permute(1, 2, 0).cpu().numpy()
+        out[..., :3] = out_t.permute(1, 2, 0).contiguous().cpu().numpy()
         for r in chosen:
             r.swapped, r.skip_reason = True, None
         clock.lap("blend")
