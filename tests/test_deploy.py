@@ -497,7 +497,12 @@ def test_dockerfile_structure() -> None:
     assert uid.isdigit() and int(uid) != 0, user
     health = next(ln for ln in instructions if ln.startswith("HEALTHCHECK "))
     assert "facemux health" in health
-    assert 'pip install ".[server]"' in text
+    assert 'pip install ".[server,gpu]"' in text
+    # torchvision (nvjpeg) is the release built for the pinned torch: 2.N pairs with 0.(N+15).
+    torch_minor = re.search(r'ARG TORCH_SPEC="torch==2\.(\d+)\.', text)
+    vision_minor = re.search(r'ARG VISION_SPEC="torchvision==0\.(\d+)\.', text)
+    assert torch_minor and vision_minor
+    assert int(vision_minor.group(1)) == int(torch_minor.group(1)) + 15
     # The torch pin is the one .ci/setup installs.
     setup_pin = re.search(r"TORCH_SPEC:-(torch==[\d.]+)", (ROOT / ".ci" / "setup").read_text())
     assert setup_pin and f'ARG TORCH_SPEC="{setup_pin.group(1)}"' in text
