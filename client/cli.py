@@ -66,6 +66,7 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     import asyncio
     import logging
 
+    from facemux.models.errors import FacemuxError
     from facemux.service.server import serve
     from facemux.service.settings import parse_settings
 
@@ -74,7 +75,11 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except FacemuxError as exc:  # a setting this machine cannot honour: say which, no trace
+        print(f"facemux serve: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,6 +4,8 @@ swapper, and the gpu_jpeg setting. nvjpeg itself is exercised in tests/test_cuda
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -121,3 +123,14 @@ def test_frames_count_the_codec_that_handled_them(
         assert registry.get_sample_value("facemux_frame_codec_frames_total", labels) == 1
         labels["codec"] = "nvjpeg"
         assert registry.get_sample_value("facemux_frame_codec_frames_total", labels) is None
+
+
+def test_serve_says_why_it_cannot_start(tmp_path: Path) -> None:
+    if available("cuda"):
+        pytest.skip("nvjpeg is available here")
+    cmd = [sys.executable, "-m", "facemux.client.cli", "serve", "--auth", "off", "--port", "0"]
+    cmd += ["--metrics-port", "-1", "--store", str(tmp_path / "store"), "--gpu-jpeg", "on"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "facemux serve: cannot start: gpu_jpeg is on but nvjpeg cannot run" in done.stderr
+    assert "Traceback" not in done.stderr
