@@ -272,9 +272,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(c: FacemuxClient, job_id: str) -> int:
+def _watch(c: FacemuxClient, job_id: str, replay: bool = False) -> int:
     last = None
-    for ev in c.watch_job(job_id):
+    for ev in c.watch_job(job_id, replay=replay):
         last = ev.job
         losses = " ".join(f"{k} {v:.4f}" for k, v in sorted(ev.losses.items()))
         note = f"  {ev.message}" if ev.message else ""
@@ -311,7 +311,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         elif args.action == "get":
             _print_json(MessageToDict(c.get_job(args.id)))
         elif args.action == "watch":
-            return _watch(c, args.id)
+            return _watch(c, args.id, args.replay)
         elif args.action == "cancel":
             print(_job_line(c.cancel_job(args.id)))
     return 0
@@ -455,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = jb.add_subparsers(dest="action", required=True)
     jsub.add_parser("list", parents=[conn])
     for action in ("get", "watch", "cancel"):
-        jsub.add_parser(action, parents=[conn]).add_argument("id")
+        jp = jsub.add_parser(action, parents=[conn])
+        jp.add_argument("id")
+        if action == "watch":
+            jp.add_argument("--replay", action="store_true", help="print every past event first")
     return p
 
 

@@ -536,12 +536,13 @@ class FacemuxClient:
         return self._call(self.training_stub.Train, req).job
 
     def watch_job(
-        self, job_id: str, timeout: float | None = None
+        self, job_id: str, timeout: float | None = None, replay: bool = False
     ) -> Iterator[tpb.WatchJobResponse]:
         """Progress events until the job ends (re-attach any time; stopping to read does not
-        stop the job). ``timeout`` bounds the whole stream; None = no bound."""
+        stop the job). ``replay``: every past event first. ``timeout`` bounds the whole
+        stream; None = no bound."""
         call = self.training_stub.WatchJob(
-            tpb.WatchJobRequest(id=job_id), timeout=timeout, metadata=self.metadata
+            tpb.WatchJobRequest(id=job_id, replay=replay), timeout=timeout, metadata=self.metadata
         )
         try:
             yield from call

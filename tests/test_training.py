@@ -107,8 +107,17 @@ def test_upload_train_watch_swap(trainer_server: FacemuxClient) -> None:
     swapped = c.swap_faces([png(faces(8, 1)[0])], identity="dave")
     assert swapped.faces_swapped == 1 and swapped.identity_version == 1
     assert [j.id for j in c.list_jobs([tpb.JOB_STATE_SUCCEEDED])] == [job.id]
-    # Re-attaching to a finished job answers at once with its final state.
-    assert [e.job.state for e in c.watch_job(job.id, timeout=10)][-1] == tpb.JOB_STATE_SUCCEEDED
+    # Re-attaching to a finished job answers at once with its final state...
+    again = list(c.watch_job(job.id, timeout=10))
+    assert len(again) == 1 and again[0].job.state == tpb.JOB_STATE_SUCCEEDED
+    # ...or, with replay, with its whole history first: the same progress steps and losses
+    # the live watcher saw, then the final state.
+    replayed = list(c.watch_job(job.id, timeout=10, replay=True))
+    assert replayed[-1].job.state == tpb.JOB_STATE_SUCCEEDED
+    steps = [e.job.step for e in replayed if e.losses]
+    assert steps == sorted(steps) and steps[-1] == 20
+    assert [dict(e.losses) for e in replayed if e.losses][-1] == dict(progress[-1].losses)
+    assert any("checkpoint" in e.message for e in replayed)
 
 
 def test_upload_photos_are_detected_and_aligned(trainer_server: FacemuxClient) -> None:
@@ -276,4 +285,10 @@ def test_cli_datasets_train_jobs(
     assert "step 6/6" in out and "job succeeded" in out
     assert main(["jobs", "list", *target]) == 0
     assert "\tsucceeded\tidentity\tivy\tstep 6/6\tv1" in capsys.readouterr().out
+    job_id = trainer_server.list_jobs()[0].id
+    assert main(["jobs", "watch", job_id, *target]) == 0
+    assert capsys.readouterr().out.count("\n") == 1  # the job as it is now
+    assert main(["jobs", "watch", "--replay", job_id, *target]) == 0
+    replayed = capsys.readouterr().out
+    assert "started: identity" in replayed and "step 6/6" in replayed
     assert main(["datasets", "delete", "ivy", *target]) == 0

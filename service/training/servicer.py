@@ -337,9 +337,15 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         job runs in its own process, so a watcher that disconnects changes nothing."""
         jobs = self.training.jobs
         rec = await asyncio.to_thread(jobs.get, request.id)
-        offset = 0
-        # Skip the history: a re-attaching watcher wants the present, not a replay.
-        _, offset = await asyncio.to_thread(jobs.events, rec.id, 0)
+        # Without replay the history is skipped: a re-attaching watcher wants the present.
+        history, offset = await asyncio.to_thread(jobs.events, rec.id, 0)
+        if request.replay:
+            for ev in history:
+                msg = tpb.WatchJobResponse(job=job_to_proto(rec))
+                _fill(msg, ev)
+                if ev.get("type") == "progress":
+                    msg.job.step = int(ev.get("step", msg.job.step))
+                yield msg
         first = tpb.WatchJobResponse(job=job_to_proto(rec))
         latest = await asyncio.to_thread(jobs.latest_progress, rec.id)
         if latest:

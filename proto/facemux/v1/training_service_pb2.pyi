@@ -169,10 +169,12 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., mode: _Optional[_Union[TrainMode, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., identity: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., result_version: _Optional[int] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "replay")
     ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    replay: bool
+    def __init__(self, id: _Optional[str] = ..., replay: _Optional[bool] = ...) -> None: ...
 
 class WatchJobResponse(_message.Message):
     __slots__ = ("job", "losses", "examples_per_second", "eta_seconds", "preview", "message")
