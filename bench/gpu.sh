@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the CUDA tests and the GPU benchmarks, then one summary table.
-# Budget: under 8 minutes on an H100/H200.   Usage: bash bench/gpu.sh [outdir]
+# The CUDA tests and the GPU benchmarks on a GPU machine, then one summary table.
+#
+#   bash bench/gpu.sh [outdir] [phase]     phase: all (default), train or serve
+#
+# train (about 6 minutes on an H100): the CUDA tests, beside three swap-quality runs sized to
+#   the same time budget (tiny at batch 32, original64 at two learning rates, sharing the GPU),
+#   then training throughput, job against bare step, on its own.
+# serve (about 6 minutes): model and Swap throughput, frames with nvjpeg on and off, memory.
+# A session with a short GPU lease runs the two phases as two calls on the same machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/facemux-gpu}}
-mkdir -p "$out"
+phase=${2:-all}
+# Logs are written aside and packed into one archive in $out after every step, since a GPU
+# lease may bring back only a few files, and only what is in $out when it ends.
+log=${TMPDIR:-/tmp}/facemux-gpu-$phase
+mkdir -p "$out" "$log"
+pack() { tar -C "$log" -czf "$out/gpu-$phase-logs.tar.gz" . 2>/dev/null; }
 export PYTHONUNBUFFERED=1
 
 # The machine brings its own CUDA torch (and torchvision, for nvjpeg); install the rest around
@@ -13,43 +25,66 @@ if [ -d .whl ]; then
   python3 -c 'import sys; assert sys.version_info[:2] == (3, 12)' \
     || echo "warning: .whl/ holds Python 3.12 wheels but python3 is $(python3 -V)"
   python3 -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-    --upgrade --target /tmp/facemux-site .whl/*.whl >"$out/pip.log" 2>&1 \
-    || { echo "wheel install failed (see $out/pip.log)"; tail -5 "$out/pip.log"; }
+    --upgrade --target /tmp/facemux-site .whl/*.whl >"$log/pip.log" 2>&1 \
+    || { echo "wheel install failed (see pip.log in the archive)"; tail -5 "$log/pip.log"; }
   cp -r .whl/site/. /tmp/facemux-site/
   export PYTHONPATH=/tmp/facemux-site${PYTHONPATH:+:$PYTHONPATH}
   python3 -m pip install -q --disable-pip-version-check --no-index --no-deps \
-    --no-build-isolation -e . >>"$out/pip.log" 2>&1 \
-    || { echo "facemux install failed (see $out/pip.log)"; tail -5 "$out/pip.log"; }
+    --no-build-isolation -e . >>"$log/pip.log" 2>&1 \
+    || { echo "facemux install failed (see pip.log in the archive)"; tail -5 "$log/pip.log"; }
 else
-  python3 -m pip install -q --disable-pip-version-check -e ".[server,dev]" >"$out/pip.log" 2>&1 \
-    || { echo "pip install failed (see $out/pip.log)"; tail -5 "$out/pip.log"; }
+  python3 -m pip install -q --disable-pip-version-check -e ".[server,dev]" >"$log/pip.log" 2>&1 \
+    || { echo "pip install failed (see pip.log in the archive)"; tail -5 "$log/pip.log"; }
 fi
 python3 -c "import torch, facemux.service.server as s; print('torch', torch.__version__, \
-  'cuda', torch.cuda.is_available())" || echo "facemux does not import: see $out/pip.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  'cuda', torch.cuda.is_available())" || echo "facemux does not import: see pip.log in the archive"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$log/gpu.txt"
 
 run() {  # name, timeout seconds, command...
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  echo "exit ${PIPESTATUS[0]}" >>"$out/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee "$log/$name.log"
+  echo "exit ${PIPESTATUS[0]}" >>"$log/$name.log"
+  pack
 }
 
-run cuda_tests 180 python3 -m pytest -q -m cuda tests
-run model_df128 150 python3 bench/model_throughput.py --preset df128 --device cuda \
-  --batches 1,8,64,256 --seconds 2 --compile
-run swap_df128 150 python3 bench/swap_throughput.py --preset df128 --device cuda \
-  --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
-run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
-  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
-run frames 60 python3 bench/frame_stages.py
-run jpeg 60 python3 bench/jpeg_codec.py --frames 64 --clients 16
-run frames_nvjpeg 75 python3 bench/frame_throughput.py --device cuda --gpu-jpeg on \
-  --clients 16 --seconds 5 --stream-frames 100
-run frames_hostjpeg 75 python3 bench/frame_throughput.py --device cuda --gpu-jpeg off \
-  --clients 16 --seconds 5 --stream-frames 100
-run memory 60 python3 bench/memory.py --preset df128 --identities 8 --device cuda
+quality() {  # name, preset, batch, lr: one swap-quality recipe in the background
+  timeout 330 python3 bench/quality.py --device cuda --budget-seconds "${QUALITY_SECONDS:-200}" \
+    --preset "$2" --batch "$3" --lr "$4" >"$log/quality_$1.log" 2>&1 &
+}
 
-echo
-echo "== summary ($(head -1 "$out/gpu.txt"), $(date -u +%Y-%m-%d))"
-grep -h "^summary\|passed\|failed" "$out"/*.log
+if [ "$phase" = all ] || [ "$phase" = train ]; then
+  quality tiny_b32 tiny 32 2e-3
+  quality orig_lr5e-4 original64 16 5e-4
+  quality orig_lr2e-4 original64 16 2e-4
+  run cuda_tests 180 python3 -m pytest -q -m cuda tests
+  wait
+  for f in "$log"/quality_*.log; do echo "== $(basename "$f" .log)"; tail -3 "$f"; done
+  pack
+  run train_tiny 60 python3 bench/train_throughput.py --device cuda --preset tiny \
+    --steps 300 --batch 16
+  run train_original64 90 python3 bench/train_throughput.py --device cuda --preset original64 \
+    --steps 300 --batch 64 --faces 128
+fi
+summary() {
+  echo
+  echo "== summary ($(head -1 "$log/gpu.txt"), $(date -u +%Y-%m-%d), phase $phase)"
+  grep -h "^summary\|passed\|failed" "$log"/*.log
+  pack
+}
+[ "$phase" = all ] || [ "$phase" = serve ] || { summary; exit 0; }
+
+run model_df128 120 python3 bench/model_throughput.py --preset df128 --device cuda \
+  --batches 1,8,64,256 --seconds 2 --compile
+run swap_df128 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
+  --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
+run swap_df128_single 60 python3 bench/swap_throughput.py --preset df128 --device cuda \
+  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
+run frames 40 python3 bench/frame_stages.py
+run jpeg 40 python3 bench/jpeg_codec.py --frames 64 --clients 16
+run frames_nvjpeg 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg on \
+  --clients 16 --seconds 5 --stream-frames 100
+run frames_hostjpeg 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg off \
+  --clients 16 --seconds 5 --stream-frames 100
+run memory 45 python3 bench/memory.py --preset df128 --identities 8 --device cuda
+summary

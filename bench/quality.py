@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,36 @@ def to_images(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
+def fit_budget(
+    work: Path,
+    args: argparse.Namespace,
+    names: list[str],
+    train: dict[str, np.ndarray],
+    common: dict[str, Any],
+) -> tuple[int, int]:
+    """(pretrain, identity) steps, 3:2, that train for about args.budget_seconds.
+
+    A 100-step pretrain probe measures the in-loop step time; an identity-mode step trains one
+    decoder where pretraining trains K, so it is costed at 1/K of a pretrain step.
+    """
+    probe = JobSpec(
+        mode="pretrain",
+        preset=args.preset,
+        datasets=names,
+        steps=100,
+        log_every=50,
+        seed=args.seed,
+        **common,
+    )
+    prepare_work_dir(work, probe, {n: train[n] for n in names})
+    res = run_job(work)
+    assert res["status"] == "succeeded", res
+    step_s = args.batch * len(names) / float(res["summary"]["examples_per_s"])
+    unit = args.budget_seconds / (step_s * (3 + 2 / len(names)))
+    print(f"probe: {step_s * 1000:.1f} ms per pretrain step ({args.device} device)")
+    return max(100, int(3 * unit)), max(100, int(2 * unit))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--identities", type=int, default=4, help="K identities to pretrain on")
@@ -62,6 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-mask", default="template", choices=("template", "none"))
     p.add_argument("--held-out", type=int, default=16, help="test states per pair")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="where the jobs train: auto, cpu or cuda")
+    p.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=0.0,
+        help="instead of the step counts: time a short probe job, then size both jobs "
+        "(3:2 steps) to train for about this many seconds together",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     k = args.identities
@@ -80,7 +119,13 @@ def main(argv: list[str] | None = None) -> None:
             "lr": args.lr,
             "checkpoint_every": 500,
             "loss_mask": args.loss_mask,
+            "device": args.device,
         }
+        if args.budget_seconds > 0:
+            args.pretrain_steps, args.identity_steps = fit_budget(
+                work / "probe", args, names, train, common
+            )
+            t0 = time.perf_counter()  # the probe is not part of the training time
         spec = JobSpec(
             mode="pretrain",
             preset=args.preset,

@@ -30,9 +30,16 @@ from facemux.service.training.jobs import SUCCEEDED, JobManager, JobRecord
 
 
 def bare(
-    mode: str, data: dict[str, Any], enc_bytes: bytes, steps: int, batch: int, seed: int
+    mode: str,
+    data: dict[str, Any],
+    enc_bytes: bytes,
+    steps: int,
+    batch: int,
+    seed: int,
+    preset: str,
+    device: str,
 ) -> float:
-    cfg = get_preset("tiny")
+    cfg = get_preset(preset)
     if mode == "identity":
         encoder, _ = checkpoint.load_encoder(enc_bytes)
         enc_lr: float | None = 0.0
@@ -45,13 +52,21 @@ def bare(
         decoders,
         tensors,
         TrainConfig(steps=steps, batch_size=batch, lr=1e-4, encoder_lr=enc_lr, seed=seed),
+        device=device,
     )
     for _ in range(3):  # warm-up, as the job's first steps also are
         trainer.step()
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         trainer.step()
+    sync(device)
     return steps * batch * len(data) / (time.perf_counter() - start)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def job(
@@ -63,6 +78,8 @@ def job(
     seed: int,
     every: int,
     threads: int,
+    preset: str,
+    device: str,
 ) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         finished: dict[str, Any] = {}
@@ -76,14 +93,14 @@ def job(
             mode=mode,
             datasets=list(data),
             identity="bench" if mode == "identity" else "",
-            preset="tiny",
+            preset=preset,
             steps=steps,
             batch_size=batch,
             lr=1e-4,
             checkpoint_every=every,
             log_every=10,
             seed=seed,
-            device="cpu",
+            device=device,
             threads=threads,
         )
         start = time.perf_counter()
@@ -114,19 +131,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--faces", type=int, default=64)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     names = ["ann"] if args.mode == "identity" else ["ann", "ben"]
+    cfg = get_preset(args.preset)
+    size = cfg.resolution
     data = {
-        n: synth.make_dataset(synth.identity_from_seed(10 + i), args.faces, 64, seed=i)[0]
+        n: synth.make_dataset(synth.identity_from_seed(10 + i), args.faces, size, seed=i)[0]
         for i, n in enumerate(names)
     }
-    cfg = get_preset("tiny")
     enc_bytes, _ = checkpoint.encoder_to_bytes(build_encoder(cfg, seed=args.seed), cfg)
 
     # Bare before and after the job, averaged: on a shared machine the load drifts, and
     # bracketing the job keeps that drift out of the ratio as far as one run can.
-    before = bare(args.mode, data, enc_bytes, args.steps, args.batch, args.seed)
+    model = (args.preset, args.device)
+    before = bare(args.mode, data, enc_bytes, args.steps, args.batch, args.seed, *model)
     rate_loop, rate_e2e = job(
         args.mode,
         data,
@@ -136,10 +157,14 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.checkpoint_every,
         threads,
+        *model,
     )
-    after = bare(args.mode, data, enc_bytes, args.steps, args.batch, args.seed)
+    after = bare(args.mode, data, enc_bytes, args.steps, args.batch, args.seed, *model)
     rate_bare = (before + after) / 2
-    print(f"tiny preset, {args.mode} mode, batch {args.batch}/identity, {args.steps} steps,")
+    print(
+        f"{args.preset} preset on {args.device}, {args.mode} mode, batch {args.batch}/identity, "
+        f"{args.steps} steps,"
+    )
     print(f"{threads} torch thread(s), checkpoint every {args.checkpoint_every} steps")
     print(
         f"  bare training step       {rate_bare:8.1f} examples/s  "

@@ -109,3 +109,47 @@ def test_full_frame_swap_with_nvjpeg_matches_the_host_codec(tmp_path: Path, mode
                 )
                 assert n == 1, (op, codec, n)
     assert np.abs(frames[0] - frames[1]).mean() < 2.0
+
+
+def test_real_cuda_out_of_memory_lowers_the_batch_and_the_job_finishes(tmp_path: Path) -> None:
+    from facemux.models import synth
+    from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
+
+    data = {
+        name: synth.make_dataset(synth.identity_from_seed(seed), 32, 64, seed=seed)[0]
+        for name, seed in (("ann", 1), ("ben", 2))
+    }
+
+    def job(work: Path, batch: int) -> dict:
+        spec = JobSpec(
+            mode="pretrain",
+            datasets=list(data),
+            preset="tiny",
+            steps=3,
+            batch_size=batch,
+            checkpoint_every=3,
+            log_every=1,
+            device="cuda",
+        )
+        prepare_work_dir(work, spec, data)
+        return run_job(work)
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    assert job(tmp_path / "probe", 8)["status"] == "succeeded"
+    peak = torch.cuda.max_memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    # Three times what batch 8 needed: the allocator itself refuses batch 1024 (a real CUDA
+    # OutOfMemoryError, not a stand-in), and some halving of it fits.
+    torch.cuda.set_per_process_memory_fraction(3 * peak / total)
+    try:
+        result = job(tmp_path / "big", 1024)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert result["status"] == "succeeded", result
+    lowered = result["summary"]["batch_size"]
+    assert 8 <= lowered < 1024
+    notes = [e.get("message", "") for e in read_events(tmp_path / "big")[0]]
+    assert f"CUDA out of memory: batch size lowered to {lowered}" in notes
