@@ -2,10 +2,12 @@
 
     python bench/train_throughput.py [--mode identity] [--steps 300] [--batch 16]
 
-Bare: a Trainer over pre-made tensors, `step()` in a loop, nothing else. Job: the same
-model, batch, data and step count through the training service's job manager: a spawned
-worker process running facemux.models.pretrain (work directory, progress events, atomic
-checkpoints every --checkpoint-every steps), reaped and registered. Reported are the job's
+Bare: the job's own Trainer (facemux.models.pretrain.make_trainer: the same schedule,
+gradient clipping and loss mask) over pre-made tensors, `fit()` with no callbacks, one host
+sync at the end. Job: the same model, batch, data and step count through the training
+service's job manager: a spawned worker process running facemux.models.pretrain (work
+directory, progress events, atomic checkpoints every --checkpoint-every steps), reaped and
+registered. Reported are the job's
 in-loop rate (what it sustains while training, as its events report it) and its end-to-end
 rate (from submit to registered, with process start, loading and publishing). Target: the
 in-loop ratio >= 0.8.
@@ -24,55 +26,13 @@ import torch
 from facemux.models import checkpoint, synth
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
-from facemux.models.pretrain import JobSpec
-from facemux.models.trainer import TrainConfig, Trainer
+from facemux.models.pretrain import JobSpec, make_trainer
 from facemux.service.training.jobs import SUCCEEDED, JobManager, JobRecord
 
 
-def bare(
+def make_spec(
     mode: str,
-    data: dict[str, Any],
-    enc_bytes: bytes,
-    steps: int,
-    batch: int,
-    seed: int,
-    preset: str,
-    device: str,
-) -> float:
-    cfg = get_preset(preset)
-    if mode == "identity":
-        encoder, _ = checkpoint.load_encoder(enc_bytes)
-        enc_lr: float | None = 0.0
-    else:
-        encoder, enc_lr = build_encoder(cfg, seed=seed), None
-    decoders = {n: build_decoder(cfg, seed=seed + 1 + i) for i, n in enumerate(data)}
-    tensors = {n: torch.from_numpy(a) for n, a in data.items()}
-    trainer = Trainer(
-        encoder,
-        decoders,
-        tensors,
-        TrainConfig(steps=steps, batch_size=batch, lr=1e-4, encoder_lr=enc_lr, seed=seed),
-        device=device,
-    )
-    for _ in range(3):  # warm-up, as the job's first steps also are
-        trainer.step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.step()
-    sync(device)
-    return steps * batch * len(data) / (time.perf_counter() - start)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def job(
-    mode: str,
-    data: dict[str, Any],
-    enc_bytes: bytes,
+    names: list[str],
     steps: int,
     batch: int,
     seed: int,
@@ -80,7 +40,51 @@ def job(
     threads: int,
     preset: str,
     device: str,
-) -> tuple[float, float]:
+) -> JobSpec:
+    return JobSpec(
+        mode=mode,
+        datasets=names,
+        identity="bench" if mode == "identity" else "",
+        preset=preset,
+        steps=steps,
+        batch_size=batch,
+        lr=1e-4,
+        checkpoint_every=every,
+        log_every=10,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
+
+
+def bare(spec: JobSpec, data: dict[str, Any], enc_bytes: bytes) -> float:
+    """The job's own step (pretrain.make_trainer: same schedule, clipping and loss mask) in a
+    loop over tensors already in memory, with one host sync at the end."""
+    cfg = get_preset(spec.preset)
+    if spec.mode == "identity":
+        encoder, _ = checkpoint.load_encoder(enc_bytes)
+    else:
+        encoder = build_encoder(cfg, seed=spec.seed)
+    decoders = {n: build_decoder(cfg, seed=spec.seed + 1 + i) for i, n in enumerate(data)}
+    tensors = {n: torch.from_numpy(a) for n, a in data.items()}
+    trainer = make_trainer(spec, encoder, decoders, tensors, spec.device)
+    for _ in range(3):  # warm-up, as the job's first steps also are
+        trainer.step()
+    trainer.config.steps = spec.steps + 3
+    trainer.config.log_every = trainer.config.steps
+    sync(spec.device)
+    start = time.perf_counter()
+    trainer.fit()
+    sync(spec.device)
+    return spec.steps * spec.batch_size * len(data) / (time.perf_counter() - start)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def job(spec: JobSpec, data: dict[str, Any], enc_bytes: bytes) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         finished: dict[str, Any] = {}
 
@@ -88,26 +92,12 @@ def job(
             finished.update(result)
             return 0, str(result.get("encoder_fingerprint", ""))
 
-        jobs = JobManager(Path(tmp), finish, worker_threads=threads)
-        spec = JobSpec(
-            mode=mode,
-            datasets=list(data),
-            identity="bench" if mode == "identity" else "",
-            preset=preset,
-            steps=steps,
-            batch_size=batch,
-            lr=1e-4,
-            checkpoint_every=every,
-            log_every=10,
-            seed=seed,
-            device=device,
-            threads=threads,
-        )
+        jobs = JobManager(Path(tmp), finish, worker_threads=spec.threads)
         start = time.perf_counter()
         rec = jobs.submit(
             spec,
             data,
-            enc_bytes if mode == "identity" else None,
+            enc_bytes if spec.mode == "identity" else None,
             spec.identity,
             {},
             {},
@@ -120,7 +110,7 @@ def job(
         if final.state != SUCCEEDED:
             raise SystemExit(f"job {final.state}: {final.error}")
         in_loop = float(json.loads(json.dumps(finished["summary"]))["examples_per_s"])
-        return in_loop, steps * batch * len(data) / wall
+        return in_loop, spec.steps * spec.batch_size * len(data) / wall
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,20 +136,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # Bare before and after the job, averaged: on a shared machine the load drifts, and
     # bracketing the job keeps that drift out of the ratio as far as one run can.
-    model = (args.preset, args.device)
-    before = bare(args.mode, data, enc_bytes, args.steps, args.batch, args.seed, *model)
-    rate_loop, rate_e2e = job(
+    spec = make_spec(
         args.mode,
-        data,
-        enc_bytes,
+        names,
         args.steps,
         args.batch,
         args.seed,
         args.checkpoint_every,
         threads,
-        *model,
+        args.preset,
+        args.device,
     )
-    after = bare(args.mode, data, enc_bytes, args.steps, args.batch, args.seed, *model)
+    before = bare(spec, data, enc_bytes)
+    rate_loop, rate_e2e = job(spec, data, enc_bytes)
+    after = bare(spec, data, enc_bytes)
     rate_bare = (before + after) / 2
     print(
         f"{args.preset} preset on {args.device}, {args.mode} mode, batch {args.batch}/identity, "

@@ -221,11 +221,14 @@ def _save_state(run: _Run, trainer: Trainer) -> None:
     state = {
         "steps_done": trainer.steps_done,
         "batch_size": trainer.config.batch_size,
-        "encoder": trainer.encoder.state_dict(),
         "decoders": {n: d.state_dict() for n, d in trainer.decoders.items()},
         "optimizer": trainer.optimizer.state_dict(),
         "generator": trainer._gen.get_state(),
     }
+    if not trainer.config.encoder_frozen:
+        # A frozen encoder is the work directory's encoder.safetensors, unchanged: saving
+        # it again would make every checkpoint of a large preset hundreds of MB heavier.
+        state["encoder"] = trainer.encoder.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     checkpoint.atomic_write(run.dir / "checkpoint.pt", buf.getvalue())
@@ -259,7 +262,8 @@ def _save_preview(run: _Run, trainer: Trainer) -> None:
 
 def _load_state(path: Path, trainer: Trainer) -> None:
     state = torch.load(path, map_location=trainer.device, weights_only=True)
-    trainer.encoder.load_state_dict(state["encoder"])
+    if "encoder" in state:
+        trainer.encoder.load_state_dict(state["encoder"])
     for n, d in trainer.decoders.items():
         d.load_state_dict(state["decoders"][n])
     trainer.optimizer.load_state_dict(state["optimizer"])
@@ -352,6 +356,38 @@ def run_job(
     return result
 
 
+def make_trainer(
+    spec: JobSpec,
+    encoder: Encoder,
+    decoders: dict[str, Decoder],
+    data: dict[str, torch.Tensor],
+    device: torch.device | str,
+    rank: int = 0,
+) -> Trainer:
+    """The Trainer a job trains with: its schedule, clipping and loss mask (bench/ builds its
+    bare baseline with this too, so both time the same step)."""
+    encoder_lr: float | None = spec.encoder_lr
+    if spec.mode == "pretrain" and not spec.encoder_lr:
+        encoder_lr = None  # pretraining always trains the encoder; default: the decoders' lr
+    config = TrainConfig(
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        encoder_lr=encoder_lr,
+        seed=spec.seed + rank,  # each rank draws its own batches
+        log_every=spec.log_every,
+        lr_schedule="cosine",
+        warmup_steps=min(100, spec.steps // 10),
+        grad_clip=GRAD_CLIP,
+    )
+    masks = None
+    if spec.loss_mask == "template":
+        res = encoder.config.resolution
+        template = torch.from_numpy((template_mask(res) * 255 + 0.5).astype(np.uint8))
+        masks = {n: template.expand(len(faces), -1, -1) for n, faces in data.items()}
+    return Trainer(encoder, decoders, data, config, device=device, masks=masks)
+
+
 def _run(
     spec: JobSpec,
     work: Path,
@@ -371,25 +407,7 @@ def _run(
         name: _load_faces(work / "data" / f"{ds}.npy", cfg.resolution)
         for name, ds in zip(decoders, [*spec.datasets], strict=True)
     }
-    encoder_lr: float | None = spec.encoder_lr
-    if spec.mode == "pretrain" and not spec.encoder_lr:
-        encoder_lr = None  # pretraining always trains the encoder; default: the decoders' lr
-    config = TrainConfig(
-        steps=spec.steps,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        encoder_lr=encoder_lr,
-        seed=spec.seed + rank,  # each rank draws its own batches
-        log_every=spec.log_every,
-        lr_schedule="cosine",
-        warmup_steps=min(100, spec.steps // 10),
-        grad_clip=GRAD_CLIP,
-    )
-    masks = None
-    if spec.loss_mask == "template":
-        template = torch.from_numpy((template_mask(cfg.resolution) * 255 + 0.5).astype(np.uint8))
-        masks = {n: template.expand(len(faces), -1, -1) for n, faces in data.items()}
-    trainer = Trainer(encoder, decoders, data, config, device=device, masks=masks)
+    trainer = make_trainer(spec, encoder, decoders, data, device, rank)
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
         _load_state(ckpt, trainer)

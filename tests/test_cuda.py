@@ -108,7 +108,10 @@ def test_full_frame_swap_with_nvjpeg_matches_the_host_codec(tmp_path: Path, mode
                     "facemux_frame_codec_frames_total", {"op": op, "codec": codec}
                 )
                 assert n == 1, (op, codec, n)
-    assert np.abs(frames[0] - frames[1]).mean() < 2.0
+    # Two codecs apart at each end: nvjpeg decodes the input about a grey level off OpenCV,
+    # and encodes 4:4:4 chroma where OpenCV encodes 4:2:0 (1.3 levels on this image at q95
+    # from the subsampling alone). A swapped channel order or a lost face would be 20+.
+    assert np.abs(frames[0] - frames[1]).mean() < 3.0
 
 
 def test_real_cuda_out_of_memory_lowers_the_batch_and_the_job_finishes(tmp_path: Path) -> None:

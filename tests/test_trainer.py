@@ -387,3 +387,41 @@ def test_template_loss_mask_trains_the_mask_head_on_the_face(tmp_path: Path) -> 
     assert ious["template"] > 0.8 > ious["none"], ious
     with pytest.raises(InvalidInputError, match="loss_mask"):
         JobSpec(mode="pretrain", datasets=["ann"], loss_mask="hair").validate()
+
+
+def test_identity_checkpoint_leaves_out_the_frozen_encoder_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    cfg = get_preset("tiny")
+    enc_bytes, _ = checkpoint.encoder_to_bytes(build_encoder(cfg, seed=1), cfg)
+    faces = synth.make_dataset(synth.identity_from_seed(4), 12, 64, seed=4)[0]
+    spec = JobSpec(
+        mode="identity",
+        identity="ann",
+        datasets=["ann"],
+        steps=12,
+        batch_size=4,
+        checkpoint_every=6,
+        log_every=3,
+    )
+    outputs = {}
+    for run in ("straight", "paused"):
+        work = tmp_path / run
+        prepare_work_dir(work, spec, {"ann": faces}, enc_bytes)
+
+        def pause_at_six(p: Progress, work: Path = work, run: str = run) -> None:
+            if run == "paused" and p.step >= 6:
+                (work / "pause").touch()
+
+        result = run_job(work, pause_at_six)
+        if run == "paused":
+            assert result == {"status": "paused", "step": 6}
+            state = torch.load(work / "checkpoint.pt", weights_only=True)
+            assert "encoder" not in state and set(state["decoders"]) == {"ann"}
+            (work / "pause").unlink()
+            result = run_job(work)
+        assert result["status"] == "succeeded" and result["step"] == 12
+        decoder, _ = checkpoint.load_decoder((work / result["decoders"]["ann"]).read_bytes())
+        outputs[run] = decoder.state_dict()
+    for key, value in outputs["straight"].items():
+        assert torch.equal(outputs["paused"][key], value), key
