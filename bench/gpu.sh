@@ -78,7 +78,7 @@ run model_df128 120 python3 bench/model_throughput.py --preset df128 --device cu
   --batches 1,8,64,256 --seconds 2 --compile
 run swap_df128 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
   --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
-run swap_df128_single 60 python3 bench/swap_throughput.py --preset df128 --device cuda \
+run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
   --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
 run frames 40 python3 bench/frame_stages.py
 run jpeg 40 python3 bench/jpeg_codec.py --frames 64 --clients 16
