@@ -74,6 +74,9 @@ def main() -> int:
     p.add_argument("--stream-frames", type=int, default=60)
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-jpeg", default="auto", help="auto, on or off (nvjpeg on CUDA)")
+    p.add_argument(
+        "--detector-processes", type=int, default=-1, help="HOG worker processes; -1 = auto"
+    )
     args = p.parse_args()
     frames = {
         "640x480": jpeg(synthetic_frame(640, 480, 240)),
@@ -107,6 +110,8 @@ def main() -> int:
             args.gpu_jpeg,
             "--detector-threshold",
             "-0.5",
+            "--detector-processes",
+            str(args.detector_processes),
         ]
         proc = subprocess.Popen(cmd, env={**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"})
         target = f"127.0.0.1:{port}"
@@ -132,6 +137,7 @@ def main() -> int:
             proc.wait(30)
     print(
         f"\npreset {args.preset}, device {args.device}, gpu_jpeg {args.gpu_jpeg}, "
+        f"detector processes {args.detector_processes} (-1 = auto), "
         f"{args.clients} clients, unary Swap for {args.seconds:.0f} s; "
         f"one SwapStream of {args.stream_frames} frames; {os.cpu_count()} cores"
     )

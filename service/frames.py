@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from facemux.models import faces as fp
-from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
+from facemux.models.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 from facemux.models.faces import gpu_codec
 from facemux.models.imageio import DecodedImage, sniff_format
 from facemux.models.networks import Decoder
@@ -65,6 +70,7 @@ def build_swapper(settings: Settings, pixel_device: str | None = None) -> fp.Fac
     if settings.detector == "hog":
         options["max_side"] = settings.detector_max_side
         options["threshold"] = settings.detector_threshold
+        options["processes"] = settings.detector_process_count()
     else:
         options["onnx_path"] = settings.detector_model
     return fp.FaceSwapper(
@@ -107,6 +113,7 @@ class FramePipeline:
             if self.jpeg is None and on_gpu:
                 log.warning("JPEG frames are decoded on the host: %s", why)
         self._swapper: fp.FaceSwapper | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def decode_jpeg(self, data: bytes, max_pixels: int) -> tuple[DecodedImage, torch.Tensor] | None:
@@ -125,9 +132,20 @@ class FramePipeline:
 
     def swapper(self) -> fp.FaceSwapper:
         with self._lock:
+            if self._closed:
+                raise UnavailableError("the server is shutting down")
             if self._swapper is None:
                 self._swapper = build_swapper(self.settings, self.pixel_device)
             return self._swapper
+
+    def close(self) -> None:
+        """Stop the detector's worker processes, if it has any."""
+        with self._lock:
+            self._closed = True
+            sw, self._swapper = self._swapper, None
+        close = getattr(sw.detector, "close", None) if sw is not None else None
+        if close is not None:
+            close()
 
     def tracker(self, detect_every: int) -> fp.FaceTracker:
         sw = self.swapper()

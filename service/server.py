@@ -11,6 +11,7 @@ import grpc
 from facemux.models.errors import NotFoundError
 from facemux.service.audit import AuditLog
 from facemux.service.auth import Guard, GuardInterceptor, RateLimiter, check_startup
+from facemux.service.frames import FramePipeline
 from facemux.service.metrics import Metrics, MetricsServer, grpc_type
 from facemux.service.provenance import Provenance, ProvenanceServicer
 from facemux.service.runtime import Runtime
@@ -65,6 +66,7 @@ class App:
     metrics_server: MetricsServer | None = None  # None when metrics_port is -1
     audit: AuditLog | None = None
     training: Training | None = None  # datasets and training jobs
+    frames: FramePipeline | None = None  # full-frame detection (its worker processes)
 
     @property
     def metrics_port(self) -> int | None:
@@ -76,6 +78,8 @@ class App:
         for task in self.tasks:
             task.cancel()
         await asyncio.to_thread(self.scheduler.stop)
+        if self.frames is not None:
+            await asyncio.to_thread(self.frames.close)
         if self.training is not None:
             # Running jobs checkpoint and stop; the next start resumes them.
             await asyncio.to_thread(self.training.close)
@@ -179,10 +183,8 @@ async def _build_app(
     )
     # Signing key loaded (or the test one generated) now: a bad key fails the start.
     provenance = await asyncio.to_thread(Provenance, settings)
-    swap_service_pb2_grpc.add_SwapServiceServicer_to_server(
-        SwapServicer(settings, runtime, store, scheduler, metrics=metrics, provenance=provenance),
-        server,
-    )
+    swap = SwapServicer(settings, runtime, store, scheduler, metrics=metrics, provenance=provenance)
+    swap_service_pb2_grpc.add_SwapServiceServicer_to_server(swap, server)
     provenance_service_pb2_grpc.add_ProvenanceServiceServicer_to_server(
         ProvenanceServicer(settings), server
     )
@@ -215,6 +217,7 @@ async def _build_app(
     if port == 0:
         await asyncio.to_thread(scheduler.stop)
         await asyncio.to_thread(training.close)
+        await asyncio.to_thread(swap.frames.close)
         raise OSError(f"could not bind {settings.address}")
     app = App(
         settings,
@@ -228,6 +231,7 @@ async def _build_app(
         metrics_server=metrics_server,
         audit=audit,
         training=training,
+        frames=swap.frames,
     )
     await app.set_serving(False)
     app.tasks.append(asyncio.create_task(_load_model(app)))

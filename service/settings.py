@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -70,6 +71,14 @@ class Settings:
     )
     detector_max_side: int = field(
         default=640, metadata=_help("frames are downscaled to this longest side to detect")
+    )
+    detector_processes: int = field(
+        default=-1,
+        metadata=_help(
+            "HOG detection worker processes (dlib holds the GIL, so one process detects one "
+            "frame at a time): -1 = auto, half the usable cores when there are 4 or more, "
+            "else 0 = in the server's process"
+        ),
     )
     landmark_points: int = field(
         default=5, metadata=_help("landmark model: 5 (CC0) or 68 (non-commercial data)")
@@ -234,6 +243,8 @@ class Settings:
             problems.append("provenance_key and provenance_cert go together: set both or neither")
         if self.detector not in ("hog", "yunet"):
             problems.append(f"detector {self.detector!r} must be hog or yunet")
+        if not -1 <= self.detector_processes <= 64:
+            problems.append(f"detector_processes must be in -1..64, got {self.detector_processes}")
         if self.detector == "yunet" and not self.detector_model:
             problems.append("the yunet detector needs detector_model (an ONNX file)")
         if self.frame_pipeline not in ("auto", "opencv", "tensor"):
@@ -266,6 +277,13 @@ class Settings:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"
+
+    def detector_process_count(self) -> int:
+        """detector_processes with auto resolved for this machine."""
+        if self.detector_processes >= 0:
+            return self.detector_processes
+        cores = usable_cores()
+        return min(16, cores // 2) if cores >= 4 else 0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -302,6 +320,20 @@ class Settings:
             if raw is not None:
                 values[f.name] = _coerce(f.name, raw, f.default)
         return cls(**values)
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, lowered to its cgroup's CPU quota (a
+    Kubernetes CPU limit), which affinity does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:  # cgroup v2: "max 100000" or "400000 100000"
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:

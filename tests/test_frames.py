@@ -3,6 +3,8 @@ handling, caller landmarks, alpha, streams and the CLI."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,11 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from conftest import decode_png, png
+from conftest import Models, decode_png, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument, NotFound
 from facemux.models import synth
 from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import types_pb2 as tpb
 from skimage import data
@@ -211,3 +214,44 @@ def test_cli_swap_photo_and_video(server: ServerThread, tmp_path: Path) -> None:
         256,
     )
     cap.release()
+
+
+def test_detection_in_worker_processes_survives_a_killed_worker(
+    tmp_path: Path, models: Models
+) -> None:
+    """detector_processes moves dlib (which holds the GIL) into spawned workers: the same
+    faces as in the server's process; a killed worker is replaced and the call answered; the
+    workers end with the server."""
+    make_store(tmp_path / "store", models, ("alice",))
+    frame = png(ASTRONAUT)
+    boxes = {}
+    pids: list[int] = []
+    for processes in (0, 2):
+        settings = Settings(
+            port=0,
+            auth="off",
+            store=tmp_path / "store",
+            provenance="off",
+            detector_processes=processes,
+        )
+        with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
+            c.wait_ready(60)
+            res = c.swap_image(frame, "alice", output_format="png")
+            assert res.faces_swapped == 1
+            b = res.response.results[0].box
+            boxes[processes] = (b.x_min, b.y_min, b.x_max, b.y_max)
+            assert srv.app is not None and srv.app.frames is not None
+            pool = srv.app.frames.swapper().detector.pool  # type: ignore[attr-defined]
+            if processes == 0:
+                assert pool is None
+                continue
+            pids = pool.pids()
+            assert len(pids) == 2 and os.getpid() not in pids
+            os.kill(pids[0], signal.SIGKILL)
+            res = c.swap_image(frame, "alice", output_format="png")
+            assert res.faces_swapped == 1
+            assert pids[0] not in pool.pids()
+    assert boxes[0] == boxes[2]
+    for pid in pids:  # joined (so reaped) when the server closed
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -74,6 +74,23 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
         Settings(decoder_cache_count=0)
     with pytest.raises(InvalidInputError, match="device"):
         Settings(device="tpu")
+    with pytest.raises(InvalidInputError, match="detector_processes must be in -1..64"):
+        Settings(detector_processes=-2)
+
+
+def test_detector_processes_auto_follows_the_cgroup_cpu_limit(tmp_path: Path) -> None:
+    from facemux.service import settings as settings_mod
+
+    affinity = len(os.sched_getaffinity(0))
+    assert settings_mod.usable_cores(tmp_path) == affinity  # no cpu.max: affinity alone
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert settings_mod.usable_cores(tmp_path) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU limit
+    assert settings_mod.usable_cores(tmp_path) == min(affinity, 2)
+    assert Settings(detector_processes=3).detector_process_count() == 3
+    auto = Settings().detector_process_count()
+    cores = settings_mod.usable_cores()
+    assert auto == (min(16, cores // 2) if cores >= 4 else 0)
 
 
 def test_client_imports_without_torch() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -13,7 +14,10 @@ import numpy as np
 from facemux.models.errors import InvalidInputError, PreconditionError
 from numpy.typing import NDArray
 
+from ..detect_pool import HogPool, run_hog
 from .align import box_from_landmarks, template, umeyama
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DETECTORS",
@@ -92,12 +96,18 @@ class HogDetector:
     and more false ones). ``confidence`` is the score squashed by ``1 / (1 + exp(-2 s))``,
     so the default threshold sits at 0.5.
 
-    dlib holds the GIL while it runs, so threads gain nothing; a lock keeps a shared
-    instance safe anyway."""
+    dlib holds the GIL while it runs, so threads gain nothing from one in-process detector
+    (a lock keeps a shared one safe). With ``processes`` > 0 the detections run in that many
+    worker processes (:mod:`facemux.models.detect_pool`) and threads detect in parallel;
+    ``close`` stops them."""
 
-    def __init__(self, upsample: int = 0, max_side: int = 640, threshold: float = 0.0) -> None:
+    def __init__(
+        self, upsample: int = 0, max_side: int = 640, threshold: float = 0.0, processes: int = 0
+    ) -> None:
         import dlib
 
+        if not (0 <= int(processes) <= 64):
+            raise InvalidInputError(f"processes must be in 0..64, got {processes!r}")
         if not (0 <= int(upsample) <= 2):
             raise InvalidInputError(f"upsample must be 0, 1 or 2, got {upsample!r}")
         if int(max_side) != 0 and int(max_side) < 80:
@@ -109,6 +119,19 @@ class HogDetector:
         self.threshold = float(threshold)
         self._detector = dlib.get_frontal_face_detector()
         self._lock = threading.Lock()
+        self.pool: HogPool | None = None
+        if processes:
+            pool = HogPool(int(processes))
+            try:
+                pool.start()  # a second now rather than on the first frames
+                self.pool = pool
+            except Exception as exc:  # a worker that cannot start must not stop detection
+                pool.close()
+                log.warning("HOG worker processes did not start (%s); detecting in-process", exc)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def detect(self, rgb: NDArray[np.uint8]) -> list[DetectedFace]:
         check_rgb(rgb)
@@ -119,14 +142,16 @@ class HogDetector:
             size = (max(1, round(w * f)), max(1, round(h * f)))
             gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         fx, fy = w / gray.shape[1], h / gray.shape[0]
-        with self._lock:
-            rects, scores, _ = self._detector.run(gray, self.upsample, self.threshold)
+        if self.pool is not None:
+            rects = self.pool.detect(gray, self.upsample, self.threshold)
+        else:
+            with self._lock:
+                rects = run_hog(self._detector, gray, self.upsample, self.threshold)
         faces = []
-        for r, score in zip(rects, scores, strict=True):
+        for left, top, right, bottom, score in rects:
             # dlib rectangles are inclusive pixel ranges; as edges: left .. right + 1.
             box = np.array(
-                [r.left() * fx, r.top() * fy, (r.right() + 1) * fx, (r.bottom() + 1) * fy],
-                dtype=np.float32,
+                [left * fx, top * fy, (right + 1) * fx, (bottom + 1) * fy], dtype=np.float32
             )
             conf = 1.0 / (1.0 + math.exp(-2.0 * float(score)))
             faces.append(DetectedFace(box=box, confidence=conf))

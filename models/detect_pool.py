@@ -1,0 +1,111 @@
+"""dlib's HOG face detector in worker processes.
+
+dlib holds Python's GIL for the whole of a detection, so the server's threads detect one
+frame at a time however many cores the machine has: on a 16-core GPU machine full-frame Swap
+stalled at 1 / 41 ms = 24 frames/s with 16 clients (bench/RESULTS.md). Each worker process
+here holds its own detector; frames reach it as the small gray image the detector reads
+(640x360 bytes for a 1080p frame at the default max_side), and boxes come back.
+
+Workers are spawned, never forked: the server's process runs gRPC's threads, and a fork
+of it is unsafe. This module imports nothing heavy (no torch), so a worker starts in under a
+second and holds about 40 MB.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from numpy.typing import NDArray
+
+# (left, top, right, bottom, score): dlib's inclusive pixel rectangle and its SVM score.
+Rect = tuple[int, int, int, int, float]
+
+_detector: Any = None
+
+
+def _init_worker() -> None:
+    global _detector
+    import dlib
+
+    _detector = dlib.get_frontal_face_detector()
+
+
+def run_hog(detector: Any, gray: NDArray[Any], upsample: int, threshold: float) -> list[Rect]:
+    """One dlib HOG detection as plain tuples (what crosses the process boundary)."""
+    rects, scores, _ = detector.run(gray, upsample, threshold)
+    return [
+        (r.left(), r.top(), r.right(), r.bottom(), float(s))
+        for r, s in zip(rects, scores, strict=True)
+    ]
+
+
+def _detect(gray: NDArray[Any], upsample: int, threshold: float) -> list[Rect]:
+    return run_hog(_detector, gray, upsample, threshold)
+
+
+def _ping() -> int:
+    return 0
+
+
+class HogPool:
+    """``processes`` detector processes, started on first use (or by ``start``). Safe to
+    call from many threads; each call blocks its thread only, without the GIL."""
+
+    def __init__(self, processes: int) -> None:
+        if processes < 1:
+            raise ValueError(f"a pool needs at least one process, got {processes}")
+        self.processes = processes
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the detector pool is closed")
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                )
+            return self._pool
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every worker now, so the first frames do not wait for them."""
+        pool = self._executor()
+        for f in [pool.submit(_ping) for _ in range(self.processes)]:
+            f.result(timeout=timeout)
+
+    def detect(self, gray: NDArray[Any], upsample: int, threshold: float) -> list[Rect]:
+        for attempt in range(2):
+            pool = self._executor()
+            try:
+                return pool.submit(_detect, gray, upsample, threshold).result()
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory): the pool is unusable from then on.
+                # Start a fresh one once; a second death in a row is reported.
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def pids(self) -> list[int]:
+        """The live workers' process ids (for tests and diagnostics)."""
+        with self._lock:
+            procs = getattr(self._pool, "_processes", None) or {}
+            return [p.pid for p in procs.values() if p.is_alive()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
