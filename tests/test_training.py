@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,3 +293,100 @@ def test_cli_datasets_train_jobs(
     replayed = capsys.readouterr().out
     assert "started: identity" in replayed and "step 6/6" in replayed
     assert main(["datasets", "delete", "ivy", *target]) == 0
+
+
+def test_two_replicas_on_one_store_share_the_jobs(tmp_path: Path, models: Models) -> None:
+    """Kubernetes replicas mount one store: a job submitted to one is run, reaped and
+    registered by that one alone, while the other answers for it and can cancel it."""
+    store = tmp_path / "store"
+    make_store(store, models)
+    with (
+        ServerThread(settings(store)) as a,
+        ServerThread(settings(store)) as b,
+        FacemuxClient(a.target, timeout=30, retries=1) as ca,
+        FacemuxClient(b.target, timeout=30, retries=1) as cb,
+    ):
+        ca.wait_ready(30)
+        cb.wait_ready(30)
+        ca.upload_dataset("ivy", [png(i) for i in faces(17, 8)], aligned=True)
+        job = ca.train(
+            ["ivy"],
+            identity="ivy",
+            steps=20,
+            batch_size=4,
+            learning_rate=1e-3,
+            checkpoint_every=10,
+            consent=CONSENT,
+        )
+        # Watched, fetched and listed through the replica that does not run it.
+        final = watch_until_done(cb, job.id)[-1].job
+        assert final.state == tpb.JOB_STATE_SUCCEEDED and final.step == 20, final.error
+        assert cb.get_job(job.id).result_version == 1
+        assert [j.id for j in cb.list_jobs()] == [job.id]
+        # Registered once, by A: B, which scans the store every 2 s, never ran it.
+        time.sleep(2.5)
+        assert [v.job_id for v in cb.get_identity("ivy").versions] == [job.id]
+        work = store / "jobs" / job.id
+        assert (work / "job.json").exists() and not (work / "claim").exists()  # released
+
+        long = ca.train(
+            ["ivy"],
+            identity="ivy",
+            steps=100_000,
+            batch_size=2,
+            learning_rate=1e-3,
+            checkpoint_every=5,
+            consent=CONSENT,
+        )
+        for ev in cb.watch_job(long.id, timeout=60):
+            if ev.job.step >= 5:
+                break
+        cb.cancel_job(long.id)  # B asks; A, its owner, stops it
+        final = watch_until_done(cb, long.id, timeout=60)[-1].job
+        assert final.state == tpb.JOB_STATE_CANCELLED and final.step >= 5
+        with pytest.raises(FacemuxRpcError) as err:
+            cb.get_job("no-such-job")
+        assert err.value.code == C.NOT_FOUND
+
+
+def test_a_dead_replicas_job_is_taken_over_after_its_lease(tmp_path: Path) -> None:
+    """A job claimed by a replica on another host that stops renewing its claim is run by
+    a surviving one once the lease has run out, and only then; a claim still renewed is
+    never taken."""
+    from facemux.models.pretrain import JobSpec
+    from facemux.service.training.jobs import JobManager
+
+    finished: list[str] = []
+
+    def finish(rec, work, result):  # type: ignore[no-untyped-def]
+        finished.append(rec.id)
+        return 1, ""
+
+    data = {"ann": faces(21, 8)}
+    spec = JobSpec(mode="pretrain", datasets=["ann"], steps=4, batch_size=2, log_every=2)
+    root = tmp_path / "jobs"
+    # The "dead" replica: it claims two jobs, never starts them (no slots), then is gone.
+    dead = JobManager(root, finish, max_running=0)
+    stale = dead.submit(spec, {"ann": np.stack(data["ann"])}, None, "", {}, {})
+    alive = dead.submit(spec, {"ann": np.stack(data["ann"])}, None, "", {}, {})
+    dead._stop.set()
+    dead._thread.join()
+    dead.claims.close()
+    for job_id in (stale.id, alive.id):  # as if written by a server on another machine
+        claim = root / job_id / "claim"
+        claim.write_text(json.dumps({"owner": "elsewhere:1:x", "host": "elsewhere", "pid": 1}))
+
+    survivor = JobManager(root, finish, lease_s=1.5, scan_s=0.2)
+    try:
+        t0 = time.monotonic()
+        while survivor.get(stale.id).state != "succeeded" and time.monotonic() - t0 < 60:
+            os.utime(root / alive.id / "claim")  # the other one is still renewed
+            time.sleep(0.2)
+        waited = time.monotonic() - t0
+        assert survivor.get(stale.id).state == "succeeded"
+        assert waited >= 1.5  # not before its lease ran out
+        assert survivor.get(alive.id).state == "queued"
+        assert json.loads((root / alive.id / "claim").read_text())["host"] == "elsewhere"
+        assert finished == [stale.id]
+    finally:
+        survivor.close()

@@ -12,6 +12,12 @@ queued jobs while fewer than ``max_running_jobs`` run, and turns a finished run'
 into the record's final state (registering the trained decoder first). A server that
 restarts finds QUEUED and RUNNING records and queues them again; a RUNNING one resumes from
 its work directory's checkpoint.
+
+Several servers may share the store (replicas on one volume). Each unfinished job belongs to
+the server holding its claim (:mod:`.claims`): only that one starts, reaps and registers it.
+The others read its record and events from the store (so any replica answers GetJob,
+ListJobs and WatchJob for any job), ask it to stop with a ``cancel`` file, and take the job
+over, resuming from its checkpoint, when its owner is gone.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from facemux.models.checkpoint import atomic_write
 from facemux.models.errors import NotFoundError, ResourceExhaustedError
 from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
 from facemux.service.store import now_iso
+from facemux.service.training.claims import Claims
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "cancelled",
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+STAGING_MAX_AGE_S = 3600.0  # a staging directory older than this was left by a crash
 
 
 @dataclass
@@ -76,6 +84,11 @@ class JobRecord:
 Finisher = Callable[[JobRecord, Path, dict[str, Any]], tuple[int, str]]
 
 
+def _valid_id(job_id: str) -> bool:
+    # Ids are made here (time-uuid); anything else never names a directory of the store.
+    return 0 < len(job_id) <= 64 and all(c.isalnum() or c == "-" for c in job_id)
+
+
 def _worker(work_dir: str, threads: int) -> None:
     """Entry point of a job's process (module level: spawn pickles it by name)."""
     if threads > 0:
@@ -95,6 +108,8 @@ class JobManager:
         worker_threads: int = 0,
         poll_s: float = 0.2,
         on_change: Callable[[JobManager], None] | None = None,
+        lease_s: float = 30.0,
+        scan_s: float = 2.0,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +126,9 @@ class JobManager:
         self._queue: list[str] = []
         self._stop = threading.Event()
         self._changed = threading.Condition(self._lock)
-        self._recover()
+        self.claims = Claims(lease_s)
+        self.scan_s = scan_s
+        self._scan()
         self._thread = threading.Thread(target=self._monitor, name="facemux-jobs", daemon=True)
         self._thread.start()
 
@@ -125,35 +142,79 @@ class JobManager:
         atomic_write(self.work_dir(rec.id) / "job.json", json.dumps(asdict(rec), indent=1).encode())
         self._changed.notify_all()
 
-    def _recover(self) -> None:
+    def _read(self, job_id: str) -> JobRecord | None:
+        try:
+            return JobRecord.from_dict(json.loads((self.work_dir(job_id) / "job.json").read_text()))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            log.warning("skipping unreadable job record %s", job_id)
+            return None
+
+    def _scan(self) -> None:
+        """Claim the store's unfinished jobs that no live server holds and queue them: at
+        start (the jobs of the process before this one) and every scan_s (jobs submitted to
+        another replica, or left by one that is gone)."""
         for d in sorted(self.root.iterdir()):
             if d.name.startswith(".staging-"):
-                shutil.rmtree(d, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    if time.time() - d.stat().st_mtime > STAGING_MAX_AGE_S:
+                        shutil.rmtree(d, ignore_errors=True)
                 continue
-            path = d / "job.json"
-            if not path.exists():
+            with self._lock:
+                if d.name in self._jobs:
+                    continue
+            rec = self._read(d.name)
+            if rec is None or rec.state in TERMINAL or not self.claims.claim(d):
                 continue
-            try:
-                rec = JobRecord.from_dict(json.loads(path.read_text()))
-            except (ValueError, TypeError):
-                log.warning("skipping unreadable job record %s", path)
+            rec = self._read(d.name)  # its owner may have finished it before letting go
+            if rec is None or rec.state in TERMINAL:
+                self.claims.release(d)
                 continue
-            self._jobs[rec.id] = rec
-            if rec.state in (QUEUED, RUNNING):
-                # A RUNNING job's process died with the previous server; it resumes from
-                # its checkpoint. Queue order: as they were created.
-                (d / "pause").unlink(missing_ok=True)
+            (d / "pause").unlink(missing_ok=True)
+            with self._lock:
+                self._jobs[rec.id] = rec
                 self._queue.append(rec.id)
-                if rec.state == RUNNING:
-                    log.info("job %s was running; resuming it from its checkpoint", rec.id)
-        self._queue.sort(key=lambda i: self._jobs[i].created_at)
+                # Queue order: as they were created.
+                self._queue.sort(key=lambda i: self._jobs[i].created_at)
+                self._changed.notify_all()
+            if rec.state == RUNNING:
+                log.info("job %s was running; resuming it from its checkpoint", rec.id)
+
+    def _heartbeat(self) -> None:
+        """Renew the claims of this server's unfinished jobs; drop any another server took
+        over (this one missed its lease: a stalled process or volume)."""
+        for job_id, rec in list(self._jobs.items()):
+            if rec.state in TERMINAL or self.claims.refresh(self.work_dir(job_id)):
+                continue
+            log.warning("job %s was taken over by another server; stopping it here", job_id)
+            proc = self._procs.pop(job_id, None)
+            if proc is not None:
+                proc.kill()  # its checkpoint stays; the new owner's run waits for its lock
+                proc.join(5)
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+            del self._jobs[job_id]
+
+    def _cancel_requested(self) -> None:
+        """Queued jobs of this server that another replica was asked to cancel."""
+        for job_id in list(self._queue):
+            if (self.work_dir(job_id) / "cancel").exists():
+                self._queue.remove(job_id)
+                rec = self._jobs[job_id]
+                rec.state = CANCELLED
+                self._append_final(self.work_dir(job_id), rec)
+                self._save(rec)
+                self.claims.release(self.work_dir(job_id))
 
     def get(self, job_id: str) -> JobRecord:
         with self._lock:
             rec = self._jobs.get(job_id)
-            if rec is None:
-                raise NotFoundError(f"job {job_id[:80]!r} does not exist; list them with ListJobs")
-            out = JobRecord.from_dict(asdict(rec))
+            out = None if rec is None else JobRecord.from_dict(asdict(rec))
+        if out is None and _valid_id(job_id):
+            out = self._read(job_id)  # another server's job: its record in the store
+        if out is None:
+            raise NotFoundError(f"job {job_id[:80]!r} does not exist; list them with ListJobs")
         progress = self.latest_progress(job_id)
         if progress and out.state == RUNNING:
             out.step = max(out.step, int(progress.get("step", 0)))
@@ -161,8 +222,12 @@ class JobManager:
 
     def list_jobs(self, states: set[str] | None = None) -> list[JobRecord]:
         with self._lock:
-            ids = list(self._jobs)
-        recs = [self.get(i) for i in ids]
+            ids = set(self._jobs)
+        ids |= {d.name for d in self.root.iterdir() if (d / "job.json").exists()}
+        recs = []
+        for i in ids:
+            with contextlib.suppress(NotFoundError):
+                recs.append(self.get(i))
         recs = [r for r in recs if not states or r.state in states]
         return sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True)
 
@@ -218,6 +283,7 @@ class JobManager:
             dataset_hashes=dataset_hashes,
         )
         atomic_write(staging / "job.json", json.dumps(asdict(rec), indent=1).encode())
+        self.claims.claim(staging)  # in place before the directory appears: no one else runs it
         with self._lock:
             if len(self._queue) >= self.max_queued:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -235,11 +301,18 @@ class JobManager:
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is None:
-                raise NotFoundError(f"job {job_id[:80]!r} does not exist")
+                other = self.get(job_id)  # NotFoundError when there is no such job
+                if other.state not in TERMINAL:
+                    # Another server's job: its owner stops it (a queued one within a poll, a
+                    # running one after its checkpoint), or whoever takes it over does.
+                    (self.work_dir(job_id) / "cancel").touch()
+                return other
             if rec.state == QUEUED:
                 self._queue.remove(job_id)
                 rec.state = CANCELLED
+                self._append_final(self.work_dir(job_id), rec)
                 self._save(rec)
+                self.claims.release(self.work_dir(job_id))
             elif rec.state == RUNNING:
                 # The run checkpoints and stops at its next step; the monitor records it.
                 (self.work_dir(job_id) / "cancel").touch()
@@ -292,6 +365,7 @@ class JobManager:
             rec.state, rec.error = FAILED, str(result.get("error") or "unknown error")
         self._append_final(work, rec)
         self._save(rec)
+        self.claims.release(work)
         log.info("job %s %s", job_id, rec.state)
 
     def _append_final(self, work: Path, rec: JobRecord) -> None:
@@ -300,9 +374,19 @@ class JobManager:
             fh.write((json.dumps(line) + "\n").encode())
 
     def _monitor(self) -> None:
+        next_scan = time.monotonic() + self.scan_s
+        next_beat = 0.0
         while not self._stop.is_set():
             try:
+                now = time.monotonic()
+                if now >= next_scan:
+                    self._scan()
+                    next_scan = now + self.scan_s
                 with self._lock:
+                    if now >= next_beat:
+                        self._heartbeat()
+                        next_beat = now + self.claims.lease_s / 5
+                    self._cancel_requested()
                     for job_id, proc in list(self._procs.items()):
                         if not proc.is_alive():
                             proc.join()
@@ -336,6 +420,13 @@ class JobManager:
         for job_id in procs:
             with contextlib.suppress(OSError):
                 (self.work_dir(job_id) / "pause").unlink()
+        # Unfinished jobs go back to the store at once: another replica (or this server's
+        # successor) claims them without waiting for a lease to run out.
+        with self._lock:
+            mine = [i for i, r in self._jobs.items() if r.state not in TERMINAL]
+        for job_id in mine:
+            self.claims.release(self.work_dir(job_id))
+        self.claims.close()
 
     def events(self, job_id: str, offset: int) -> tuple[list[dict[str, Any]], int]:
         return read_events(self.work_dir(job_id), offset)
