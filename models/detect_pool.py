@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -29,7 +30,13 @@ _detector: Any = None
 
 def _init_worker() -> None:
     global _detector
+    import signal
+
     import dlib
+
+    # A terminal's Ctrl-C reaches the whole process group: the server drains on it, and
+    # its workers must keep detecting until it closes them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     _detector = dlib.get_frontal_face_detector()
 
@@ -51,14 +58,21 @@ def _ping() -> int:
     return 0
 
 
+class PoolClosed(RuntimeError):
+    """The pool was closed (the server is stopping) before or during this call."""
+
+
 class HogPool:
     """``processes`` detector processes, started on first use (or by ``start``). Safe to
-    call from many threads; each call blocks its thread only, without the GIL."""
+    call from many threads; each call blocks its thread only, without the GIL. A detection
+    that takes longer than ``timeout_s`` (a hung worker) raises TimeoutError and the pool's
+    processes are replaced."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, timeout_s: float = 30.0) -> None:
         if processes < 1:
             raise ValueError(f"a pool needs at least one process, got {processes}")
         self.processes = processes
+        self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
@@ -66,7 +80,7 @@ class HogPool:
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._closed:
-                raise RuntimeError("the detector pool is closed")
+                raise PoolClosed("the detector pool is closed")
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     self.processes,
@@ -85,17 +99,30 @@ class HogPool:
         for attempt in range(2):
             pool = self._executor()
             try:
-                return pool.submit(_detect, gray, upsample, threshold).result()
+                return pool.submit(_detect, gray, upsample, threshold).result(self.timeout_s)
             except BrokenProcessPool:
                 # A worker died (killed, out of memory): the pool is unusable from then on.
                 # Start a fresh one once; a second death in a row is reported.
-                with self._lock:
-                    if self._pool is pool:
-                        self._pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
+                self._discard(pool)
                 if attempt:
                     raise
+            except FutureTimeout as exc:  # not the builtin TimeoutError before Python 3.11
+                self._discard(pool)
+                raise TimeoutError(
+                    f"no answer from a detector process in {self.timeout_s} s"
+                ) from exc
+            except (CancelledError, RuntimeError) as exc:
+                if self._closed:  # closed under this call: shutdown cancels and refuses
+                    raise PoolClosed("the detector pool is closed") from exc
+                raise
         raise AssertionError("unreachable")
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        """Drop a broken or hung pool and end its processes without waiting on them."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        _terminate(pool)
 
     def pids(self) -> list[int]:
         """The live workers' process ids (for tests and diagnostics)."""
@@ -103,9 +130,22 @@ class HogPool:
             procs = getattr(self._pool, "_processes", None) or {}
             return [p.pid for p in procs.values() if p.is_alive()]
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; ``wait=False`` terminates them instead of letting them finish."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:
+            return
+        if wait:
             pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            _terminate(pool)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.kill()  # a hung or stopped worker ignores SIGTERM

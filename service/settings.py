@@ -176,6 +176,13 @@ class Settings:
     training_log_every: int = field(
         default=10, metadata=_help("training steps between progress events")
     )
+    training_lease_seconds: float = field(
+        default=60.0,
+        metadata=_help(
+            "replicas sharing a store: how long a job's claim may go unrenewed before another "
+            "replica takes the job over (longer than the volume's attribute caching)"
+        ),
+    )
     metrics_port: int = field(
         default=9090,
         metadata=_help("Prometheus /metrics HTTP port (same host); 0 = any free port, -1 = off"),
@@ -243,6 +250,10 @@ class Settings:
             problems.append("provenance_key and provenance_cert go together: set both or neither")
         if self.detector not in ("hog", "yunet"):
             problems.append(f"detector {self.detector!r} must be hog or yunet")
+        if not (math.isfinite(self.training_lease_seconds) and self.training_lease_seconds >= 5):
+            problems.append(
+                f"training_lease_seconds must be >= 5, got {self.training_lease_seconds}"
+            )
         if not -1 <= self.detector_processes <= 64:
             problems.append(f"detector_processes must be in -1..64, got {self.detector_processes}")
         if self.detector == "yunet" and not self.detector_model:
@@ -327,12 +338,18 @@ def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     Kubernetes CPU limit), which affinity does not show."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
+    quota = period = 0
     try:  # cgroup v2: "max 100000" or "400000 100000"
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+        q, p = (cgroup / "cpu.max").read_text().split()[:2]
+        quota, period = (0 if q == "max" else int(q)), int(p)
     except (OSError, ValueError):
-        pass
+        try:  # cgroup v1: -1 = no limit
+            quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota > 0 and period > 0:
+        cores = min(cores, max(1, math.ceil(quota / period)))
     return cores
 
 

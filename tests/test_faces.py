@@ -742,3 +742,27 @@ def test_landmark_filter_follows_motion_and_damps_noise() -> None:
     assert err[30:].mean() < 0.7 * raw[30:].mean()  # and damps the noise at rest
     with pytest.raises(InvalidInputError):
         LandmarkFilter(smoothing=1.0)
+
+
+def test_hog_pool_replaces_a_hung_worker_and_refuses_after_close() -> None:
+    import os
+    import signal
+
+    from facemux.models.detect_pool import HogPool, PoolClosed
+
+    gray = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2GRAY)
+    pool = HogPool(1, timeout_s=1.0)
+    try:
+        pool.start()
+        first = pool.detect(gray, 0, 0.0)
+        assert len(first) == 1
+        (hung,) = pool.pids()
+        os.kill(hung, signal.SIGSTOP)
+        with pytest.raises(TimeoutError):
+            pool.detect(gray, 0, 0.0)
+        assert pool.detect(gray, 0, 0.0) == first  # a fresh worker answers
+        assert hung not in pool.pids()
+    finally:
+        pool.close()
+    with pytest.raises(PoolClosed):
+        pool.detect(gray, 0, 0.0)

@@ -74,7 +74,7 @@ def test_settings_precedence_and_validation(tmp_path: Path) -> None:
         Settings(decoder_cache_count=0)
     with pytest.raises(InvalidInputError, match="device"):
         Settings(device="tpu")
-    with pytest.raises(InvalidInputError, match="detector_processes must be in -1..64"):
+    with pytest.raises(InvalidInputError, match=r"detector_processes must be in -1\.\.64"):
         Settings(detector_processes=-2)
 
 
@@ -87,6 +87,13 @@ def test_detector_processes_auto_follows_the_cgroup_cpu_limit(tmp_path: Path) ->
     assert settings_mod.usable_cores(tmp_path) == affinity
     (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU limit
     assert settings_mod.usable_cores(tmp_path) == min(affinity, 2)
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert settings_mod.usable_cores(v1) == affinity
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1, 1 CPU
+    assert settings_mod.usable_cores(v1) == 1
     assert Settings(detector_processes=3).detector_process_count() == 3
     auto = Settings().detector_process_count()
     cores = settings_mod.usable_cores()

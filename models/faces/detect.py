@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
-from facemux.models.errors import InvalidInputError, PreconditionError
+from facemux.models.errors import InvalidInputError, PreconditionError, UnavailableError
 from numpy.typing import NDArray
 
-from ..detect_pool import HogPool, run_hog
+from ..detect_pool import HogPool, PoolClosed, run_hog
 from .align import box_from_landmarks, template, umeyama
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class HogDetector:
                 pool.start()  # a second now rather than on the first frames
                 self.pool = pool
             except Exception as exc:  # a worker that cannot start must not stop detection
-                pool.close()
+                pool.close(wait=False)
                 log.warning("HOG worker processes did not start (%s); detecting in-process", exc)
 
     def close(self) -> None:
@@ -143,7 +143,15 @@ class HogDetector:
             gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
         fx, fy = w / gray.shape[1], h / gray.shape[0]
         if self.pool is not None:
-            rects = self.pool.detect(gray, self.upsample, self.threshold)
+            try:
+                rects = self.pool.detect(gray, self.upsample, self.threshold)
+            except PoolClosed as exc:
+                raise UnavailableError("the server is shutting down; retry on another") from exc
+            except TimeoutError as exc:
+                raise UnavailableError(
+                    f"face detection took over {self.pool.timeout_s:.0f} s (a worker hung; "
+                    "it was replaced); retry"
+                ) from exc
         else:
             with self._lock:
                 rects = run_hog(self._detector, gray, self.upsample, self.threshold)

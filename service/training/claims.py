@@ -3,16 +3,19 @@
 In Kubernetes the replicas of the Deployment mount one ReadWriteMany volume, so every replica
 sees every job. A job runs where its *claim* is held: ``<job>/claim`` names its owner (one
 server process) and is created with O_EXCL, so of two replicas claiming at once one wins.
-The owner touches it every few seconds (a lease). Another server takes a claim over only
-when its owner is gone:
+The owner rewrites it every few seconds with a growing beat count (a lease). Another server
+takes a claim over only when its owner is gone:
 
-- the owner ran on this host and its process no longer exists, or was an earlier process
-  with this one's pid (a container restarted as PID 1 again); then at once;
-- otherwise when the claim's modification time has not moved for ``lease_s`` seconds of this
-  server's own clock (comparing the file's time with this clock would trust two clocks).
+- the owner ran in this very machine and PID namespace (same boot id and namespace inode) and
+  its process is gone: no process with its pid, or one that started at another time (a pid
+  reused); then at once;
+- otherwise when the claim has not changed (beat count and mtime) for ``lease_s`` seconds of
+  this server's own clock; the file's time is never compared with this clock. A scan that
+  came late (this server stalled) starts those timers again rather than trusting them.
 
-Takeover renames the stale claim away first: a rename succeeds once, so of two servers that
-both saw it stale only one goes on to claim.
+Takeover renames the stale claim aside, checks that what it moved is the claim it judged
+stale, and puts a fresh one back with a hard link otherwise: a rename moves one file once, so
+of two servers that both saw it stale only one goes on to claim. Release does the same.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 CLAIM = "claim"
 
@@ -34,13 +38,42 @@ _live: set[str] = set()
 _live_lock = threading.Lock()
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" when there is no such pid)."""
+    stat = _read_text(Path(f"/proc/{pid}/stat"))
+    # The command name (field 2) may hold spaces and parentheses; fields after it do not.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _pid_namespace() -> str:
+    with contextlib.suppress(OSError):
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    return ""
+
+
 class Claims:
-    def __init__(self, lease_s: float = 30.0) -> None:
+    def __init__(self, lease_s: float = 60.0) -> None:
         self.lease_s = lease_s
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
-        self._seen: dict[Path, tuple[float, float]] = {}  # claim -> (mtime, first seen)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._me = {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "boot": _read_text(Path("/proc/sys/kernel/random/boot_id")),
+            "pidns": _pid_namespace(),
+            "pid": os.getpid(),
+            "start": _start_time(os.getpid()),
+        }
+        self._beat = 0
+        self._seen: dict[Path, tuple[str, float]] = {}  # claim -> (what it said, first seen)
+        self._last_look = time.monotonic()
         with _live_lock:
             _live.add(self.owner)
 
@@ -51,7 +84,7 @@ class Claims:
     # -- reading -------------------------------------------------------------------------------
 
     @staticmethod
-    def holder(work: Path) -> dict[str, object] | None:
+    def holder(work: Path) -> dict[str, Any] | None:
         """The claim's content; None when there is none; {} while it is being written."""
         try:
             text = (work / CLAIM).read_text()
@@ -67,53 +100,86 @@ class Claims:
         h = self.holder(work)
         return bool(h) and h.get("owner") == self.owner  # type: ignore[union-attr]
 
-    def _owner_gone(self, h: dict[str, object]) -> bool:
-        owner = str(h.get("owner", ""))
+    def _owner_gone(self, h: dict[str, Any]) -> bool:
         with _live_lock:
-            if owner in _live:
+            if h.get("owner") in _live:
                 return False
-        if h.get("host") != self.host or not isinstance(h.get("pid"), int):
-            return False
-        pid = int(h["pid"])  # type: ignore[call-overload]
-        if pid == self.pid:
-            return True  # an earlier process with this pid: this one's predecessor
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        me = self._me
+        same_space = all(h.get(k) == me[k] and me[k] for k in ("host", "boot", "pidns"))
+        if not same_space or not isinstance(h.get("pid"), int):
+            return False  # another machine or PID namespace: only the lease can tell
+        pid = int(h["pid"])
+        if pid == me["pid"]:
+            return True  # an earlier process with this pid, in this namespace
+        started = _start_time(pid)
+        return not started or started != h.get("start")
 
-    def _stale(self, work: Path, h: dict[str, object]) -> bool:
+    def new_look(self) -> None:
+        """Call before each pass over the claims. After a gap longer than half a lease (this
+        server stalled), the timers start again: what looked unchanged may just be unseen."""
+        now = time.monotonic()
+        if now - self._last_look > self.lease_s / 2:
+            self._seen.clear()
+        self._last_look = now
+
+    def _stale(self, work: Path, h: dict[str, Any]) -> bool:
         if h and self._owner_gone(h):
             return True
         path = work / CLAIM
         try:
-            mtime = path.stat().st_mtime
+            state = f"{path.stat().st_mtime_ns}:{h.get('owner')}:{h.get('beat')}"
         except FileNotFoundError:
             return False
         now = time.monotonic()
         seen = self._seen.get(path)
-        if seen is None or seen[0] != mtime:
-            self._seen[path] = (mtime, now)
+        if seen is None or seen[0] != state:
+            self._seen[path] = (state, now)
             return False
         return now - seen[1] >= self.lease_s
 
     # -- writing -------------------------------------------------------------------------------
 
+    def _body(self) -> bytes:
+        self._beat += 1
+        return json.dumps({**self._me, "beat": self._beat}).encode()
+
     def _create(self, work: Path) -> bool:
-        body = json.dumps({"owner": self.owner, "host": self.host, "pid": self.pid}).encode()
         try:
             fd = os.open(work / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         try:
-            os.write(fd, body)
+            os.write(fd, self._body())
             os.fsync(fd)
         finally:
             os.close(fd)
         return True
+
+    def _take_aside(self, work: Path, expect_owner: str) -> bool:
+        """Move the claim aside if it is still ``expect_owner``'s; True when it was."""
+        aside = work / f".claim-aside-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(work / CLAIM, aside)
+        except FileNotFoundError:
+            return False
+        moved = self.holder_of(aside)
+        if moved is not None and moved.get("owner") != expect_owner:
+            # A claim made after ours was judged: put it back (fails only if yet another
+            # server claimed meanwhile; its owner then sees the loss at its next beat).
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, work / CLAIM)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def holder_of(path: Path) -> dict[str, Any] | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def claim(self, work: Path) -> bool:
         """Claim the job in ``work`` for this server: True when it holds it afterwards."""
@@ -124,27 +190,33 @@ class Claims:
             return self._create(work)  # released meanwhile
         if h.get("owner") == self.owner:
             return True
-        if not self._stale(work, h):
+        if not h or not self._stale(work, h):
             return False
-        aside = work / f".claim-taken-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(work / CLAIM, aside)
-        except FileNotFoundError:
-            return False  # another server took it over first
-        aside.unlink(missing_ok=True)
+        if not self._take_aside(work, str(h.get("owner"))):
+            return False
         self._seen.pop(work / CLAIM, None)
         return self._create(work)
 
     def refresh(self, work: Path) -> bool:
         """Renew the lease; False when the claim is no longer this server's."""
-        if not self.holds(work):
+        try:
+            # In place, through one open file: if a takeover renames it away meanwhile, the
+            # beat lands in the file moved aside, never in the new owner's claim.
+            with open(work / CLAIM, "r+b") as fh:
+                try:
+                    mine = json.loads(fh.read()).get("owner") == self.owner
+                except (ValueError, AttributeError):
+                    mine = False
+                if not mine:
+                    return False
+                fh.seek(0)
+                fh.write(self._body())
+                fh.truncate()
+        except FileNotFoundError:
             return False
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(work / CLAIM)
-            return True
-        return False
+        return True
 
     def release(self, work: Path) -> None:
         if self.holds(work):
-            (work / CLAIM).unlink(missing_ok=True)
+            self._take_aside(work, self.owner)
         self._seen.pop(work / CLAIM, None)

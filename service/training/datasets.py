@@ -148,7 +148,9 @@ class DatasetStore:
     def swapper(self) -> fp.FaceSwapper:
         with self._swapper_lock:
             if self._swapper is None:
-                self._swapper = build_swapper(self.settings)
+                # In-process detection: uploads are not a throughput path, and a second pool
+                # of worker processes would idle beside the Swap path's.
+                self._swapper = build_swapper(self.settings.replace(detector_processes=0))
             return self._swapper
 
     def align(self, rgb: np.ndarray, aligned: bool, resolution: int) -> np.ndarray:

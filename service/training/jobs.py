@@ -89,6 +89,14 @@ def _valid_id(job_id: str) -> bool:
     return 0 < len(job_id) <= 64 and all(c.isalnum() or c == "-" for c in job_id)
 
 
+def _read_result(work: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((work / "result.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _worker(work_dir: str, threads: int) -> None:
     """Entry point of a job's process (module level: spawn pickles it by name)."""
     if threads > 0:
@@ -108,7 +116,7 @@ class JobManager:
         worker_threads: int = 0,
         poll_s: float = 0.2,
         on_change: Callable[[JobManager], None] | None = None,
-        lease_s: float = 30.0,
+        lease_s: float = 60.0,
         scan_s: float = 2.0,
     ) -> None:
         self.root = Path(root)
@@ -127,10 +135,15 @@ class JobManager:
         self._stop = threading.Event()
         self._changed = threading.Condition(self._lock)
         self.claims = Claims(lease_s)
+        self._ended: set[str] = set()  # other servers' finished jobs, skipped by the scan
         self.scan_s = scan_s
         self._scan()
         self._thread = threading.Thread(target=self._monitor, name="facemux-jobs", daemon=True)
         self._thread.start()
+        # Its own thread, never waiting for the monitor's lock or its file reads: a lease
+        # must not run out because the monitor was busy registering a decoder.
+        self._beats = threading.Thread(target=self._beat_loop, name="facemux-claims", daemon=True)
+        self._beats.start()
 
     # -- records -----------------------------------------------------------------------------
 
@@ -147,14 +160,15 @@ class JobManager:
             return JobRecord.from_dict(json.loads((self.work_dir(job_id) / "job.json").read_text()))
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError):
-            log.warning("skipping unreadable job record %s", job_id)
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("skipping unreadable job record %s: %s", job_id, exc)
             return None
 
     def _scan(self) -> None:
         """Claim the store's unfinished jobs that no live server holds and queue them: at
         start (the jobs of the process before this one) and every scan_s (jobs submitted to
         another replica, or left by one that is gone)."""
+        self.claims.new_look()
         for d in sorted(self.root.iterdir()):
             if d.name.startswith(".staging-"):
                 with contextlib.suppress(OSError):
@@ -162,10 +176,15 @@ class JobManager:
                         shutil.rmtree(d, ignore_errors=True)
                 continue
             with self._lock:
-                if d.name in self._jobs:
+                if d.name in self._jobs or d.name in self._ended:
                     continue
+                if len(self._procs) + len(self._queue) >= self.max_running:
+                    continue  # no free slot: leave it to a replica that has one
             rec = self._read(d.name)
-            if rec is None or rec.state in TERMINAL or not self.claims.claim(d):
+            if rec is not None and rec.state in TERMINAL:
+                self._ended.add(d.name)  # final: never read again by the scan
+                continue
+            if rec is None or not self.claims.claim(d):
                 continue
             rec = self._read(d.name)  # its owner may have finished it before letting go
             if rec is None or rec.state in TERMINAL:
@@ -181,20 +200,32 @@ class JobManager:
             if rec.state == RUNNING:
                 log.info("job %s was running; resuming it from its checkpoint", rec.id)
 
-    def _heartbeat(self) -> None:
-        """Renew the claims of this server's unfinished jobs; drop any another server took
-        over (this one missed its lease: a stalled process or volume)."""
-        for job_id, rec in list(self._jobs.items()):
-            if rec.state in TERMINAL or self.claims.refresh(self.work_dir(job_id)):
-                continue
-            log.warning("job %s was taken over by another server; stopping it here", job_id)
-            proc = self._procs.pop(job_id, None)
-            if proc is not None:
-                proc.kill()  # its checkpoint stays; the new owner's run waits for its lock
-                proc.join(5)
-            if job_id in self._queue:
-                self._queue.remove(job_id)
-            del self._jobs[job_id]
+    def _beat_loop(self) -> None:
+        """Renew the claims of this server's unfinished jobs every sixth of a lease; stop
+        any another server took over (this one missed its lease: a stalled process or
+        volume)."""
+        while not self._stop.wait(self.claims.lease_s / 6):
+            with self._lock:
+                mine = [i for i, r in self._jobs.items() if r.state not in TERMINAL]
+            lost = [i for i in mine if not self.claims.refresh(self.work_dir(i))]
+            if lost:
+                with self._lock:
+                    for job_id in lost:
+                        self._drop(job_id)
+
+    def _drop(self, job_id: str) -> None:
+        """Forget a job another server now owns; kill its run here, if any (its checkpoint
+        stays, and the new owner's run waits for this one's lock)."""
+        if job_id not in self._jobs:
+            return
+        log.warning("job %s was taken over by another server; stopping it here", job_id)
+        proc = self._procs.pop(job_id, None)
+        if proc is not None:
+            proc.kill()
+            proc.join(5)
+        if job_id in self._queue:
+            self._queue.remove(job_id)
+        del self._jobs[job_id]
 
     def _cancel_requested(self) -> None:
         """Queued jobs of this server that another replica was asked to cancel."""
@@ -236,6 +267,12 @@ class JobManager:
             data: dict[str, Any] = json.loads((self.work_dir(job_id) / "progress.json").read_text())
             return data
         return None
+
+    def own_running(self) -> list[JobRecord]:
+        """The jobs running in this server's workers (what its metrics report)."""
+        with self._lock:
+            ids = [i for i, r in self._jobs.items() if r.state == RUNNING]
+        return [self.get(i) for i in ids]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -326,6 +363,15 @@ class JobManager:
 
     def _start(self, rec: JobRecord) -> None:
         work = self.work_dir(rec.id)
+        if not self.claims.holds(work):
+            self._drop_unowned(rec.id)
+            return
+        done = _read_result(work)
+        if done.get("status") == "succeeded":
+            # Its run finished but the server that ran it went before registering: register
+            # now rather than train again.
+            self._conclude(rec.id, done)
+            return
         spec_path = work / "spec.json"
         spec = json.loads(spec_path.read_text())
         # A resumed job belongs to this server now: its orphan watch follows this pid.
@@ -340,13 +386,23 @@ class JobManager:
         rec.state = RUNNING
         self._save(rec)
 
+    def _drop_unowned(self, job_id: str) -> None:
+        log.warning("job %s: this server no longer holds its claim; leaving it", job_id)
+        self._jobs.pop(job_id, None)
+
     def _reap(self, job_id: str, proc: BaseProcess) -> None:
+        result = _read_result(self.work_dir(job_id))
+        if not result:
+            result = {"status": FAILED, "error": f"worker exited with code {proc.exitcode}"}
+        self._conclude(job_id, result)
+
+    def _conclude(self, job_id: str, result: dict[str, Any]) -> None:
         rec = self._jobs[job_id]
         work = self.work_dir(job_id)
-        try:
-            result = json.loads((work / "result.json").read_text())
-        except (FileNotFoundError, ValueError):
-            result = {"status": FAILED, "error": f"worker exited with code {proc.exitcode}"}
+        if not self.claims.holds(work):
+            # Taken over while it ran: its new owner concludes it (and registers it once).
+            self._drop_unowned(job_id)
+            return
         status = result.get("status")
         rec.step = int(result.get("step", rec.step))
         if status == "succeeded":
@@ -360,7 +416,12 @@ class JobManager:
         elif status == "cancelled":
             rec.state = CANCELLED
         elif status == "paused":
-            return  # the server is stopping; the record stays RUNNING and resumes later
+            if not self._stop.is_set():
+                # Paused by a stale pause file or a departing server, not by this one's
+                # shutdown: run it again (from its checkpoint).
+                (work / "pause").unlink(missing_ok=True)
+                self._queue.insert(0, job_id)
+            return  # stopping: the record stays RUNNING and resumes at the next start
         else:
             rec.state, rec.error = FAILED, str(result.get("error") or "unknown error")
         self._append_final(work, rec)
@@ -375,7 +436,6 @@ class JobManager:
 
     def _monitor(self) -> None:
         next_scan = time.monotonic() + self.scan_s
-        next_beat = 0.0
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
@@ -383,16 +443,17 @@ class JobManager:
                     self._scan()
                     next_scan = now + self.scan_s
                 with self._lock:
-                    if now >= next_beat:
-                        self._heartbeat()
-                        next_beat = now + self.claims.lease_s / 5
                     self._cancel_requested()
                     for job_id, proc in list(self._procs.items()):
                         if not proc.is_alive():
                             proc.join()
                             del self._procs[job_id]
                             self._reap(job_id, proc)
-                    while self._queue and len(self._procs) < self.max_running:
+                    while (
+                        self._queue
+                        and len(self._procs) < self.max_running
+                        and not self._stop.is_set()  # close() may be collecting the runs
+                    ):
                         job_id = self._queue.pop(0)
                         self._start(self._jobs[job_id])
                 if self.on_change is not None:
@@ -406,6 +467,7 @@ class JobManager:
         start. Nothing is marked finished."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self._beats.join(timeout=5)
         with self._lock:
             procs = dict(self._procs)
         for job_id in procs:

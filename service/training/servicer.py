@@ -8,6 +8,7 @@ request costs nothing and never leaves a job behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 from facemux.models import checkpoint
-from facemux.models.errors import InvalidInputError, UnavailableError
+from facemux.models.errors import InvalidInputError, NotFoundError, UnavailableError
 from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
 from facemux.service import convert
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
@@ -96,13 +97,14 @@ class Training:
             max_running=settings.max_running_jobs,
             max_queued=settings.max_queued_jobs,
             worker_threads=settings.training_threads,
+            lease_s=settings.training_lease_seconds,
             on_change=self._report if metrics is not None else None,
         )
 
     def _report(self, jobs: JobManager) -> None:
         assert self.metrics is not None
         self.metrics.set_training_jobs(jobs.counts())
-        for rec in jobs.list_jobs({"running"}):
+        for rec in jobs.own_running():  # each replica reports the jobs it runs
             p = jobs.latest_progress(rec.id)
             if p:
                 loss = float(p.get("losses", {}).get("total", 0.0))
@@ -123,6 +125,13 @@ class Training:
             self.store.put_encoder(data, fp, make_default=not self.store.list_encoders())
         version = 0
         for name, rel in dict(result.get("decoders", {})).items():
+            # Idempotent by job id: a server that registered and then died before recording
+            # it leaves the version in place for its successor to find, not to add again.
+            with contextlib.suppress(NotFoundError):
+                done = [v for v in self.store.get(name).versions if v.job_id == rec.id]
+                if done:
+                    version = done[0].version
+                    continue
             data = (work / rel).read_bytes()
             _, meta = checkpoint.read_decoder(data)
             vrec = VersionRecord.for_decoder(
