@@ -446,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=0.0, help="peak learning rate; 0 = server default (1e-3)"
     )
     tr.add_argument("--encoder-lr", type=float, default=0.0, help="identity mode; 0 = frozen")
-    tr.add_argument("--checkpoint-every", type=int, default=0)
+    tr.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="steps between checkpoints; 0 = server default (100, at most one per 10 s)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--consent", help="consent record as JSON (attested_by, evidence_ref, ...)")
     tr.add_argument("--watch", action="store_true", help="stream progress until it ends")

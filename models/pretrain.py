@@ -81,6 +81,9 @@ class JobSpec:
     lr: float = DEFAULT_LR
     encoder_lr: float = 0.0  # identity mode: 0 keeps the served encoder frozen
     checkpoint_every: int = 100
+    # A checkpoint also waits until this much training time has passed since the last one
+    # (0: never waits): fast GPU steps would otherwise spend their time writing checkpoints.
+    checkpoint_min_seconds: float = 0.0
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
@@ -422,6 +425,7 @@ def _run(
         _sync_gradients(trainer, world)
 
     last_ckpt = trainer.steps_done
+    last_ckpt_t = time.monotonic()
     stop_reason = ""
 
     def control() -> str:
@@ -434,10 +438,13 @@ def _run(
         return ""
 
     def should_stop() -> bool:
-        nonlocal last_ckpt, stop_reason
-        if trainer.steps_done - last_ckpt >= spec.checkpoint_every:
+        nonlocal last_ckpt, last_ckpt_t, stop_reason
+        if (
+            trainer.steps_done - last_ckpt >= spec.checkpoint_every
+            and time.monotonic() - last_ckpt_t >= spec.checkpoint_min_seconds
+        ):
             _save_state(run, trainer)
-            last_ckpt = trainer.steps_done
+            last_ckpt, last_ckpt_t = trainer.steps_done, time.monotonic()
             _save_preview(run, trainer)
         reason = control()
         if world > 1:

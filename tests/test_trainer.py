@@ -30,7 +30,7 @@ from facemux.models.losses import (
     ssim,
 )
 from facemux.models.networks import Decoder, Encoder, build_decoder, build_encoder
-from facemux.models.pretrain import JobSpec, prepare_work_dir, run_job
+from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
 from facemux.models.trainer import Progress, TrainConfig, Trainer
 
 
@@ -425,3 +425,25 @@ def test_identity_checkpoint_leaves_out_the_frozen_encoder_and_resumes_exactly(
         outputs[run] = decoder.state_dict()
     for key, value in outputs["straight"].items():
         assert torch.equal(outputs["paused"][key], value), key
+
+
+def test_checkpoint_min_seconds_spaces_checkpoints_out(tmp_path: Path) -> None:
+    faces = synth.make_dataset(synth.identity_from_seed(5), 8, 64, seed=5)[0]
+    counts = {}
+    for min_s in (0.0, 3600.0):
+        work = tmp_path / str(min_s)
+        spec = JobSpec(
+            mode="pretrain",
+            datasets=["ann"],
+            steps=6,
+            batch_size=2,
+            checkpoint_every=2,
+            checkpoint_min_seconds=min_s,
+            log_every=2,
+        )
+        prepare_work_dir(work, spec, {"ann": faces})
+        assert run_job(work)["status"] == "succeeded"
+        events, _ = read_events(work)
+        counts[min_s] = [e["step"] for e in events if e["type"] == "checkpoint"]
+    # Every 2 steps (the end publishes, it does not checkpoint); with an hour's floor, never.
+    assert counts == {0.0: [2, 4], 3600.0: []}

@@ -287,6 +287,9 @@ def test_cli_datasets_train_jobs(
     assert main(["jobs", "list", *target]) == 0
     assert "\tsucceeded\tidentity\tivy\tstep 6/6\tv1" in capsys.readouterr().out
     job_id = trainer_server.list_jobs()[0].id
+    # No --checkpoint-every: the server's default, 100 steps and at most one per 10 s.
+    spec = json.loads((tmp_path / "store" / "jobs" / job_id / "spec.json").read_text())
+    assert (spec["checkpoint_every"], spec["checkpoint_min_seconds"]) == (100, 10.0)
     assert main(["jobs", "watch", job_id, *target]) == 0
     assert capsys.readouterr().out.count("\n") == 1  # the job as it is now
     assert main(["jobs", "watch", "--replay", job_id, *target]) == 0

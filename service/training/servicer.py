@@ -49,6 +49,7 @@ _STATE_NAMES = {v: k for k, v in _STATES.items()}
 DEFAULT_STEPS = 2000
 DEFAULT_BATCH = 16
 DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
 
 
@@ -168,6 +169,9 @@ class Training:
         lr = float(hp.learning_rate) if hp.learning_rate else DEFAULT_LR
         enc_lr = float(hp.encoder_learning_rate)
         every = hp.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+        # Unset: also at most every DEFAULT_CHECKPOINT_SECONDS of training, so a fast GPU
+        # does not spend its time writing checkpoints. Set: exactly every N steps.
+        min_seconds = 0.0 if hp.checkpoint_every else DEFAULT_CHECKPOINT_SECONDS
         validate_hyper_parameters(steps, batch, lr, enc_lr, every)
         names = list(request.datasets)
         if not names:
@@ -220,6 +224,7 @@ class Training:
             lr=lr,
             encoder_lr=enc_lr,
             checkpoint_every=every,
+            checkpoint_min_seconds=min_seconds,
             log_every=max(1, min(every, self.settings.training_log_every)),
             seed=int(hp.seed) if hp.seed else int(np.random.default_rng().integers(1, 2**31)),
             device=self.settings.device,
