@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--faces", type=int, default=64)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument(
+        "--checkpoint-min-seconds",
+        type=float,
+        default=0.0,
+        help="also at most one checkpoint per this many seconds (Train's default: 10)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         args.preset,
         args.device,
     )
+    spec.checkpoint_min_seconds = args.checkpoint_min_seconds
     before = bare(spec, data, enc_bytes)
     rate_loop, rate_e2e = job(spec, data, enc_bytes)
     after = bare(spec, data, enc_bytes)
@@ -155,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.preset} preset on {args.device}, {args.mode} mode, batch {args.batch}/identity, "
         f"{args.steps} steps,"
     )
-    print(f"{threads} torch thread(s), checkpoint every {args.checkpoint_every} steps")
+    floor = f" (at most one per {args.checkpoint_min_seconds:g} s)" * bool(
+        args.checkpoint_min_seconds
+    )
+    print(f"{threads} torch thread(s), checkpoint every {args.checkpoint_every} steps{floor}")
     print(
         f"  bare training step       {rate_bare:8.1f} examples/s  "
         f"({before:.1f} before the job, {after:.1f} after)"
