@@ -177,7 +177,7 @@ def cmd_identities(args: argparse.Namespace) -> int:
         elif args.action == "get":
             _print_json(MessageToDict(c.get_identity(args.name)))
         elif args.action == "register":
-            consent = json.loads(args.consent) if args.consent else None
+            consent = _consent_arg(args.consent)
             r = c.register_identity(
                 args.name,
                 args.checkpoint,
@@ -284,7 +284,7 @@ def _watch(c: FacemuxClient, job_id: str, replay: bool = False) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    consent = json.loads(args.consent) if args.consent else None
+    consent = _consent_arg(args.consent)
     with _client(args) as c:
         job = c.train(
             args.datasets,
@@ -315,6 +315,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         elif args.action == "cancel":
             print(_job_line(c.cancel_job(args.id)))
     return 0
+
+
+def _consent_arg(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--consent is not valid JSON ({exc}); e.g. {_CONSENT_EXAMPLE}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"--consent must be a JSON object, e.g. {_CONSENT_EXAMPLE}")
+    return value
+
+
+_CONSENT_EXAMPLE = '\'{"attested_by": "ops@example.com", "evidence_ref": "TICKET-1"}\''
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,19 @@ def image_bytes(img: types_pb2.Image) -> bytes:
     return img.encoded if img.WhichOneof("source") == "encoded" else img.raw.data
 
 
+def consent_record(consent: dict[str, str] | None) -> types_pb2.ConsentRecord:
+    """The wire consent record; a key it does not have is named with the ones it has."""
+    consent = consent or {}
+    known = [f.name for f in types_pb2.ConsentRecord.DESCRIPTOR.fields]
+    unknown = sorted(set(consent) - set(known))
+    if unknown:
+        raise ValueError(
+            f"consent has no field {', '.join(map(repr, unknown))}; its fields are "
+            f"{', '.join(known)}"
+        )
+    return types_pb2.ConsentRecord(**{k: str(v) for k, v in consent.items()})
+
+
 def output_options(fmt: str | None, quality: int = 0) -> types_pb2.OutputOptions:
     if fmt is None:
         return types_pb2.OutputOptions(quality=quality)
@@ -421,7 +434,7 @@ class FacemuxClient:
             make_default=make_default,
             size_bytes=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
-            consent=types_pb2.ConsentRecord(**(consent or {})),
+            consent=consent_record(consent),
         )
 
         def parts() -> Iterator[ipb.RegisterIdentityRequest]:
@@ -531,7 +544,7 @@ class FacemuxClient:
                 checkpoint_every=checkpoint_every,
                 seed=seed,
             ),
-            consent=types_pb2.ConsentRecord(**(consent or {})),
+            consent=consent_record(consent),
         )
         return self._call(self.training_stub.Train, req).job
 

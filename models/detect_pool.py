@@ -8,7 +8,7 @@ here holds its own detector; frames reach it as the small gray image the detecto
 
 Workers are spawned, never forked: the server's process runs gRPC's threads, and a fork
 of it is unsafe. This module imports nothing heavy (no torch), so a worker starts in under a
-second and holds about 40 MB.
+second and holds 40-60 MB.
 """
 
 from __future__ import annotations

@@ -99,3 +99,18 @@ def test_info_health_and_errors(server: ServerThread) -> None:
     assert r.returncode == 0 and r.stdout.strip() == "SERVING"
     r = run("swap", "/nonexistent.png", "--identity", "bob", "--aligned", *t)
     assert r.returncode == 2 and "No such file" in r.stderr
+
+
+def test_consent_json_mistakes_are_named(
+    server: ServerThread, models: Models, tmp_path: Path
+) -> None:
+    t = ["--target", server.target]
+    ckpt = tmp_path / "carol.safetensors"
+    ckpt.write_bytes(models.decoders["carol"])
+    r = run("identities", "register", "carol", str(ckpt), "--consent", '{"subject": "x"}', *t)
+    assert r.returncode == 2
+    assert "consent has no field 'subject'; its fields are attested_by, evidence_ref" in r.stderr
+    r = run("train", "ds", "--identity", "carol", "--consent", "{attested_by: x}", *t)
+    assert r.returncode == 2 and "--consent is not valid JSON" in r.stderr
+    r = run("train", "ds", "--identity", "carol", "--consent", '["x"]', *t)
+    assert r.returncode == 2 and "--consent must be a JSON object" in r.stderr
