@@ -22,7 +22,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -42,6 +43,22 @@ class Row:
     p50_ms: float
     p99_ms: float
     calls: int
+    stages: dict[str, float] = field(default_factory=dict)  # server ms per call, by stage
+
+
+def stage_ms(metrics_port: int) -> dict[str, float]:
+    """Mean ms per observation of each pipeline stage, from the server's own /metrics (where
+    a call's time goes: decoding crops, the queue and model, encoding results)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        for suffix, into in (("_sum", sums), ("_count", counts)):
+            head = f'facemux_stage_seconds{suffix}{{stage="'
+            if line.startswith(head):
+                stage = line[len(head) :].split('"', 1)[0]
+                into[stage] = float(line.rsplit(" ", 1)[1])
+    return {k: 1000 * sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
 def _free_port() -> int:
@@ -119,6 +136,7 @@ def through_server(
     extra: list[str],
 ) -> Row:
     port = _free_port()
+    metrics_port = _free_port()
     env = {**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"}
     cmd = [
         sys.executable,
@@ -130,7 +148,7 @@ def through_server(
         "--store",
         str(store),
         "--metrics-port",
-        "0",
+        str(metrics_port),
         # Loopback benchmark: no callers, no provenance marks (they are measured on their own
         # in bench/watermark.py), no audit lines.
         "--auth",
@@ -172,6 +190,7 @@ def through_server(
         for t in ts:
             t.join()
         wall = time.perf_counter() - t_start
+        stages = stage_ms(metrics_port)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -182,6 +201,7 @@ def through_server(
         1000 * statistics.median(flat),
         1000 * float(np.percentile(flat, 99)),
         len(flat),
+        stages,
     )
 
 
@@ -237,6 +257,10 @@ def main() -> int:
     print(f"{'mode':52s} {'faces/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'calls':>7s}")
     for r in (batched, unbatched, bare):
         print(f"{r.name:52s} {r.faces_per_s:9.1f} {r.p50_ms:8.1f} {r.p99_ms:8.1f} {r.calls:7d}")
+    for r in (batched, unbatched):
+        # Warm-up calls included; model_batch is per batch, the others per call.
+        split = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.stages.items()))
+        print(f"  server ms, {r.name.split(' (')[0]}: {split}")
     print(
         f"summary: batched/unbatched = {batched.faces_per_s / unbatched.faces_per_s:.2f}x, "
         f"batched/bare = {batched.faces_per_s / bare.faces_per_s:.2f} "
