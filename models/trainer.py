@@ -109,10 +109,13 @@ class Trainer:
         config: TrainConfig,
         device: torch.device | str = "cpu",
         masks: Mapping[str, Tensor] | None = None,
+        weights: Mapping[str, Tensor] | None = None,
     ) -> None:
         """``data[name]``: uint8 (N,R,R,3) RGB faces of that identity, or float (N,3,R,R)
         in [0,1]; copied to ``device`` once. ``masks[name]`` (optional): (N,R,R), (N,R,R,1)
-        or (N,1,R,R), uint8 0..255 / bool / float in [0,1]."""
+        or (N,1,R,R), uint8 0..255 / bool / float in [0,1]. ``weights[name]`` (optional):
+        per-pixel loss emphasis of each face, float >= 0 in the same shapes (e.g. eyes and
+        mouth from ``losses.landmark_weight_map``); augmented with the face."""
         if not decoders:
             raise InvalidInputError("at least one identity decoder is needed to train")
         if set(data) != set(decoders):
@@ -125,6 +128,11 @@ class Trainer:
         extra_masks = set(masks or {}) - set(decoders)
         if extra_masks:
             raise InvalidInputError(f"masks given for unknown identities: {sorted(extra_masks)}")
+        extra_weights = set(weights or {}) - set(decoders)
+        if extra_weights:
+            raise InvalidInputError(
+                f"weights given for unknown identities: {sorted(extra_weights)}"
+            )
 
         self.config = config
         self.device = torch.device(device)
@@ -151,6 +159,12 @@ class Trainer:
         self._masks: dict[str, Tensor] = {}
         for n, m in (masks or {}).items():
             self._masks[n] = self._prepare_masks(n, m, res, self._images[n].shape[0])
+        self._weights: dict[str, Tensor] = {}
+        for n, w in (weights or {}).items():
+            wt = torch.as_tensor(w)
+            if not wt.is_floating_point() or (wt.numel() and not bool((wt >= 0).all())):
+                raise InvalidInputError(f"weights for {n!r} must be float and >= 0")
+            self._weights[n] = self._prepare_masks(n, wt, res, self._images[n].shape[0], True)
 
         self.encoder.train(not config.encoder_frozen)
         for dec in self.decoders.values():
@@ -207,7 +221,9 @@ class Trainer:
         # uint8 stays uint8 on the device: 4x less memory than float for large sets.
         return t.to(self.device).contiguous()
 
-    def _prepare_masks(self, name: str, m: Tensor | np.ndarray, res: int, n: int) -> Tensor:
+    def _prepare_masks(
+        self, name: str, m: Tensor | np.ndarray, res: int, n: int, weights: bool = False
+    ) -> Tensor:
         t = torch.as_tensor(m)
         if t.dim() == 4 and t.shape[-1] == 1 and t.shape[1] != 1:
             t = t.permute(0, 3, 1, 2)
@@ -221,7 +237,7 @@ class Trainer:
         if t.dtype == torch.bool:
             t = t.to(torch.uint8) * 255
         elif t.is_floating_point():
-            if t.numel() and (t.min() < 0 or t.max() > 1):
+            if t.numel() and (t.min() < 0 or (t.max() > 1 and not weights)):
                 raise InvalidInputError(f"float masks for {name!r} must be in [0, 1]")
             t = t.float()
         elif t.dtype != torch.uint8:
@@ -249,6 +265,10 @@ class Trainer:
         m = mask.index_select(0, idx)
         return imgs, (m.float().div_(255.0) if m.dtype == torch.uint8 else m)
 
+    def _weights_of(self, name: str, idx: Tensor) -> Tensor | None:
+        w = self._weights.get(name)
+        return None if w is None else w.index_select(0, idx.to(self.device))
+
     # ------------------------------------------------------------------ training
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -261,9 +281,23 @@ class Trainer:
         a host sync, so ``fit`` can read losses only when it reports."""
         cfg = self.config
         pairs = []
+        emphasis: list[Tensor | None] = []
         for name in self.identities:
-            imgs, masks = self._batch(name, self._next_indices(name))
-            pairs.append(make_training_pair(imgs, self._gen, cfg.augment, cfg.warp, masks))
+            idx = self._next_indices(name)
+            imgs, masks = self._batch(name, idx)
+            weights = self._weights_of(name, idx)
+            if weights is None:
+                pairs.append(make_training_pair(imgs, self._gen, cfg.augment, cfg.warp, masks))
+                emphasis.append(None)
+                continue
+            # The weights ride along as one more mask channel: the same rotation, zoom,
+            # shift and flip as the target they weigh.
+            both = weights if masks is None else torch.cat((masks, weights), dim=1)
+            pair = make_training_pair(imgs, self._gen, cfg.augment, cfg.warp, both)
+            assert pair.masks is not None
+            emphasis.append(pair.masks[:, -1:])
+            pair.masks = pair.masks[:, :1] if masks is not None else None
+            pairs.append(pair)
         inputs = torch.cat([p.inputs for p in pairs])
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -280,13 +314,14 @@ class Trainer:
 
         # Loss outside autocast: SSIM's convolutions and the sums need float32.
         per_identity = []
-        for pair, (rgb, pred_mask) in zip(pairs, outputs, strict=True):
+        for pair, (rgb, pred_mask), weights in zip(pairs, outputs, emphasis, strict=True):
             terms = loss_terms(
                 rgb,
                 pair.targets,
                 mask=pair.masks if cfg.masked_loss else None,
                 pred_mask=pred_mask,
                 target_mask=pair.masks,
+                weights=weights,
                 terms=cfg.loss,
             )
             per_identity.append(terms["total"])

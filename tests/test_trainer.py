@@ -447,3 +447,42 @@ def test_checkpoint_min_seconds_spaces_checkpoints_out(tmp_path: Path) -> None:
         counts[min_s] = [e["step"] for e in events if e["type"] == "checkpoint"]
     # Every 2 steps (the end publishes, it does not checkpoint); with an hour's floor, never.
     assert counts == {0.0: [2, 4], 3600.0: []}
+
+
+def test_emphasis_weights_ride_with_the_faces(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    """Per-face loss weights (eyes and mouth from landmarks) go through the same augmentation
+    as the faces: all-ones weights train exactly as none; an emphasis map changes the loss;
+    bad weights are refused."""
+    masks = {"alice": (faces["alice"][..., 0] > 150).to(torch.uint8) * 255}
+    n = faces["alice"].shape[0]
+    lm = synth.render(synth.identity_from_seed(1), synth.FaceState(), 64).landmarks68
+    emphasis = landmark_weight_map(np.repeat(lm[None], n, axis=0), 64)[:, 0]
+    losses = {}
+    for name, weights in (
+        ("none", None),
+        ("ones", {"alice": torch.ones(n, 64, 64)}),
+        ("eyes", {"alice": emphasis}),
+    ):
+        enc, decs = _models(cfg, ["alice"])
+        trainer = Trainer(
+            enc,
+            decs,
+            {"alice": faces["alice"]},
+            TrainConfig(steps=3, batch_size=4, seed=7),
+            masks=masks,
+            weights=weights,
+        )
+        losses[name] = [trainer.step()["total"] for _ in range(3)]
+    np.testing.assert_allclose(losses["ones"], losses["none"], rtol=1e-5)
+    assert not np.allclose(losses["eyes"], losses["none"], rtol=1e-3)
+    enc, decs = _models(cfg, ["alice"])
+    with pytest.raises(InvalidInputError, match="weights for 'alice' must be float and >= 0"):
+        Trainer(
+            enc, decs, {"alice": faces["alice"]}, TrainConfig(steps=1), weights={"alice": -emphasis}
+        )
+    with pytest.raises(InvalidInputError, match="weights given for unknown identities"):
+        Trainer(
+            enc, decs, {"alice": faces["alice"]}, TrainConfig(steps=1), weights={"bob": emphasis}
+        )
