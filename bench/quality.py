@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--loss-mask", default="template", choices=("template", "none"))
+    p.add_argument("--loss-emphasis", default="eyes_mouth", choices=("eyes_mouth", "none"))
     p.add_argument("--held-out", type=int, default=16, help="test states per pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="where the jobs train: auto, cpu or cuda")
@@ -108,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     new = "newcomer"
     people = {n: synth.identity_from_seed(100 + i) for i, n in enumerate([*names, new])}
 
-    def render_set(ident: synth.IdentityParams, seed: int, n: int) -> np.ndarray:
-        return np.stack([synth.render(ident, s, 64).image for s in synth.make_states(n, seed)])
-
-    train = {n: render_set(people[n], 1000 + i, args.faces) for i, n in enumerate(people)}
+    # Faces and their 5-point landmarks, as photos uploaded to the default server keep them.
+    rendered_train = {
+        n: [synth.render(people[n], s, 64) for s in synth.make_states(args.faces, 1000 + i)]
+        for i, n in enumerate(people)
+    }
+    train = {n: np.stack([r.image for r in rs]) for n, rs in rendered_train.items()}
+    marks = {n: [r.landmarks5 for r in rs] for n, rs in rendered_train.items()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         common = {
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             "lr": args.lr,
             "checkpoint_every": 500,
             "loss_mask": args.loss_mask,
+            "loss_emphasis": args.loss_emphasis,
             "device": args.device,
         }
         if args.budget_seconds > 0:
@@ -135,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             **common,
         )
-        prepare_work_dir(work / "pre", spec, {n: train[n] for n in names})
+        prepare_work_dir(
+            work / "pre", spec, {n: train[n] for n in names}, landmarks={n: marks[n] for n in names}
+        )
         res = run_job(work / "pre")
         assert res["status"] == "succeeded", res
         t_pre = time.perf_counter() - t0
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             **common,
         )
-        prepare_work_dir(work / "id", spec, {new: train[new]}, enc_bytes)
+        prepare_work_dir(work / "id", spec, {new: train[new]}, enc_bytes, {new: marks[new]})
         res_id = run_job(work / "id")
         assert res_id["status"] == "succeeded", res_id
         t_id = time.perf_counter() - t0 - t_pre
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((a, b, mean, wins))
 
     print(
-        f"{args.preset} preset, lr {args.lr:g}, loss mask {args.loss_mask}; pretrain {k} "
+        f"{args.preset} preset, lr {args.lr:g}, loss mask {args.loss_mask}, emphasis "
+        f"{args.loss_emphasis}; pretrain {k} "
         f"identities x {args.faces} faces, {args.pretrain_steps} steps "
         f"({t_pre:.0f}s); {new} added in identity mode, {args.identity_steps} steps ({t_id:.0f}s); "
         f"{args.held_out} held-out states per pair; face-region SSIM / PSNR dB"

@@ -47,8 +47,10 @@ import torch.distributed as dist
 from . import checkpoint
 from .config import ModelConfig, get_preset
 from .errors import InvalidInputError
+from .faces.align import template_landmarks, umeyama
 from .faces.mask import template_mask
 from .inference import pick_device
+from .losses import landmark_weight_map
 from .networks import Decoder, Encoder, build_decoder, build_encoder
 from .trainer import Progress, TrainConfig, Trainer
 
@@ -59,6 +61,7 @@ MODES = ("identity", "pretrain")
 # mean aligned face, which is where the alignment puts every face), so the model spends its
 # capacity where a swap is pasted; "none" counts the whole crop.
 LOSS_MASKS = ("template", "none")
+LOSS_EMPHASES = ("eyes_mouth", "none")
 MAX_STEPS = 10_000_000
 MAX_BATCH = 1024
 MAX_LR = 0.01
@@ -90,6 +93,9 @@ class JobSpec:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     parent_pid: int = 0  # stop (after a checkpoint) when this process is gone; 0 = never
     loss_mask: str = "template"  # one of LOSS_MASKS
+    # "eyes_mouth": the loss counts the eyes 3x and the mouth 2x, placed by each face's
+    # landmarks when its dataset has them, else by the aligned-face template; "none": even.
+    loss_emphasis: str = "eyes_mouth"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -107,6 +113,10 @@ class JobSpec:
             )
         if self.mode == "pretrain":
             get_preset(self.preset)
+        if self.loss_emphasis not in LOSS_EMPHASES:
+            raise InvalidInputError(
+                f"loss_emphasis must be one of {LOSS_EMPHASES}, got {self.loss_emphasis!r}"
+            )
         if self.loss_mask not in LOSS_MASKS:
             raise InvalidInputError(
                 f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}"
@@ -359,6 +369,27 @@ def run_job(
     return result
 
 
+def face_emphasis(landmarks: list[Any] | None, n: int, size: int) -> torch.Tensor:
+    """(n, size, size) loss weights, eyes 3 and mouth 2 over 1: from each face's 68 points,
+    or the template's 68 fitted to its 5 points (dlib's 5 have no mouth), or, for a face
+    without landmarks, the template itself (an aligned crop puts the features there).
+    ``landmarks`` are in pixels of the ``size`` crops."""
+    tmpl68 = template_landmarks(size, 68).astype(np.float64)
+    tmpl5 = template_landmarks(size, 5).astype(np.float64)
+    faces68 = []
+    for i in range(n):
+        lm = None if landmarks is None or i >= len(landmarks) else landmarks[i]
+        pts = None if lm is None else np.asarray(lm, dtype=np.float64)
+        if pts is not None and pts.shape == (68, 2) and np.isfinite(pts).all():
+            faces68.append(pts)
+        elif pts is not None and pts.shape == (5, 2) and np.isfinite(pts).all():
+            m = umeyama(tmpl5, pts)
+            faces68.append(tmpl68 @ m[:, :2].T + m[:, 2])
+        else:
+            faces68.append(tmpl68)
+    return landmark_weight_map(np.stack(faces68), size)[:, 0]
+
+
 def make_trainer(
     spec: JobSpec,
     encoder: Encoder,
@@ -366,9 +397,10 @@ def make_trainer(
     data: dict[str, torch.Tensor],
     device: torch.device | str,
     rank: int = 0,
+    landmarks: dict[str, list[Any]] | None = None,
 ) -> Trainer:
-    """The Trainer a job trains with: its schedule, clipping and loss mask (bench/ builds its
-    bare baseline with this too, so both time the same step)."""
+    """The Trainer a job trains with: its schedule, clipping, loss mask and emphasis (bench/
+    builds its bare baseline with this too, so both time the same step)."""
     encoder_lr: float | None = spec.encoder_lr
     if spec.mode == "pretrain" and not spec.encoder_lr:
         encoder_lr = None  # pretraining always trains the encoder; default: the decoders' lr
@@ -383,12 +415,16 @@ def make_trainer(
         warmup_steps=min(100, spec.steps // 10),
         grad_clip=GRAD_CLIP,
     )
+    res = encoder.config.resolution
     masks = None
     if spec.loss_mask == "template":
-        res = encoder.config.resolution
         template = torch.from_numpy((template_mask(res) * 255 + 0.5).astype(np.uint8))
         masks = {n: template.expand(len(faces), -1, -1) for n, faces in data.items()}
-    return Trainer(encoder, decoders, data, config, device=device, masks=masks)
+    weights = None
+    if spec.loss_emphasis == "eyes_mouth":
+        lms = landmarks or {}
+        weights = {n: face_emphasis(lms.get(n), len(faces), res) for n, faces in data.items()}
+    return Trainer(encoder, decoders, data, config, device=device, masks=masks, weights=weights)
 
 
 def _run(
@@ -410,7 +446,18 @@ def _run(
         name: _load_faces(work / "data" / f"{ds}.npy", cfg.resolution)
         for name, ds in zip(decoders, [*spec.datasets], strict=True)
     }
-    trainer = make_trainer(spec, encoder, decoders, data, device, rank)
+    landmarks: dict[str, list[Any]] = {}
+    for name, ds in zip(decoders, [*spec.datasets], strict=True):
+        path = work / "data" / f"{ds}.landmarks.json"
+        if path.exists():
+            # In the dataset's crop pixels; the faces may have been resized to the model's.
+            size = np.load(work / "data" / f"{ds}.npy", mmap_mode="r").shape[1]
+            k = cfg.resolution / size
+            landmarks[name] = [
+                None if lm is None else (np.asarray(lm, dtype=np.float64) * k)
+                for lm in json.loads(path.read_text())
+            ]
+    trainer = make_trainer(spec, encoder, decoders, data, device, rank, landmarks)
     ckpt = work / "checkpoint.pt"
     if ckpt.exists():
         _load_state(ckpt, trainer)
@@ -420,6 +467,14 @@ def _run(
         run.event("message", message=f"resumed from the checkpoint at step {trainer.steps_done}")
     else:
         run.event("message", message=f"started: {spec.mode} on {device}, {world} process(es)")
+        if spec.loss_emphasis == "eyes_mouth":
+            with_lm = sum(1 for lms in landmarks.values() for lm in lms if lm is not None)
+            total = sum(len(f) for f in data.values())
+            run.event(
+                "message",
+                message=f"loss emphasis on eyes and mouth: {with_lm} of {total} faces placed "
+                "by their own landmarks, the rest by the aligned-face template",
+            )
     if world > 1:
         _broadcast_weights(trainer)
         _sync_gradients(trainer, world)
@@ -545,14 +600,22 @@ def prepare_work_dir(
     spec: JobSpec,
     datasets: dict[str, np.ndarray],
     encoder_bytes: bytes | None = None,
+    landmarks: dict[str, list[Any]] | None = None,
 ) -> None:
-    """Lay out a fresh work directory (used by the job manager, benchmarks and the CLI)."""
+    """Lay out a fresh work directory (used by the job manager, benchmarks and the CLI).
+    ``landmarks[name]``: per face of that dataset, its (5 or 68, 2) points in crop pixels,
+    or None."""
     spec.validate()
     (work_dir / "data").mkdir(parents=True, exist_ok=True)
     for name, arr in datasets.items():
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(arr, dtype=np.uint8))
         checkpoint.atomic_write(work_dir / "data" / f"{name}.npy", buf.getvalue())
+    for name, lms in (landmarks or {}).items():
+        rows = [None if lm is None else np.asarray(lm, dtype=float).round(3).tolist() for lm in lms]
+        checkpoint.atomic_write(
+            work_dir / "data" / f"{name}.landmarks.json", json.dumps(rows).encode()
+        )
     if encoder_bytes is not None:
         checkpoint.atomic_write(work_dir / "encoder.safetensors", encoder_bytes)
     checkpoint.atomic_write(

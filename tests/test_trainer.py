@@ -486,3 +486,21 @@ def test_emphasis_weights_ride_with_the_faces(
         Trainer(
             enc, decs, {"alice": faces["alice"]}, TrainConfig(steps=1), weights={"bob": emphasis}
         )
+
+
+def test_face_emphasis_from_68_or_5_points_or_the_template() -> None:
+    from facemux.models.faces import template_landmarks
+    from facemux.models.pretrain import face_emphasis
+
+    face = synth.render(synth.identity_from_seed(2), synth.FaceState(yaw=20), 64)
+    lm68 = face.landmarks68
+    lm5 = face.landmarks5
+    w = face_emphasis([lm68, lm5, None], 3, 64)
+    assert w.shape == (3, 64, 64)
+    torch.testing.assert_close(w[0], landmark_weight_map(lm68, 64)[0, 0])
+    torch.testing.assert_close(w[2], landmark_weight_map(template_landmarks(64, 68), 64)[0, 0])
+    # From 5 points (no mouth among them), the fitted template still weighs both eyes 3x
+    # where this face's eyes are, and a mouth 2x below them.
+    for x, y in lm5[:4]:
+        assert w[1, round(float(y)), round(float(x))] == 3.0
+    assert (w[1] == 2.0).any() and w[1].min() == 1.0

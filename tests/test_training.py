@@ -121,13 +121,29 @@ def test_upload_train_watch_swap(trainer_server: FacemuxClient) -> None:
     assert any("checkpoint" in e.message for e in replayed)
 
 
-def test_upload_photos_are_detected_and_aligned(trainer_server: FacemuxClient) -> None:
+def test_upload_photos_are_detected_and_aligned(
+    trainer_server: FacemuxClient, tmp_path: Path
+) -> None:
     skimage_data = pytest.importorskip("skimage.data")
     photo = np.ascontiguousarray(skimage_data.astronaut())
     blank = np.full((200, 200, 3), 90, np.uint8)
     up = trainer_server.upload_dataset("eileen", [photo, blank])
     assert up.accepted == 1
     assert [(r.index, r.reason) for r in up.rejected] == [(1, "no face found")]
+    # The photo's landmarks are kept, in crop pixels, where the alignment put them (the
+    # template's eye corners and nose): the job places its eyes-and-mouth loss by them.
+    from facemux.models.faces import template_landmarks
+
+    meta = json.loads((tmp_path / "store" / "datasets" / "eileen" / "dataset.json").read_text())
+    (lm,) = meta["landmarks"].values()
+    assert np.abs(np.array(lm) - template_landmarks(64, 5)).max() < 3.0
+    trainer_server.upload_dataset("eileen", [png(f) for f in faces(3, 2)], aligned=True)
+    job = trainer_server.train(
+        ["eileen"], identity="eileen", steps=2, batch_size=2, consent=CONSENT
+    )
+    watch_until_done(trainer_server, job.id)
+    notes = [e.message for e in trainer_server.watch_job(job.id, timeout=10, replay=True)]
+    assert any("eyes and mouth: 1 of 3 faces placed by their own landmarks" in n for n in notes)
 
 
 def test_bad_requests_are_refused_before_any_job(trainer_server: FacemuxClient) -> None:

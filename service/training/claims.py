@@ -72,6 +72,9 @@ class Claims:
             "start": _start_time(os.getpid()),
         }
         self._beat = 0
+        # A beat rewrites the claim in place; this server's own reads must not see it half
+        # written (another server that does takes it as held, which is safe).
+        self._io = threading.RLock()
         self._seen: dict[Path, tuple[str, float]] = {}  # claim -> (what it said, first seen)
         self._last_look = time.monotonic()
         with _live_lock:
@@ -97,7 +100,8 @@ class Claims:
             return {}
 
     def holds(self, work: Path) -> bool:
-        h = self.holder(work)
+        with self._io:
+            h = self.holder(work)
         return bool(h) and h.get("owner") == self.owner  # type: ignore[union-attr]
 
     def _owner_gone(self, h: dict[str, Any]) -> bool:
@@ -118,9 +122,10 @@ class Claims:
         """Call before each pass over the claims. After a gap longer than half a lease (this
         server stalled), the timers start again: what looked unchanged may just be unseen."""
         now = time.monotonic()
-        if now - self._last_look > self.lease_s / 2:
-            self._seen.clear()
-        self._last_look = now
+        with self._io:
+            if now - self._last_look > self.lease_s / 2:
+                self._seen.clear()
+            self._last_look = now
 
     def _stale(self, work: Path, h: dict[str, Any]) -> bool:
         if h and self._owner_gone(h):
@@ -183,6 +188,10 @@ class Claims:
 
     def claim(self, work: Path) -> bool:
         """Claim the job in ``work`` for this server: True when it holds it afterwards."""
+        with self._io:
+            return self._claim(work)
+
+    def _claim(self, work: Path) -> bool:
         if self._create(work):
             return True
         h = self.holder(work)
@@ -199,6 +208,10 @@ class Claims:
 
     def refresh(self, work: Path) -> bool:
         """Renew the lease; False when the claim is no longer this server's."""
+        with self._io:
+            return self._refresh(work)
+
+    def _refresh(self, work: Path) -> bool:
         try:
             # In place, through one open file: if a takeover renames it away meanwhile, the
             # beat lands in the file moved aside, never in the new owner's claim.
@@ -217,6 +230,7 @@ class Claims:
         return True
 
     def release(self, work: Path) -> None:
-        if self.holds(work):
-            self._take_aside(work, self.owner)
-        self._seen.pop(work / CLAIM, None)
+        with self._io:
+            if self.holds(work):
+                self._take_aside(work, self.owner)
+            self._seen.pop(work / CLAIM, None)

@@ -127,6 +127,15 @@ class DatasetStore:
             d.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
 
+    def load_landmarks(self, name: str) -> list[list[list[float]] | None]:
+        """Each face's landmarks in crop pixels (None for uploaded crops), in ``load``'s
+        order."""
+        meta = self._read(name)
+        if meta is None:
+            raise NotFoundError(f"dataset {name!r} does not exist; upload it with UploadDataset")
+        marks = dict(meta.get("landmarks", {}))  # type: ignore[call-overload]
+        return [marks.get(h) for h in sorted(meta["faces"])]  # type: ignore[call-overload]
+
     def load(self, name: str) -> np.ndarray:
         """All faces as uint8 (N, R, R, 3) RGB, in a stable (hash) order."""
         meta = self._read(name)
@@ -153,23 +162,31 @@ class DatasetStore:
                 self._swapper = build_swapper(self.settings.replace(detector_processes=0))
             return self._swapper
 
-    def align(self, rgb: np.ndarray, aligned: bool, resolution: int) -> np.ndarray:
-        """The aligned crop of one image: crops are resized; photos are detected and aligned
-        (the largest face) at the model resolution, as the swap path aligns them."""
+    def align(
+        self, rgb: np.ndarray, aligned: bool, resolution: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The aligned crop of one image and its landmarks in crop pixels: crops are resized
+        (no landmarks); photos are detected and aligned (the largest face) at the model
+        resolution, as the swap path aligns them, and keep the landmarks found."""
         if aligned:
-            return resize_square(rgb, resolution)[0]
+            return resize_square(rgb, resolution)[0], None
         found = self.swapper().find_faces(rgb)
         if not found:
             raise NotFoundError("no face found")
         face = found[0]  # detectors answer largest first
         assert face.landmarks is not None
         m = fp.align_matrix(face.landmarks, resolution)
-        return fp.warp_crop(rgb, m, resolution)
+        lm = face.landmarks.astype(np.float64) @ m[:, :2].T + m[:, 2]
+        return fp.warp_crop(rgb, m, resolution), lm.astype(np.float32)
 
     def add(
-        self, name: str, resolution: int, crops: list[tuple[int, np.ndarray | str]]
+        self,
+        name: str,
+        resolution: int,
+        crops: list[tuple[int, tuple[np.ndarray, np.ndarray | None] | str]],
     ) -> UploadResult:
-        """Add aligned crops (or, for an image that failed earlier, its rejection reason)."""
+        """Add aligned crops with their landmarks, if any (or, for an image that failed
+        earlier, its rejection reason)."""
         d = self._dir(name)
         with self._lock():
             meta = self._read(name) or {
@@ -180,13 +197,17 @@ class DatasetStore:
             }
             res = int(meta["resolution"])  # type: ignore[call-overload]
             hashes: list[str] = list(meta["faces"])  # type: ignore[call-overload]
+            marks: dict[str, list[list[float]]] = dict(meta.get("landmarks", {}))  # type: ignore[call-overload]
             known = set(hashes)
             (d / "faces").mkdir(parents=True, exist_ok=True)
             result = UploadResult(dataset=DatasetInfo(name, 0, "", res, ""))
-            for index, crop in crops:
-                if isinstance(crop, str):
-                    result.rejected.append((index, crop))
+            for index, item in crops:
+                if isinstance(item, str):
+                    result.rejected.append((index, item))
                     continue
+                crop, lm = item
+                if lm is not None and crop.shape[0] != res:
+                    lm = lm * (res / crop.shape[0])
                 crop = resize_square(crop, res)[0]
                 h = face_hash(crop)
                 if h in known:
@@ -198,10 +219,14 @@ class DatasetStore:
                     result.rejected.append((index, "could not be stored"))
                     continue
                 atomic_write(d / "faces" / f"{h}.png", buf.tobytes())
+                if lm is not None:
+                    marks[h] = np.asarray(lm, dtype=float).round(3).tolist()
                 known.add(h)
                 hashes.append(h)
                 result.accepted += 1
             meta["faces"] = hashes
+            if marks:
+                meta["landmarks"] = marks  # crop pixels, per face hash
             meta["updated_at"] = now_iso()
             atomic_write(d / "dataset.json", json.dumps(meta, indent=1).encode())
             result.dataset = self._info(meta)

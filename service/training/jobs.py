@@ -211,7 +211,10 @@ class JobManager:
             if lost:
                 with self._lock:
                     for job_id in lost:
-                        self._drop(job_id)
+                        rec = self._jobs.get(job_id)
+                        # Ended (and released) since the snapshot: nothing was lost.
+                        if rec is not None and rec.state not in TERMINAL:
+                            self._drop(job_id)
 
     def _drop(self, job_id: str) -> None:
         """Forget a job another server now owns; kill its run here, if any (its checkpoint
@@ -292,6 +295,7 @@ class JobManager:
         consent: dict[str, str],
         dataset_hashes: dict[str, str],
         encoder_fingerprint: str = "",
+        landmarks: dict[str, list[Any]] | None = None,
     ) -> JobRecord:
         with self._lock:
             if len(self._queue) >= self.max_queued:
@@ -304,7 +308,7 @@ class JobManager:
         # job.json next to half its data.
         staging = self.root / f".staging-{job_id}"
         spec.parent_pid = os.getpid()
-        prepare_work_dir(staging, spec, datasets, encoder_bytes)
+        prepare_work_dir(staging, spec, datasets, encoder_bytes, landmarks)
         now = now_iso()
         rec = JobRecord(
             id=job_id,

@@ -208,12 +208,14 @@ class Training:
                 consent_for_upload(self.store, validate_name(n), request.consent)
         data: dict[str, np.ndarray] = {}
         hashes: dict[str, str] = {}
+        landmarks: dict[str, list[Any]] = {}
         for n in names:
             info = self.datasets.get(n)  # NOT_FOUND for an unknown dataset
             if info.faces < 1:
                 raise InvalidInputError(f"dataset {n!r} has no faces")
             data[n] = self.datasets.load(n)  # the job's own copy: deleting the dataset later
             hashes[n] = info.content_hash  # does not touch it
+            landmarks[n] = self.datasets.load_landmarks(n)
         spec = JobSpec(
             mode=mode,
             datasets=names,
@@ -231,7 +233,9 @@ class Training:
             threads=self.settings.training_threads,
         )
         spec.validate()
-        return self.jobs.submit(spec, data, encoder_bytes, identity, consent, hashes, encoder_fp)
+        return self.jobs.submit(
+            spec, data, encoder_bytes, identity, consent, hashes, encoder_fp, landmarks
+        )
 
 
 class TrainingServicer(tgrpc.TrainingServiceServicer):
@@ -246,7 +250,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> tpb.UploadDatasetResponse:
         meta: tpb.UploadDatasetMetadata | None = None
-        crops: list[tuple[int, np.ndarray | str]] = []
+        crops: list[tuple[int, tuple[np.ndarray, np.ndarray | None] | str]] = []
         resolution = 0
         index = 0
         async for part in request_iterator:
@@ -292,7 +296,9 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             cfg = self.training.runtime.config
             return cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
 
-    def _align(self, image: Any, meta: tpb.UploadDatasetMetadata, res: int) -> np.ndarray | str:
+    def _align(
+        self, image: Any, meta: tpb.UploadDatasetMetadata, res: int
+    ) -> tuple[np.ndarray, np.ndarray | None] | str:
         # One bad image is a rejection with its reason, never a failed upload.
         try:
             rgb = convert.image_from_proto(image, self.settings.max_image_pixels, "image").rgb

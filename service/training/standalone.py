@@ -43,7 +43,12 @@ def pretrain_into_store(
                 batch_size=batch_size,
                 lr=lr,
             )
-            prepare_work_dir(work, spec, {n: ds.load(n) for n in names})
+            prepare_work_dir(
+                work,
+                spec,
+                {n: ds.load(n) for n in names},
+                landmarks={n: ds.load_landmarks(n) for n in names},
+            )
         else:
             import time
 
