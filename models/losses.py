@@ -20,6 +20,7 @@ from .errors import InvalidInputError
 __all__ = [
     "LossWeights",
     "auto_ssim_window",
+    "identity_confusion",
     "landmark_weight_map",
     "loss_terms",
     "psnr_from_mse",
@@ -250,6 +251,16 @@ def landmark_weight_map(
             sel = np.asarray(region).astype(bool)
             out[i, 0][sel] = np.maximum(out[i, 0][sel], value)
     return torch.from_numpy(out)
+
+
+def identity_confusion(logits: Tensor) -> Tensor:
+    """How far a latent critic's guesses (N, K) are from a uniform guess: the cross-entropy
+    against uniform minus its floor log K, so 0 means the critic cannot tell the identities
+    apart. Minimised by the encoder (the critic itself minimises plain cross-entropy)."""
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise InvalidInputError(f"logits must be (N, K>=2), got {tuple(logits.shape)}")
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -logp.mean(dim=1).mean() - math.log(logits.shape[1])
 
 
 def psnr_from_mse(mse: float) -> float:

@@ -10,8 +10,17 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .errors import InvalidInputError
 
-__all__ = ["Decoder", "Encoder", "build_decoder", "build_encoder", "count_parameters"]
+__all__ = [
+    "Decoder",
+    "Encoder",
+    "LatentCritic",
+    "build_decoder",
+    "build_encoder",
+    "build_latent_critic",
+    "count_parameters",
+]
 
 # faceswap and DeepFaceLab both use LeakyReLU(0.1) in their conv blocks.
 _SLOPE = 0.1
@@ -170,6 +179,52 @@ class Decoder(nn.Module):
         return rgb, mask
 
 
+class LatentCritic(nn.Module):
+    """Latent (N, *config.latent_shape) -> (N, identities) logits: which identity's face the
+    encoder saw. Training only: the encoder learns to leave it guessing, so the latent keeps
+    pose, expression and light but little of who the face was, and every identity's decoder
+    sees the same kind of latent at swap time as in training."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        identities: int,
+        *,
+        hidden: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if identities < 2:
+            raise InvalidInputError(
+                f"a latent critic tells identities apart: needs >= 2, got {identities}"
+            )
+        c, s, _ = config.latent_shape
+        half = (s + 1) // 2
+        self.net = nn.Sequential(
+            nn.Conv2d(c, hidden, 3, stride=2, padding=1),
+            nn.LeakyReLU(_SLOPE),
+            nn.Flatten(),
+            nn.Linear(hidden * half * half, 128),
+            nn.LeakyReLU(_SLOPE),
+            nn.Linear(128, identities),
+        )
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        if any(p.is_meta for p in self.parameters()):
+            return
+        for m in self.net:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_uniform_(
+                    m.weight, a=_SLOPE, nonlinearity="leaky_relu", generator=generator
+                )
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
 def _generator(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
@@ -197,6 +252,17 @@ def build_decoder(config: ModelConfig, seed: int | None = None) -> Decoder:
     decoder = decoder.to_empty(device="cpu")
     decoder.reset_parameters(_generator(seed))
     return decoder
+
+
+def build_latent_critic(
+    config: ModelConfig, identities: int, seed: int | None = None
+) -> LatentCritic:
+    """A freshly initialised CPU critic over ``identities`` classes; ``seed`` as above."""
+    with torch.device("meta"):
+        critic = LatentCritic(config, identities)
+    critic = critic.to_empty(device="cpu")
+    critic.reset_parameters(_generator(seed))
+    return critic
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -71,6 +71,11 @@ MAX_LR = 0.01
 # default keeps a margin.
 DEFAULT_LR = 1e-3
 GRAD_CLIP = 1.0
+# Weight of the identity-confusion term in pretraining (facemux.models.trainer): a critic
+# learns to name the identity from the shared latent and the encoder learns to defeat it.
+# bench/quality.py (1,500 + 1,000 steps, tiny) measured it against 0 (see bench/RESULTS.md).
+DEFAULT_LATENT_ADVERSARY = 0.3
+MAX_LATENT_ADVERSARY = 10.0
 
 
 @dataclass
@@ -96,6 +101,8 @@ class JobSpec:
     # "eyes_mouth": the loss counts the eyes 3x and the mouth 2x, placed by each face's
     # landmarks when its dataset has them, else by the aligned-face template; "none": even.
     loss_emphasis: str = "eyes_mouth"
+    # Pretrain mode: weight of the latent critic's identity-confusion term; 0 turns it off.
+    latent_adversary: float = DEFAULT_LATENT_ADVERSARY
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -120,6 +127,11 @@ class JobSpec:
         if self.loss_mask not in LOSS_MASKS:
             raise InvalidInputError(
                 f"loss_mask must be one of {LOSS_MASKS}, got {self.loss_mask!r}"
+            )
+        if not 0 <= self.latent_adversary <= MAX_LATENT_ADVERSARY:
+            raise InvalidInputError(
+                f"latent_adversary must be in [0, {MAX_LATENT_ADVERSARY:g}], "
+                f"got {self.latent_adversary!r}"
             )
         validate_hyper_parameters(
             self.steps, self.batch_size, self.lr, self.encoder_lr, self.checkpoint_every
@@ -242,6 +254,9 @@ def _save_state(run: _Run, trainer: Trainer) -> None:
         # A frozen encoder is the work directory's encoder.safetensors, unchanged: saving
         # it again would make every checkpoint of a large preset hundreds of MB heavier.
         state["encoder"] = trainer.encoder.state_dict()
+    if trainer.critic is not None and trainer.critic_optimizer is not None:
+        state["critic"] = trainer.critic.state_dict()
+        state["critic_optimizer"] = trainer.critic_optimizer.state_dict()
     buf = io.BytesIO()
     torch.save(state, buf)
     checkpoint.atomic_write(run.dir / "checkpoint.pt", buf.getvalue())
@@ -280,6 +295,10 @@ def _load_state(path: Path, trainer: Trainer) -> None:
     for n, d in trainer.decoders.items():
         d.load_state_dict(state["decoders"][n])
     trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.critic is not None and trainer.critic_optimizer is not None and "critic" in state:
+        # A checkpoint from before the critic existed resumes with a fresh one.
+        trainer.critic.load_state_dict(state["critic"])
+        trainer.critic_optimizer.load_state_dict(state["critic_optimizer"])
     trainer._gen.set_state(state["generator"].cpu())
     trainer.steps_done = int(state["steps_done"])
     trainer.config.batch_size = int(state["batch_size"])
@@ -298,10 +317,15 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def _sync_gradients(trainer: Trainer, world: int) -> None:
-    """Average gradients over ranks before every optimiser step: the Trainer's step stays as
-    it is and every rank applies the same update to the same weights."""
-    params = [p for p in trainer._params if p.requires_grad]
+    """Average gradients over ranks before every optimiser step (the critic's too): the
+    Trainer's step stays as it is and every rank applies the same update to the same
+    weights."""
+    _sync_optimizer(trainer.optimizer, [p for p in trainer._params if p.requires_grad], world)
+    if trainer.critic is not None and trainer.critic_optimizer is not None:
+        _sync_optimizer(trainer.critic_optimizer, list(trainer.critic.parameters()), world)
 
+
+def _sync_optimizer(optimizer: torch.optim.Optimizer, params: list[Any], world: int) -> None:
     def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -313,11 +337,12 @@ def _sync_gradients(trainer: Trainer, world: int) -> None:
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
-    trainer.optimizer.register_step_pre_hook(hook)
+    optimizer.register_step_pre_hook(hook)
 
 
 def _broadcast_weights(trainer: Trainer) -> None:
-    for module in (trainer.encoder, *trainer.decoders.values()):
+    critic = [] if trainer.critic is None else [trainer.critic]
+    for module in (trainer.encoder, *trainer.decoders.values(), *critic):
         for t in module.state_dict().values():
             dist.broadcast(t, src=0)
 
@@ -414,6 +439,7 @@ def make_trainer(
         lr_schedule="cosine",
         warmup_steps=min(100, spec.steps // 10),
         grad_clip=GRAD_CLIP,
+        latent_adversary=spec.latent_adversary if spec.mode == "pretrain" else 0.0,
     )
     res = encoder.config.resolution
     masks = None
@@ -575,6 +601,8 @@ def _publish(
     # Every rank reports the fingerprints it ended with: the DDP test compares them.
     fps = {"encoder": checkpoint.fingerprint(trainer.encoder)}
     fps |= {n: checkpoint.fingerprint(d) for n, d in trainer.decoders.items()}
+    if trainer.critic is not None:
+        fps[":critic"] = checkpoint.fingerprint(trainer.critic)  # no identity name has ":"
     checkpoint.atomic_write(out / f"rank{run.rank}.json", json.dumps(fps).encode())
     if run.rank != 0:
         return result

@@ -4,6 +4,11 @@ Every step draws a batch per identity, augments it, runs all identities through 
 shared encoder in one pass, decodes each with its own decoder and sums the per-identity
 reconstruction losses. With ``encoder_lr == 0`` the encoder is frozen and only the
 decoders learn: how a new identity is added to a deployed encoder.
+
+With ``latent_adversary > 0`` (and a trained encoder, >= 2 identities) a small critic
+learns each step to tell the identities apart from the latent, and the encoder is also
+trained to leave it guessing. A swap feeds B's decoder the latent of A's face; the less that
+latent says about A, the closer it is to the latents B's decoder learned from.
 """
 
 from __future__ import annotations
@@ -17,16 +22,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .augment import AugmentConfig, make_training_pair
 from .errors import InvalidInputError, PreconditionError
-from .losses import LossWeights, loss_terms
-from .networks import Decoder, Encoder
+from .losses import LossWeights, identity_confusion, loss_terms
+from .networks import Decoder, Encoder, LatentCritic, build_latent_critic
 
 __all__ = ["Progress", "TrainConfig", "Trainer"]
 
 TOTAL = "total"
+# The critic keeps one rate whatever the job's: it must keep up with the encoder from the
+# first steps to the last, where the job's cosine schedule has all but stopped the encoder.
+CRITIC_LR = 1e-3
 
 
 @dataclass
@@ -51,6 +60,8 @@ class TrainConfig:
     # its second-moment estimate settles, are what throw a high-lr run into saturation.
     warmup_steps: int = 0
     autocast: bool = True  # bf16 autocast on CUDA; never used on CPU (far slower there)
+    # Weight of the identity-confusion term (see the module docstring); 0: no critic.
+    latent_adversary: float = 0.0
     channels_last: bool = False
 
     def __post_init__(self) -> None:
@@ -78,6 +89,10 @@ class TrainConfig:
             raise InvalidInputError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise InvalidInputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not (self.latent_adversary >= 0 and math.isfinite(self.latent_adversary)):
+            raise InvalidInputError(
+                f"latent_adversary must be a finite number >= 0, got {self.latent_adversary!r}"
+            )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise InvalidInputError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
 
@@ -185,6 +200,20 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             groups, lr=config.lr, betas=config.betas, fused=self.device.type == "cuda"
         )
+
+        self.critic: LatentCritic | None = None
+        self.critic_optimizer: torch.optim.Optimizer | None = None
+        self._critic_loss: Tensor | None = None
+        if config.latent_adversary > 0 and not config.encoder_frozen and len(self.identities) > 1:
+            self.critic = build_latent_critic(
+                self.model_config, len(self.identities), seed=config.seed + 104_729
+            ).to(self.device)
+            self.critic_optimizer = torch.optim.Adam(
+                self.critic.parameters(),
+                lr=CRITIC_LR,
+                betas=config.betas,
+                fused=self.device.type == "cuda",
+            )
 
         # A CPU generator drives sampling and augmentation on any device (augment draws its
         # few random numbers on the generator's device), so a seed means the same batches
@@ -326,15 +355,35 @@ class Trainer:
             )
             per_identity.append(terms["total"])
         total = torch.stack(per_identity).sum()
+        objective = total
+        if self.critic is not None:
+            # The encoder's side of the game: the critic is a fixed judge here, only z moves.
+            self.critic.requires_grad_(False)
+            confusion = identity_confusion(self.critic(z.float()))
+            self.critic.requires_grad_(True)
+            objective = total + cfg.latent_adversary * confusion
 
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        objective.backward()
         self._apply_schedule()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
         self.optimizer.step()
+        if self.critic is not None:
+            self._critic_step(z.detach())
         self.steps_done += 1
         return torch.cat((torch.stack(per_identity), total.view(1))).detach()
+
+    def _critic_step(self, z: Tensor) -> None:
+        """The critic's side: learn which identity each latent of this step came from."""
+        assert self.critic is not None and self.critic_optimizer is not None
+        labels = torch.arange(len(self.identities), device=z.device)
+        labels = labels.repeat_interleave(z.shape[0] // len(self.identities))
+        loss = F.cross_entropy(self.critic(z.float()), labels)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_optimizer.step()
+        self._critic_loss = loss.detach()
 
     def _apply_schedule(self) -> None:
         cfg = self.config
@@ -430,6 +479,9 @@ class Trainer:
             "encoder_lr": cfg.effective_encoder_lr,
             "seed": cfg.seed,
             "warp": cfg.warp,
+            "latent_adversary": cfg.latent_adversary if self.critic is not None else 0.0,
+            # ln(identities) is a critic that cannot tell them apart; 0, one that always can.
+            "critic_loss": (float(self._critic_loss) if self._critic_loss is not None else None),
             "lr_schedule": cfg.lr_schedule,
             "model": self.model_config.name,
             "device": str(self.device),

@@ -52,7 +52,8 @@ def test_two_ranks_end_with_identical_weights(tmp_path: Path) -> None:
     assert result["summary"]["processes"] == 2
     rank0 = json.loads((tmp_path / "out" / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "out" / "rank1.json").read_text())
-    assert rank0 == rank1 and set(rank0) == {"encoder", "ann", "ben"}
+    # The latent critic (on by default in pretraining) must stay in step across ranks too.
+    assert rank0 == rank1 and set(rank0) == {"encoder", "ann", "ben", ":critic"}
     assert rank0["encoder"] == result["encoder_fingerprint"]
     events, _ = read_events(tmp_path)
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [5, 10]

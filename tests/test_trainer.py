@@ -24,6 +24,7 @@ from facemux.models.faces.mask import template_mask
 from facemux.models.losses import (
     LossWeights,
     auto_ssim_window,
+    identity_confusion,
     landmark_weight_map,
     psnr_from_mse,
     reconstruction_loss,
@@ -268,6 +269,79 @@ def test_frozen_encoder_stays_bit_identical(
     assert not torch.equal(decs["carol"].rgb.weight, dec_before)
 
 
+def test_identity_confusion_is_zero_only_for_a_critic_that_cannot_tell() -> None:
+    assert float(identity_confusion(torch.zeros(5, 4))) == pytest.approx(0.0, abs=1e-6)
+    sure = torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0]])
+    assert float(identity_confusion(sure)) > 2.0
+    logits = sure.clone().requires_grad_(True)
+    identity_confusion(logits).backward()
+    assert logits.grad is not None
+    # Gradient descent lowers each row's confident logit: towards a uniform guess.
+    assert float(logits.grad[0, 0]) > 0 and float(logits.grad[1, 1]) > 0
+    with pytest.raises(InvalidInputError, match="logits"):
+        identity_confusion(torch.zeros(3, 1))
+
+
+def test_latent_critic_moves_only_the_encoder(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    """One step from the same start with and without the critic: the confusion term reaches
+    the encoder (its update differs) but no decoder (theirs are identical), and the critic
+    learns in the same step."""
+    after = {}
+    for weight in (0.0, 1.0):
+        enc, decs = _models(cfg, ["alice", "bob"])
+        tc = TrainConfig(steps=1, batch_size=4, lr=1e-3, latent_adversary=weight)
+        trainer = Trainer(enc, decs, faces, tc)
+        assert (trainer.critic is not None) == (weight > 0)
+        critic_before = None
+        if trainer.critic is not None:
+            critic_before = [p.detach().clone() for p in trainer.critic.parameters()]
+        summary = trainer.fit()
+        if trainer.critic is not None and critic_before is not None:
+            moved = [
+                not torch.equal(p, q)
+                for p, q in zip(trainer.critic.parameters(), critic_before, strict=True)
+            ]
+            assert all(moved)
+            assert summary["latent_adversary"] == 1.0 and summary["critic_loss"] > 0
+        else:
+            assert summary["latent_adversary"] == 0.0 and summary["critic_loss"] is None
+        after[weight] = (enc.state_dict(), {n: d.state_dict() for n, d in decs.items()})
+    (enc0, decs0), (enc1, decs1) = after[0.0], after[1.0]
+    assert any(not torch.equal(enc0[k], enc1[k]) for k in enc0)
+    for name in decs0:
+        for k in decs0[name]:
+            assert torch.equal(decs0[name][k], decs1[name][k]), (name, k)
+
+
+def test_latent_critic_only_where_the_encoder_learns_from_several_identities(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    enc, decs = _models(cfg, ["alice", "bob"])
+    frozen = TrainConfig(steps=1, batch_size=4, encoder_lr=0.0, latent_adversary=1.0)
+    assert Trainer(enc, decs, faces, frozen).critic is None
+    enc, decs = _models(cfg, ["alice"])
+    one = TrainConfig(steps=1, batch_size=4, latent_adversary=1.0)
+    assert Trainer(enc, decs, {"alice": faces["alice"]}, one).critic is None
+    with pytest.raises(InvalidInputError, match="latent_adversary"):
+        TrainConfig(steps=1, latent_adversary=-0.5)
+    with pytest.raises(InvalidInputError, match="latent_adversary"):
+        JobSpec(mode="pretrain", datasets=["ann"], latent_adversary=100.0).validate()
+
+
+def test_latent_critic_learns_to_tell_identities_apart(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    """With a negligible weight the encoder ignores the critic, and the critic learns to
+    name an orange face and a blue one from the latent: its loss falls well below ln 2, the
+    loss of a coin toss."""
+    enc, decs = _models(cfg, ["alice", "bob"])
+    tc = TrainConfig(steps=40, batch_size=8, lr=1e-3, latent_adversary=1e-9)
+    summary = Trainer(enc, decs, faces, tc).fit()
+    assert summary["critic_loss"] < 0.5 * math.log(2), summary["critic_loss"]
+
+
 def test_masks_float_data_and_stop(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
     enc, decs = _models(cfg, ["alice"])
     data = {"alice": faces["alice"].permute(0, 3, 1, 2).float() / 255}  # float NCHW
@@ -425,6 +499,48 @@ def test_identity_checkpoint_leaves_out_the_frozen_encoder_and_resumes_exactly(
         outputs[run] = decoder.state_dict()
     for key, value in outputs["straight"].items():
         assert torch.equal(outputs["paused"][key], value), key
+
+
+def test_pretrain_checkpoint_keeps_the_critic_and_resumes_exactly(tmp_path: Path) -> None:
+    """A paused pretraining job with the latent critic resumes to bit-identical weights: the
+    checkpoint carries the critic and its optimiser, not only the encoder and decoders."""
+    data = {
+        n: synth.make_dataset(synth.identity_from_seed(seed), 12, 64, seed=seed)[0]
+        for n, seed in (("ann", 6), ("ben", 7))
+    }
+    spec = JobSpec(
+        mode="pretrain",
+        datasets=["ann", "ben"],
+        steps=12,
+        batch_size=4,
+        checkpoint_every=6,
+        log_every=3,
+        latent_adversary=1.0,
+    )
+    outputs = {}
+    for run in ("straight", "paused"):
+        work = tmp_path / run
+        prepare_work_dir(work, spec, data)
+
+        def pause_at_six(p: Progress, work: Path = work, run: str = run) -> None:
+            if run == "paused" and p.step >= 6:
+                (work / "pause").touch()
+
+        result = run_job(work, pause_at_six)
+        if run == "paused":
+            assert result == {"status": "paused", "step": 6}
+            state = torch.load(work / "checkpoint.pt", weights_only=True)
+            assert {"critic", "critic_optimizer", "encoder"} <= set(state)
+            (work / "pause").unlink()
+            result = run_job(work)
+        assert result["status"] == "succeeded" and result["step"] == 12
+        assert result["summary"]["latent_adversary"] == 1.0
+        nets = [checkpoint.load_encoder((work / result["encoder"]).read_bytes())[0]]
+        for name in sorted(result["decoders"]):
+            blob = (work / result["decoders"][name]).read_bytes()
+            nets.append(checkpoint.load_decoder(blob)[0])
+        outputs[run] = [checkpoint.fingerprint(net) for net in nets]
+    assert outputs["paused"] == outputs["straight"]
 
 
 def test_checkpoint_min_seconds_spaces_checkpoints_out(tmp_path: Path) -> None:
