@@ -14,8 +14,8 @@
    could reach with this model and budget).
 
 Training goes through the same job entry point as the training service (template loss mask,
-cosine schedule). The default run takes about 12 minutes on 2 CPU cores; it prints the table
-and a summary line.
+cosine schedule, latent critic). The default run takes about 12 minutes on 2 CPU cores; it
+prints the table and a summary line.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from facemux.models import checkpoint, synth
-from facemux.models.pretrain import JobSpec, prepare_work_dir, run_job
+from facemux.models.pretrain import (
+    DEFAULT_LATENT_ADVERSARY,
+    JobSpec,
+    prepare_work_dir,
+    run_job,
+)
 from skimage.metrics import structural_similarity
 
 
@@ -92,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--loss-mask", default="template", choices=("template", "none"))
     p.add_argument("--loss-emphasis", default="eyes_mouth", choices=("eyes_mouth", "none"))
+    p.add_argument(
+        "--latent-adversary",
+        type=float,
+        default=DEFAULT_LATENT_ADVERSARY,
+        help="pretraining's identity-confusion weight (0: no latent critic)",
+    )
     p.add_argument("--held-out", type=int, default=16, help="test states per pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="where the jobs train: auto, cpu or cuda")
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             "checkpoint_every": 500,
             "loss_mask": args.loss_mask,
             "loss_emphasis": args.loss_emphasis,
+            "latent_adversary": args.latent_adversary,
             "device": args.device,
         }
         if args.budget_seconds > 0:
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"{args.preset} preset, lr {args.lr:g}, loss mask {args.loss_mask}, emphasis "
-        f"{args.loss_emphasis}; pretrain {k} "
+        f"{args.loss_emphasis}, latent adversary {args.latent_adversary:g}; pretrain {k} "
         f"identities x {args.faces} faces, {args.pretrain_steps} steps "
         f"({t_pre:.0f}s); {new} added in identity mode, {args.identity_steps} steps ({t_id:.0f}s); "
         f"{args.held_out} held-out states per pair; face-region SSIM / PSNR dB"
