@@ -95,13 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--loss-mask", default="template", choices=("template", "none"))
+    p.add_argument("--loss-mask", default="template", choices=("template", "landmarks", "none"))
     p.add_argument("--loss-emphasis", default="eyes_mouth", choices=("eyes_mouth", "none"))
     p.add_argument(
         "--latent-adversary",
         type=float,
         default=DEFAULT_LATENT_ADVERSARY,
         help="pretraining's identity-confusion weight (0: no latent critic)",
+    )
+    p.add_argument(
+        "--landmark-points",
+        type=int,
+        default=5,
+        choices=(5, 68),
+        help="landmarks the training faces keep (5: the default server's model)",
     )
     p.add_argument("--held-out", type=int, default=16, help="test states per pair")
     p.add_argument("--seed", type=int, default=0)
@@ -120,13 +127,17 @@ def main(argv: list[str] | None = None) -> None:
     new = "newcomer"
     people = {n: synth.identity_from_seed(100 + i) for i, n in enumerate([*names, new])}
 
-    # Faces and their 5-point landmarks, as photos uploaded to the default server keep them.
+    # Faces and their landmarks, as photos uploaded to a server keep them (5 points by
+    # default, 68 with --landmark-points 68).
     rendered_train = {
         n: [synth.render(people[n], s, 64) for s in synth.make_states(args.faces, 1000 + i)]
         for i, n in enumerate(people)
     }
     train = {n: np.stack([r.image for r in rs]) for n, rs in rendered_train.items()}
-    marks = {n: [r.landmarks5 for r in rs] for n, rs in rendered_train.items()}
+    marks = {
+        n: [r.landmarks5 if args.landmark_points == 5 else r.landmarks68 for r in rs]
+        for n, rs in rendered_train.items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         common = {
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"{args.preset} preset, lr {args.lr:g}, loss mask {args.loss_mask}, emphasis "
-        f"{args.loss_emphasis}, latent adversary {args.latent_adversary:g}; pretrain {k} "
+        f"{args.loss_emphasis}, {args.landmark_points}-point landmarks, latent adversary "
+        f"{args.latent_adversary:g}; pretrain {k} "
         f"identities x {args.faces} faces, {args.pretrain_steps} steps "
         f"({t_pre:.0f}s); {new} added in identity mode, {args.identity_steps} steps ({t_id:.0f}s); "
         f"{args.held_out} held-out states per pair; face-region SSIM / PSNR dB"

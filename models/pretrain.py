@@ -48,7 +48,7 @@ from . import checkpoint
 from .config import ModelConfig, get_preset
 from .errors import InvalidInputError
 from .faces.align import template_landmarks, umeyama
-from .faces.mask import template_mask
+from .faces.mask import landmark_mask, template_mask
 from .inference import pick_device
 from .losses import landmark_weight_map
 from .networks import Decoder, Encoder, build_decoder, build_encoder
@@ -59,8 +59,10 @@ __all__ = ["DEFAULT_LR", "MODES", "JobSpec", "read_events", "run_job", "validate
 MODES = ("identity", "pretrain")
 # What the reconstruction loss counts: "template" weighs only the face (an ellipse around the
 # mean aligned face, which is where the alignment puts every face), so the model spends its
-# capacity where a swap is pasted; "none" counts the whole crop.
-LOSS_MASKS = ("template", "none")
+# capacity where a swap is pasted; "landmarks" weighs each face's own outline where its
+# dataset kept 68 landmarks (the template elsewhere), so the decoder's mask head also learns
+# each face's shape; "none" counts the whole crop.
+LOSS_MASKS = ("template", "landmarks", "none")
 LOSS_EMPHASES = ("eyes_mouth", "none")
 MAX_STEPS = 10_000_000
 MAX_BATCH = 1024
@@ -394,6 +396,27 @@ def run_job(
     return result
 
 
+def _points(landmarks: list[Any] | None, i: int, count: int) -> np.ndarray | None:
+    """Face i's landmarks as a finite (count, 2) array, else None."""
+    lm = None if landmarks is None or i >= len(landmarks) else landmarks[i]
+    pts = None if lm is None else np.asarray(lm, dtype=np.float64)
+    if pts is None or pts.shape != (count, 2) or not np.isfinite(pts).all():
+        return None
+    return pts
+
+
+def face_loss_masks(landmarks: list[Any] | None, n: int, size: int) -> torch.Tensor:
+    """(n, size, size) uint8 loss masks: each face's outline from its 68 points (the jaw and
+    the brows raised onto the forehead), or the template's ellipse for a face without them
+    (5 points place the template where it already is: alignment used them)."""
+    template = (template_mask(size) * 255 + 0.5).astype(np.uint8)
+    out = np.empty((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        pts = _points(landmarks, i, 68)
+        out[i] = template if pts is None else (landmark_mask(pts, size) * 255 + 0.5)
+    return torch.from_numpy(out)
+
+
 def face_emphasis(landmarks: list[Any] | None, n: int, size: int) -> torch.Tensor:
     """(n, size, size) loss weights, eyes 3 and mouth 2 over 1: from each face's 68 points,
     or the template's 68 fitted to its 5 points (dlib's 5 have no mouth), or, for a face
@@ -403,12 +426,11 @@ def face_emphasis(landmarks: list[Any] | None, n: int, size: int) -> torch.Tenso
     tmpl5 = template_landmarks(size, 5).astype(np.float64)
     faces68 = []
     for i in range(n):
-        lm = None if landmarks is None or i >= len(landmarks) else landmarks[i]
-        pts = None if lm is None else np.asarray(lm, dtype=np.float64)
-        if pts is not None and pts.shape == (68, 2) and np.isfinite(pts).all():
-            faces68.append(pts)
-        elif pts is not None and pts.shape == (5, 2) and np.isfinite(pts).all():
-            m = umeyama(tmpl5, pts)
+        pts68, pts5 = _points(landmarks, i, 68), _points(landmarks, i, 5)
+        if pts68 is not None:
+            faces68.append(pts68)
+        elif pts5 is not None:
+            m = umeyama(tmpl5, pts5)
             faces68.append(tmpl68 @ m[:, :2].T + m[:, 2])
         else:
             faces68.append(tmpl68)
@@ -443,12 +465,14 @@ def make_trainer(
     )
     res = encoder.config.resolution
     masks = None
+    lms = landmarks or {}
     if spec.loss_mask == "template":
         template = torch.from_numpy((template_mask(res) * 255 + 0.5).astype(np.uint8))
         masks = {n: template.expand(len(faces), -1, -1) for n, faces in data.items()}
+    elif spec.loss_mask == "landmarks":
+        masks = {n: face_loss_masks(lms.get(n), len(faces), res) for n, faces in data.items()}
     weights = None
     if spec.loss_emphasis == "eyes_mouth":
-        lms = landmarks or {}
         weights = {n: face_emphasis(lms.get(n), len(faces), res) for n, faces in data.items()}
     return Trainer(encoder, decoders, data, config, device=device, masks=masks, weights=weights)
 
@@ -500,6 +524,19 @@ def _run(
                 "message",
                 message=f"loss emphasis on eyes and mouth: {with_lm} of {total} faces placed "
                 "by their own landmarks, the rest by the aligned-face template",
+            )
+        if spec.loss_mask == "landmarks":
+            outlined = sum(
+                1
+                for lms in landmarks.values()
+                for i in range(len(lms))
+                if _points(lms, i, 68) is not None
+            )
+            total = sum(len(f) for f in data.values())
+            run.event(
+                "message",
+                message=f"loss mask: {outlined} of {total} faces outlined by their own 68 "
+                "landmarks, the rest by the aligned-face template",
             )
     if world > 1:
         _broadcast_weights(trainer)
