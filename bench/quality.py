@@ -21,6 +21,8 @@ prints the table and a summary line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -120,6 +122,12 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of the step counts: time a short probe job, then size both jobs "
         "(3:2 steps) to train for about this many seconds together",
     )
+    p.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep the pretraining job in DIR and reuse it on a later run with the same "
+        "settings (to try identity-mode changes without pretraining again)",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     k = args.identities
@@ -163,13 +171,23 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             **common,
         )
-        prepare_work_dir(
-            work / "pre", spec, {n: train[n] for n in names}, landmarks={n: marks[n] for n in names}
-        )
-        res = run_job(work / "pre")
-        assert res["status"] == "succeeded", res
+        pre = work / "pre"
+        if args.keep:
+            settings = [dataclasses.asdict(spec), args.faces, args.landmark_points]
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+            pre = Path(args.keep) / f"pretrain-{digest}"
+        done = pre / "result.json"
+        if done.exists() and json.loads(done.read_text()).get("status") == "succeeded":
+            res = json.loads(done.read_text())
+            print(f"pretraining reused from {pre} (trained in {res['summary']['wall_s']:.0f}s)")
+        else:
+            prepare_work_dir(
+                pre, spec, {n: train[n] for n in names}, landmarks={n: marks[n] for n in names}
+            )
+            res = run_job(pre)
+            assert res["status"] == "succeeded", res
         t_pre = time.perf_counter() - t0
-        enc_bytes = (work / "pre" / res["encoder"]).read_bytes()
+        enc_bytes = (pre / res["encoder"]).read_bytes()
         spec = JobSpec(
             mode="identity",
             identity=new,
@@ -185,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         t_id = time.perf_counter() - t0 - t_pre
         encoder, _ = checkpoint.load_encoder(enc_bytes)
         decoders = {
-            n: checkpoint.load_decoder((work / "pre" / rel).read_bytes())[0]
+            n: checkpoint.load_decoder((pre / rel).read_bytes())[0]
             for n, rel in res["decoders"].items()
         }
         decoders[new] = checkpoint.load_decoder(
