@@ -24,6 +24,7 @@ from facemux.client import FacemuxClient
 from facemux.models import checkpoint, synth
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
+from facemux.models.pretrain import DEFAULT_LATENT_ADVERSARY, GRAD_CLIP
 from facemux.models.trainer import Progress, TrainConfig, Trainer
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
@@ -112,8 +113,18 @@ def run(
         encoder,
         decoders,
         data,
+        # The training jobs' recipe (facemux.models.pretrain): warm-up, cosine decay, clipped
+        # gradients and the latent critic.
         TrainConfig(
-            steps=max_steps, batch_size=batch, lr=lr, seed=seed, log_every=100, lr_schedule="cosine"
+            steps=max_steps,
+            batch_size=batch,
+            lr=lr,
+            seed=seed,
+            log_every=100,
+            lr_schedule="cosine",
+            warmup_steps=100,
+            grad_clip=GRAD_CLIP,
+            latent_adversary=DEFAULT_LATENT_ADVERSARY,
         ),
         masks=masks,
     )
