@@ -109,7 +109,11 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        # prepare_work_dir writes every field, so a spec without this one was written before
+        # the critic existed: its job resumes as it started, without one.
+        values.setdefault("latent_adversary", 0.0)
+        return cls(**values)
 
     def validate(self) -> None:
         if self.mode not in MODES:

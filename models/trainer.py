@@ -359,18 +359,22 @@ class Trainer:
         if self.critic is not None:
             # The encoder's side of the game: the critic is a fixed judge here, only z moves.
             self.critic.requires_grad_(False)
-            confusion = identity_confusion(self.critic(z.float()))
-            self.critic.requires_grad_(True)
+            try:
+                confusion = identity_confusion(self.critic(z.float()))
+            finally:
+                self.critic.requires_grad_(True)
             objective = total + cfg.latent_adversary * confusion
 
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        if self.critic is not None:
+            # Before the main update, so a failure in it (out of memory: the job retries the
+            # step at a smaller batch) cannot leave the step half applied.
+            self._critic_step(z.detach())
         self._apply_schedule()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
         self.optimizer.step()
-        if self.critic is not None:
-            self._critic_step(z.detach())
         self.steps_done += 1
         return torch.cat((torch.stack(per_identity), total.view(1))).detach()
 

@@ -286,13 +286,14 @@ def test_identity_confusion_is_zero_only_for_a_critic_that_cannot_tell() -> None
 def test_latent_critic_moves_only_the_encoder(
     cfg: ModelConfig, faces: dict[str, torch.Tensor]
 ) -> None:
-    """One step from the same start with and without the critic: the confusion term reaches
-    the encoder (its update differs) but no decoder (theirs are identical), and the critic
-    learns in the same step."""
+    """One step from the same start with and without the critic: the confusion term's
+    gradient reaches the encoder but no decoder (their gradients are identical; unclipped,
+    since clipping over all parameters together would rescale them), and the critic learns
+    in the same step."""
     after = {}
     for weight in (0.0, 1.0):
         enc, decs = _models(cfg, ["alice", "bob"])
-        tc = TrainConfig(steps=1, batch_size=4, lr=1e-3, latent_adversary=weight)
+        tc = TrainConfig(steps=1, batch_size=4, lr=1e-3, latent_adversary=weight, grad_clip=None)
         trainer = Trainer(enc, decs, faces, tc)
         assert (trainer.critic is not None) == (weight > 0)
         critic_before = None
@@ -308,12 +309,22 @@ def test_latent_critic_moves_only_the_encoder(
             assert summary["latent_adversary"] == 1.0 and summary["critic_loss"] > 0
         else:
             assert summary["latent_adversary"] == 0.0 and summary["critic_loss"] is None
-        after[weight] = (enc.state_dict(), {n: d.state_dict() for n, d in decs.items()})
+        # The step leaves each parameter's gradient of its one backward pass in .grad.
+        after[weight] = (
+            {k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None},
+            {
+                f"{n}.{k}": p.grad.clone()
+                for n, d in decs.items()
+                for k, p in d.named_parameters()
+                if p.grad is not None
+            },
+        )
     (enc0, decs0), (enc1, decs1) = after[0.0], after[1.0]
+    assert set(enc0) == set(enc1) and len(enc0) > 0
     assert any(not torch.equal(enc0[k], enc1[k]) for k in enc0)
-    for name in decs0:
-        for k in decs0[name]:
-            assert torch.equal(decs0[name][k], decs1[name][k]), (name, k)
+    assert set(decs0) == set(decs1) and len(decs0) > 0
+    for k in decs0:
+        assert torch.equal(decs0[k], decs1[k]), k
 
 
 def test_latent_critic_only_where_the_encoder_learns_from_several_identities(
@@ -570,6 +581,20 @@ def test_pretrain_checkpoint_keeps_the_critic_and_resumes_exactly(tmp_path: Path
             nets.append(checkpoint.load_decoder(blob)[0])
         outputs[run] = [checkpoint.fingerprint(net) for net in nets]
     assert outputs["paused"] == outputs["straight"]
+
+    # A job started before the critic existed (spec without the field, checkpoint without a
+    # critic) resumes as it started: without one.
+    old = tmp_path / "paused"
+    spec_json = json.loads((old / "spec.json").read_text())
+    del spec_json["latent_adversary"]
+    assert JobSpec.from_dict(spec_json).latent_adversary == 0.0
+    # A checkpoint without the critic, under a spec with one, resumes with a fresh critic.
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    for key in ("critic", "critic_optimizer"):
+        del state[key]
+    torch.save(state, old / "checkpoint.pt")
+    result = run_job(old)
+    assert result["status"] == "succeeded" and result["summary"]["latent_adversary"] == 1.0
 
 
 def test_checkpoint_min_seconds_spaces_checkpoints_out(tmp_path: Path) -> None:
