@@ -13,7 +13,7 @@
 4. For scale, each identity's own held-out faces through its own decoder (the ceiling a swap
    could reach with this model and budget).
 
-Training goes through the same job entry point as the training service (template loss mask,
+Training goes through the same job entry point as the training service (its loss mask,
 cosine schedule, latent critic). The default run takes about 12 minutes on 2 CPU cores; it
 prints the table and a summary line.
 """
@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--loss-mask", default="template", choices=("template", "landmarks", "none"))
+    p.add_argument(
+        "--loss-mask",
+        default="landmarks",
+        choices=("template", "landmarks", "none"),
+        help="the jobs' loss mask; with 5-point landmarks, 'landmarks' is the template",
+    )
     p.add_argument("--loss-emphasis", default="eyes_mouth", choices=("eyes_mouth", "none"))
     p.add_argument(
         "--latent-adversary",
@@ -131,8 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.keep and args.budget_seconds > 0:
         p.error("--keep needs fixed step counts: --budget-seconds sizes them anew every run")
-    if args.loss_mask == "landmarks" and args.landmark_points == 5:
-        print("note: with 5-point landmarks, --loss-mask landmarks is the template's mask")
     t0 = time.perf_counter()
     k = args.identities
     names = [f"id{i}" for i in range(k)]

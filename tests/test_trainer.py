@@ -443,7 +443,7 @@ def test_warmup_ramps_the_rate_then_hands_over_to_the_schedule() -> None:
 
 
 def test_template_loss_mask_trains_the_mask_head_on_the_face(tmp_path: Path) -> None:
-    """The default loss_mask counts the face only and teaches the decoder's mask head where
+    """The template loss_mask counts the face only and teaches the decoder's mask head where
     the face is; "none" counts the whole crop and leaves the mask head untrained."""
     faces = synth.make_dataset(synth.identity_from_seed(3), 16, 64, seed=3)[0]
     template = template_mask(64) > 0.5
