@@ -20,6 +20,9 @@ from facemux.service.runtime import Runtime
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore, VersionRecord
 
+# Synthetic decoders of no one; the store gives every identity a consent record.
+BENCH_CONSENT = {"attested_by": "bench", "evidence_ref": "synthetic", "granted_at": "2026-01-01"}
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
@@ -46,6 +49,7 @@ def main() -> int:
                 name,
                 data,
                 VersionRecord.for_decoder(dmeta),
+                consent=BENCH_CONSENT,
             )
         rt = Runtime(
             Settings(store=Path(tmp), device=args.device, decoder_cache_count=args.identities),

@@ -35,6 +35,9 @@ from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore, VersionRecord
 
+# Synthetic decoders of no one; the store gives every identity a consent record.
+BENCH_CONSENT = {"attested_by": "bench", "evidence_ref": "synthetic", "granted_at": "2026-01-01"}
+
 
 @dataclass
 class Row:
@@ -79,6 +82,7 @@ def make_store(root: Path, preset: str) -> None:
         "bench",
         data,
         VersionRecord.for_decoder(dmeta),
+        consent=BENCH_CONSENT,
     )
 
 

@@ -196,6 +196,15 @@ def cmd_identities(args: argparse.Namespace) -> int:
         elif args.action == "revoke":
             ident = c.revoke_consent(args.name, args.reason)
             print(f"consent of {ident.name} revoked at {ident.consent.revoked_at}")
+        elif args.action == "consent":
+            record = _consent_arg(args.consent)
+            if record is None:
+                raise ValueError(f"--consent is required, e.g. {_CONSENT_EXAMPLE}")
+            ident = c.record_consent(args.name, record)
+            print(
+                f"consent of {ident.name} recorded: attested by {ident.consent.attested_by}, "
+                f"granted {ident.consent.granted_at} ({len(ident.consent_history)} earlier)"
+            )
     return 0
 
 
@@ -413,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     rv = isub.add_parser("revoke", parents=[conn], help="revoke an identity's consent")
     rv.add_argument("name")
     rv.add_argument("--reason", default="")
+    rc = isub.add_parser(
+        "consent",
+        parents=[conn],
+        help="record new consent for an identity (replaces the one in force, lifts a revocation)",
+    )
+    rc.add_argument("name")
+    rc.add_argument(
+        "--consent", required=True, help="the new record as JSON (attested_by, evidence_ref, ...)"
+    )
 
     vf = client_cmd(
         "verify", help="check an image's provenance: C2PA manifest and facemux watermark"

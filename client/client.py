@@ -478,6 +478,14 @@ class FacemuxClient:
             self.identity_stub.RevokeConsent, ipb.RevokeConsentRequest(name=name, reason=reason)
         ).identity
 
+    def record_consent(self, name: str, consent: dict[str, str]) -> ipb.Identity:
+        """Put a new consent record in force for an existing identity (admin): the old one
+        goes to its consent_history, and a revocation is lifted."""
+        return self._call(
+            self.identity_stub.RecordConsent,
+            ipb.RecordConsentRequest(name=name, consent=consent_record(consent)),
+        ).identity
+
     def verify(self, image: bytes | str | os.PathLike[str]) -> ppb.VerifyResponse:
         """Provenance of an image file (bytes or path): its C2PA manifest and watermark."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()

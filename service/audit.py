@@ -30,6 +30,7 @@ AUDITED = frozenset(
         "/facemux.v1.IdentityService/DeleteIdentity",
         "/facemux.v1.IdentityService/SetDefaultVersion",
         "/facemux.v1.IdentityService/RevokeConsent",
+        "/facemux.v1.IdentityService/RecordConsent",
         "/facemux.v1.TrainingService/Train",
     }
 )
@@ -71,6 +72,37 @@ class AuditLog:
         record = logging.makeLogRecord({"msg": line, "levelno": logging.INFO})
         with self._lock:
             self._handler.handle(record)
+
+    def event(
+        self,
+        rpc: str,
+        caller: str,
+        identity: str,
+        identity_version: int,
+        status: grpc.StatusCode,
+        request_id: str,
+        duration_s: float = 0.0,
+        **extra: Any,
+    ) -> None:
+        """A line for what the server does on its own behalf, outside any RPC (a training
+        job registering its result), in the shape of an RPC's line: `caller` is who asked
+        for it (the job's submitter)."""
+        self.write(
+            {
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "caller": caller,
+                "peer": "",
+                "rpc": rpc,
+                "identity": identity[:128],
+                "identity_version": identity_version,
+                "request_id": request_id,
+                "faces_swapped": 0,
+                "messages_in": 0,
+                "status": status.name,
+                "duration_ms": round(duration_s * 1000, 2),
+                **extra,
+            }
+        )
 
     def hook(
         self, method: str, caller: str, request: Any, context: grpc.aio.ServicerContext

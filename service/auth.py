@@ -60,6 +60,7 @@ METHOD_ROLES: dict[str, str] = {
     _IDENT + "DeleteIdentity": "admin",
     _IDENT + "SetDefaultVersion": "admin",
     _IDENT + "RevokeConsent": "admin",
+    _IDENT + "RecordConsent": "admin",
     _TRAIN + "UploadDataset": "train",
     _TRAIN + "ListDatasets": "train",
     _TRAIN + "DeleteDataset": "train",

@@ -1,11 +1,14 @@
 """Consent records: what registering or training an identity must come with.
 
 `require_consent` is the one check every path that creates an identity version calls
-(RegisterIdentity here, Train in the training service), so the rule lives in one place.
+(RegisterIdentity here, Train in the training service) before it accepts the request; the
+store enforces the same rule again when the version is written, so a revocation (or a
+deletion) between the two is never undone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
@@ -59,32 +62,61 @@ def validate_consent(consent: dict[str, str]) -> dict[str, str]:
 def require_consent(
     msg: types_pb2.ConsentRecord | dict[str, str], existing: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """The consent record to store with a new identity version.
+    """The consent record a new identity version is made under.
 
-    A request that carries a record must carry a complete one. A request without one may add
-    a version to an identity whose stored record is complete and not revoked (the person
-    already consented to this identity); a new identity always needs one."""
+    A new identity (`existing` None) needs a complete record in the request. An existing
+    identity's record in force covers its new versions: the request may repeat it or send
+    none, but never replaces it (RecordConsent does, an admin's act), and a revoked one
+    covers nothing until an admin records new consent. The store checks the same again
+    when the version is written (LocalStore.add_version), under its lock."""
     given = (
         dict(msg)
         if isinstance(msg, dict)
         else {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
     )
-    if given:
+    if existing is None:
         return validate_consent(given)
-    if existing:
-        if existing.get("revoked_at"):
-            raise PreconditionError(
-                f"consent was revoked at {existing['revoked_at']}; a new version needs a new "
-                "consent record"
-            )
-        return validate_consent(existing)
-    return validate_consent({})
+    if existing.get("revoked_at"):
+        raise PreconditionError(
+            f"consent was revoked at {existing['revoked_at']}; no new version can be added "
+            "until an admin records new consent (RecordConsent; "
+            "`facemux identities consent NAME --consent '{...}'`)"
+        )
+    if not any(existing.get(f) for f in REQUIRED_FIELDS):
+        raise PreconditionError(
+            "this identity has no consent record; an admin records one first (RecordConsent; "
+            "`facemux identities consent NAME --consent '{...}'`)"
+        )
+    record = validate_consent(existing)  # PreconditionError once it expired
+    if given and validate_consent(given) != record:
+        raise PreconditionError(
+            "this identity already has a consent record in force; a new version keeps it: "
+            "send no consent record (or the same one), or have an admin replace it first "
+            "(RecordConsent; `facemux identities consent NAME --consent '{...}'`)"
+        )
+    return record
 
 
-def consent_for_upload(store: Store, name: str, msg: types_pb2.ConsentRecord) -> dict[str, str]:
+@dataclass(frozen=True)
+class Admission:
+    """What a request to add a version to an identity was accepted against: the store
+    checks it again when the version is written (a job's, hours later)."""
+
+    # The record a new identity is created with, or the existing one's record in force.
+    consent: dict[str, str]
+    # "" = the identity did not exist; else its incarnation (IdentityRecord.incarnation).
+    expect: str
+
+    @property
+    def new_identity_consent(self) -> dict[str, str] | None:
+        """What to hand Store.add_version: a record only when it creates the identity."""
+        return None if self.expect else self.consent
+
+
+def consent_for_upload(store: Store, name: str, msg: types_pb2.ConsentRecord) -> Admission:
     """require_consent against what the store holds for `name` (blocking: run in a thread)."""
     try:
-        existing: dict[str, str] | None = store.get(name).consent
+        rec = store.get(name)
     except NotFoundError:
-        existing = None
-    return require_consent(msg, existing)
+        return Admission(require_consent(msg, None), "")
+    return Admission(require_consent(msg, rec.consent), rec.incarnation)

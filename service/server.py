@@ -191,7 +191,7 @@ async def _build_app(
     identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(settings, runtime, store), server
     )
-    training = Training(settings, store, runtime, metrics)
+    training = Training(settings, store, runtime, metrics, audit=audit if audit.enabled else None)
     training_service_pb2_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(training), server
     )

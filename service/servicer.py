@@ -26,7 +26,7 @@ from facemux.models.errors import (
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
-from facemux.service.consent import consent_for_upload
+from facemux.service.consent import Admission, consent_for_upload, validate_consent
 from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
@@ -34,7 +34,7 @@ from facemux.service.provenance import Provenance
 from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
-from facemux.service.store import IdentityRecord, Store, VersionRecord, now_iso, validate_name
+from facemux.service.store import IdentityRecord, Store, VersionRecord, validate_name
 from facemux.v1 import (
     identity_service_pb2 as ipb,
 )
@@ -567,9 +567,16 @@ def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
         display_name=rec.display_name,
         default_version=rec.default_version,
         versions=[version(v) for v in rec.versions],
-        consent=types_pb2.ConsentRecord(**rec.consent),
+        consent=consent_to_proto(rec.consent),
         created_at=rec.created_at,
+        consent_history=[consent_to_proto(c) for c in rec.consent_history],
     )
+
+
+def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
+    # Stored records may carry keys the message has not (a history entry's replaced_at).
+    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
+    return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
 
 
 _CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
@@ -602,7 +609,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
     ) -> ipb.RegisterIdentityResponse:
         limit = self.settings.max_checkpoint_bytes
         meta: ipb.RegisterIdentityMetadata | None = None
-        consent: dict[str, str] = {}
+        admitted: Admission | None = None
         chunks: list[bytes] = []
         received = 0
         async for part in request_iterator:
@@ -613,7 +620,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
                 meta = part.metadata
                 validate_name(meta.name)
                 # Before any bytes arrive: no consent, no upload.
-                consent = await asyncio.to_thread(
+                admitted = await asyncio.to_thread(
                     consent_for_upload, self.store, meta.name, meta.consent
                 )
                 if meta.size_bytes > limit:
@@ -633,7 +640,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
                 chunks.append(part.chunk)
             else:
                 raise InvalidInputError("empty RegisterIdentity message")
-        if meta is None:
+        if meta is None or admitted is None:
             raise InvalidInputError("RegisterIdentity stream had no metadata")
         data = b"".join(chunks)
         if not data:
@@ -652,7 +659,10 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
                 record,
                 display_name=meta.display_name,
                 make_default=meta.make_default,
-                consent=consent or None,
+                # Checked again under the store's lock: a revocation, deletion or creation
+                # of the identity during the upload refuses the version.
+                consent=admitted.new_identity_consent,
+                expect=admitted.expect,
             )
             return rec, record.version
 
@@ -713,14 +723,22 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         self, request: ipb.RevokeConsentRequest, context: grpc.aio.ServicerContext
     ) -> ipb.RevokeConsentResponse:
         validate_name(request.name)
-
-        def revoke() -> IdentityRecord:
-            rec = self.store.get(request.name)
-            consent = dict(rec.consent)
-            consent["revoked_at"] = now_iso()
-            consent["revocation_reason"] = request.reason[:500]
-            return self.store.update_consent(request.name, consent)
-
-        rec = await asyncio.to_thread(revoke)
+        rec = await asyncio.to_thread(self.store.revoke_consent, request.name, request.reason[:500])
         self.runtime.cache.evict(request.name)
         return ipb.RevokeConsentResponse(identity=identity_to_proto(rec))
+
+    @unary
+    async def RecordConsent(
+        self, request: ipb.RecordConsentRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.RecordConsentResponse:
+        validate_name(request.name)
+        given = request.consent
+        if given.revoked_at or given.revocation_reason:
+            raise InvalidInputError(
+                "consent.revoked_at and consent.revocation_reason are set by the server "
+                "(RevokeConsent); leave them empty"
+            )
+        record = validate_consent({f: getattr(given, f) for f in _CONSENT_FIELDS})
+        rec = await asyncio.to_thread(self.store.record_consent, request.name, record)
+        log.info("new consent recorded for identity %s", rec.name)
+        return ipb.RecordConsentResponse(identity=identity_to_proto(rec))

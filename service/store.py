@@ -5,6 +5,7 @@ Layout of the local directory backend::
     <root>/encoders/<fingerprint>/encoder.safetensors
     <root>/encoders/DEFAULT                      fingerprint of the default encoder
     <root>/identities/<name>/identity.json       name, display name, default version, consent
+                                                 (the record in force and the ones it replaced)
     <root>/identities/<name>/v<N>/decoder.safetensors
     <root>/identities/<name>/v<N>/version.json   fingerprints, sha256, size, source, summary
 
@@ -13,6 +14,11 @@ staging directory and renamed into place (rename is atomic on POSIX); JSON files
 replaced atomically; deletions rename to a hidden trash directory first. Writers take an
 exclusive lock on <root>/.lock, so several server replicas may share one directory.
 Hidden leftovers of a crash (.staging-*, .trash-*) are swept at open.
+
+Consent belongs to the identity, not to a version: adding a version never changes it, a
+revoked identity takes no new version, and only `record_consent` (the RecordConsent RPC, an
+admin's audited act) replaces the record in force or lifts a revocation. The rule is checked
+here, under the lock, so it holds for every path (uploads, training jobs) and every replica.
 
 Other backends (an object store for clusters) implement the same `Store` interface.
 """
@@ -95,6 +101,16 @@ class VersionRecord:
         )
 
 
+# The fields of a consent record as callers give it; the store adds revoked_at and
+# revocation_reason to the record in force, and replaced_at to the ones it keeps in history.
+CONSENT_KEYS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
+
+
+def consent_fields(consent: dict[str, str]) -> dict[str, str]:
+    """What the person consented to, without the server's own marks (revocation...)."""
+    return {k: consent[k] for k in CONSENT_KEYS if consent.get(k)}
+
+
 @dataclass
 class IdentityRecord:
     name: str
@@ -105,6 +121,27 @@ class IdentityRecord:
     versions: list[VersionRecord] = field(default_factory=list)
     # Highest number ever issued: numbers are never reused, so "v3" always means one decoder.
     last_version: int = 0
+    # Records that were in force before `consent`, oldest first, each with its replaced_at
+    # (and its revocation, if it was revoked): nothing about consent is ever lost.
+    consent_history: list[dict[str, str]] = field(default_factory=list)
+    # Made when the identity is created: a name deleted and created again is another
+    # identity, even within one second (created_at alone cannot tell them apart).
+    uid: str = ""
+
+    @property
+    def incarnation(self) -> str:
+        """What tells this identity from an earlier or later one of the same name."""
+        return self.uid or self.created_at
+
+    def revocation(self) -> str:
+        """'' when consent is in force, else a sentence saying when (and why) it was revoked."""
+        at = self.consent.get("revoked_at", "")
+        if not at:
+            return ""
+        why = self.consent.get("revocation_reason", "")
+        return f"consent for identity {self.name!r} was revoked at {at}" + (
+            f" ({why})" if why else ""
+        )
 
     def version(self, number: int = 0) -> VersionRecord:
         wanted = number or self.default_version
@@ -137,8 +174,15 @@ class Store(ABC):
         display_name: str = "",
         make_default: bool = False,
         consent: dict[str, str] | None = None,
+        expect: str | None = None,
     ) -> IdentityRecord:
-        """Store a decoder as the next version; version.version is assigned here."""
+        """Store a decoder as the next version; version.version is assigned here.
+
+        `consent` is the record a new identity is created with; for an existing identity it
+        must be absent or the record in force (a different one is refused: RecordConsent
+        replaces consent). A revoked identity takes no version. `expect`, when not None, is
+        what the caller saw earlier: "" = the identity did not exist (it must still not),
+        else its `incarnation` (it must still be that one); otherwise PreconditionError."""
 
     @abstractmethod
     def get(self, name: str) -> IdentityRecord: ...
@@ -156,7 +200,44 @@ class Store(ABC):
     def set_default(self, name: str, version: int) -> IdentityRecord: ...
 
     @abstractmethod
-    def update_consent(self, name: str, consent: dict[str, str]) -> IdentityRecord: ...
+    def revoke_consent(self, name: str, reason: str) -> IdentityRecord:
+        """Mark the record in force revoked (now); an already revoked one keeps its time."""
+
+    @abstractmethod
+    def record_consent(self, name: str, consent: dict[str, str]) -> IdentityRecord:
+        """Put a new (validated) record in force, keeping the old one in the history; the
+        one way a revocation is lifted."""
+
+
+def _check_new_version(
+    rec: IdentityRecord, consent: dict[str, str] | None, expect: str | None
+) -> None:
+    """Whether an existing identity may take a new version (see Store.add_version)."""
+    if expect is not None and expect != rec.incarnation:
+        raise PreconditionError(
+            f"identity {rec.name!r} was "
+            + ("created" if not expect else "deleted and created again")
+            + f" (at {rec.created_at}) after the request that made this version was "
+            "accepted; nothing was registered"
+        )
+    revoked = rec.revocation()
+    if revoked:
+        raise PreconditionError(
+            f"{revoked}; it takes no new version until an admin records new consent "
+            f"(RecordConsent; `facemux identities consent {rec.name} --consent '{{...}}'`)"
+        )
+    if not consent_fields(rec.consent):
+        raise PreconditionError(
+            f"identity {rec.name!r} has no consent record; an admin records one first "
+            f"(RecordConsent; `facemux identities consent {rec.name} --consent '{{...}}'`)"
+        )
+    if consent and consent_fields(consent) != consent_fields(rec.consent):
+        raise PreconditionError(
+            f"identity {rec.name!r} already has a consent record in force (attested by "
+            f"{rec.consent.get('attested_by', '?')}, granted {rec.consent.get('granted_at', '?')})"
+            "; a new version keeps it: send no consent record, or have an admin replace it "
+            f"first (RecordConsent; `facemux identities consent {rec.name} --consent '{{...}}'`)"
+        )
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -251,6 +332,8 @@ class LocalStore(Store):
             consent=meta.get("consent", {}),
             versions=versions,
             last_version=int(meta.get("last_version", 0)),
+            consent_history=list(meta.get("consent_history", [])),
+            uid=str(meta.get("uid", "")),
         )
 
     def _write_identity_meta(self, d: Path, rec: IdentityRecord) -> None:
@@ -284,17 +367,30 @@ class LocalStore(Store):
         display_name: str = "",
         make_default: bool = False,
         consent: dict[str, str] | None = None,
+        expect: str | None = None,
     ) -> IdentityRecord:
         d = self._identity_dir(name)
         with self._lock():
             exists = (d / "identity.json").exists()
-            rec = (
-                self._read_identity(d)
-                if exists
-                else IdentityRecord(
-                    name=name, display_name=display_name, default_version=0, created_at=now_iso()
+            if exists:
+                rec = self._read_identity(d)
+                _check_new_version(rec, consent, expect)
+            else:
+                if expect:
+                    raise PreconditionError(
+                        f"identity {name!r} was deleted after the request that made this "
+                        "version was accepted; nothing was registered"
+                    )
+                if not consent:
+                    raise InvalidInputError(f"identity {name!r} is new: it needs a consent record")
+                rec = IdentityRecord(
+                    name=name,
+                    display_name=display_name,
+                    default_version=0,
+                    created_at=now_iso(),
+                    consent=consent_fields(consent),
+                    uid=uuid.uuid4().hex,
                 )
-            )
             used = [v.version for v in rec.versions]
             version.version = max([rec.last_version, *used]) + 1
             rec.last_version = version.version
@@ -302,8 +398,6 @@ class LocalStore(Store):
             version.sha256 = sha256_hex(checkpoint)
             if display_name:
                 rec.display_name = display_name
-            if consent:
-                rec.consent = consent
             if make_default or not rec.default_version:
                 rec.default_version = version.version
             rec.versions.append(version)
@@ -356,10 +450,20 @@ class LocalStore(Store):
             self._write_identity_meta(self._identity_dir(name), rec)
             return rec
 
-    def update_consent(self, name: str, consent: dict[str, str]) -> IdentityRecord:
+    def revoke_consent(self, name: str, reason: str) -> IdentityRecord:
         with self._lock():
             rec = self.get(name)
-            rec.consent = consent
+            if not rec.consent.get("revoked_at"):
+                rec.consent = {**rec.consent, "revoked_at": now_iso(), "revocation_reason": reason}
+                self._write_identity_meta(self._identity_dir(name), rec)
+            return rec
+
+    def record_consent(self, name: str, consent: dict[str, str]) -> IdentityRecord:
+        with self._lock():
+            rec = self.get(name)
+            if rec.consent:
+                rec.consent_history.append({**rec.consent, "replaced_at": now_iso()})
+            rec.consent = consent_fields(consent)
             self._write_identity_meta(self._identity_dir(name), rec)
             return rec
 

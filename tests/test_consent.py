@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import CONSENT, Models, face_image, png
-from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument
+from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
 from facemux.models.errors import InvalidInputError, PreconditionError
 from facemux.service.consent import require_consent, validate_consent
 
@@ -50,14 +50,54 @@ def test_registration_needs_consent_and_returns_it(client: FacemuxClient, models
         record["scope"],
         record["expires_at"],
     )
-    # A new version rides on the stored consent...
+    # A new version rides on the stored consent (repeating it is fine too)...
     assert client.register_identity("carol", models.decoders["bob"]).version == 2
-    # ...until it is revoked: then swaps stop and a new version needs a new record.
+    assert client.register_identity("carol", models.decoders["bob"], consent=record).version == 3
+    # ...until it is revoked: then swaps stop and no version is added.
     client.revoke_consent("carol", "withdrawn")
     with pytest.raises(FailedPrecondition, match="revoked"):
         client.swap_faces([FACE], "carol")
-    with pytest.raises(FailedPrecondition, match="new consent record"):
+    with pytest.raises(FailedPrecondition, match="RecordConsent"):
         client.register_identity("carol", models.decoders["carol"])
-    fresh = {**CONSENT, "granted_at": "2026-06-01", "evidence_ref": "TICKET-2"}
-    assert client.register_identity("carol", models.decoders["carol"], consent=fresh).version == 3
-    assert client.swap_faces([FACE], "carol").faces_swapped == 1
+
+
+FRESH = {**CONSENT, "granted_at": "2026-06-01", "evidence_ref": "TICKET-2"}
+
+
+def test_only_record_consent_lifts_a_revocation(client: FacemuxClient, models: Models) -> None:
+    """A new version with a fresh record used to replace a revoked identity's consent and
+    so re-enable its older versions: consent belongs to the identity, and only an admin's
+    RecordConsent (audited) changes it."""
+    client.register_identity("bob", models.decoders["carol"])  # v2 under bob's record
+    client.revoke_consent("bob", "withdrawn")
+    revoked_at = client.get_identity("bob").consent.revoked_at
+    with pytest.raises(FailedPrecondition, match=r"revoked at .*RecordConsent"):
+        client.register_identity("bob", models.decoders["bob"], consent=FRESH)
+    # Nothing changed: no v3, the revocation stands, no version of bob swaps.
+    ident = client.get_identity("bob")
+    assert [v.version for v in ident.versions] == [1, 2]
+    assert ident.consent.revoked_at == revoked_at and ident.consent.evidence_ref == "TICKET-1"
+    for version in (0, 1, 2):
+        with pytest.raises(FailedPrecondition, match="revoked"):
+            client.swap_faces([FACE], "bob", version=version)
+    # Revoking again keeps the first revocation's time.
+    assert client.revoke_consent("bob", "again").consent.revoked_at == revoked_at
+
+    # RecordConsent: complete records only, never a revocation of the caller's making.
+    with pytest.raises(InvalidArgument, match="evidence_ref"):
+        client.record_consent("bob", {"attested_by": "x@example.com"})
+    with pytest.raises(InvalidArgument, match="revoked_at"):
+        client.record_consent("bob", {**FRESH, "revoked_at": "2026-07-01"})
+    with pytest.raises(NotFound):
+        client.record_consent("nobody", FRESH)
+    ident = client.record_consent("bob", FRESH)
+    assert ident.consent.evidence_ref == "TICKET-2" and not ident.consent.revoked_at
+    (old,) = ident.consent_history
+    assert old.evidence_ref == "TICKET-1" and old.revoked_at == revoked_at
+    assert old.revocation_reason == "withdrawn"
+    assert client.swap_faces([FACE], "bob", version=1).faces_swapped == 1
+    assert client.register_identity("bob", models.decoders["bob"]).version == 3
+    # A version never replaces the record in force: a different one is refused.
+    with pytest.raises(FailedPrecondition, match="already has a consent record"):
+        client.register_identity("bob", models.decoders["bob"], consent=CONSENT)
+    assert client.get_identity("bob").consent.evidence_ref == "TICKET-2"

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from facemux.models.checkpoint import atomic_write
-from facemux.models.errors import NotFoundError, ResourceExhaustedError
+from facemux.models.errors import NotFoundError, PreconditionError, ResourceExhaustedError
 from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
 from facemux.service.store import now_iso
 from facemux.service.training.claims import Claims
@@ -72,6 +72,13 @@ class JobRecord:
     result_version: int = 0
     encoder_fingerprint: str = ""
     dataset_hashes: dict[str, str] = field(default_factory=dict)
+    # Each identity the job will register, as it was when the job was submitted: "" = did
+    # not exist, else its incarnation. Registration requires the same state (the store
+    # checks under its lock), so a deletion or re-creation meanwhile fails the job. None on
+    # records written before this was kept.
+    identities_at_submit: dict[str, str] | None = None
+    # Who submitted it (for the audit line of what it registers).
+    submitted_by: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
@@ -296,6 +303,8 @@ class JobManager:
         dataset_hashes: dict[str, str],
         encoder_fingerprint: str = "",
         landmarks: dict[str, list[Any]] | None = None,
+        identities_at_submit: dict[str, str] | None = None,
+        submitted_by: str = "",
     ) -> JobRecord:
         with self._lock:
             if len(self._queue) >= self.max_queued:
@@ -322,6 +331,8 @@ class JobManager:
             consent=consent,
             encoder_fingerprint=encoder_fingerprint,
             dataset_hashes=dataset_hashes,
+            identities_at_submit=identities_at_submit,
+            submitted_by=submitted_by,
         )
         atomic_write(staging / "job.json", json.dumps(asdict(rec), indent=1).encode())
         self.claims.claim(staging)  # in place before the directory appears: no one else runs it
@@ -414,6 +425,10 @@ class JobManager:
                 rec.result_version, fp = self.finish(rec, work, result)
                 rec.encoder_fingerprint = fp or rec.encoder_fingerprint
                 rec.state = SUCCEEDED
+            except PreconditionError as exc:
+                # Refused by the store (consent revoked, identity deleted...): expected.
+                log.warning("job %s: its result was not registered: %s", job_id, exc)
+                rec.state, rec.error = FAILED, f"registering the result failed: {exc}"
             except Exception as exc:
                 log.exception("job %s: registering its result failed", job_id)
                 rec.state, rec.error = FAILED, f"registering the result failed: {exc}"

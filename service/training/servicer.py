@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,18 @@ from typing import Any
 import grpc
 import numpy as np
 from facemux.models import checkpoint
-from facemux.models.errors import InvalidInputError, NotFoundError, UnavailableError
+from facemux.models.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
 from facemux.service import convert
+from facemux.service.audit import AuditLog
+from facemux.service.auth import current_caller
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
+from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
 from facemux.service.servicer import streaming, unary
@@ -84,12 +93,19 @@ class Training:
     """The datasets store, the job manager and what registers a finished job's result."""
 
     def __init__(
-        self, settings: Settings, store: Store, runtime: Runtime, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: Runtime,
+        metrics: Metrics | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.metrics = metrics
+        # Every identity version a job adds (or is refused) gets a line, as an upload does.
+        self.audit = audit
         root = Path(settings.store)
         self.datasets = DatasetStore(root / "datasets", settings)
         self.jobs = JobManager(
@@ -115,7 +131,10 @@ class Training:
 
     def _finish(self, rec: JobRecord, work: Path, result: dict[str, Any]) -> tuple[int, str]:
         """Publish a succeeded run: a trained encoder by fingerprint, each decoder as a new
-        identity version (source "trained", the job id, the request's consent)."""
+        identity version (source "trained", the job id). An identity that did not exist is
+        created with the request's consent; an existing one keeps its own. The store refuses
+        a version when the identity was revoked, deleted or created since the job was
+        submitted; the job then fails saying so, having registered nothing for it."""
         if self.metrics is not None:
             self.metrics.training_finished(rec.id)
         fp = str(result.get("encoder_fingerprint", ""))
@@ -125,6 +144,8 @@ class Training:
             # served encoder is never swapped under running servers by a job.
             self.store.put_encoder(data, fp, make_default=not self.store.list_encoders())
         version = 0
+        refused: list[str] = []
+        registered: list[str] = []
         for name, rel in dict(result.get("decoders", {})).items():
             # Idempotent by job id: a server that registered and then died before recording
             # it leaves the version in place for its successor to find, not to add again.
@@ -147,9 +168,50 @@ class Training:
             # Default only when it fits the served encoder: a decoder for a new encoder made
             # default would turn that identity's swaps into FAILED_PRECONDITION.
             fits = meta.encoder_fingerprint == self.runtime.fingerprint
-            self.store.add_version(name, data, vrec, make_default=fits, consent=rec.consent or None)
+            try:
+                self._register(rec, name, data, vrec, fits)
+            except PreconditionError as exc:
+                refused.append(str(exc))
+                continue
             version = vrec.version
+            registered.append(f"{name} v{version}")
+        if refused:
+            # Registered versions stay (each is complete and consented); the job fails so
+            # that what was refused, and why, is not missed.
+            also = f" (registered: {', '.join(registered)})" if registered else ""
+            raise PreconditionError(f"job {rec.id}: " + "; ".join(refused) + also)
         return (version if rec.mode == "identity" else 0), fp
+
+    def _register(
+        self, rec: JobRecord, name: str, data: bytes, vrec: VersionRecord, fits: bool
+    ) -> None:
+        if rec.identities_at_submit is None:  # a record from before the state was kept
+            expect, consent = None, rec.consent or None
+        else:
+            # Not named at submit: expected new, so an existing identity is never written.
+            expect = rec.identities_at_submit.get(name, "")
+            consent = None if expect else rec.consent
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            self.store.add_version(
+                name, data, vrec, make_default=fits, consent=consent, expect=expect
+            )
+        except Exception as exc:
+            code = status_for(exc)
+            raise
+        finally:
+            if self.audit is not None:
+                self.audit.event(
+                    "TrainJobRegister",
+                    rec.submitted_by or "(unknown)",
+                    name,
+                    vrec.version if code == grpc.StatusCode.OK else 0,
+                    code,
+                    request_id=rec.id,
+                    duration_s=time.perf_counter() - t0,
+                    job_id=rec.id,
+                )
 
     def close(self) -> None:
         self.jobs.close()
@@ -183,11 +245,14 @@ class Training:
         encoder_bytes: bytes | None = None
         encoder_fp = ""
         identity = ""
+        at_submit: dict[str, str] = {}  # each identity it will register: see JobRecord
         if mode == "identity":
             identity = validate_name(request.identity)
             # The rule for every new identity version: a complete record in the request, or
             # an existing identity's stored, unrevoked one.
-            consent = consent_for_upload(self.store, identity, request.consent)
+            admitted = consent_for_upload(self.store, identity, request.consent)
+            consent = admitted.consent
+            at_submit[identity] = admitted.expect
             if len(names) != 1:
                 raise InvalidInputError(
                     f"identity mode trains from exactly one dataset, got {len(names)}"
@@ -205,7 +270,10 @@ class Training:
             given = {f: getattr(request.consent, f) for f in CONSENT_FIELDS}
             consent = {k: v for k, v in given.items() if v}
             for n in names:  # each dataset becomes an identity: each needs consent
-                consent_for_upload(self.store, validate_name(n), request.consent)
+                admitted = consent_for_upload(self.store, validate_name(n), request.consent)
+                at_submit[n] = admitted.expect
+                if not admitted.expect:
+                    consent = admitted.consent  # the validated record new ones get
         data: dict[str, np.ndarray] = {}
         hashes: dict[str, str] = {}
         landmarks: dict[str, list[Any]] = {}
@@ -234,7 +302,16 @@ class Training:
         )
         spec.validate()
         return self.jobs.submit(
-            spec, data, encoder_bytes, identity, consent, hashes, encoder_fp, landmarks
+            spec,
+            data,
+            encoder_bytes,
+            identity,
+            consent,
+            hashes,
+            encoder_fp,
+            landmarks,
+            identities_at_submit=at_submit,
+            submitted_by=current_caller.get(),
         )
 
 

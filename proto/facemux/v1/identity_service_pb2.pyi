@@ -42,20 +42,22 @@ class IdentityVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., created_at: _Optional[str] = ..., decoder_fingerprint: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., preset: _Optional[str] = ..., resolution: _Optional[int] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[VersionSource, str]] = ..., job_id: _Optional[str] = ..., summary_json: _Optional[str] = ...) -> None: ...
 
 class Identity(_message.Message):
-    __slots__ = ("name", "display_name", "default_version", "versions", "consent", "created_at")
+    __slots__ = ("name", "display_name", "default_version", "versions", "consent", "created_at", "consent_history")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     CONSENT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_HISTORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     default_version: int
     versions: _containers.RepeatedCompositeFieldContainer[IdentityVersion]
     consent: _types_pb2.ConsentRecord
     created_at: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[IdentityVersion, _Mapping]]] = ..., consent: _Optional[_Union[_types_pb2.ConsentRecord, _Mapping]] = ..., created_at: _Optional[str] = ...) -> None: ...
+    consent_history: _containers.RepeatedCompositeFieldContainer[_types_pb2.ConsentRecord]
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[IdentityVersion, _Mapping]]] = ..., consent: _Optional[_Union[_types_pb2.ConsentRecord, _Mapping]] = ..., created_at: _Optional[str] = ..., consent_history: _Optional[_Iterable[_Union[_types_pb2.ConsentRecord, _Mapping]]] = ...) -> None: ...
 
 class RegisterIdentityMetadata(_message.Message):
     __slots__ = ("name", "display_name", "make_default", "size_bytes", "sha256", "consent")
@@ -156,6 +158,20 @@ class RevokeConsentRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RevokeConsentResponse(_message.Message):
+    __slots__ = ("identity",)
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    identity: Identity
+    def __init__(self, identity: _Optional[_Union[Identity, _Mapping]] = ...) -> None: ...
+
+class RecordConsentRequest(_message.Message):
+    __slots__ = ("name", "consent")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONSENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    consent: _types_pb2.ConsentRecord
+    def __init__(self, name: _Optional[str] = ..., consent: _Optional[_Union[_types_pb2.ConsentRecord, _Mapping]] = ...) -> None: ...
+
+class RecordConsentResponse(_message.Message):
     __slots__ = ("identity",)
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     identity: Identity

@@ -65,6 +65,11 @@ class IdentityServiceStub:
                 request_serializer=facemux_dot_v1_dot_identity__service__pb2.RevokeConsentRequest.SerializeToString,
                 response_deserializer=facemux_dot_v1_dot_identity__service__pb2.RevokeConsentResponse.FromString,
                 _registered_method=True)
+        self.RecordConsent = channel.unary_unary(
+                '/facemux.v1.IdentityService/RecordConsent',
+                request_serializer=facemux_dot_v1_dot_identity__service__pb2.RecordConsentRequest.SerializeToString,
+                response_deserializer=facemux_dot_v1_dot_identity__service__pb2.RecordConsentResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -109,7 +114,17 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeConsent(self, request, context):
-        """Revokes an identity's consent: it stops swapping at once.
+        """Revokes an identity's consent: it stops swapping at once, and takes no new version
+        (uploaded or trained) until RecordConsent records new consent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordConsent(self, request, context):
+        """Records a new consent record for an identity: it replaces the one in force (kept in
+        consent_history) and lifts a revocation. The only call that changes an existing
+        identity's consent; RegisterIdentity and Train never do.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +162,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.RevokeConsent,
                     request_deserializer=facemux_dot_v1_dot_identity__service__pb2.RevokeConsentRequest.FromString,
                     response_serializer=facemux_dot_v1_dot_identity__service__pb2.RevokeConsentResponse.SerializeToString,
+            ),
+            'RecordConsent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordConsent,
+                    request_deserializer=facemux_dot_v1_dot_identity__service__pb2.RecordConsentRequest.FromString,
+                    response_serializer=facemux_dot_v1_dot_identity__service__pb2.RecordConsentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +332,33 @@ class IdentityService:
             '/facemux.v1.IdentityService/RevokeConsent',
             facemux_dot_v1_dot_identity__service__pb2.RevokeConsentRequest.SerializeToString,
             facemux_dot_v1_dot_identity__service__pb2.RevokeConsentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordConsent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facemux.v1.IdentityService/RecordConsent',
+            facemux_dot_v1_dot_identity__service__pb2.RecordConsentRequest.SerializeToString,
+            facemux_dot_v1_dot_identity__service__pb2.RecordConsentResponse.FromString,
             options,
             channel_credentials,
             insecure,
