@@ -20,6 +20,8 @@ CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires
 # nothing, so they are required; scope and expiry are optional.
 REQUIRED_FIELDS = ("attested_by", "evidence_ref", "granted_at")
 _MAX_FIELD_CHARS = 1000
+# How a caller refused for consent reasons gets going again.
+RECORD_HINT = "(RecordConsent; `facemux identities consent NAME --consent '{...}'`)"
 
 
 def _parse_time(field: str, value: str) -> datetime:
@@ -79,20 +81,18 @@ def require_consent(
     if existing.get("revoked_at"):
         raise PreconditionError(
             f"consent was revoked at {existing['revoked_at']}; no new version can be added "
-            "until an admin records new consent (RecordConsent; "
-            "`facemux identities consent NAME --consent '{...}'`)"
+            "until an admin records new consent " + RECORD_HINT
         )
     if not any(existing.get(f) for f in REQUIRED_FIELDS):
         raise PreconditionError(
-            "this identity has no consent record; an admin records one first (RecordConsent; "
-            "`facemux identities consent NAME --consent '{...}'`)"
+            "this identity has no consent record; an admin records one first " + RECORD_HINT
         )
     record = validate_consent(existing)  # PreconditionError once it expired
     if given and validate_consent(given) != record:
         raise PreconditionError(
             "this identity already has a consent record in force; a new version keeps it: "
             "send no consent record (or the same one), or have an admin replace it first "
-            "(RecordConsent; `facemux identities consent NAME --consent '{...}'`)"
+            + RECORD_HINT
         )
     return record
 

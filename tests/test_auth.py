@@ -168,6 +168,33 @@ def test_audit_trail(secured: tuple[ServerThread, dict[str, str], Path], models:
     assert max(len(line) for line in lines) < 600
 
 
+def test_record_consent_is_an_admins_audited_act(
+    secured: tuple[ServerThread, dict[str, str], Path],
+) -> None:
+    """Lifting a revocation is RecordConsent alone: admin only, and on the audit trail."""
+    srv, tokens, audit = secured
+    fresh = {**CONSENT, "evidence_ref": "TICKET-7"}
+    with _client(srv, tokens["root"]) as c:
+        c.revoke_consent("bob", "withdrawn")
+    for name in ("trainer", "swapper"):
+        with _client(srv, tokens[name]) as c, pytest.raises(FacemuxRpcError) as info:
+            c.record_consent("bob", fresh)
+        assert info.value.code == C.PERMISSION_DENIED and "'admin' role" in info.value.details
+    with _client(srv, tokens["root"]) as c:
+        assert c.get_identity("bob").consent.revoked_at  # still revoked
+        assert c.record_consent("bob", fresh).consent.evidence_ref == "TICKET-7"
+        assert c.swap_faces([FACE], "bob").faces_swapped == 1
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    recorded = [
+        (r["caller"], r["identity"], r["status"]) for r in rows if r["rpc"] == "RecordConsent"
+    ]
+    assert recorded == [
+        ("(refused)", "", "PERMISSION_DENIED"),
+        ("(refused)", "", "PERMISSION_DENIED"),
+        ("root", "bob", "OK"),
+    ]
+
+
 def test_tokens_file_reloads_without_restart(
     secured: tuple[ServerThread, dict[str, str], Path], tmp_path: Path
 ) -> None:

@@ -49,6 +49,19 @@ def test_identity_commands(server: ServerThread, models: Models, tmp_path: Path)
     assert r.returncode == 2 and "NOT_FOUND" in r.stderr and "carol" in r.stderr
 
 
+def test_consent_commands(server: ServerThread) -> None:
+    t = ["--target", server.target]
+    r = run("identities", "revoke", "bob", "--reason", "withdrawn", *t)
+    assert r.returncode == 0 and "consent of bob revoked at" in r.stdout, r.stderr
+    fresh = json.dumps({**CONSENT, "evidence_ref": "TICKET-9"})
+    r = run("identities", "consent", "bob", "--consent", fresh, *t)
+    assert r.returncode == 0, r.stderr
+    assert "consent of bob recorded: attested by qa@example.com" in r.stdout
+    assert "(1 earlier)" in r.stdout
+    r = run("identities", "consent", "bob", "--consent", '{"attested_by": "x"}', *t)
+    assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr and "evidence_ref" in r.stderr
+
+
 @pytest.mark.unmarked_outputs
 def test_swap_encode_decode_commands(server: ServerThread, tmp_path: Path) -> None:
     t = ["--target", server.target]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from conftest import CONSENT, Models, face_image, png
+from conftest import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
+from facemux.models import checkpoint
 from facemux.models.errors import InvalidInputError, PreconditionError
 from facemux.service.consent import require_consent, validate_consent
+from facemux.service.store import VersionRecord
 
 FACE = png(face_image(0))
 
@@ -101,3 +105,43 @@ def test_only_record_consent_lifts_a_revocation(client: FacemuxClient, models: M
     with pytest.raises(FailedPrecondition, match="already has a consent record"):
         client.register_identity("bob", models.decoders["bob"], consent=CONSENT)
     assert client.get_identity("bob").consent.evidence_ref == "TICKET-2"
+
+
+def test_store_guards_consent_for_every_writer(tmp_path: Path, models: Models) -> None:
+    """The store's own rule, for any path that adds a version (and any replica)."""
+    store = make_store(tmp_path / "store", models, ("alice",))
+    data = models.decoders["alice"]
+
+    def vrec() -> VersionRecord:
+        return VersionRecord.for_decoder(checkpoint.read_decoder(data)[1])
+
+    first = store.get("alice")
+    # A name deleted and created again within the same second is still another identity.
+    store.delete("alice")
+    store.add_version("alice", data, vrec(), consent=dict(CONSENT))
+    again = store.get("alice")
+    assert again.incarnation != first.incarnation
+    with pytest.raises(PreconditionError, match="deleted and created again"):
+        store.add_version("alice", data, vrec(), expect=first.incarnation)
+    with pytest.raises(PreconditionError, match="was created"):
+        store.add_version("alice", data, vrec(), consent=dict(CONSENT), expect="")
+    with pytest.raises(PreconditionError, match="was deleted"):
+        store.add_version("zoe", data, vrec(), consent=dict(CONSENT), expect=again.incarnation)
+    with pytest.raises(InvalidInputError, match="needs a consent record"):
+        store.add_version("zoe", data, vrec())
+    assert store.add_version("alice", data, vrec(), expect=again.incarnation).last_version == 2
+    # Expired consent: no new version until new consent is recorded (which keeps the old).
+    store.record_consent("alice", {**CONSENT, "expires_at": "2026-01-02"})
+    with pytest.raises(PreconditionError, match="expired at 2026-01-02"):
+        store.add_version("alice", data, vrec())
+    store.revoke_consent("alice", "withdrawn")
+    with pytest.raises(PreconditionError, match="revoked at"):
+        store.add_version("alice", data, vrec())
+    rec = store.record_consent("alice", FRESH)
+    assert rec.consent == FRESH and [c["granted_at"] for c in rec.consent_history] == [
+        "2026-01-01",
+        "2026-01-01",
+    ]
+    assert rec.consent_history[1]["revocation_reason"] == "withdrawn"
+    assert all(c["replaced_at"] for c in rec.consent_history)
+    assert store.add_version("alice", data, vrec()).consent == FRESH
