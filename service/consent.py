@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
-from facemux.service.store import Store
+from facemux.service.store import CONSENT_FIELDS, Store
 from facemux.v1 import types_pb2
 
-CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
 # Who attests, where the evidence is, and when it was given: without these a record proves
 # nothing, so they are required; scope and expiry are optional.
 REQUIRED_FIELDS = ("attested_by", "evidence_ref", "granted_at")

@@ -26,7 +26,12 @@ from facemux.models.errors import (
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
-from facemux.service.consent import Admission, consent_for_upload, validate_consent
+from facemux.service.consent import (
+    CONSENT_FIELDS,
+    Admission,
+    consent_for_upload,
+    validate_consent,
+)
 from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
@@ -579,11 +584,8 @@ def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
     return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
 
 
-_CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
-
-
 def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
-    consent = {f: getattr(msg, f) for f in _CONSENT_FIELDS if getattr(msg, f)}
+    consent = {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
     for f in ("granted_at", "expires_at"):
         if consent.get(f):
             try:
@@ -738,7 +740,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
                 "consent.revoked_at and consent.revocation_reason are set by the server "
                 "(RevokeConsent); leave them empty"
             )
-        record = validate_consent({f: getattr(given, f) for f in _CONSENT_FIELDS})
+        record = validate_consent({f: getattr(given, f) for f in CONSENT_FIELDS})
         rec = await asyncio.to_thread(self.store.record_consent, request.name, record)
         log.info("new consent recorded for identity %s", rec.name)
         return ipb.RecordConsentResponse(identity=identity_to_proto(rec))

@@ -103,12 +103,12 @@ class VersionRecord:
 
 # The fields of a consent record as callers give it; the store adds revoked_at and
 # revocation_reason to the record in force, and replaced_at to the ones it keeps in history.
-CONSENT_KEYS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
+CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
 
 
 def consent_fields(consent: dict[str, str]) -> dict[str, str]:
     """What the person consented to, without the server's own marks (revocation...)."""
-    return {k: consent[k] for k in CONSENT_KEYS if consent.get(k)}
+    return {k: consent[k] for k in CONSENT_FIELDS if consent.get(k)}
 
 
 @dataclass
@@ -180,9 +180,10 @@ class Store(ABC):
 
         `consent` is the record a new identity is created with; for an existing identity it
         must be absent or the record in force (a different one is refused: RecordConsent
-        replaces consent). A revoked identity takes no version. `expect`, when not None, is
-        what the caller saw earlier: "" = the identity did not exist (it must still not),
-        else its `incarnation` (it must still be that one); otherwise PreconditionError."""
+        replaces consent). A revoked or expired identity takes no version. `expect`, when not
+        None, is what the caller saw earlier: "" = the identity did not exist (it must still
+        not), else its `incarnation` (it must still be that one); otherwise
+        PreconditionError."""
 
     @abstractmethod
     def get(self, name: str) -> IdentityRecord: ...

@@ -388,6 +388,27 @@ MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         C.INVALID_ARGUMENT,
         "invalid",
     ),
+    (
+        "record consent: traversal",
+        "RecordConsent",
+        ipb.RecordConsentRequest(name="../bob", consent=tpb.ConsentRecord(**CONSENT)),
+        C.INVALID_ARGUMENT,
+        "invalid",
+    ),
+    (
+        "record consent: no record",
+        "RecordConsent",
+        ipb.RecordConsentRequest(name="bob"),
+        C.INVALID_ARGUMENT,
+        "consent record is required",
+    ),
+    (
+        "record consent: unknown identity",
+        "RecordConsent",
+        ipb.RecordConsentRequest(name="nobody", consent=tpb.ConsentRecord(**CONSENT)),
+        C.NOT_FOUND,
+        "nobody",
+    ),
 ]
 
 
