@@ -89,6 +89,41 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     return demo_main(rest)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Local: reads the store directory, needs the server and export extras."""
+    from facemux.models.errors import FacemuxError
+    from facemux.service.export import export_onnx
+    from facemux.service.store import LocalStore
+
+    if not Path(args.store).is_dir():
+        print(f"error: no store at {args.store}", file=sys.stderr)
+        return 2
+    try:
+        report = export_onnx(
+            LocalStore(Path(args.store)),
+            args.identities,
+            Path(args.out),
+            encoder=args.encoder,
+            triton=args.triton,
+            check_parity=not args.no_parity,
+            max_batch=args.max_batch,
+        )
+    except FacemuxError as exc:
+        print(f"facemux export: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    print(f"encoder {report.encoder_fingerprint[:12]} ({report.preset}, {report.resolution} px)")
+    for d in report.decoders:
+        parity = "" if d.parity_max_abs_error is None else f", parity {d.parity_max_abs_error:.1e}"
+        print(f"  {d.identity} v{d.version} -> {d.file}{parity}")
+    if report.triton_repository:
+        print(f"Triton model repository: {Path(args.out) / report.triton_repository}")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as c:
         _print_json(MessageToDict(c.model_info()))
@@ -354,6 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="train a tiny model on synthetic faces, serve it, swap", add_help=False
     )
+    ex = sub.add_parser("export", help="export identities for other runtimes (local store)")
+    exsub = ex.add_subparsers(dest="format", required=True)
+    eo = exsub.add_parser(
+        "onnx", help="encoder.onnx + one decoder per identity (optionally a Triton repository)"
+    )
+    eo.add_argument("identities", nargs="+", help="identity names, or name:version")
+    eo.add_argument("--store", default="facemux-store", help="the server's store directory")
+    eo.add_argument("-o", "--out", default="facemux-export", help="output directory")
+    eo.add_argument("--encoder", default="", help="encoder fingerprint; default = the store's")
+    eo.add_argument("--triton", action="store_true", help="also write a Triton model repository")
+    eo.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size")
+    eo.add_argument("--no-parity", action="store_true", help="skip the onnxruntime parity check")
+    eo.add_argument("--json", action="store_true", help="print the export report as JSON")
     client_cmd("info", help="describe the served model")
     h = client_cmd("health", help="print the server's health status")
     h.add_argument("--service", default="", help="service name; empty = whole server")
@@ -495,6 +543,7 @@ COMMANDS = {
     "jobs": cmd_jobs,
     "tokens": cmd_tokens,
     "verify": cmd_verify,
+    "export": cmd_export,
 }
 
 

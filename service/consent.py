@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
-from facemux.service.store import Store
+from facemux.service.store import IdentityRecord, Store
 from facemux.v1 import types_pb2
 
 CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
@@ -88,3 +88,26 @@ def consent_for_upload(store: Store, name: str, msg: types_pb2.ConsentRecord) ->
     except NotFoundError:
         existing = None
     return require_consent(msg, existing)
+
+
+def check_usable(rec: IdentityRecord) -> None:
+    """PreconditionError unless the identity's consent allows drawing it now: not revoked,
+    not expired. Swaps and exports call this one check."""
+    consent = rec.consent
+    if consent.get("revoked_at"):
+        raise PreconditionError(
+            f"identity {rec.name!r}: consent was revoked at {consent['revoked_at']}"
+            + (f" ({consent['revocation_reason']})" if consent.get("revocation_reason") else "")
+            + "; it can no longer be swapped"
+        )
+    expires = consent.get("expires_at", "")
+    if expires:
+        try:
+            when = _parse_time("expires_at", expires)
+        except InvalidInputError:
+            return
+        if when < datetime.now(timezone.utc):
+            raise PreconditionError(
+                f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
+                "to swap it again"
+            )

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -26,7 +26,7 @@ from facemux.models.errors import (
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
-from facemux.service.consent import consent_for_upload
+from facemux.service.consent import check_usable, consent_for_upload
 from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
@@ -102,29 +102,6 @@ def streaming(
     return wrapper
 
 
-def _check_consent(rec: IdentityRecord) -> None:
-    consent = rec.consent
-    if consent.get("revoked_at"):
-        raise PreconditionError(
-            f"identity {rec.name!r}: consent was revoked at {consent['revoked_at']}"
-            + (f" ({consent['revocation_reason']})" if consent.get("revocation_reason") else "")
-            + "; it can no longer be swapped"
-        )
-    expires = consent.get("expires_at", "")
-    if expires:
-        try:
-            when = datetime.fromisoformat(expires)
-        except ValueError:
-            return
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        if when < datetime.now(timezone.utc):
-            raise PreconditionError(
-                f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
-                "to swap it again"
-            )
-
-
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     left = context.time_remaining()
     return None if left is None else time.monotonic() + left
@@ -166,7 +143,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         if not name:
             raise InvalidInputError("identity is required: name the identity to draw")
         validate_name(name)
-        _check_consent(self.store.get(name))
+        check_usable(self.store.get(name))
         return self.runtime.decoder(name, version)
 
     def _decode_images(
