@@ -31,7 +31,7 @@ from facemux.models import export as onnx_export
 from facemux.models.config import ModelConfig
 from facemux.models.errors import InvalidInputError
 from facemux.service.consent import check_usable
-from facemux.service.store import Store, now_iso, validate_name
+from facemux.service.store import IdentityRecord, Store, VersionRecord, now_iso, validate_name
 
 # Parity bound of the issue's contract: outputs are in [0, 1], so 1e-3 is a quarter of
 # one 8-bit grey level.
@@ -78,26 +78,18 @@ def parse_identity_ref(ref: str) -> tuple[str, int]:
     return name, int(version)
 
 
-def export_onnx(
-    store: Store,
-    identities: list[str],
-    out: Path,
-    *,
-    encoder: str = "",
-    triton: bool = False,
-    check_parity: bool = True,
-    max_batch: int = TRITON_MAX_BATCH,
-) -> ExportReport:
-    """Export the (default or named) encoder and the given identities into `out`."""
+def select(
+    store: Store, identities: list[str], encoder: str = ""
+) -> tuple[str, bytes, list[tuple[IdentityRecord, VersionRecord]]]:
+    """The encoder (fingerprint, checkpoint) and the identity versions to export, after every
+    check: consent valid now, version stored, trained against that encoder. Nothing is
+    written before this passes, so a refused identity leaves no partial export."""
     if not identities:
         raise InvalidInputError("name at least one identity to export (name or name:version)")
     refs = [parse_identity_ref(r) for r in identities]
     if len({n for n, _ in refs}) != len(refs):
         raise InvalidInputError("an identity is named more than once; export one version each")
-    if not 1 <= max_batch <= onnx_export.MAX_EXPORT_BATCH:
-        raise InvalidInputError(f"max batch must be 1..{onnx_export.MAX_EXPORT_BATCH}")
     fingerprint, enc_bytes = store.read_encoder(encoder)
-    # Every check before any file is written: a refused identity leaves no partial export.
     chosen = []
     for name, number in refs:
         rec = store.get(name)
@@ -110,7 +102,23 @@ def export_onnx(
                 "it with --encoder " + v.encoder_fingerprint
             )
         chosen.append((rec, v))
+    return fingerprint, enc_bytes, chosen
 
+
+def export_onnx(
+    store: Store,
+    identities: list[str],
+    out: Path,
+    *,
+    encoder: str = "",
+    triton: bool = False,
+    check_parity: bool = True,
+    max_batch: int = TRITON_MAX_BATCH,
+) -> ExportReport:
+    """Export the (default or named) encoder and the given identities into `out`."""
+    if not 1 <= max_batch <= onnx_export.MAX_EXPORT_BATCH:
+        raise InvalidInputError(f"max batch must be 1..{onnx_export.MAX_EXPORT_BATCH}")
+    fingerprint, enc_bytes, chosen = select(store, identities, encoder)
     enc, enc_meta = checkpoint.load_encoder(enc_bytes)
     cfg = enc_meta.config
     out.mkdir(parents=True, exist_ok=True)
