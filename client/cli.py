@@ -89,6 +89,64 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     return demo_main(rest)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Local: reads the store directory, needs the server extra (and export or torchserve)."""
+    from facemux.models.errors import FacemuxError
+    from facemux.service.store import LocalStore
+
+    if not Path(args.store).is_dir():
+        print(f"error: no store at {args.store}", file=sys.stderr)
+        return 2
+    store = LocalStore(Path(args.store))
+    try:
+        if args.format == "torchserve":
+            from facemux.service.export_torchserve import export_torchserve
+
+            mar = export_torchserve(
+                store,
+                args.identities,
+                Path(args.out),
+                model_name=args.model_name,
+                encoder=args.encoder,
+                batch_size=args.batch_size,
+                max_batch_delay_ms=args.max_batch_delay,
+                workers=args.workers,
+                c2pa_cert=Path(args.c2pa_cert) if args.c2pa_cert else None,
+                c2pa_key=Path(args.c2pa_key) if args.c2pa_key else None,
+            )
+            if args.json:
+                _print_json(mar.to_dict())
+            else:
+                who = ", ".join(f"{n} v{v}" for n, v in mar.identities.items())
+                print(f"{mar.mar} ({mar.size_bytes / 1e6:.1f} MB): {who}")
+            return 0
+        from facemux.service.export import export_onnx
+
+        report = export_onnx(
+            store,
+            args.identities,
+            Path(args.out),
+            encoder=args.encoder,
+            triton=args.triton,
+            check_parity=not args.no_parity,
+            max_batch=args.max_batch,
+        )
+    except FacemuxError as exc:
+        print(f"facemux export: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    print(f"encoder {report.encoder_fingerprint[:12]} ({report.preset}, {report.resolution} px)")
+    for d in report.decoders:
+        parity = "" if d.parity_max_abs_error is None else f", parity {d.parity_max_abs_error:.1e}"
+        print(f"  {d.identity} v{d.version} -> {d.file}{parity}")
+    if report.triton_repository:
+        print(f"Triton model repository: {Path(args.out) / report.triton_repository}")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as c:
         _print_json(MessageToDict(c.model_info()))
@@ -363,6 +421,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="train a tiny model on synthetic faces, serve it, swap", add_help=False
     )
+    ex = sub.add_parser("export", help="export identities for other runtimes (local store)")
+    exsub = ex.add_subparsers(dest="format", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("identities", nargs="+", help="identity names, or name:version")
+    common.add_argument("--store", default="facemux-store", help="the server's store directory")
+    common.add_argument("-o", "--out", default="facemux-export", help="output directory")
+    common.add_argument("--encoder", default="", help="encoder fingerprint; default = the store's")
+    common.add_argument("--json", action="store_true", help="print the export report as JSON")
+    eo = exsub.add_parser(
+        "onnx",
+        parents=[common],
+        help="encoder.onnx + one decoder per identity (optionally a Triton repository)",
+    )
+    eo.add_argument("--triton", action="store_true", help="also write a Triton model repository")
+    eo.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size")
+    eo.add_argument("--no-parity", action="store_true", help="skip the onnxruntime parity check")
+    et = exsub.add_parser(
+        "torchserve", parents=[common], help="one TorchServe archive (.mar) with facemux's handler"
+    )
+    et.add_argument("--model-name", default="facemux", help="TorchServe model name")
+    et.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize")
+    et.add_argument("--max-batch-delay", type=int, default=10, help="maxBatchDelay, ms")
+    et.add_argument("--workers", type=int, default=1, help="TorchServe workers")
+    et.add_argument("--c2pa-cert", help="certificate chain (PEM) to sign outputs with C2PA")
+    et.add_argument("--c2pa-key", help="its private key (PEM): it travels inside the archive")
     client_cmd("info", help="describe the served model")
     h = client_cmd("health", help="print the server's health status")
     h.add_argument("--service", default="", help="service name; empty = whole server")
@@ -513,6 +596,7 @@ COMMANDS = {
     "jobs": cmd_jobs,
     "tokens": cmd_tokens,
     "verify": cmd_verify,
+    "export": cmd_export,
 }
 
 

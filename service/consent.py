@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
-from facemux.service.store import CONSENT_FIELDS, Store
+from facemux.service.store import CONSENT_FIELDS, IdentityRecord, Store
 from facemux.v1 import types_pb2
 
 # Who attests, where the evidence is, and when it was given: without these a record proves
@@ -119,3 +119,26 @@ def consent_for_upload(store: Store, name: str, msg: types_pb2.ConsentRecord) ->
     except NotFoundError:
         return Admission(require_consent(msg, None), "")
     return Admission(require_consent(msg, rec.consent), rec.incarnation)
+
+
+def check_usable(rec: IdentityRecord) -> None:
+    """PreconditionError unless the identity's consent allows drawing it now: not revoked,
+    not expired. Swaps and exports call this one check."""
+    consent = rec.consent
+    if consent.get("revoked_at"):
+        raise PreconditionError(
+            f"identity {rec.name!r}: consent was revoked at {consent['revoked_at']}"
+            + (f" ({consent['revocation_reason']})" if consent.get("revocation_reason") else "")
+            + "; it can no longer be swapped"
+        )
+    expires = consent.get("expires_at", "")
+    if expires:
+        try:
+            when = _parse_time("expires_at", expires)
+        except InvalidInputError:
+            return
+        if when < datetime.now(timezone.utc):
+            raise PreconditionError(
+                f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
+                "to swap it again"
+            )

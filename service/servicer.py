@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from facemux.service import convert
 from facemux.service.consent import (
     CONSENT_FIELDS,
     Admission,
+    check_usable,
     consent_for_upload,
     validate_consent,
 )
@@ -107,29 +108,6 @@ def streaming(
     return wrapper
 
 
-def _check_consent(rec: IdentityRecord) -> None:
-    consent = rec.consent
-    if consent.get("revoked_at"):
-        raise PreconditionError(
-            f"identity {rec.name!r}: consent was revoked at {consent['revoked_at']}"
-            + (f" ({consent['revocation_reason']})" if consent.get("revocation_reason") else "")
-            + "; it can no longer be swapped"
-        )
-    expires = consent.get("expires_at", "")
-    if expires:
-        try:
-            when = datetime.fromisoformat(expires)
-        except ValueError:
-            return
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        if when < datetime.now(timezone.utc):
-            raise PreconditionError(
-                f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
-                "to swap it again"
-            )
-
-
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     left = context.time_remaining()
     return None if left is None else time.monotonic() + left
@@ -171,7 +149,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         if not name:
             raise InvalidInputError("identity is required: name the identity to draw")
         validate_name(name)
-        _check_consent(self.store.get(name))
+        check_usable(self.store.get(name))
         return self.runtime.decoder(name, version)
 
     def _decode_images(
