@@ -112,7 +112,11 @@ class FacemuxHandler:
         if data is None:
             data = row.get("body")
         if not isinstance(data, bytes | bytearray) or not data:
-            raise InvalidInputError("send the face as 'data' (JPEG, PNG or raw RGB8 bytes)")
+            raise InvalidInputError(
+                "send the face as 'data' (JPEG, PNG or raw RGB8 bytes); over REST a raw body "
+                "needs Content-Type image/png, image/jpeg or application/octet-stream (a form "
+                "content type makes TorchServe parse the image as form fields)"
+            )
         identity = _text(row.get("identity"))
         if not identity and context is not None:
             identity = _text(context.get_request_header(idx, "X-Facemux-Identity"))
