@@ -111,7 +111,10 @@ def test_mtls_identity_from_the_client_certificate(tmp_path: Path, models: Model
         with FacemuxClient(srv.target, cert=stranger.cert, key=stranger.key, **kw) as c:  # type: ignore[arg-type]
             with pytest.raises(FacemuxRpcError) as info:
                 c.swap_faces([FACE], "alice")
-            assert info.value.code.name == "PERMISSION_DENIED"
+            # An unlisted certificate proves no configured caller: UNAUTHENTICATED, as for
+            # an unknown token (README), not PERMISSION_DENIED.
+            assert info.value.code.name == "UNAUTHENTICATED"
+            assert "not a configured caller" in info.value.details
         # No client certificate: the TLS handshake itself is refused.
         with FacemuxClient(srv.target, **{**kw, "timeout": 5}) as c:  # type: ignore[arg-type]
             with pytest.raises(FacemuxRpcError) as info:
@@ -119,4 +122,5 @@ def test_mtls_identity_from_the_client_certificate(tmp_path: Path, models: Model
             assert info.value.code.name == "UNAVAILABLE"
     rows = [json.loads(line) for line in audit.read_text().splitlines()]
     assert rows[0]["caller"] == "ops" and rows[0]["status"] == "OK"
-    assert rows[1]["status"] == "PERMISSION_DENIED"
+    assert rows[1]["status"] == "UNAUTHENTICATED" and rows[1]["caller"] == "(refused)"
+    assert rows[1]["claimed_caller"] == "stranger"
