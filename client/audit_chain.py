@@ -64,13 +64,14 @@ def last_line(path: Path, block: int = 64 << 10) -> bytes | None:
 
 
 def rotated_files(path: Path) -> list[Path]:
-    """`path` and its rotated predecessors (path.1 is newer than path.2), oldest first."""
+    """`path` and its rotated predecessors (path.1 is newer than path.2), oldest first. A
+    missing one in between is not skipped silently: the chain shows the gap."""
     older = []
-    n = 1
-    while (p := path.with_name(f"{path.name}.{n}")).exists():
-        older.append(p)
-        n += 1
-    return [*reversed(older), path]
+    for p in path.parent.glob(path.name + ".*"):
+        suffix = p.name[len(path.name) + 1 :]
+        if suffix.isdigit():
+            older.append((int(suffix), p))
+    return [p for _, p in sorted(older, reverse=True)] + [path]
 
 
 @dataclass
