@@ -136,14 +136,17 @@ def test_unauthenticated_calls_are_refused_before_their_body(
     server_process: tuple[str, int], tmp_path: Path
 ) -> None:
     target, pid = server_process
-    payload = b"\x0a" + b"\xff" * (48 * MiB)  # a 48 MiB message, no token
+    # A well-formed 48 MiB Swap request, without a token.
+    image = types_pb2.Image(encoded=b"\xff" * (48 * MiB))
+    payload = spb.SwapRequest(identity="alice", faces=spb.FaceBatch(faces=[image]))
+    payload_bytes = payload.SerializeToString()
     options = [("grpc.max_send_message_length", -1)]
     with grpc.insecure_channel(target, options=options) as ch:
         swap = _raw(ch, SWAP)
         time.sleep(0.5)
         before = _rss_peak_kib(pid)
         t0 = time.perf_counter()
-        calls: list[Future] = [swap.future(payload, timeout=60) for _ in range(8)]
+        calls: list[Future] = [swap.future(payload_bytes, timeout=60) for _ in range(8)]
         codes = []
         for f in calls:
             with pytest.raises(grpc.RpcError) as info:
@@ -151,16 +154,17 @@ def test_unauthenticated_calls_are_refused_before_their_body(
             codes.append(info.value.code())  # type: ignore[attr-defined]
         took = time.perf_counter() - t0
         grown_mib = (_rss_peak_kib(pid) - before) / 1024
+        print(
+            f"\n8 unauthenticated 48 MiB Swap calls: server peak RSS +{grown_mib:.0f} MiB, "
+            f"{took:.2f}s"
+        )
+        assert codes == [C.UNAUTHENTICATED] * 8
+        # The payloads total 384 MiB; read and parsed they would raise RSS by more than that.
+        assert grown_mib < 64, grown_mib
         # Malformed bytes without a token: refused as unauthenticated, not UNKNOWN.
         with pytest.raises(grpc.RpcError) as info:
             swap(b"\xff\xff\xff\xff", timeout=10)
         assert info.value.code() == C.UNAUTHENTICATED  # type: ignore[attr-defined]
-    print(
-        f"\n8 unauthenticated 48 MiB Swap calls: server peak RSS +{grown_mib:.0f} MiB, {took:.2f}s"
-    )
-    assert codes == [C.UNAUTHENTICATED] * 8
-    # The payloads total 384 MiB; read and parsed they would raise RSS by more than that.
-    assert grown_mib < 64, grown_mib
     refused = [r for r in _audit(tmp_path) if r["status"] == "UNAUTHENTICATED"]
     assert len(refused) == 9 and all(r["rpc"] == "Swap" for r in refused)
     assert all("no credentials" in r["reason"] for r in refused)
