@@ -514,3 +514,41 @@ def test_audit_log_is_hash_chained(tmp_path: Path) -> None:
     first.unlink()
     rc, out = _verify(path)
     assert rc == 1 and "removed" in out, out
+
+
+def test_checks_in_flight_are_bounded_for_floods_from_many_addresses(
+    tmp_path: Path, models: Models
+) -> None:
+    """Per-address limits off (as if each made-up token came from its own address): the cap
+    on pending checks still bounds how long a valid new token waits."""
+    make_store(tmp_path / "store", models)
+    entry, token = _slow_entry("render-farm", ["swap"])
+    _callers(tmp_path / "callers.jsonl", [entry])
+    settings = _settings(tmp_path, audit_log="", auth_attempt_burst=100_000)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        one_ms = statistics.median(
+            _call_ms(ch, f"render-farm.{secrets.token_urlsafe(32)}")[0] for _ in range(3)
+        )
+        list_ = _raw(ch, LIST)
+        flood = [
+            list_.future(b"", metadata=_bearer(f"render-farm.{secrets.token_urlsafe(32)}"))
+            for _ in range(400)
+        ]
+        time.sleep(0.05)
+        waited_ms, code = _call_ms(ch, token)
+        codes = []
+        for f in flood:
+            try:
+                f.result(timeout=120)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())  # type: ignore[attr-defined]
+    print(
+        f"\none failed check {one_ms:.0f} ms; a valid new token during a flood of 400 from "
+        f"'many addresses': {code.name} after {waited_ms:.0f} ms "
+        f"({codes.count(C.RESOURCE_EXHAUSTED)} refused as over auth_max_pending_checks)"
+    )
+    assert codes.count(C.RESOURCE_EXHAUSTED) >= 300
+    assert code in (C.OK, C.RESOURCE_EXHAUSTED)
+    # At most 32 checks ahead of it, two at a time: 17 check times, with room for a busy box.
+    assert waited_ms < 17 * one_ms * 2 + 500, (waited_ms, one_ms)
