@@ -395,14 +395,14 @@ class RateLimiter:
             return 0.0
         now = time.monotonic()
         tokens = self._level(key, now)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[key] = (tokens, now)
         if len(self._buckets) > 10_000:  # forget keys whose buckets are full again
             full = [k for k, (t, ts) in self._buckets.items() if now - ts > self.burst / self.rate]
             for k in full:
                 del self._buckets[k]
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
 
     def refund(self, key: str) -> None:
