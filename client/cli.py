@@ -42,11 +42,24 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from facemux.service.auth import make_entry
 
     given = sys.stdin.readline().strip() if args.token_stdin else None
-    entry, token = make_entry(args.name, args.roles.split(","), given, args.scheme)
+    entry, token = make_entry(args.name, args.roles.split(","), given, args.scheme, args.expires)
     print(json.dumps(entry))
     if given is None:
         print(f"token for {args.name} (shown once, store it safely): {token}", file=sys.stderr)
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Check an audit log's hash chain: 0 when unbroken, 1 at the first broken line."""
+    from facemux.client.audit_chain import rotated_files, verify
+
+    path = Path(args.file)
+    if not path.exists():
+        raise OSError(f"{path}: no such file")
+    files = [path] if args.only else rotated_files(path)
+    report = verify(files)
+    print(report)
+    return 0 if report.ok else 1
 
 
 def _print_json(obj: object) -> None:
@@ -540,6 +553,20 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument(
         "--token-stdin", action="store_true", help="hash a token read from stdin (NAME.secret)"
     )
+    th.add_argument(
+        "--expires",
+        default="",
+        help="the token stops working at this ISO-8601 time (e.g. 2027-01-31T00:00:00Z)",
+    )
+
+    au = sub.add_parser("audit", help="check the server's audit log")
+    asub = au.add_subparsers(dest="action", required=True)
+    av = asub.add_parser(
+        "verify",
+        help="check the hash chain of FILE and its rotated files (FILE.1, FILE.2, ...)",
+    )
+    av.add_argument("file", help="the audit log (setting audit_log)")
+    av.add_argument("--only", action="store_true", help="check FILE alone, not its rotated files")
 
     ds = sub.add_parser("datasets", help="manage training datasets")
     dsub = ds.add_subparsers(dest="action", required=True)
@@ -595,6 +622,7 @@ COMMANDS = {
     "train": cmd_train,
     "jobs": cmd_jobs,
     "tokens": cmd_tokens,
+    "audit": cmd_audit,
     "verify": cmd_verify,
     "export": cmd_export,
 }

@@ -2,11 +2,13 @@
 identities. It records who asked for what and how it ended, never image or latent content.
 
 Setting `audit_log`: "-" writes to stdout, a path writes to a size-rotated file, "" is off.
+Lines are hash-chained (facemux.client.audit_chain): each carries a sequence number and the
+SHA-256 of the line before it, continued across restarts and rotated files, so an edited or
+removed line shows in `facemux audit verify FILE`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import sys
@@ -18,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from facemux.client.audit_chain import GENESIS, chain_line, last_line, line_hash, link_of
 from facemux.service.auth import CallAudit
+
+log = logging.getLogger(__name__)
 
 # RPCs that make synthetic faces or change what identities exist or may be used.
 AUDITED = frozenset(
@@ -49,12 +54,14 @@ class AuditLog:
         self.target = target
         self._lock = threading.Lock()
         self._handler: logging.Handler | None
+        self._seq, self._prev = 0, GENESIS
         if not target:
             self._handler = None
         elif target == "-":
             self._handler = logging.StreamHandler(sys.stdout)
         else:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
+            self._seq, self._prev = _resume(Path(target))
             self._handler = logging.handlers.RotatingFileHandler(
                 target, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
             )
@@ -68,10 +75,11 @@ class AuditLog:
     def write(self, entry: dict[str, Any]) -> None:
         if self._handler is None:
             return
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
-        record = logging.makeLogRecord({"msg": line, "levelno": logging.INFO})
         with self._lock:
+            line = chain_line(entry, self._seq + 1, self._prev)
+            record = logging.makeLogRecord({"msg": line, "levelno": logging.INFO})
             self._handler.handle(record)
+            self._seq, self._prev = self._seq + 1, line_hash(line.encode())
 
     def event(
         self,
@@ -112,9 +120,53 @@ class AuditLog:
             return None
         return _Entry(self, method, caller, context)
 
+    def refusal(
+        self,
+        method: str,
+        caller: str,
+        claimed: str,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        reason: str,
+    ) -> None:
+        """For the guard: a refused call of any guarded RPC. `claimed` is the caller name
+        the credentials claimed but did not prove ("" when `caller` is verified)."""
+        if self._handler is None:
+            return
+        entry = _Entry(self, method, caller, context)
+        if claimed:
+            entry.data["claimed_caller"] = claimed[:64]
+        entry.data["reason"] = reason[:200]
+        entry.finish(code)
+
     def close(self) -> None:
         if self._handler is not None:
             self._handler.close()
+            # The chain cannot show its newest lines cut off; this head, kept in the server
+            # log, can (compare with the head `facemux audit verify` prints).
+            log.info("audit log %s closed at seq %d, head sha256 %s", self.target, *self.head)
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last line written."""
+        with self._lock:
+            return self._seq, self._prev
+
+
+def _resume(path: Path) -> tuple[int, str]:
+    """Where the chain of an existing log (or its newest rotated file) ends."""
+    for p in (path, path.with_name(path.name + ".1")):
+        line = last_line(p)
+        if line is None:
+            continue
+        link = link_of(line)
+        if link is None:
+            # Not a chained line (a log from before chaining, or one cut by a crash): start
+            # a new chain that names the line it follows; verify reports the break there.
+            log.warning("audit log %s does not end in a chained line; starting a new chain", p)
+            return 0, line_hash(line)
+        return link[0], line_hash(line)
+    return 0, GENESIS
 
 
 class _Entry(CallAudit):

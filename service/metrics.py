@@ -142,6 +142,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.max_identities = max_identities
+        # (service, method) -> grpc_type, from the service descriptors (init_grpc_methods).
+        self.method_types: dict[tuple[str, str], str] = {}
         self._identities_seen: set[str] = set()
         self._identities_lock = threading.Lock()
         self.gpu: GpuCollector | None = None
@@ -317,6 +319,7 @@ class Metrics:
         """Create the zero series of (grpc_type, service, method) so that a method nobody
         called yet reads 0 rather than 'no data'."""
         for labels in methods:
+            self.method_types[labels[1], labels[2]] = labels[0]
             self.grpc_started.labels(*labels)
             self.grpc_received.labels(*labels)
             self.grpc_sent.labels(*labels)
@@ -680,7 +683,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return None
         service, method = split_method(handler_call_details.method)
-        labels = (grpc_type(handler.request_streaming, handler.response_streaming), service, method)
+        # The method's declared shape: the guard serves every guarded method as a
+        # request stream (to refuse before reading a body), which is no change for callers.
+        kind = self.metrics.method_types.get((service, method)) or grpc_type(
+            handler.request_streaming, handler.response_streaming
+        )
+        labels = (kind, service, method)
         return self._wrap(handler, labels)
 
     def _wrap(

@@ -10,7 +10,13 @@ from dataclasses import dataclass, field, fields
 import grpc
 from facemux.models.errors import NotFoundError
 from facemux.service.audit import AuditLog
-from facemux.service.auth import Guard, GuardInterceptor, RateLimiter, check_startup
+from facemux.service.auth import (
+    AttemptLimiter,
+    Guard,
+    GuardInterceptor,
+    RateLimiter,
+    check_startup,
+)
 from facemux.service.frames import FramePipeline
 from facemux.service.metrics import Metrics, MetricsServer, grpc_type
 from facemux.service.provenance import Provenance, ProvenanceServicer
@@ -67,6 +73,8 @@ class App:
     audit: AuditLog | None = None
     training: Training | None = None  # datasets and training jobs
     frames: FramePipeline | None = None  # full-frame detection (its worker processes)
+    health_server: grpc.aio.Server | None = None  # the plain-text health-only port
+    health_port: int | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -77,6 +85,8 @@ class App:
         """After the server stopped: end background work."""
         for task in self.tasks:
             task.cancel()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await asyncio.to_thread(self.scheduler.stop)
         if self.frames is not None:
             await asyncio.to_thread(self.frames.close)
@@ -148,7 +158,14 @@ async def _build_app(
     settings: Settings, store: Store, metrics: Metrics, metrics_server: MetricsServer | None
 ) -> App:
     # Refuse to start on unusable trust settings before anything else starts.
-    registry = check_startup(settings.auth, settings.auth_tokens_file, settings.tls_client_ca)
+    registry = check_startup(
+        settings.auth,
+        settings.auth_tokens_file,
+        settings.tls_client_ca,
+        host=settings.host,
+        tls_cert=settings.tls_cert,
+        allow_insecure_tokens=settings.allow_insecure_tokens,
+    )
     credentials = (
         server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         if settings.tls_cert
@@ -161,6 +178,10 @@ async def _build_app(
         RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst),
         settings.max_streams_per_caller,
         audit=audit.hook if audit.enabled else None,
+        refusals=audit.refusal if audit.enabled else None,
+        attempts=AttemptLimiter(settings.auth_attempts_per_second, settings.auth_attempt_burst),
+        max_pending_checks=settings.auth_max_pending_checks,
+        max_message_bytes=settings.max_message_bytes,
     )
     runtime = Runtime(settings, store)
     scheduler = Scheduler(
@@ -179,7 +200,11 @@ async def _build_app(
     ]
     # Metrics outermost, so refused calls (UNAUTHENTICATED, ...) are counted too.
     server = grpc.aio.server(
-        options=options, interceptors=[metrics.interceptor(), GuardInterceptor(guard)]
+        options=options,
+        interceptors=[metrics.interceptor(), GuardInterceptor(guard)],
+        # Bounds memory: each call in progress holds at most one message of its method's
+        # limit; over this count gRPC answers RESOURCE_EXHAUSTED before any handler runs.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     # Signing key loaded (or the test one generated) now: a bad key fails the start.
     provenance = await asyncio.to_thread(Provenance, settings)
@@ -214,11 +239,15 @@ async def _build_app(
         if credentials is None
         else server.add_secure_port(settings.address, credentials)
     )
-    if port == 0:
+    try:
+        if port == 0:
+            raise OSError(f"could not bind {settings.address}")
+        health_server, health_port = await _health_only(settings, health)
+    except OSError:
         await asyncio.to_thread(scheduler.stop)
         await asyncio.to_thread(training.close)
         await asyncio.to_thread(swap.frames.close)
-        raise OSError(f"could not bind {settings.address}")
+        raise
     app = App(
         settings,
         server,
@@ -232,10 +261,33 @@ async def _build_app(
         audit=audit,
         training=training,
         frames=swap.frames,
+        health_server=health_server,
+        health_port=health_port,
     )
     await app.set_serving(False)
     app.tasks.append(asyncio.create_task(_load_model(app)))
     return app
+
+
+async def _health_only(
+    settings: Settings, health: health_aio.HealthServicer
+) -> tuple[grpc.aio.Server | None, int | None]:
+    """The health_port server: grpc.health.v1 alone, in plain text, for probes that cannot
+    speak TLS (Kubernetes' native gRPC probes). It answers SERVING or NOT_SERVING, nothing
+    else, and accepts no message over 4 KiB."""
+    if settings.health_port < 0:
+        return None, None
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 4096), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=64,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = settings.replace(port=settings.health_port).address
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the health port {address}")
+    await server.start()
+    return server, port
 
 
 def _grpc_methods(services: tuple[str, ...]) -> list[tuple[str, str, str]]:

@@ -145,6 +145,40 @@ class Settings:
     max_streams_per_caller: int = field(
         default=16, metadata=_help("concurrent streaming calls per caller; 0 = unbounded")
     )
+    max_concurrent_rpcs: int = field(
+        default=64,
+        metadata=_help(
+            "calls in progress at once, over all callers, before new ones get "
+            "RESOURCE_EXHAUSTED; 0 = unbounded"
+        ),
+    )
+    allow_insecure_tokens: bool = field(
+        default=False,
+        metadata=_help(
+            "accept bearer tokens without TLS on a non-loopback host (only where something "
+            "else encrypts the traffic, e.g. a service mesh)"
+        ),
+    )
+    auth_attempts_per_second: float = field(
+        default=1.0,
+        metadata=_help(
+            "failed token checks per second per client address (3x per claimed caller name) "
+            "before RESOURCE_EXHAUSTED; 0 = unlimited"
+        ),
+    )
+    auth_attempt_burst: int = field(
+        default=10, metadata=_help("failed token checks a client address may burst (3x per name)")
+    )
+    auth_max_pending_checks: int = field(
+        default=32, metadata=_help("new (unverified) tokens being checked at once, in all")
+    )
+    health_port: int = field(
+        default=-1,
+        metadata=_help(
+            "extra plain-text port that serves only grpc.health.v1 (probes of a TLS server); "
+            "-1 = off"
+        ),
+    )
     max_upload_bytes: int = field(
         default=1024 * 1024 * 1024, metadata=_help("largest dataset upload (bytes)")
     )
@@ -238,6 +272,12 @@ class Settings:
             problems.append(
                 "rate_limit_per_second, rate_limit_burst and max_streams_per_caller must be >= 0"
             )
+        if min(self.max_concurrent_rpcs, self.auth_attempts_per_second) < 0:
+            problems.append("max_concurrent_rpcs and auth_attempts_per_second must be >= 0")
+        if min(self.auth_attempt_burst, self.auth_max_pending_checks) < 1:
+            problems.append("auth_attempt_burst and auth_max_pending_checks must be >= 1")
+        if not -1 <= self.health_port <= 65535:
+            problems.append(f"health_port {self.health_port} is not in -1..65535")
         if self.auth not in ("tokens", "mtls", "off"):
             problems.append(f"auth {self.auth!r} must be tokens, mtls or off")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -161,7 +161,9 @@ def test_audit_trail(secured: tuple[ServerThread, dict[str, str], Path], models:
     assert reg["identity"] == "carol" and reg["identity_version"] == 1 and reg["status"] == "OK"
     assert refused["status"] == "FAILED_PRECONDITION" and refused["identity"] == "carol"
     assert stream["faces_swapped"] == 3 and stream["identity"] == "bob"
-    assert denied["status"] == "PERMISSION_DENIED" and denied["caller"] == "(refused)"
+    # Refused for its role: the caller is verified, and the reason is recorded.
+    assert denied["status"] == "PERMISSION_DENIED" and denied["caller"] == "swapper"
+    assert "'admin' role" in denied["reason"]
     for r in rows:
         assert {"time", "caller", "rpc", "identity", "request_id", "status"} <= set(r)
     # Never image content: every line is short.

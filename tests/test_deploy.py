@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import Models, face_image, make_store
 from facemux.client import FacemuxClient
+from facemux.service.auth import insecure_tokens_problem
 from facemux.service.metrics import GPU_METRICS, GpuCollector, Metrics
 from facemux.service.server import LIVENESS_SERVICE, ServerThread
 from facemux.service.settings import ENV_PREFIX, Settings
@@ -173,13 +174,30 @@ def test_deployment(overlay: str) -> None:
     cm_name = one(docs, "ConfigMap", "facemux-settings")["metadata"]["name"]
     assert c["envFrom"] == [{"configMapRef": {"name": cm_name}}]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {
+        "grpc": settings.port,
+        "metrics": settings.metrics_port,
+        "health": settings.health_port,
+    }
 
-    # Native gRPC probes against grpc.health.v1: readiness on the whole server, liveness
-    # and startup on the always-SERVING liveness name.
-    assert c["readinessProbe"]["grpc"] == {"port": settings.port}
+    # Tokens never cross the network in clear text: TLS from a Secret, mounted where the
+    # settings point (the server would refuse to start otherwise).
+    assert settings.auth == "tokens" and not settings.allow_insecure_tokens
+    assert insecure_tokens_problem(settings.auth, settings.host, settings.tls_cert) == ""
+    tls_dir = str(Path(settings.tls_cert).parent)
+    assert str(Path(settings.tls_key).parent) == tls_dir
+    tls_volume = {v["name"]: v for v in pod["volumes"]}[
+        {m["mountPath"]: m["name"] for m in c["volumeMounts"]}[tls_dir]
+    ]
+    assert tls_volume["secret"]["secretName"] == "facemux-tls"
+
+    # Native gRPC probes against grpc.health.v1, on the plain-text health-only port (kubelet's
+    # gRPC probes cannot speak TLS): readiness on the whole server, liveness and startup on
+    # the always-SERVING liveness name.
+    assert settings.health_port > 0 and ports["health"] == settings.health_port
+    assert c["readinessProbe"]["grpc"] == {"port": settings.health_port}
     for probe in ("livenessProbe", "startupProbe"):
-        assert c[probe]["grpc"] == {"port": settings.port, "service": LIVENESS_SERVICE}
+        assert c[probe]["grpc"] == {"port": settings.health_port, "service": LIVENESS_SERVICE}
 
     # Drain fits: preStop sleep + the server's grace < terminationGracePeriodSeconds.
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]

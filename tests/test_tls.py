@@ -111,7 +111,10 @@ def test_mtls_identity_from_the_client_certificate(tmp_path: Path, models: Model
         with FacemuxClient(srv.target, cert=stranger.cert, key=stranger.key, **kw) as c:  # type: ignore[arg-type]
             with pytest.raises(FacemuxRpcError) as info:
                 c.swap_faces([FACE], "alice")
-            assert info.value.code.name == "PERMISSION_DENIED"
+            # An unlisted certificate proves no configured caller: UNAUTHENTICATED, as for
+            # an unknown token (README), not PERMISSION_DENIED.
+            assert info.value.code.name == "UNAUTHENTICATED"
+            assert "not a configured caller" in info.value.details
         # No client certificate: the TLS handshake itself is refused.
         with FacemuxClient(srv.target, **{**kw, "timeout": 5}) as c:  # type: ignore[arg-type]
             with pytest.raises(FacemuxRpcError) as info:
@@ -119,4 +122,51 @@ def test_mtls_identity_from_the_client_certificate(tmp_path: Path, models: Model
             assert info.value.code.name == "UNAVAILABLE"
     rows = [json.loads(line) for line in audit.read_text().splitlines()]
     assert rows[0]["caller"] == "ops" and rows[0]["status"] == "OK"
-    assert rows[1]["status"] == "PERMISSION_DENIED"
+    assert rows[1]["status"] == "UNAUTHENTICATED" and rows[1]["caller"] == "(refused)"
+    assert rows[1]["claimed_caller"] == "stranger"
+
+
+def test_health_port_answers_probes_in_plain_text_and_nothing_else(
+    tmp_path: Path, models: Models
+) -> None:
+    """A TLS server's health for probes that cannot speak TLS (kubelet's gRPC probes)."""
+    import grpc
+    from facemux.v1 import swap_service_pb2 as spb
+    from facemux.v1 import swap_service_pb2_grpc as sgrpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    make_store(tmp_path / "store", models, ("alice",))
+    ca = make_ca()
+    cert, key = write(tmp_path / "certs", "server", make_leaf(ca, "localhost", server=True))
+    entry, token = auth.make_entry("swapper", ["swap"], scheme="sha256")
+    (tmp_path / "callers.jsonl").write_text(json.dumps(entry) + "\n")
+    settings = _settings(
+        tmp_path,
+        tls_cert=str(cert),
+        tls_key=str(key),
+        auth_tokens_file=str(tmp_path / "callers.jsonl"),
+        health_port=0,
+    )
+    with ServerThread(settings) as srv:
+        assert srv.app is not None and srv.app.health_port
+        health_target = f"127.0.0.1:{srv.app.health_port}"
+        with FacemuxClient(srv.target, timeout=20, retries=1, ca=ca.cert, token=token) as c:
+            c.wait_ready(30)
+        r = subprocess.run(
+            [FACEMUX, "health", "--target", health_target, "--timeout", "5"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0 and r.stdout.strip() == "SERVING", r.stderr
+        with grpc.insecure_channel(health_target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            live = stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+            assert live.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                sgrpc.SwapServiceStub(ch).GetModelInfo(
+                    spb.GetModelInfoRequest(),
+                    metadata=[("authorization", f"Bearer {token}")],
+                    timeout=5,
+                )
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
