@@ -190,9 +190,10 @@ def test_record_consent_is_an_admins_audited_act(
     recorded = [
         (r["caller"], r["identity"], r["status"]) for r in rows if r["rpc"] == "RecordConsent"
     ]
+    # A role refusal names the verified caller; its body was never read, so no identity.
     assert recorded == [
-        ("(refused)", "", "PERMISSION_DENIED"),
-        ("(refused)", "", "PERMISSION_DENIED"),
+        ("trainer", "", "PERMISSION_DENIED"),
+        ("swapper", "", "PERMISSION_DENIED"),
         ("root", "bob", "OK"),
     ]
 
