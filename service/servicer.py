@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -16,9 +15,10 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from facemux.models import inference
+from facemux.models import checkpoint, inference
 from facemux.models import provenance as prov
 from facemux.models.errors import (
+    CheckpointError,
     FacemuxError,
     InvalidInputError,
     PreconditionError,
@@ -588,6 +588,72 @@ def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
     return consent
 
 
+class _UploadCheck:
+    """Judges a checkpoint upload as its chunks arrive: the size limit, the declared size,
+    and the safetensors header as soon as its bytes are in, so that a bogus or oversized
+    upload is refused at its first chunk rather than after all of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0
+        self.size_bytes = 0  # declared by the caller; 0 = not declared
+        self.expected: int | None = None  # what the header says the file is
+        self._head = bytearray()
+
+    def declared(self, size_bytes: int) -> None:
+        if size_bytes > self.limit:
+            raise ResourceExhaustedError(
+                f"checkpoint of {size_bytes} bytes is over the server limit of "
+                f"{self.limit} (setting max_checkpoint_bytes)"
+            )
+        self.size_bytes = size_bytes
+
+    def chunk(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.limit:
+            raise ResourceExhaustedError(
+                f"checkpoint upload passed the server limit of {self.limit} bytes "
+                "(setting max_checkpoint_bytes)"
+            )
+        if self.expected is None:
+            self._head += data
+            self.expected = checkpoint.expected_size(
+                bytes(self._head), "decoder", "uploaded checkpoint"
+            )
+            if self.expected is not None:
+                self._head = bytearray()
+                self._check_expected(self.expected)
+        if self.expected is not None and self.received > self.expected:
+            raise CheckpointError(
+                f"uploaded checkpoint is longer than its safetensors header says "
+                f"({self.expected} bytes): not a valid checkpoint"
+            )
+
+    def _check_expected(self, expected: int) -> None:
+        if expected > self.limit:
+            raise ResourceExhaustedError(
+                f"uploaded checkpoint's header describes {expected} bytes, over the server "
+                f"limit of {self.limit} (setting max_checkpoint_bytes)"
+            )
+        if self.size_bytes and expected != self.size_bytes:
+            raise InvalidInputError(
+                f"metadata.size_bytes is {self.size_bytes} but the checkpoint's header "
+                f"describes {expected} bytes: wrong file or corrupted upload"
+            )
+
+    def complete(self) -> None:
+        if not self.received:
+            raise InvalidInputError("no checkpoint bytes were sent")
+        if self.expected is None:
+            # Too short to hold its own header: let the parser say what is wrong with it.
+            checkpoint.read_metadata(bytes(self._head))
+        if self.received != self.expected:
+            raise CheckpointError(
+                f"uploaded checkpoint is truncated: {self.received} of the {self.expected} "
+                "bytes its header describes arrived"
+            )
+
+
 class IdentityServicer(igrpc.IdentityServiceServicer):
     def __init__(self, settings: Settings, runtime: Runtime, store: Store) -> None:
         self.settings = settings
@@ -600,63 +666,54 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         request_iterator: AsyncIterator[ipb.RegisterIdentityRequest],
         context: grpc.aio.ServicerContext,
     ) -> ipb.RegisterIdentityResponse:
-        limit = self.settings.max_checkpoint_bytes
         meta: ipb.RegisterIdentityMetadata | None = None
         consent: dict[str, str] = {}
-        chunks: list[bytes] = []
-        received = 0
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if kind == "metadata":
-                if meta is not None:
-                    raise InvalidInputError("metadata was sent twice; send it once, first")
-                meta = part.metadata
-                validate_name(meta.name)
-                # Before any bytes arrive: no consent, no upload.
-                consent = await asyncio.to_thread(
-                    consent_for_upload, self.store, meta.name, meta.consent
+        # Streamed into a staging file of the store, never held in memory; the file goes
+        # when the upload fails or the caller goes away (the with block's exit).
+        with self.store.new_upload() as upload:
+            check = _UploadCheck(self.settings.max_checkpoint_bytes)
+            async for part in request_iterator:
+                kind = part.WhichOneof("part")
+                if kind == "metadata":
+                    if meta is not None:
+                        raise InvalidInputError("metadata was sent twice; send it once, first")
+                    meta = part.metadata
+                    validate_name(meta.name)
+                    # Before any bytes arrive: no consent, no upload.
+                    consent = await asyncio.to_thread(
+                        consent_for_upload, self.store, meta.name, meta.consent
+                    )
+                    check.declared(meta.size_bytes)
+                elif kind == "chunk":
+                    if meta is None:
+                        raise InvalidInputError("the first message must carry the metadata")
+                    check.chunk(part.chunk)
+                    await asyncio.to_thread(upload.write, part.chunk)
+                else:
+                    raise InvalidInputError("empty RegisterIdentity message")
+            if meta is None:
+                raise InvalidInputError("RegisterIdentity stream had no metadata")
+            check.complete()
+            if meta.sha256 and upload.sha256 != meta.sha256.lower():
+                raise InvalidInputError(
+                    "checkpoint sha256 does not match metadata.sha256: upload corrupted"
                 )
-                if meta.size_bytes > limit:
-                    raise ResourceExhaustedError(
-                        f"checkpoint of {meta.size_bytes} bytes is over the server limit of "
-                        f"{limit} (setting max_checkpoint_bytes)"
-                    )
-            elif kind == "chunk":
-                if meta is None:
-                    raise InvalidInputError("the first message must carry the metadata")
-                received += len(part.chunk)
-                if received > limit:
-                    raise ResourceExhaustedError(
-                        f"checkpoint upload passed the server limit of {limit} bytes "
-                        "(setting max_checkpoint_bytes)"
-                    )
-                chunks.append(part.chunk)
-            else:
-                raise InvalidInputError("empty RegisterIdentity message")
-        if meta is None:
-            raise InvalidInputError("RegisterIdentity stream had no metadata")
-        data = b"".join(chunks)
-        if not data:
-            raise InvalidInputError("no checkpoint bytes were sent")
-        if meta.sha256 and hashlib.sha256(data).hexdigest() != meta.sha256.lower():
-            raise InvalidInputError(
-                "checkpoint sha256 does not match metadata.sha256: upload corrupted"
-            )
 
-        def register() -> tuple[IdentityRecord, int]:
-            dmeta = self.runtime.validate_decoder_upload(data)
-            record = VersionRecord.for_decoder(dmeta)
-            rec = self.store.add_version(
-                meta.name,
-                data,
-                record,
-                display_name=meta.display_name,
-                make_default=meta.make_default,
-                consent=consent or None,
-            )
-            return rec, record.version
+            def register() -> tuple[IdentityRecord, int]:
+                assert meta is not None
+                dmeta = self.runtime.validate_decoder_upload(upload.path)
+                record = VersionRecord.for_decoder(dmeta)
+                rec = self.store.add_version(
+                    meta.name,
+                    upload,
+                    record,
+                    display_name=meta.display_name,
+                    make_default=meta.make_default,
+                    consent=consent or None,
+                )
+                return rec, record.version
 
-        rec, version = await asyncio.to_thread(register)
+            rec, version = await asyncio.to_thread(register)
         log.info("registered identity %s v%d", rec.name, version)
         return ipb.RegisterIdentityResponse(identity=identity_to_proto(rec), version=version)
 
