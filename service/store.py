@@ -282,6 +282,10 @@ class LocalStore(Store):
         # Which lock this thread holds ("" none, "sh", "ex"): a nested _lock is a no-op
         # rather than a second flock on a new descriptor, which would wait on itself.
         self._held = threading.local()
+        # flock favours no one: a steady stream of readers keeps a writer waiting for good.
+        # A writer of this process holds the gate while it waits, which holds new readers
+        # of this process back until it is through.
+        self._gate = threading.Lock()
         with self._lock():
             self._sweep()
 
@@ -298,8 +302,13 @@ class LocalStore(Store):
                 raise RuntimeError("store lock upgrade from shared to exclusive")
             yield
             return
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        with open(self.root / ".lock", "a+") as fh, contextlib.ExitStack() as stack:
+            if shared:
+                with self._gate:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            else:
+                stack.enter_context(self._gate)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             self._held.mode = "sh" if shared else "ex"
             try:
                 yield
