@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar, cast
 
 import numpy as np
@@ -240,6 +241,10 @@ class Runtime:
         """Fully validate an uploaded decoder (parse, shapes, fingerprint) before storing;
         a path is a staged upload file."""
         self.encoder()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            # Read here so that what the caller is told names no path of this server; the
+            # checks read every tensor anyway.
+            data = Path(data).read_bytes()
         _, meta = checkpoint.load_decoder(
             data, device="cpu", expected_encoder_fingerprint=self.fingerprint
         )

@@ -221,6 +221,8 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_pat
         (_upload(data[:12]), C.INVALID_ARGUMENT, "truncated"),
         (_upload(data + b"\x00"), C.INVALID_ARGUMENT, "longer than its safetensors header"),
         (_upload(data, size_bytes=len(data) + 1), C.INVALID_ARGUMENT, "size_bytes"),
+        (_upload(data[:-4] + b"\x01\x02\x03\x04"), C.INVALID_ARGUMENT, "corrupted"),
+        (_upload(models.foreign_decoder), C.FAILED_PRECONDITION, "encoder"),
         ([ipb.RegisterIdentityRequest(chunk=data)], C.INVALID_ARGUMENT, "first message"),
         ([ipb.RegisterIdentityRequest(metadata=meta)], C.INVALID_ARGUMENT, "no checkpoint"),
         ([ipb.RegisterIdentityRequest(metadata=meta)] * 2, C.INVALID_ARGUMENT, "twice"),
@@ -267,6 +269,7 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_pat
             _register(client, parts)
         assert info.value.code == code, (words, info.value)
         assert words in info.value.details
+        assert "staging" not in info.value.details  # no server path in the message
     assert "newbie" not in {i.name for i in client.list_identities()}
     # Nothing was created, and no staged upload is left behind.
     assert sorted(p.name for p in (tmp_path / "store" / "identities").iterdir()) == [
