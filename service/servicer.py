@@ -15,14 +15,12 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from facemux.models import checkpoint, inference
+from facemux.models import inference
 from facemux.models import provenance as prov
 from facemux.models.errors import (
-    CheckpointError,
     FacemuxError,
     InvalidInputError,
     PreconditionError,
-    ResourceExhaustedError,
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
@@ -35,6 +33,7 @@ from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, Store, VersionRecord, now_iso, validate_name
+from facemux.service.uploads import UploadCheck
 from facemux.v1 import (
     identity_service_pb2 as ipb,
 )
@@ -588,72 +587,6 @@ def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
     return consent
 
 
-class _UploadCheck:
-    """Judges a checkpoint upload as its chunks arrive: the size limit, the declared size,
-    and the safetensors header as soon as its bytes are in, so that a bogus or oversized
-    upload is refused at its first chunk rather than after all of it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.received = 0
-        self.size_bytes = 0  # declared by the caller; 0 = not declared
-        self.expected: int | None = None  # what the header says the file is
-        self._head = bytearray()
-
-    def declared(self, size_bytes: int) -> None:
-        if size_bytes > self.limit:
-            raise ResourceExhaustedError(
-                f"checkpoint of {size_bytes} bytes is over the server limit of "
-                f"{self.limit} (setting max_checkpoint_bytes)"
-            )
-        self.size_bytes = size_bytes
-
-    def chunk(self, data: bytes) -> None:
-        self.received += len(data)
-        if self.received > self.limit:
-            raise ResourceExhaustedError(
-                f"checkpoint upload passed the server limit of {self.limit} bytes "
-                "(setting max_checkpoint_bytes)"
-            )
-        if self.expected is None:
-            self._head += data
-            self.expected = checkpoint.expected_size(
-                bytes(self._head), "decoder", "uploaded checkpoint"
-            )
-            if self.expected is not None:
-                self._head = bytearray()
-                self._check_expected(self.expected)
-        if self.expected is not None and self.received > self.expected:
-            raise CheckpointError(
-                f"uploaded checkpoint is longer than its safetensors header says "
-                f"({self.expected} bytes): not a valid checkpoint"
-            )
-
-    def _check_expected(self, expected: int) -> None:
-        if expected > self.limit:
-            raise ResourceExhaustedError(
-                f"uploaded checkpoint's header describes {expected} bytes, over the server "
-                f"limit of {self.limit} (setting max_checkpoint_bytes)"
-            )
-        if self.size_bytes and expected != self.size_bytes:
-            raise InvalidInputError(
-                f"metadata.size_bytes is {self.size_bytes} but the checkpoint's header "
-                f"describes {expected} bytes: wrong file or corrupted upload"
-            )
-
-    def complete(self) -> None:
-        if not self.received:
-            raise InvalidInputError("no checkpoint bytes were sent")
-        if self.expected is None:
-            # Too short to hold its own header: let the parser say what is wrong with it.
-            checkpoint.read_metadata(bytes(self._head))
-        if self.received != self.expected:
-            raise CheckpointError(
-                f"uploaded checkpoint is truncated: {self.received} of the {self.expected} "
-                "bytes its header describes arrived"
-            )
-
-
 class IdentityServicer(igrpc.IdentityServiceServicer):
     def __init__(self, settings: Settings, runtime: Runtime, store: Store) -> None:
         self.settings = settings
@@ -671,7 +604,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         # Streamed into a staging file of the store, never held in memory; the file goes
         # when the upload fails or the caller goes away (the with block's exit).
         with self.store.new_upload() as upload:
-            check = _UploadCheck(self.settings.max_checkpoint_bytes)
+            check = UploadCheck(self.settings.max_checkpoint_bytes)
             async for part in request_iterator:
                 kind = part.WhichOneof("part")
                 if kind == "metadata":
