@@ -84,7 +84,7 @@ def main() -> int:
                     c.identity_stub.RegisterIdentity(zeros(), timeout=600)
                     status = "OK"
                 except grpc.RpcError as err:
-                    status = err.code().name  # type: ignore[attr-defined]
+                    status = err.code().name
                 seconds = time.perf_counter() - t0
                 grew = peak_rss(proc.pid) - base
                 print(
