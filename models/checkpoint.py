@@ -38,6 +38,7 @@ __all__ = [
     "PathOrBytes",
     "decoder_to_bytes",
     "encoder_to_bytes",
+    "expected_size",
     "fingerprint",
     "load_decoder",
     "load_encoder",
@@ -160,7 +161,11 @@ def _encode_meta(payload: dict[str, Any]) -> dict[str, str]:
 def _decode_meta(
     metadata: Mapping[str, str] | None, expected: Kind, source: str
 ) -> EncoderMeta | DecoderMeta:
-    if not metadata or METADATA_KEY not in metadata:
+    if (
+        not isinstance(metadata, Mapping)
+        or METADATA_KEY not in metadata
+        or not isinstance(metadata[METADATA_KEY], str)
+    ):
         raise CheckpointError(
             f"{source} has no facemux metadata: it is a safetensors file but not a facemux "
             f"{expected} checkpoint (save it with facemux.models.checkpoint.save_{expected})"
@@ -288,10 +293,8 @@ def _sniff(prefix: bytes, source: str) -> None:
         )
 
 
-def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
-    """Validate the safetensors framing; ``head`` starts at byte 0, ``total`` is the size."""
-    if total < 8 or len(head) < 8:
-        raise CheckpointError(f"{source} is {total} bytes: too short to be a safetensors file")
+def _header_length(head: bytes, source: str) -> int:
+    """The header length field of the first 8 bytes, checked to be plausible."""
     _sniff(head[:8], source)
     (n,) = struct.unpack("<Q", head[:8])
     if n < 2 or n > MAX_HEADER_BYTES:
@@ -299,11 +302,49 @@ def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
             f"{source} is not a safetensors file: header length field is {n} bytes "
             f"(must be 2..{MAX_HEADER_BYTES})"
         )
+    return int(n)
+
+
+def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
+    """Validate the safetensors framing; ``head`` starts at byte 0, ``total`` is the size."""
+    if total < 8 or len(head) < 8:
+        raise CheckpointError(f"{source} is {total} bytes: too short to be a safetensors file")
+    n = _header_length(head, source)
     if 8 + n > total:
         raise CheckpointError(
             f"{source} is truncated: the safetensors header needs {8 + n} bytes but there "
             f"are only {total}"
         )
+    header, end = _header_table(head, n, source)
+    data_len = total - 8 - n
+    if end > data_len:
+        raise CheckpointError(
+            f"{source} is truncated: tensor data ends at byte {end} of the data section but "
+            f"only {data_len} bytes are present"
+        )
+    return header
+
+
+def expected_size(prefix: bytes, kind: Kind, source: str = "checkpoint") -> int | None:
+    """The size a checkpoint must have, from its first bytes: for checking an upload as it
+    arrives instead of after all of it. None while ``prefix`` is too short to tell (it
+    needs 8 bytes, then the whole header); raises CheckpointError as soon as the bytes at
+    hand show it is not a facemux ``kind`` checkpoint (not safetensors, an implausible
+    header length, a header that is not JSON, no facemux metadata of that kind)."""
+    if len(prefix) >= 2:
+        _sniff(prefix[:8], source)
+    if len(prefix) < 8:
+        return None
+    n = _header_length(prefix, source)
+    if len(prefix) < 8 + n:
+        return None
+    header, end = _header_table(prefix, n, source)
+    _decode_meta(header.get("__metadata__"), kind, source)
+    return 8 + n + end
+
+
+def _header_table(head: bytes, n: int, source: str) -> tuple[dict[str, Any], int]:
+    """The parsed header (``n`` bytes after the length field) and where its data ends."""
     try:
         header = json.loads(bytes(head[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -312,7 +353,6 @@ def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
         ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{source} is not a safetensors file: header is not an object")
-    data_len = total - 8 - n
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -325,12 +365,7 @@ def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
         ):
             raise CheckpointError(f"{source}: safetensors entry {name!r} has no valid offsets")
         end = max(end, offsets[1])
-    if end > data_len:
-        raise CheckpointError(
-            f"{source} is truncated: tensor data ends at byte {end} of the data section but "
-            f"only {data_len} bytes are present"
-        )
-    return header
+    return header, end
 
 
 def _source(path_or_bytes: PathOrBytes) -> str:

@@ -102,7 +102,8 @@ OPEN_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 # Interactive-grade scrypt cost: ~50 ms per check, done once per token (then cached).
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 16384, 8, 1
 _MAX_TOKEN_CHARS = 512

@@ -12,13 +12,19 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar, cast
 
 import numpy as np
 import torch
 from facemux.models import checkpoint, inference
 from facemux.models.config import ModelConfig
-from facemux.models.errors import CheckpointError, PreconditionError, UnavailableError
+from facemux.models.errors import (
+    CheckpointError,
+    NotFoundError,
+    PreconditionError,
+    UnavailableError,
+)
 from facemux.models.networks import Decoder, Encoder
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord
@@ -171,11 +177,13 @@ class Runtime:
         v = rec.version(version)
         key = (name, v.version)
         item = self.cache.get(key)
-        if item is not None:
+        # Version numbers restart when an identity is deleted and registered again: a
+        # resident decoder counts only if it is the one the store now names.
+        if item is not None and item.version.decoder_fingerprint == v.decoder_fingerprint:
             return item
         with self._load_lock:
             item = self.cache.get(key)
-            if item is not None:
+            if item is not None and item.version.decoder_fingerprint == v.decoder_fingerprint:
                 return item
             if v.encoder_fingerprint != self.fingerprint:
                 raise PreconditionError(
@@ -183,10 +191,16 @@ class Runtime:
                     f"{v.encoder_fingerprint[:16]}, but this server serves encoder "
                     f"{self.fingerprint[:16]}"
                 )
+            # NotFoundError if the version was deleted since the lookup above.
             data = self.store.read_decoder(name, v.version)
-            decoder, _ = checkpoint.load_decoder(
+            decoder, meta = checkpoint.load_decoder(
                 data, device=self.device, expected_encoder_fingerprint=self.fingerprint
             )
+            if meta.fingerprint != v.decoder_fingerprint:
+                raise NotFoundError(
+                    f"identity {name!r} v{v.version} was deleted and registered again while "
+                    "it was being loaded; retry"
+                )
             decoder.eval()
             size = inference.module_bytes(decoder)
             item = ResidentDecoder(self._prepare(decoder), v, size)
@@ -223,9 +237,14 @@ class Runtime:
     def latents_to_host(self, latents: torch.Tensor) -> np.ndarray:
         return latents.float().cpu().numpy()
 
-    def validate_decoder_upload(self, data: bytes) -> checkpoint.DecoderMeta:
-        """Fully validate an uploaded decoder (parse, shapes, fingerprint) before storing."""
+    def validate_decoder_upload(self, data: checkpoint.PathOrBytes) -> checkpoint.DecoderMeta:
+        """Fully validate an uploaded decoder (parse, shapes, fingerprint) before storing;
+        a path is a staged upload file."""
         self.encoder()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            # Read here so that what the caller is told names no path of this server; the
+            # checks read every tensor anyway.
+            data = Path(data).read_bytes()
         _, meta = checkpoint.load_decoder(
             data, device="cpu", expected_encoder_fingerprint=self.fingerprint
         )

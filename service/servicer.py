@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -22,7 +21,6 @@ from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
     PreconditionError,
-    ResourceExhaustedError,
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
@@ -41,6 +39,7 @@ from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, Store, VersionRecord, validate_name
+from facemux.service.uploads import UploadCheck
 from facemux.v1 import (
     identity_service_pb2 as ipb,
 )
@@ -587,66 +586,57 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         request_iterator: AsyncIterator[ipb.RegisterIdentityRequest],
         context: grpc.aio.ServicerContext,
     ) -> ipb.RegisterIdentityResponse:
-        limit = self.settings.max_checkpoint_bytes
         meta: ipb.RegisterIdentityMetadata | None = None
         admitted: Admission | None = None
-        chunks: list[bytes] = []
-        received = 0
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if kind == "metadata":
-                if meta is not None:
-                    raise InvalidInputError("metadata was sent twice; send it once, first")
-                meta = part.metadata
-                validate_name(meta.name)
-                # Before any bytes arrive: no consent, no upload.
-                admitted = await asyncio.to_thread(
-                    consent_for_upload, self.store, meta.name, meta.consent
+        # Streamed into a staging file of the store, never held in memory; the file goes
+        # when the upload fails or the caller goes away (the with block's exit).
+        with self.store.new_upload() as upload:
+            check = UploadCheck(self.settings.max_checkpoint_bytes)
+            async for part in request_iterator:
+                kind = part.WhichOneof("part")
+                if kind == "metadata":
+                    if meta is not None:
+                        raise InvalidInputError("metadata was sent twice; send it once, first")
+                    meta = part.metadata
+                    validate_name(meta.name)
+                    # Before any bytes arrive: no consent, no upload.
+                    admitted = await asyncio.to_thread(
+                        consent_for_upload, self.store, meta.name, meta.consent
+                    )
+                    check.declared(meta.size_bytes)
+                elif kind == "chunk":
+                    if meta is None:
+                        raise InvalidInputError("the first message must carry the metadata")
+                    check.chunk(part.chunk)
+                    await asyncio.to_thread(upload.write, part.chunk)
+                else:
+                    raise InvalidInputError("empty RegisterIdentity message")
+            if meta is None or admitted is None:
+                raise InvalidInputError("RegisterIdentity stream had no metadata")
+            check.complete()
+            if meta.sha256 and upload.sha256 != meta.sha256.lower():
+                raise InvalidInputError(
+                    "checkpoint sha256 does not match metadata.sha256: upload corrupted"
                 )
-                if meta.size_bytes > limit:
-                    raise ResourceExhaustedError(
-                        f"checkpoint of {meta.size_bytes} bytes is over the server limit of "
-                        f"{limit} (setting max_checkpoint_bytes)"
-                    )
-            elif kind == "chunk":
-                if meta is None:
-                    raise InvalidInputError("the first message must carry the metadata")
-                received += len(part.chunk)
-                if received > limit:
-                    raise ResourceExhaustedError(
-                        f"checkpoint upload passed the server limit of {limit} bytes "
-                        "(setting max_checkpoint_bytes)"
-                    )
-                chunks.append(part.chunk)
-            else:
-                raise InvalidInputError("empty RegisterIdentity message")
-        if meta is None or admitted is None:
-            raise InvalidInputError("RegisterIdentity stream had no metadata")
-        data = b"".join(chunks)
-        if not data:
-            raise InvalidInputError("no checkpoint bytes were sent")
-        if meta.sha256 and hashlib.sha256(data).hexdigest() != meta.sha256.lower():
-            raise InvalidInputError(
-                "checkpoint sha256 does not match metadata.sha256: upload corrupted"
-            )
 
-        def register() -> tuple[IdentityRecord, int]:
-            dmeta = self.runtime.validate_decoder_upload(data)
-            record = VersionRecord.for_decoder(dmeta)
-            rec = self.store.add_version(
-                meta.name,
-                data,
-                record,
-                display_name=meta.display_name,
-                make_default=meta.make_default,
-                # Checked again under the store's lock: a revocation, deletion or creation
-                # of the identity during the upload refuses the version.
-                consent=admitted.new_identity_consent,
-                expect=admitted.expect,
-            )
-            return rec, record.version
+            def register() -> tuple[IdentityRecord, int]:
+                assert meta is not None and admitted is not None
+                dmeta = self.runtime.validate_decoder_upload(upload.path)
+                record = VersionRecord.for_decoder(dmeta)
+                rec = self.store.add_version(
+                    meta.name,
+                    upload,
+                    record,
+                    display_name=meta.display_name,
+                    make_default=meta.make_default,
+                    # Checked again under the store's lock: a revocation, deletion or
+                    # creation of the identity during the upload refuses the version.
+                    consent=admitted.new_identity_consent,
+                    expect=admitted.expect,
+                )
+                return rec, record.version
 
-        rec, version = await asyncio.to_thread(register)
+            rec, version = await asyncio.to_thread(register)
         log.info("registered identity %s v%d", rec.name, version)
         return ipb.RegisterIdentityResponse(identity=identity_to_proto(rec), version=version)
 

@@ -12,8 +12,13 @@ Layout of the local directory backend::
 Nothing half-written is ever visible: a new identity or version is assembled in a hidden
 staging directory and renamed into place (rename is atomic on POSIX); JSON files are
 replaced atomically; deletions rename to a hidden trash directory first. Writers take an
-exclusive lock on <root>/.lock, so several server replicas may share one directory.
-Hidden leftovers of a crash (.staging-*, .trash-*) are swept at open.
+exclusive lock on <root>/.lock and readers a shared one, so several server replicas may
+share one directory and a reader never sees an identity half-deleted. Uploads stream into
+a hidden staging file (<root>/identities/.staging-*.upload) outside the lock and are
+renamed into their version directory under it. Hidden leftovers of a crash (.staging-*,
+.trash-*) are swept at open; an upload still being received holds a lock on its file and
+is left alone. A write that runs out of disk space removes what it staged at once and
+raises ResourceExhaustedError.
 
 Consent belongs to the identity, not to a version: adding a version never changes it, a
 revoked identity takes no new version, and only `record_consent` (the RecordConsent RPC, an
@@ -26,24 +31,32 @@ Other backends (an object store for clusters) implement the same `Store` interfa
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from facemux.models.checkpoint import DecoderMeta, atomic_write, fsync_directory
-from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
+from facemux.models.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+    ResourceExhaustedError,
+)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which let "name\n" through.
+NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")
 
 
 def validate_name(name: str, what: str = "identity") -> str:
@@ -53,6 +66,25 @@ def validate_name(name: str, what: str = "identity") -> str:
             "not starting with '.' and without '..' or path separators"
         )
     return name
+
+
+# Out of space, out of quota, or over the process's file size limit: the write cannot
+# succeed until an operator acts, which the caller must be told (not an internal error).
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def disk_space(what: str = "the store") -> Iterator[None]:
+    """Turn running out of disk space inside the block into ResourceExhaustedError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise ResourceExhaustedError(
+            f"{what} is out of disk space ({os.strerror(exc.errno)}); nothing was stored: "
+            "free space on the server's store volume (or raise its quota), then retry"
+        ) from exc
 
 
 def now_iso() -> str:
@@ -152,8 +184,68 @@ class IdentityRecord:
         raise NotFoundError(f"identity {self.name!r} has no version {wanted} (versions: {have})")
 
 
+class Upload:
+    """A checkpoint being received into the store's staging area, hashed as it is written.
+
+    Made by `Store.new_upload`; pass it to `Store.add_version`, which moves the file into
+    the new version. Closing removes the file if it is still staged (a failed or cancelled
+    upload), so use it as a context manager. Writes may come from worker threads while the
+    owner closes it: a lock orders them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._mutex = threading.Lock()
+        with disk_space():
+            self._file: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - held until close
+        # Held while the upload is open: a store opening meanwhile (another replica
+        # starting) must not sweep the file away as a crash leftover.
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(self._file.fileno(), 0o644)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def write(self, data: bytes) -> None:
+        with self._mutex, disk_space():
+            if self._file is None:
+                raise ValueError("write to a closed upload")
+            self._file.write(data)
+            self._hash.update(data)
+            self.size += len(data)
+
+    def flush(self) -> None:
+        """Make the bytes durable before the store renames the file into place."""
+        with self._mutex, disk_space():
+            if self._file is None:
+                raise ValueError("flush of a closed upload")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._file is not None:
+                with contextlib.suppress(OSError):  # a flush failing here loses nothing kept
+                    self._file.close()
+                self._file = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Store(ABC):
-    """What the server needs from persistent storage."""
+    """What the server needs from persistent storage.
+
+    Writes that run out of disk space raise ResourceExhaustedError and leave nothing
+    behind; reads of something deleted meanwhile raise NotFoundError."""
 
     @abstractmethod
     def put_encoder(self, data: bytes, fingerprint: str, make_default: bool = True) -> None: ...
@@ -166,10 +258,14 @@ class Store(ABC):
     def list_encoders(self) -> list[str]: ...
 
     @abstractmethod
+    def new_upload(self) -> Upload:
+        """An empty staging file for a checkpoint that arrives in pieces."""
+
+    @abstractmethod
     def add_version(
         self,
         name: str,
-        checkpoint: bytes,
+        checkpoint: bytes | Upload,
         version: VersionRecord,
         display_name: str = "",
         make_default: bool = False,
@@ -183,7 +279,7 @@ class Store(ABC):
         replaces consent). A revoked or expired identity takes no version. `expect`, when not
         None, is what the caller saw earlier: "" = the identity did not exist (it must still
         not), else its `incarnation` (it must still be that one); otherwise
-        PreconditionError."""
+        PreconditionError. An Upload's file is moved (not copied) into the version."""
 
     @abstractmethod
     def get(self, name: str) -> IdentityRecord: ...
@@ -261,6 +357,18 @@ def _past(when: str) -> bool:
     )
 
 
+def _in_use(path: Path) -> bool:
+    """Whether another open Upload holds this staging file (see Upload)."""
+    try:
+        with open(path, "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
@@ -272,18 +380,41 @@ class LocalStore(Store):
         self._identities = self.root / "identities"
         for d in (self.root, self._encoders, self._identities):
             d.mkdir(parents=True, exist_ok=True)
+        # Which lock this thread holds ("" none, "sh", "ex"): a nested _lock is a no-op
+        # rather than a second flock on a new descriptor, which would wait on itself.
+        self._held = threading.local()
+        # flock favours no one: a steady stream of readers keeps a writer waiting for good.
+        # A writer of this process holds the gate while it waits, which holds new readers
+        # of this process back until it is through.
+        self._gate = threading.Lock()
         with self._lock():
             self._sweep()
 
     # -- plumbing -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    def _lock(self, shared: bool = False) -> Iterator[None]:
+        """Exclusive for writers; shared for readers, so that a reader sees an identity
+        before or after a write, never between the steps of one (a delete's rename, a new
+        version's directory and identity.json)."""
+        held = getattr(self._held, "mode", "")
+        if held:
+            if held == "sh" and not shared:
+                raise RuntimeError("store lock upgrade from shared to exclusive")
+            yield
+            return
+        with open(self.root / ".lock", "a+") as fh, contextlib.ExitStack() as stack:
+            if shared:
+                with self._gate:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            else:
+                stack.enter_context(self._gate)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            self._held.mode = "sh" if shared else "ex"
             try:
                 yield
             finally:
+                self._held.mode = ""
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _sweep(self) -> None:
@@ -292,7 +423,10 @@ class LocalStore(Store):
                 continue
             for p in parent.iterdir():
                 if p.name.startswith((".staging-", ".trash-")) or p.name.endswith(".tmp"):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    elif not _in_use(p):
+                        p.unlink(missing_ok=True)
 
     def _hidden(self, parent: Path, kind: str) -> Path:
         return parent / f".{kind}-{uuid.uuid4().hex}"
@@ -300,27 +434,59 @@ class LocalStore(Store):
     def _identity_dir(self, name: str) -> Path:
         return self._identities / validate_name(name)
 
+    @contextlib.contextmanager
+    def _staging(self, parent: Path) -> Iterator[Path]:
+        """A hidden directory to assemble something in; removed unless renamed away."""
+        staging = self._hidden(parent, "staging")
+        try:
+            yield staging
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def new_upload(self) -> Upload:
+        return Upload(self._identities / f".staging-{uuid.uuid4().hex}.upload")
+
+    @contextlib.contextmanager
+    def _as_upload(self, checkpoint: bytes | Upload) -> Iterator[Upload]:
+        """The caller's Upload as is, or bytes staged in one (removed on the way out)."""
+        if isinstance(checkpoint, Upload):
+            checkpoint.flush()
+            yield checkpoint
+            return
+        with self.new_upload() as upload:
+            upload.write(checkpoint)
+            upload.flush()
+            yield upload
+
     # -- encoders -------------------------------------------------------------------------
 
     def put_encoder(self, data: bytes, fingerprint: str, make_default: bool = True) -> None:
         validate_name(fingerprint, "encoder fingerprint")
-        with self._lock():
+        with disk_space(), self._lock():
             final = self._encoders / fingerprint
             if not final.exists():
-                staging = self._hidden(self._encoders, "staging")
-                staging.mkdir()
-                atomic_write(staging / "encoder.safetensors", data)
-                os.rename(staging, final)
+                with self._staging(self._encoders) as staging:
+                    staging.mkdir()
+                    atomic_write(staging / "encoder.safetensors", data)
+                    os.rename(staging, final)
                 fsync_directory(self._encoders)
             if make_default:
                 atomic_write(self._encoders / "DEFAULT", fingerprint.encode())
 
     def list_encoders(self) -> list[str]:
-        return sorted(
-            p.name for p in self._encoders.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        with self._lock(shared=True):
+            return sorted(
+                p.name
+                for p in self._encoders.iterdir()
+                if p.is_dir() and not p.name.startswith(".")
+            )
 
     def read_encoder(self, fingerprint: str = "") -> tuple[str, bytes]:
+        with self._lock(shared=True):
+            return self._read_encoder(fingerprint)
+
+    def _read_encoder(self, fingerprint: str) -> tuple[str, bytes]:
         if not fingerprint:
             default = self._encoders / "DEFAULT"
             if not default.exists():
@@ -364,26 +530,35 @@ class LocalStore(Store):
 
     def get(self, name: str) -> IdentityRecord:
         d = self._identity_dir(name)
-        if not (d / "identity.json").exists():
-            raise NotFoundError(f"identity {name!r} does not exist; list them with ListIdentities")
-        return self._read_identity(d)
+        with self._lock(shared=True):
+            if not (d / "identity.json").exists():
+                raise NotFoundError(
+                    f"identity {name!r} does not exist; list them with ListIdentities"
+                )
+            return self._read_identity(d)
 
     def list_identities(self) -> list[IdentityRecord]:
         out = []
-        for d in sorted(self._identities.iterdir()):
-            if d.is_dir() and not d.name.startswith(".") and (d / "identity.json").exists():
-                out.append(self._read_identity(d))
+        with self._lock(shared=True):
+            for d in sorted(self._identities.iterdir()):
+                if d.is_dir() and not d.name.startswith(".") and (d / "identity.json").exists():
+                    out.append(self._read_identity(d))
         return out
 
     def read_decoder(self, name: str, version: int) -> bytes:
-        rec = self.get(name)
-        v = rec.version(version)
-        return (self._identity_dir(name) / f"v{v.version}" / "decoder.safetensors").read_bytes()
+        with self._lock(shared=True):
+            v = self.get(name).version(version)
+            path = self._identity_dir(name) / f"v{v.version}" / "decoder.safetensors"
+            # Opened under the lock, read after it: an open file stays readable if the
+            # version is deleted meanwhile, and a long read holds no writer up.
+            fh = open(path, "rb")  # noqa: SIM115 - read below, outside the lock
+        with fh:
+            return fh.read()
 
     def add_version(
         self,
         name: str,
-        checkpoint: bytes,
+        checkpoint: bytes | Upload,
         version: VersionRecord,
         display_name: str = "",
         make_default: bool = False,
@@ -391,7 +566,8 @@ class LocalStore(Store):
         expect: str | None = None,
     ) -> IdentityRecord:
         d = self._identity_dir(name)
-        with self._lock():
+        # The bytes are staged before the lock is taken: only renames happen under it.
+        with disk_space(), self._as_upload(checkpoint) as upload, self._lock():
             exists = (d / "identity.json").exists()
             if exists:
                 rec = self._read_identity(d)
@@ -415,35 +591,49 @@ class LocalStore(Store):
             used = [v.version for v in rec.versions]
             version.version = max([rec.last_version, *used]) + 1
             rec.last_version = version.version
-            version.size_bytes = len(checkpoint)
-            version.sha256 = sha256_hex(checkpoint)
+            version.size_bytes = upload.size
+            version.sha256 = upload.sha256
             if display_name:
                 rec.display_name = display_name
             if make_default or not rec.default_version:
                 rec.default_version = version.version
             rec.versions.append(version)
 
-            parent = d if exists else self._identities
-            staging = self._hidden(parent, "staging")
+            self._publish_version(d, exists, rec, version, upload)
+            return rec
+
+    def _publish_version(
+        self, d: Path, exists: bool, rec: IdentityRecord, version: VersionRecord, upload: Upload
+    ) -> None:
+        """Move the upload into a new version directory and make it visible; on any failure
+        nothing of it stays behind. Call with the lock held."""
+        with self._staging(d if exists else self._identities) as staging:
             vdir = staging if exists else staging / f"v{version.version}"
             vdir.mkdir(parents=True)
-            atomic_write(vdir / "decoder.safetensors", checkpoint)
+            os.rename(upload.path, vdir / "decoder.safetensors")
             _write_json(vdir / "version.json", asdict(version))
-            if exists:
-                os.rename(staging, d / f"v{version.version}")
-                fsync_directory(d)
-                # The version directory is complete before identity.json points at it.
-                self._write_identity_meta(d, rec)
-            else:
+            if not exists:
                 self._write_identity_meta(staging, rec)
                 os.rename(staging, d)
                 fsync_directory(self._identities)
-            return rec
+                return
+            final = d / f"v{version.version}"
+            os.rename(staging, final)
+        fsync_directory(d)
+        try:
+            # The version directory is complete before identity.json points at it.
+            self._write_identity_meta(d, rec)
+        except BaseException:
+            # Not recorded, so not stored: take the directory back out.
+            trash = self._hidden(d, "trash")
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            raise
 
     def delete(self, name: str, version: int = 0) -> tuple[list[int], bool]:
         d = self._identity_dir(name)
         with self._lock():
-            rec = self.get(name)
+            rec = self.get(name)  # nested: already under the exclusive lock
             if version == 0 or [v.version for v in rec.versions] == [version]:
                 if version:
                     rec.version(version)  # NOT_FOUND for a wrong number
@@ -465,14 +655,14 @@ class LocalStore(Store):
             return [v.version], False
 
     def set_default(self, name: str, version: int) -> IdentityRecord:
-        with self._lock():
+        with disk_space(), self._lock():
             rec = self.get(name)
             rec.default_version = rec.version(version).version
             self._write_identity_meta(self._identity_dir(name), rec)
             return rec
 
     def revoke_consent(self, name: str, reason: str) -> IdentityRecord:
-        with self._lock():
+        with disk_space(), self._lock():
             rec = self.get(name)
             if not rec.consent.get("revoked_at"):
                 rec.consent = {**rec.consent, "revoked_at": now_iso(), "revocation_reason": reason}
@@ -480,7 +670,7 @@ class LocalStore(Store):
             return rec
 
     def record_consent(self, name: str, consent: dict[str, str]) -> IdentityRecord:
-        with self._lock():
+        with disk_space(), self._lock():
             rec = self.get(name)
             if rec.consent:
                 rec.consent_history.append({**rec.consent, "replaced_at": now_iso()})
@@ -491,13 +681,14 @@ class LocalStore(Store):
     def verify(self) -> list[str]:
         """Problems found (empty = clean): every stored decoder matches its recorded sha256."""
         problems = []
-        for rec in self.list_identities():
-            for v in rec.versions:
-                path = self._identity_dir(rec.name) / f"v{v.version}" / "decoder.safetensors"
-                if not path.exists():
-                    problems.append(f"{rec.name} v{v.version}: decoder file missing")
-                elif sha256_hex(path.read_bytes()) != v.sha256:
-                    problems.append(f"{rec.name} v{v.version}: checksum mismatch")
-            if rec.versions and rec.default_version not in [v.version for v in rec.versions]:
-                problems.append(f"{rec.name}: default version {rec.default_version} missing")
+        with self._lock(shared=True):  # one consistent view, even beside live writers
+            for rec in self.list_identities():
+                for v in rec.versions:
+                    path = self._identity_dir(rec.name) / f"v{v.version}" / "decoder.safetensors"
+                    if not path.exists():
+                        problems.append(f"{rec.name} v{v.version}: decoder file missing")
+                    elif sha256_hex(path.read_bytes()) != v.sha256:
+                        problems.append(f"{rec.name} v{v.version}: checksum mismatch")
+                if rec.versions and rec.default_version not in [v.version for v in rec.versions]:
+                    problems.append(f"{rec.name}: default version {rec.default_version} missing")
         return problems

@@ -91,6 +91,12 @@ def decoder_checkpoint(data: bytes) -> None:
     checkpoint.read_decoder(data)
 
 
+def upload_prefix(data: bytes) -> None:
+    """The first bytes of a RegisterIdentity upload, judged before the rest arrives."""
+    size = checkpoint.expected_size(data, "decoder")
+    assert size is None or size >= 10
+
+
 def landmarks(data: bytes) -> None:
     msg = spb.SwapOptions()
     msg.ParseFromString(data)
@@ -121,6 +127,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "raw_image": raw_image,
     "latent": latent,
     "decoder_checkpoint": decoder_checkpoint,
+    "upload_prefix": upload_prefix,
     "landmarks": landmarks,
     "bearer": bearer,
     "callers_file": callers_file,

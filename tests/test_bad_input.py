@@ -3,19 +3,25 @@ keeps serving afterwards."""
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cv2
 import grpc
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 from conftest import CONSENT, Models, face_image, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
+from facemux.models.errors import InvalidInputError
+from facemux.service.auth import new_token, parse_callers
 from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import types_pb2 as tpb
@@ -187,11 +193,36 @@ def _register(client: FacemuxClient, parts: list[ipb.RegisterIdentityRequest]) -
     client._call(client.identity_stub.RegisterIdentity, iter(parts))
 
 
-def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None:
+def _upload(data: bytes, name: str = "newbie", **meta: Any) -> list[ipb.RegisterIdentityRequest]:
+    return [
+        ipb.RegisterIdentityRequest(
+            metadata=ipb.RegisterIdentityMetadata(
+                name=name, consent=tpb.ConsentRecord(**CONSENT), **meta
+            )
+        ),
+        ipb.RegisterIdentityRequest(chunk=data),
+    ]
+
+
+def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_path: Path) -> None:
     consent = tpb.ConsentRecord(**CONSENT)
     meta = ipb.RegisterIdentityMetadata(name="newbie", consent=consent)
     data = models.decoders["carol"]
+    plain = safetensors.torch.save({"w": torch.zeros(4)})  # safetensors, not facemux
     cases = [
+        # "$" matched before a trailing newline: this one was registered, and made a directory.
+        (_upload(data, name="rt_nl\n"), C.INVALID_ARGUMENT, "invalid"),
+        (_upload(b"\x00" * 4096), C.INVALID_ARGUMENT, "header length field is 0"),
+        (_upload(b"\xff" * 64), C.INVALID_ARGUMENT, "header length field"),
+        (_upload(b"\x08" + b"\x00" * 7 + b"not json"), C.INVALID_ARGUMENT, "not JSON"),
+        (_upload(plain), C.INVALID_ARGUMENT, "no facemux metadata"),
+        (_upload(models.encoder_bytes), C.INVALID_ARGUMENT, "expected a decoder"),
+        (_upload(data[:-100]), C.INVALID_ARGUMENT, "truncated"),
+        (_upload(data[:12]), C.INVALID_ARGUMENT, "truncated"),
+        (_upload(data + b"\x00"), C.INVALID_ARGUMENT, "longer than its safetensors header"),
+        (_upload(data, size_bytes=len(data) + 1), C.INVALID_ARGUMENT, "size_bytes"),
+        (_upload(data[:-4] + b"\x01\x02\x03\x04"), C.INVALID_ARGUMENT, "corrupted"),
+        (_upload(models.foreign_decoder), C.FAILED_PRECONDITION, "encoder"),
         ([ipb.RegisterIdentityRequest(chunk=data)], C.INVALID_ARGUMENT, "first message"),
         ([ipb.RegisterIdentityRequest(metadata=meta)], C.INVALID_ARGUMENT, "no checkpoint"),
         ([ipb.RegisterIdentityRequest(metadata=meta)] * 2, C.INVALID_ARGUMENT, "twice"),
@@ -238,7 +269,35 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models) -> None
             _register(client, parts)
         assert info.value.code == code, (words, info.value)
         assert words in info.value.details
+        assert "staging" not in info.value.details  # no server path in the message
     assert "newbie" not in {i.name for i in client.list_identities()}
+    # Nothing was created, and no staged upload is left behind.
+    assert sorted(p.name for p in (tmp_path / "store" / "identities").iterdir()) == [
+        "alice",
+        "bob",
+    ]
+
+
+def test_names_with_a_trailing_newline_are_refused(client: FacemuxClient, tmp_path: Path) -> None:
+    """Identity and dataset names: "$" in the name pattern matched before a final newline."""
+    for call in (
+        lambda: client.get_identity("alice\n"),
+        lambda: client.delete_identity("alice\n"),
+        lambda: client.upload_dataset("ds_nl\n", [GOOD], aligned=True),
+    ):
+        with pytest.raises(FacemuxRpcError) as info:
+            call()
+        assert info.value.code == C.INVALID_ARGUMENT, info.value
+        assert "invalid" in info.value.details
+    assert not any("\n" in p.name for p in (tmp_path / "store").rglob("*"))
+    assert client.get_identity("alice").name == "alice"
+
+
+def test_caller_names_with_a_trailing_newline_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="not valid"):
+        parse_callers(json.dumps({"name": "ops\n", "hash": "sha256$00", "roles": ["swap"]}))
+    with pytest.raises(ValueError, match="caller name"):
+        new_token("ops\n")
 
 
 def test_bad_identity_calls(client: FacemuxClient) -> None:

@@ -146,7 +146,7 @@ def test_export_refuses_revoked_consent_and_bad_references(tmp_path: Path, model
     assert not out.exists()  # refused before anything was written
     with pytest.raises(NotFoundError):
         export_onnx(store, ["bob:7"], out)
-    for ref in ("bob:0", "bob:x", "../etc"):
+    for ref in ("bob:0", "bob:x", "../etc", "bob\n"):
         with pytest.raises(InvalidInputError):
             export_onnx(store, [ref], out)
     with pytest.raises(InvalidInputError, match="more than once"):

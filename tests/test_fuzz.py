@@ -23,6 +23,7 @@ SEED_FOR = {
     "image_message": ("image_message",),
     "latent": ("latent",),
     "decoder_checkpoint": ("decoder",),
+    "upload_prefix": ("decoder",),
     "landmarks": ("opts",),
 }
 

@@ -32,7 +32,7 @@ from facemux.models.errors import FacemuxError, NotFoundError
 from facemux.models.imageio import resize_square
 from facemux.service.frames import build_swapper
 from facemux.service.settings import Settings
-from facemux.service.store import now_iso, validate_name
+from facemux.service.store import disk_space, now_iso, validate_name
 
 
 @dataclass
@@ -86,10 +86,11 @@ class DatasetStore:
         return self.root / validate_name(name, "dataset")
 
     def _read(self, name: str) -> dict[str, object] | None:
-        path = self._dir(name) / "dataset.json"
-        if not path.exists():
+        try:
+            text = (self._dir(name) / "dataset.json").read_text()
+        except FileNotFoundError:  # never made, or deleted (maybe just now)
             return None
-        meta: dict[str, object] = json.loads(path.read_text())
+        meta: dict[str, object] = json.loads(text)
         return meta
 
     @staticmethod
@@ -188,49 +189,73 @@ class DatasetStore:
         """Add aligned crops with their landmarks, if any (or, for an image that failed
         earlier, its rejection reason)."""
         d = self._dir(name)
-        with self._lock():
-            meta = self._read(name) or {
-                "name": name,
-                "resolution": resolution,
-                "faces": [],
-                "created_at": now_iso(),
-            }
-            res = int(meta["resolution"])  # type: ignore[call-overload]
-            hashes: list[str] = list(meta["faces"])  # type: ignore[call-overload]
-            marks: dict[str, list[list[float]]] = dict(meta.get("landmarks", {}))  # type: ignore[call-overload]
-            known = set(hashes)
-            (d / "faces").mkdir(parents=True, exist_ok=True)
-            result = UploadResult(dataset=DatasetInfo(name, 0, "", res, ""))
-            for index, item in crops:
-                if isinstance(item, str):
-                    result.rejected.append((index, item))
-                    continue
-                crop, lm = item
-                if lm is not None and crop.shape[0] != res:
-                    lm = lm * (res / crop.shape[0])
-                crop = resize_square(crop, res)[0]
-                h = face_hash(crop)
-                if h in known:
-                    result.duplicates += 1
-                    result.rejected.append((index, "duplicate of a face already in the dataset"))
-                    continue
-                ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-                if not ok:
-                    result.rejected.append((index, "could not be stored"))
-                    continue
-                atomic_write(d / "faces" / f"{h}.png", buf.tobytes())
-                if lm is not None:
-                    marks[h] = np.asarray(lm, dtype=float).round(3).tolist()
-                known.add(h)
-                hashes.append(h)
-                result.accepted += 1
-            meta["faces"] = hashes
-            if marks:
-                meta["landmarks"] = marks  # crop pixels, per face hash
-            meta["updated_at"] = now_iso()
-            atomic_write(d / "dataset.json", json.dumps(meta, indent=1).encode())
-            result.dataset = self._info(meta)
-            return result
+        with disk_space("the dataset store"), self._lock():
+            old = self._read(name)
+            written: list[Path] = []
+            try:
+                return self._add(d, name, resolution, crops, old, written)
+            except BaseException:
+                # Out of space (or anything else) half way: what this call wrote goes, so a
+                # failed upload leaves the dataset as it was.
+                for path in written:
+                    path.unlink(missing_ok=True)
+                if old is None:
+                    shutil.rmtree(d, ignore_errors=True)
+                raise
+
+    def _add(
+        self,
+        d: Path,
+        name: str,
+        resolution: int,
+        crops: list[tuple[int, tuple[np.ndarray, np.ndarray | None] | str]],
+        old: dict[str, object] | None,
+        written: list[Path],
+    ) -> UploadResult:
+        meta = old or {
+            "name": name,
+            "resolution": resolution,
+            "faces": [],
+            "created_at": now_iso(),
+        }
+        res = int(meta["resolution"])  # type: ignore[call-overload]
+        hashes: list[str] = list(meta["faces"])  # type: ignore[call-overload]
+        marks: dict[str, list[list[float]]] = dict(meta.get("landmarks", {}))  # type: ignore[call-overload]
+        known = set(hashes)
+        (d / "faces").mkdir(parents=True, exist_ok=True)
+        result = UploadResult(dataset=DatasetInfo(name, 0, "", res, ""))
+        for index, item in crops:
+            if isinstance(item, str):
+                result.rejected.append((index, item))
+                continue
+            crop, lm = item
+            if lm is not None and crop.shape[0] != res:
+                lm = lm * (res / crop.shape[0])
+            crop = resize_square(crop, res)[0]
+            h = face_hash(crop)
+            if h in known:
+                result.duplicates += 1
+                result.rejected.append((index, "duplicate of a face already in the dataset"))
+                continue
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+            if not ok:
+                result.rejected.append((index, "could not be stored"))
+                continue
+            path = d / "faces" / f"{h}.png"
+            written.append(path)
+            atomic_write(path, buf.tobytes())
+            if lm is not None:
+                marks[h] = np.asarray(lm, dtype=float).round(3).tolist()
+            known.add(h)
+            hashes.append(h)
+            result.accepted += 1
+        meta["faces"] = hashes
+        if marks:
+            meta["landmarks"] = marks  # crop pixels, per face hash
+        meta["updated_at"] = now_iso()
+        atomic_write(d / "dataset.json", json.dumps(meta, indent=1).encode())
+        result.dataset = self._info(meta)
+        return result
 
 
 def rejection_reason(exc: BaseException) -> str:

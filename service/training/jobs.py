@@ -40,7 +40,7 @@ from typing import Any
 from facemux.models.checkpoint import atomic_write
 from facemux.models.errors import NotFoundError, PreconditionError, ResourceExhaustedError
 from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
-from facemux.service.store import now_iso
+from facemux.service.store import disk_space, now_iso
 from facemux.service.training.claims import Claims
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,12 @@ class JobManager:
         # job.json next to half its data.
         staging = self.root / f".staging-{job_id}"
         spec.parent_pid = os.getpid()
-        prepare_work_dir(staging, spec, datasets, encoder_bytes, landmarks)
+        try:
+            with disk_space("the job store"):
+                prepare_work_dir(staging, spec, datasets, encoder_bytes, landmarks)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # not left for the hourly sweep
+            raise
         now = now_iso()
         rec = JobRecord(
             id=job_id,

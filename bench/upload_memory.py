@@ -1,0 +1,108 @@
+"""What a RegisterIdentity upload costs the server: peak resident memory growth and how much
+of the upload the client had sent when the server answered, for a bogus upload (zeros) and a
+valid one. The server runs as its own process (`facemux serve`) on a fresh store.
+
+    python bench/upload_memory.py --mib 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from facemux.client import FacemuxClient
+from facemux.models import checkpoint
+from facemux.models.config import get_preset
+from facemux.models.networks import build_decoder, build_encoder
+from facemux.service.store import LocalStore
+from facemux.v1 import identity_service_pb2 as ipb
+from facemux.v1 import types_pb2 as tpb
+
+MIB = 1024 * 1024
+CONSENT = {"attested_by": "bench", "evidence_ref": "BENCH-1", "granted_at": "2026-01-01"}
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM: the process's peak resident set so far, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mib", type=int, default=300, help="size of the bogus upload")
+    args = p.parse_args()
+    cfg = get_preset("tiny")
+    enc_bytes, meta = checkpoint.encoder_to_bytes(build_encoder(cfg, seed=0), cfg)
+    decoder = checkpoint.decoder_to_bytes(build_decoder(cfg, seed=1), cfg, meta.fingerprint, "x")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        LocalStore(Path(tmp)).put_encoder(enc_bytes, meta.fingerprint)
+        port = free_port()
+        beside = Path(sys.executable).parent / "facemux"  # this environment's own
+        exe = str(beside) if beside.exists() else shutil.which("facemux") or "facemux"
+        serve = ["serve", "--auth", "off", "--audit-log", "", "--metrics-port", "-1"]
+        proc = subprocess.Popen(
+            [exe, *serve, "--port", str(port), "--store", tmp],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with FacemuxClient(f"127.0.0.1:{port}", timeout=120, retries=1) as c:
+                c.wait_ready(120)
+                c.register_identity("warmup", decoder, consent=CONSENT)
+                base = peak_rss(proc.pid)
+                sent = 0
+
+                def zeros() -> Iterator[ipb.RegisterIdentityRequest]:
+                    nonlocal sent
+                    yield ipb.RegisterIdentityRequest(
+                        metadata=ipb.RegisterIdentityMetadata(
+                            name="bogus", consent=tpb.ConsentRecord(**CONSENT)
+                        )
+                    )
+                    for _ in range(args.mib):
+                        sent += 1
+                        yield ipb.RegisterIdentityRequest(chunk=bytes(MIB))
+
+                t0 = time.perf_counter()
+                try:
+                    c.identity_stub.RegisterIdentity(zeros(), timeout=600)
+                    status = "OK"
+                except grpc.RpcError as err:
+                    status = err.code().name
+                seconds = time.perf_counter() - t0
+                grew = peak_rss(proc.pid) - base
+                print(
+                    f"{args.mib} MiB of zeros: {status} after {seconds:.2f} s, client had sent "
+                    f"{sent} MiB, server peak RSS grew {grew / MIB:.1f} MiB"
+                )
+                t0 = time.perf_counter()
+                c.register_identity("valid", decoder, consent=CONSENT)
+                print(
+                    f"valid {len(decoder) / MIB:.2f} MiB decoder: OK in "
+                    f"{time.perf_counter() - t0:.2f} s, server peak RSS grew "
+                    f"{(peak_rss(proc.pid) - base) / MIB:.1f} MiB in all"
+                )
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
