@@ -22,6 +22,7 @@ from facemux.models import checkpoint
 from facemux.models.errors import InvalidInputError, NotFoundError, UnavailableError
 from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
 from facemux.service import convert
+from facemux.service.budget import PixelBudget
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
@@ -239,9 +240,10 @@ class Training:
 
 
 class TrainingServicer(tgrpc.TrainingServiceServicer):
-    def __init__(self, training: Training) -> None:
+    def __init__(self, training: Training, budget: PixelBudget | None = None) -> None:
         self.training = training
         self.settings = training.settings
+        self.budget = budget if budget is not None else PixelBudget.from_settings(self.settings)
 
     @unary
     async def UploadDataset(
@@ -265,7 +267,18 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                 if meta is None:
                     raise InvalidInputError("the first message must carry the metadata")
                 crops.append(
-                    (index, await asyncio.to_thread(self._align, part.image, meta, resolution))
+                    (
+                        index,
+                        await self.budget.run(
+                            await asyncio.to_thread(self._pixels, part.image),
+                            None,
+                            "dataset image",
+                            self._align,
+                            part.image,
+                            meta,
+                            resolution,
+                        ),
+                    )
                 )
                 index += 1
             else:
@@ -295,6 +308,13 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         except Exception:
             cfg = self.training.runtime.config
             return cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+
+    def _pixels(self, image: Any) -> int:
+        """The image's pixels from its header; 0 for a bad one, which _align rejects."""
+        try:
+            return convert.image_pixels(image, self.settings.max_image_pixels, "image")
+        except InvalidInputError:
+            return 0
 
     def _align(
         self, image: Any, meta: tpb.UploadDatasetMetadata, res: int
