@@ -161,9 +161,7 @@ def main() -> int:
                 )
                 if args.box:
                     m = args.side * 0.05
-                    box = types_pb2.Box(
-                        x_min=m, y_min=m, x_max=args.side - m, y_max=args.side - m
-                    )
+                    box = types_pb2.Box(x_min=m, y_min=m, x_max=args.side - m, y_max=args.side - m)
                     request.options.faces.append(swap_service_pb2.FaceHint(box=box))
             base = status_kib(proc.pid, "VmRSS")
             reset_peak(proc.pid)

@@ -26,6 +26,12 @@ from facemux.service.settings import Settings
 
 T = TypeVar("T")
 
+# Peak bytes of memory per decoded pixel while a call holds it, measured with
+# bench/bombs.py: 6 for an 8-bit crop (the decoder's BGR array and its RGB copy), 16 for a
+# 16-bit RGBA PNG, 22 for a full frame whose face fills it (decode, working copies and
+# encode). Documented limits and the memory test use this figure.
+BYTES_PER_PIXEL = 24
+
 
 class PixelBudget:
     def __init__(self, capacity: int, max_wait_s: float) -> None:

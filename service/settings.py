@@ -47,7 +47,7 @@ class Settings:
         ),
     )
     max_inflight_pixels: int = field(
-        default=200_000_000,
+        default=160_000_000,
         metadata=_help(
             "most decoded pixels held at once by all calls together; a call that would pass "
             "it waits, then is RESOURCE_EXHAUSTED"
@@ -262,15 +262,11 @@ class Settings:
             problems.append(
                 "rate_limit_per_second, rate_limit_burst and max_streams_per_caller must be >= 0"
             )
-        if not (
-            self.max_image_pixels <= self.max_request_pixels <= self.max_inflight_pixels
-            and self.max_verify_pixels <= self.max_inflight_pixels
-        ):
-            # Otherwise a call within the per-call limits could never get its pixels.
-            problems.append(
-                "max_image_pixels <= max_request_pixels <= max_inflight_pixels and "
-                "max_verify_pixels <= max_inflight_pixels must hold"
-            )
+        if self.max_image_pixels > self.max_request_pixels:
+            problems.append("max_image_pixels must be <= max_request_pixels")
+        if max(self.max_image_pixels, self.max_verify_pixels) > self.max_inflight_pixels:
+            # A call holds one full-size image at a time; a larger one could never run.
+            problems.append("max_image_pixels and max_verify_pixels must be <= max_inflight_pixels")
         if not (
             math.isfinite(self.max_inflight_wait_seconds) and self.max_inflight_wait_seconds >= 0
         ):
