@@ -125,13 +125,15 @@ def encoded_size(data: bytes) -> tuple[str, int, int]:
     return fmt, size[0], size[1]
 
 
-def check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(
+    width: int, height: int, max_pixels: int, setting: str = "max_image_pixels"
+) -> None:
     if width <= 0 or height <= 0:
         raise InvalidInputError(f"image is {width}x{height}: width and height must be positive")
     if width * height > max_pixels:
         raise InvalidInputError(
             f"image is {width}x{height} = {width * height} pixels, over the server limit of "
-            f"{max_pixels}; downscale it first"
+            f"{max_pixels} (setting {setting}); downscale it first"
         )
 
 
@@ -164,10 +166,12 @@ def check_complete(fmt: str, data: bytes) -> None:
         raise InvalidInputError(f"{fmt} data is truncated (no end marker); re-send the whole file")
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+def decode_image(
+    data: bytes, max_pixels: int, setting: str = "max_image_pixels"
+) -> DecodedImage:
     """Decode a JPEG/PNG/WebP file into RGB uint8, refusing oversized or broken files."""
     fmt, w, h = encoded_size(data)
-    check_pixels(w, h, max_pixels)
+    check_pixels(w, h, max_pixels, setting)
     check_complete(fmt, data)
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

@@ -45,7 +45,9 @@ def image_from_proto(msg: types_pb2.Image, max_pixels: int, what: str) -> imagei
         raise InvalidInputError(f"{what}: {exc}") from None
 
 
-def image_pixels(msg: types_pb2.Image, max_pixels: int, what: str) -> int:
+def image_pixels(
+    msg: types_pb2.Image, max_pixels: int, what: str, setting: str = "max_image_pixels"
+) -> int:
     """Width x height of an image from its header or raw shape, without decoding it; refuses
     one over `max_pixels` as decoding would."""
     try:
@@ -58,7 +60,7 @@ def image_pixels(msg: types_pb2.Image, max_pixels: int, what: str) -> int:
             width, height = msg.raw.width, msg.raw.height
         else:
             raise InvalidInputError("image has neither encoded bytes nor raw pixels")
-        imageio.check_pixels(width, height, max_pixels)
+        imageio.check_pixels(width, height, max_pixels, setting)
         return width * height
     except InvalidInputError as exc:
         raise InvalidInputError(f"{what}: {exc}") from None

@@ -157,7 +157,7 @@ def verify_bytes(
     if not data:
         raise InvalidInputError("image is empty")
     # Header-first size check (and a clear error for non-images) before any parsing.
-    decoded = imageio.decode_image(data, max_pixels)
+    decoded = imageio.decode_image(data, max_pixels, "max_verify_pixels")
     report = prov.read_c2pa(data, trust_anchors_pem)
     resp = ppb.VerifyResponse(
         manifest_present=report.present,
@@ -196,7 +196,9 @@ class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
                     "the file, and raw pixels have none"
                 )
             limit = self.settings.max_verify_pixels
-            pixels = await asyncio.to_thread(convert.image_pixels, request.image, limit, "image")
+            pixels = await asyncio.to_thread(
+                convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+            )
             left = context.time_remaining()
             return await self.budget.run(
                 pixels,
