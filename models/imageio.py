@@ -166,9 +166,7 @@ def check_complete(fmt: str, data: bytes) -> None:
         raise InvalidInputError(f"{fmt} data is truncated (no end marker); re-send the whole file")
 
 
-def decode_image(
-    data: bytes, max_pixels: int, setting: str = "max_image_pixels"
-) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int, setting: str = "max_image_pixels") -> DecodedImage:
     """Decode a JPEG/PNG/WebP file into RGB uint8, refusing oversized or broken files."""
     fmt, w, h = encoded_size(data)
     check_pixels(w, h, max_pixels, setting)

@@ -63,9 +63,8 @@ InputCrop = tuple[int, int, str]  # (width, height, format) of an aligned crop a
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, FacemuxError):
         retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            context.set_trailing_metadata((("retry-after", f"{retry_after:g}"),))
-        await context.abort(status_for(exc), str(exc))
+        hint = () if retry_after is None else (("retry-after", f"{retry_after:g}"),)
+        await context.abort(status_for(exc), str(exc), hint)
     ref = uuid.uuid4().hex[:12]
     log.exception("internal error, reference %s", ref, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {ref})")

@@ -6,11 +6,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
+import cv2
 import pytest
+from conftest import Models, face_image, make_store, png
+from facemux.client import FacemuxClient
+from facemux.client.errors import ResourceExhausted
 from facemux.models.errors import InvalidInputError, ResourceExhaustedError
 from facemux.service.budget import PixelBudget
+from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
+from facemux.v1 import swap_service_pb2 as spb
+from facemux.v1 import types_pb2 as tpb
 
 
 def test_waits_then_resource_exhausted_with_retry_hint() -> None:
@@ -114,3 +122,46 @@ def test_settings_keep_one_image_within_the_budget() -> None:
             max_inflight_pixels=100,
             max_verify_pixels=40,
         )
+
+
+def test_a_call_over_the_budget_is_resource_exhausted_with_retry_after(
+    tmp_path: Path, models: Models
+) -> None:
+    # Room for one full-size frame at a time and no waiting: while a large frame is being
+    # swapped, any other call that decodes an image is refused with a retry hint.
+    make_store(tmp_path / "store", models, ("alice",))
+    settings = Settings(
+        port=0,
+        auth="off",
+        audit_log="",
+        store=tmp_path / "store",
+        max_image_pixels=4_000_000,
+        max_verify_pixels=4_000_000,
+        max_inflight_pixels=4_000_000,
+        max_inflight_wait_seconds=0,
+    )
+    side = 2000
+    frame = cv2.resize(face_image(3), (side, side), interpolation=cv2.INTER_CUBIC)
+    box = tpb.Box(x_min=100, y_min=100, x_max=side - 100, y_max=side - 100)
+    big = spb.SwapRequest(
+        identity="alice",
+        frame=tpb.Image(encoded=png(frame)),
+        options=spb.SwapOptions(faces=[spb.FaceHint(box=box)]),
+    )
+    small = spb.SwapRequest(
+        identity="alice", faces=spb.FaceBatch(faces=[tpb.Image(encoded=png(face_image(0)))])
+    )
+    with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
+        c.wait_ready(30)
+        c._call(c.swap_stub.Swap, small)
+        done: list[object] = []
+        first = threading.Thread(target=lambda: done.append(c._call(c.swap_stub.Swap, big)))
+        first.start()
+        time.sleep(0.3)  # the frame is decoding or being swapped (about a second here)
+        with pytest.raises(ResourceExhausted) as info:
+            c._call(c.swap_stub.Swap, small)
+        first.join(60)
+        assert done, "the large frame should have been served"
+        assert "max_inflight_pixels" in info.value.details
+        assert info.value.retry_after == 1.0
+        c._call(c.swap_stub.Swap, small)  # served again once the frame is done
