@@ -26,7 +26,7 @@ from facemux.service.budget import PixelBudget
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
-from facemux.service.servicer import streaming, unary
+from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import DatasetInfo, DatasetStore, rejection_reason
@@ -271,7 +271,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                         index,
                         await self.budget.run(
                             await asyncio.to_thread(self._pixels, part.image),
-                            None,
+                            _deadline(context),
                             "dataset image",
                             self._align,
                             part.image,
