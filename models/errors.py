@@ -46,7 +46,14 @@ class FingerprintMismatchError(PreconditionError):
 
 
 class ResourceExhaustedError(FacemuxError):
-    """A bounded resource (queue, size limit) is full; retrying later may work."""
+    """A bounded resource (queue, size limit) is full; retrying later may work.
+
+    `retry_after`, when set, is how many seconds the caller should wait before retrying; the
+    service sends it as trailing metadata `retry-after`."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnavailableError(FacemuxError):

@@ -65,6 +65,13 @@ DEFAULT_STRENGTH = 3.0  # luminance amplitude in 8-bit levels (PSNR ~38.7 dB)
 # 9-18 even after JPEG q75 + 0.75x + crop.
 DETECT_Z = 6.0
 
+# Detection reads at most a DETECT_WINDOW-square window from the image's centre. The mark
+# repeats every tile, so a window of 16 x 16 tiles already folds enough repetitions to find
+# it (and tolerates resizes up to 3x), while the residual and its FFTs, about 40 bytes per
+# pixel, no longer grow with the image: on a 6000 x 6000 image detection took seconds and
+# over a gigabyte.
+DETECT_WINDOW = 1024
+
 _SEED = int.from_bytes(hashlib.sha256(b"facemux-watermark-v1").digest()[:8], "little")
 
 
@@ -237,7 +244,9 @@ def detect_watermark(rgb: np.ndarray) -> tuple[bool, bytes | None, float]:
 
 
 def detect_watermark_full(rgb: np.ndarray) -> WatermarkResult:
-    res = _residual(rgb)
+    h, w = rgb.shape[:2]
+    y0, x0 = max(0, (h - DETECT_WINDOW) // 2), max(0, (w - DETECT_WINDOW) // 2)
+    res = _residual(rgb[y0 : y0 + DETECT_WINDOW, x0 : x0 + DETECT_WINDOW])
     # Scale 1 always; the autocorrelation's periods otherwise. A few fixed scales cover images
     # too small for the autocorrelation (a resized single tile).
     scales = [1.0] + [p / TILE for p in _period_candidates(res)]

@@ -45,6 +45,41 @@ def image_from_proto(msg: types_pb2.Image, max_pixels: int, what: str) -> imagei
         raise InvalidInputError(f"{what}: {exc}") from None
 
 
+def image_pixels(
+    msg: types_pb2.Image, max_pixels: int, what: str, setting: str = "max_image_pixels"
+) -> int:
+    """Width x height of an image from its header or raw shape, without decoding it; refuses
+    one over `max_pixels` as decoding would."""
+    try:
+        kind = msg.WhichOneof("source")
+        if kind == "encoded":
+            if not msg.encoded:
+                raise InvalidInputError("encoded image bytes are empty")
+            _, width, height = imageio.encoded_size(msg.encoded)
+        elif kind == "raw":
+            width, height = msg.raw.width, msg.raw.height
+        else:
+            raise InvalidInputError("image has neither encoded bytes nor raw pixels")
+        imageio.check_pixels(width, height, max_pixels, setting)
+        return width * height
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{what}: {exc}") from None
+
+
+def request_pixels(images: Any, max_pixels: int, max_total: int, what: str) -> list[int]:
+    """Each image's pixel count, from headers only, refusing the whole request when their sum
+    is over `max_total`: every image of a request may be decoded before any is released,
+    so the per-image limit alone lets one small message claim gigabytes."""
+    sizes = [image_pixels(img, max_pixels, f"{what}[{i}]") for i, img in enumerate(images)]
+    total = sum(sizes)
+    if total > max_total:
+        raise InvalidInputError(
+            f"{len(sizes)} {what} decode to {total} pixels in one request, over the limit of "
+            f"{max_total} (setting max_request_pixels); send fewer or smaller images"
+        )
+    return sizes
+
+
 def output_format(output: types_pb2.OutputOptions, input_format: str) -> str:
     """The format an output is sent in: the one asked for, else the input's (PNG for raw)."""
     return _FORMAT_NAMES.get(output.format) or ("PNG" if input_format == "RAW" else input_format)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from facemux.models import provenance as prov
 from facemux.models.errors import InvalidInputError
 from facemux.models.faces.gpu_codec import JpegCodec
 from facemux.service import convert
+from facemux.service.budget import PixelBudget
 from facemux.service.settings import Settings
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import provenance_service_pb2_grpc as pgrpc
@@ -155,7 +157,7 @@ def verify_bytes(
     if not data:
         raise InvalidInputError("image is empty")
     # Header-first size check (and a clear error for non-images) before any parsing.
-    decoded = imageio.decode_image(data, max_pixels)
+    decoded = imageio.decode_image(data, max_pixels, "max_verify_pixels")
     report = prov.read_c2pa(data, trust_anchors_pem)
     resp = ppb.VerifyResponse(
         manifest_present=report.present,
@@ -178,8 +180,9 @@ def verify_bytes(
 
 
 class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, budget: PixelBudget | None = None) -> None:
         self.settings = settings
+        self.budget = budget if budget is not None else PixelBudget.from_settings(settings)
 
     async def Verify(
         self, request: ppb.VerifyRequest, context: grpc.aio.ServicerContext
@@ -192,8 +195,18 @@ class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
                     "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
                     "the file, and raw pixels have none"
                 )
-            return await asyncio.to_thread(
-                verify_bytes, request.image.encoded, self.settings.max_image_pixels
+            limit = self.settings.max_verify_pixels
+            pixels = await asyncio.to_thread(
+                convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+            )
+            left = context.time_remaining()
+            return await self.budget.run(
+                pixels,
+                None if left is None else time.monotonic() + left,
+                "Verify",
+                verify_bytes,
+                request.image.encoded,
+                limit,
             )
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

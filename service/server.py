@@ -17,6 +17,7 @@ from facemux.service.auth import (
     RateLimiter,
     check_startup,
 )
+from facemux.service.budget import PixelBudget
 from facemux.service.frames import FramePipeline
 from facemux.service.metrics import Metrics, MetricsServer, grpc_type
 from facemux.service.provenance import Provenance, ProvenanceServicer
@@ -208,17 +209,21 @@ async def _build_app(
     )
     # Signing key loaded (or the test one generated) now: a bad key fails the start.
     provenance = await asyncio.to_thread(Provenance, settings)
-    swap = SwapServicer(settings, runtime, store, scheduler, metrics=metrics, provenance=provenance)
+    # One budget of decoded pixels for every RPC that decodes images (service/budget.py).
+    budget = PixelBudget.from_settings(settings)
+    swap = SwapServicer(
+        settings, runtime, store, scheduler, metrics=metrics, provenance=provenance, budget=budget
+    )
     swap_service_pb2_grpc.add_SwapServiceServicer_to_server(swap, server)
     provenance_service_pb2_grpc.add_ProvenanceServiceServicer_to_server(
-        ProvenanceServicer(settings), server
+        ProvenanceServicer(settings, budget), server
     )
     identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
         IdentityServicer(settings, runtime, store), server
     )
     training = Training(settings, store, runtime, metrics, audit=audit if audit.enabled else None)
     training_service_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(training), server
+        TrainingServicer(training, budget), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from facemux.models import inference
+from facemux.models import imageio
 from facemux.models import provenance as prov
 from facemux.models.errors import (
     FacemuxError,
@@ -24,6 +24,7 @@ from facemux.models.errors import (
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
+from facemux.service.budget import PixelBudget
 from facemux.service.consent import (
     CONSENT_FIELDS,
     Admission,
@@ -61,11 +62,14 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
+InputCrop = tuple[int, int, str]  # (width, height, format) of an aligned crop as sent
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, FacemuxError):
-        await context.abort(status_for(exc), str(exc))
+        retry_after = getattr(exc, "retry_after", None)
+        hint = () if retry_after is None else (("retry-after", f"{retry_after:g}"),)
+        await context.abort(status_for(exc), str(exc), hint)
     ref = uuid.uuid4().hex[:12]
     log.exception("internal error, reference %s", ref, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {ref})")
@@ -121,8 +125,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         scheduler: Scheduler,
         metrics: Metrics | None = None,
         provenance: Provenance | None = None,
+        budget: PixelBudget | None = None,
     ) -> None:
         self.settings = settings
+        # Decoded pixels in flight, shared with the other servicers of the server.
+        self.budget = budget if budget is not None else PixelBudget.from_settings(settings)
         self.runtime = runtime
         self.store = store
         self.scheduler = scheduler
@@ -151,32 +158,47 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         check_usable(self.store.get(name))
         return self.runtime.decoder(name, version)
 
-    def _decode_images(
-        self, images: Any, what: str
-    ) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
-        out = []
+    def _face_pixels(self, faces: Any) -> list[int]:
+        return convert.request_pixels(
+            faces, self.settings.max_image_pixels, self.settings.max_request_pixels, "faces"
+        )
+
+    def _decode_crops(self, images: Any) -> tuple[np.ndarray, list[bool], list[InputCrop]]:
+        """Crops decoded one at a time, each resized to the model's resolution and dropped
+        before the next: a request holds one full-size image at a time, whatever its count."""
+        res = self.runtime.model_config().resolution
+        batch = np.empty((len(images), res, res, 3), dtype=np.uint8)
+        resized: list[bool] = []
+        inputs: list[InputCrop] = []
         for i, img in enumerate(images):
-            d = convert.image_from_proto(img, self.settings.max_image_pixels, f"{what}[{i}]")
-            out.append((d.rgb, d.alpha, d.format))
-        return out
+            d = convert.image_from_proto(img, self.settings.max_image_pixels, f"faces[{i}]")
+            h, w = d.rgb.shape[:2]
+            batch[i], was = imageio.resize_square(d.rgb, res)
+            resized.append(was)
+            inputs.append((w, h, d.format))
+            del d
+        return batch, resized, inputs
+
+    async def _decode_faces(
+        self, faces: Any, sizes: list[int], deadline: float | None
+    ) -> tuple[np.ndarray, list[bool], list[InputCrop]]:
+        # One full-size image at a time (_decode_crops): the largest is what the call holds.
+        return await self.budget.run(
+            max(sizes), deadline, f"{len(sizes)} faces", self._decode_crops, faces
+        )
 
     def _prepare_swap(
         self, identity: str, version: int, faces: Any
-    ) -> tuple[
-        ResidentDecoder, list[tuple[np.ndarray, np.ndarray | None, str]], np.ndarray, list[bool]
-    ]:
+    ) -> tuple[ResidentDecoder, list[int]]:
         self._count(len(faces), "faces")
         resident = self._resolve(identity, version)
-        decoded = self._decode_images(faces, "faces")
-        res = self.runtime.model_config().resolution
-        batch, resized = inference.stack_faces([d[0] for d in decoded], res)
-        return resident, decoded, batch, resized
+        return resident, self._face_pixels(faces)
 
     def _swap_response(
         self,
         identity: str,
         resident: ResidentDecoder,
-        decoded: list[tuple[np.ndarray, np.ndarray | None, str]],
+        inputs: list[InputCrop],
         resized: list[bool],
         result: Result,
         options: spb.SwapOptions,
@@ -191,9 +213,9 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             identity=identity,
             identity_version=resident.version.version,
             model_resolution=res,
-            faces_swapped=len(decoded),
+            faces_swapped=len(inputs),
         )
-        for i, ((src, _, fmt), out) in enumerate(zip(decoded, result.faces, strict=True)):
+        for i, ((w, h, fmt), out) in enumerate(zip(inputs, result.faces, strict=True)):
             resp.faces.append(
                 self.provenance.output(
                     out,
@@ -205,7 +227,6 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                     notes=notes,
                 )
             )
-            h, w = src.shape[:2]
             resp.results.append(
                 spb.FaceResult(
                     index=i,
@@ -221,7 +242,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         n_resized = sum(resized)
         if n_resized:
             resp.notes.append(
-                f"{n_resized} of {len(decoded)} crops were resized to the model's {res}x{res}"
+                f"{n_resized} of {len(inputs)} crops were resized to the model's {res}x{res}"
             )
         resp.notes.extend(notes)
         return resp
@@ -238,9 +259,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         mark_id: str = "",
     ) -> spb.SwapResponse:
         clock = self.metrics.stage_clock()
-        resident, decoded, batch, resized = await asyncio.to_thread(
-            self._prepare_swap, identity, version, faces
-        )
+        resident, sizes = await asyncio.to_thread(self._prepare_swap, identity, version, faces)
+        batch, resized, inputs = await self._decode_faces(faces, sizes, deadline)
         clock.lap("preprocess")
         result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
         clock.lap("queue_and_model")
@@ -248,7 +268,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             self._swap_response,
             identity,
             resident,
-            decoded,
+            inputs,
             resized,
             result,
             options,
@@ -324,6 +344,13 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.metrics.frames_swapped()
         return encoded, out, resident
 
+    async def _frame_pixels(self, frame: types_pb2.Image) -> int:
+        """A full frame's pixels from its header: what its call holds of the budget while
+        the frame is decoded, swapped and encoded."""
+        return await asyncio.to_thread(
+            convert.image_pixels, frame, self.settings.max_image_pixels, "frame"
+        )
+
     # -- RPCs ------------------------------------------------------------------------------
 
     @unary
@@ -334,14 +361,18 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         # Made up front: the watermark payload and the C2PA manifest carry it.
         request_id = request.request_id or uuid.uuid4().hex
         if kind == "frame":
-            img, out, resident = await asyncio.to_thread(
+            deadline = _deadline(context)
+            img, out, resident = await self.budget.run(
+                await self._frame_pixels(request.frame),
+                deadline,
+                "frame",
                 self._swap_frame,
                 request.frame,
                 request.identity,
                 request.identity_version,
                 request.options,
                 request.output,
-                _deadline(context),
+                deadline,
                 None,
                 request_id,
             )
@@ -403,14 +434,18 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 else:
                     if tracker is None:
                         tracker = await asyncio.to_thread(self.frames.tracker, detect_every)
-                    frame, out, _ = await asyncio.to_thread(
+                    deadline = _deadline(context)
+                    frame, out, _ = await self.budget.run(
+                        await self._frame_pixels(req.frame),
+                        deadline,
+                        "frame",
                         self._swap_frame,
                         req.frame,
                         identity,
                         version,
                         options,
                         output,
-                        _deadline(context),
+                        deadline,
                         tracker,
                         mark,
                     )
@@ -430,7 +465,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 request_id=mark,
             )
 
-    def _prepare_encode(self, request: spb.EncodeRequest) -> tuple[np.ndarray, list[bool]]:
+    def _prepare_encode(self, request: spb.EncodeRequest) -> list[int]:
         self.runtime.encoder()  # UNAVAILABLE while loading
         self._count(len(request.faces), "faces")
         if request.dtype not in (
@@ -439,16 +474,16 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             types_pb2.LATENT_D_TYPE_FLOAT16,
         ):
             raise InvalidInputError("dtype must be FLOAT32 or FLOAT16")
-        decoded = self._decode_images(request.faces, "faces")
-        res = self.runtime.model_config().resolution
-        return inference.stack_faces([d[0] for d in decoded], res)
+        return self._face_pixels(request.faces)
 
     @unary
     async def Encode(
         self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.EncodeResponse:
-        batch, resized = await asyncio.to_thread(self._prepare_encode, request)
-        result = await self.scheduler.run(Item(Op.ENCODE, batch, None, _deadline(context)))
+        deadline = _deadline(context)
+        sizes = await asyncio.to_thread(self._prepare_encode, request)
+        batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
+        result = await self.scheduler.run(Item(Op.ENCODE, batch, None, deadline))
         assert result.latents is not None
         fp = self.runtime.fingerprint
         return spb.EncodeResponse(

@@ -39,6 +39,27 @@ class Settings:
     max_image_pixels: int = field(
         default=40_000_000, metadata=_help("largest image accepted (width x height)")
     )
+    max_request_pixels: int = field(
+        default=100_000_000,
+        metadata=_help(
+            "most decoded pixels of all images in one call, summed from their headers before "
+            "anything is decoded"
+        ),
+    )
+    max_inflight_pixels: int = field(
+        default=160_000_000,
+        metadata=_help(
+            "most decoded pixels held at once by all calls together; a call that would pass "
+            "it waits, then is RESOURCE_EXHAUSTED"
+        ),
+    )
+    max_inflight_wait_seconds: float = field(
+        default=10.0,
+        metadata=_help("how long a call waits for max_inflight_pixels (or its deadline)"),
+    )
+    max_verify_pixels: int = field(
+        default=40_000_000, metadata=_help("largest image Verify accepts (width x height)")
+    )
     max_faces_per_request: int = field(
         default=256, metadata=_help("most aligned faces or latents in one call")
     )
@@ -237,6 +258,9 @@ class Settings:
         for name in (
             "max_message_bytes",
             "max_image_pixels",
+            "max_request_pixels",
+            "max_inflight_pixels",
+            "max_verify_pixels",
             "max_faces_per_request",
             "max_checkpoint_bytes",
             "decoder_cache_count",
@@ -278,6 +302,15 @@ class Settings:
             problems.append("auth_attempt_burst and auth_max_pending_checks must be >= 1")
         if not -1 <= self.health_port <= 65535:
             problems.append(f"health_port {self.health_port} is not in -1..65535")
+        if self.max_image_pixels > self.max_request_pixels:
+            problems.append("max_image_pixels must be <= max_request_pixels")
+        if max(self.max_image_pixels, self.max_verify_pixels) > self.max_inflight_pixels:
+            # A call holds one full-size image at a time; a larger one could never run.
+            problems.append("max_image_pixels and max_verify_pixels must be <= max_inflight_pixels")
+        if not (
+            math.isfinite(self.max_inflight_wait_seconds) and self.max_inflight_wait_seconds >= 0
+        ):
+            problems.append("max_inflight_wait_seconds must be >= 0")
         if self.auth not in ("tokens", "mtls", "off"):
             problems.append(f"auth {self.auth!r} must be tokens, mtls or off")
         if bool(self.tls_cert) != bool(self.tls_key):

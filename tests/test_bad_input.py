@@ -80,6 +80,14 @@ SWAP_CASES: list[tuple[str, spb.SwapRequest, grpc.StatusCode, str]] = [
     ("raw without layout", _swap(_raw(8, 8, 192, 0)), C.INVALID_ARGUMENT, "layout"),
     ("image with nothing", _swap(tpb.Image()), C.INVALID_ARGUMENT, "neither"),
     ("no faces", _swap(), C.INVALID_ARGUMENT, "no faces"),
+    # Each within max_image_pixels, together over max_request_pixels: refused from the
+    # headers, before any is decoded.
+    (
+        "bomb split over images",
+        _swap(*[_enc(_png_claiming(2000, 2000))] * 30),
+        C.INVALID_ARGUMENT,
+        "(setting max_request_pixels); send fewer or smaller images",
+    ),
     ("too many faces", _swap(*[_enc(GOOD)] * 300), C.INVALID_ARGUMENT, "over the limit"),
     ("no input", spb.SwapRequest(identity="alice"), C.INVALID_ARGUMENT, "needs an input"),
     ("no identity", _swap(_enc(GOOD), identity=""), C.INVALID_ARGUMENT, "identity is required"),
@@ -399,6 +407,13 @@ MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
     ),
     ("encode: no faces", "Encode", spb.EncodeRequest(), C.INVALID_ARGUMENT, "no faces"),
     (
+        "encode: bomb split over images",
+        "Encode",
+        spb.EncodeRequest(faces=[_enc(_png_claiming(2000, 2000))] * 30),
+        C.INVALID_ARGUMENT,
+        "max_request_pixels",
+    ),
+    (
         "encode: truncated",
         "Encode",
         spb.EncodeRequest(faces=[_enc(GOOD[:100])]),
@@ -425,6 +440,13 @@ MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         [spb.SwapStreamRequest(identity="../../etc/passwd", frame=_enc(GOOD), aligned=True)],
         C.OK,  # per-frame error: the stream goes on
         "invalid",
+    ),
+    (
+        "stream: bomb frame",
+        "SwapStream",
+        [spb.SwapStreamRequest(identity="alice", frame=_enc(PNG_BOMB))],
+        C.OK,  # per-frame error: the stream goes on
+        "(setting max_image_pixels)",
     ),
     (
         "get: 10k-char name",
@@ -507,4 +529,12 @@ def test_oversized_metadata_is_refused_and_server_survives(client: FacemuxClient
     # The code depends on which side of the connection notices first (gRPC's, not ours).
     assert err.code() in (C.RESOURCE_EXHAUSTED, C.INTERNAL, C.UNAVAILABLE), err
     print(f"\noversized metadata -> {err.code().name}: {err.details()}")
+    assert client.swap_faces([GOOD], "alice").faces_swapped == 1
+
+
+def test_verify_refuses_an_image_over_its_own_limit(client: FacemuxClient) -> None:
+    with pytest.raises(FacemuxRpcError) as info:
+        client.verify(PNG_BOMB)
+    assert info.value.code == C.INVALID_ARGUMENT
+    assert "(setting max_verify_pixels)" in info.value.details
     assert client.swap_faces([GOOD], "alice").faces_swapped == 1

@@ -30,11 +30,12 @@ from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_paramete
 from facemux.service import convert
 from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
+from facemux.service.budget import PixelBudget
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
-from facemux.service.servicer import streaming, unary
+from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import DatasetInfo, DatasetStore, rejection_reason
@@ -316,9 +317,10 @@ class Training:
 
 
 class TrainingServicer(tgrpc.TrainingServiceServicer):
-    def __init__(self, training: Training) -> None:
+    def __init__(self, training: Training, budget: PixelBudget | None = None) -> None:
         self.training = training
         self.settings = training.settings
+        self.budget = budget if budget is not None else PixelBudget.from_settings(self.settings)
 
     @unary
     async def UploadDataset(
@@ -342,7 +344,18 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                 if meta is None:
                     raise InvalidInputError("the first message must carry the metadata")
                 crops.append(
-                    (index, await asyncio.to_thread(self._align, part.image, meta, resolution))
+                    (
+                        index,
+                        await self.budget.run(
+                            await asyncio.to_thread(self._pixels, part.image),
+                            _deadline(context),
+                            "dataset image",
+                            self._align,
+                            part.image,
+                            meta,
+                            resolution,
+                        ),
+                    )
                 )
                 index += 1
             else:
@@ -372,6 +385,13 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         except Exception:
             cfg = self.training.runtime.config
             return cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+
+    def _pixels(self, image: Any) -> int:
+        """The image's pixels from its header; 0 for a bad one, which _align rejects."""
+        try:
+            return convert.image_pixels(image, self.settings.max_image_pixels, "image")
+        except InvalidInputError:
+            return 0
 
     def _align(
         self, image: Any, meta: tpb.UploadDatasetMetadata, res: int
