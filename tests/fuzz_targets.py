@@ -91,6 +91,11 @@ def decoder_checkpoint(data: bytes) -> None:
     checkpoint.read_decoder(data)
 
 
+def checkpoint_header(data: bytes) -> None:
+    """Arbitrary bytes as the JSON header of a safetensors file."""
+    checkpoint.read_metadata(struct.pack("<Q", len(data)) + data)
+
+
 def landmarks(data: bytes) -> None:
     msg = spb.SwapOptions()
     msg.ParseFromString(data)
@@ -121,6 +126,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "raw_image": raw_image,
     "latent": latent,
     "decoder_checkpoint": decoder_checkpoint,
+    "checkpoint_header": checkpoint_header,
     "landmarks": landmarks,
     "bearer": bearer,
     "callers_file": callers_file,
