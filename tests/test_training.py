@@ -409,3 +409,89 @@ def test_a_dead_replicas_job_is_taken_over_after_its_lease(tmp_path: Path) -> No
         assert finished == [stale.id]
     finally:
         survivor.close()
+
+
+def _foreign_queued_job(jobs_root: Path) -> str:
+    """A queued job held by a live replica on another host: this server answers for it
+    but never runs it (its claim's lease outlasts the test)."""
+    from facemux.models.pretrain import JobSpec
+    from facemux.service.training.jobs import JobManager
+
+    spec = JobSpec(mode="pretrain", datasets=["ann"], steps=4, batch_size=2, log_every=2)
+    other = JobManager(jobs_root, lambda rec, work, result: (0, ""), max_running=0)
+    job = other.submit(spec, {"ann": np.stack(faces(21, 4))}, None, "", {}, {})
+    other._stop.set()
+    other._thread.join()
+    other.claims.close()
+    claim = {"owner": "elsewhere:1:x", "host": "elsewhere", "pid": 1}
+    (jobs_root / job.id / "claim").write_text(json.dumps(claim))
+    return job.id
+
+
+def _busy_executor_threads(srv: ServerThread) -> int:
+    """Threads of the server loop's default executor (the one asyncio.to_thread, and so
+    Swap, uses) doing something other than waiting for work."""
+    executor = srv._loop._default_executor  # type: ignore[attr-defined]
+    if executor is None:
+        return 0
+    frames = sys._current_frames()
+    busy = 0
+    for t in list(executor._threads):
+        frame = frames.get(t.ident)
+        if frame is not None and frame.f_code.co_name != "_worker":  # _worker: idle
+            busy += 1
+    return busy
+
+
+def test_open_watches_do_not_hold_threads_or_slow_swaps(tmp_path: Path, models: Models) -> None:
+    """Open WatchJob streams wait for change notices on the event loop: they hold no
+    thread of the executor Swap shares (before, each re-occupied one every 0.25 s, and a
+    few watches made every Swap queue behind them), and still see a change at once."""
+    store = tmp_path / "store"
+    make_store(store, models, ("alice",))
+    job_id = _foreign_queued_job(store / "jobs")
+    face = png(faces(8, 1)[0])
+    with (
+        ServerThread(settings(store)) as srv,
+        FacemuxClient(srv.target, timeout=30, retries=1) as c,
+    ):
+        c.wait_ready(30)
+
+        def median_swap_s() -> float:
+            times = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                c.swap_faces([face], identity="alice")
+                times.append(time.perf_counter() - t0)
+            return float(np.median(times))
+
+        c.swap_faces([face], identity="alice")  # warm up
+        baseline = median_swap_s()
+        watches = []
+        try:
+            for _ in range(16):
+                call = c.training_stub.WatchJob(tpb.WatchJobRequest(id=job_id), timeout=60)
+                assert next(call).job.state == tpb.JOB_STATE_QUEUED
+                watches.append(call)
+            busy = []
+            for _ in range(20):
+                busy.append(_busy_executor_threads(srv))
+                time.sleep(0.05)
+            watched = median_swap_s()
+            print(
+                f"\nSwap median {baseline * 1e3:.1f} ms -> {watched * 1e3:.1f} ms with 16 watches"
+            )
+            assert max(busy) <= 1, busy
+            assert watched < 2 * baseline + 0.02, (baseline, watched)
+            # The job's run (in another process, here on another host) appends an event:
+            # every stream has it within the monitor's poll, not within a timeout.
+            line = {"type": "message", "message": "hello watchers", "time": "now"}
+            t0 = time.monotonic()
+            with open(store / "jobs" / job_id / "events.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+            for call in watches:
+                assert next(call).message == "hello watchers"
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            for call in watches:
+                call.cancel()

@@ -51,6 +51,7 @@ DEFAULT_BATCH = 16
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
+WATCH_RECHECK_S = 5.0  # a WatchJob stream re-reads its job at least this often
 
 
 def dataset_to_proto(d: DatasetInfo) -> tpb.Dataset:
@@ -356,10 +357,21 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         """The job now (with its latest progress), then every new event until it ends. The
         job runs in its own process, so a watcher that disconnects changes nothing."""
         jobs = self.training.jobs
-        rec = await asyncio.to_thread(jobs.get, request.id)
+        # Between reads the stream waits for a change notice on the event loop, holding no
+        # thread: the default executor is shared with Swap, and open watches must not
+        # slow it down. Watching starts before the first read, so no change is missed.
+        with jobs.watching(request.id) as seen:
+            rec = await asyncio.to_thread(jobs.get, request.id)
+            async for msg in self._watch(rec, request.replay, seen):
+                yield msg
+
+    async def _watch(
+        self, rec: JobRecord, replay: bool, seen: int
+    ) -> AsyncIterator[tpb.WatchJobResponse]:
+        jobs = self.training.jobs
         # Without replay the history is skipped: a re-attaching watcher wants the present.
         history, offset = await asyncio.to_thread(jobs.events, rec.id, 0)
-        if request.replay:
+        if replay:
             for ev in history:
                 msg = tpb.WatchJobResponse(job=job_to_proto(rec))
                 _fill(msg, ev)
@@ -375,11 +387,10 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         yield first
         ended = rec.state in TERMINAL
         while not ended:
-            await asyncio.to_thread(jobs.wait_changed, 0.25)
-            rec = await asyncio.to_thread(jobs.get, rec.id)
+            # The timeout is a safety net only: notices come within the monitor's poll.
+            seen = await jobs.changed(rec.id, seen, WATCH_RECHECK_S)
+            rec, events, offset = await asyncio.to_thread(_read_job, jobs, rec.id, offset)
             ended = rec.state in TERMINAL
-            # Read events after the state: a final state's own event is then already there.
-            events, offset = await asyncio.to_thread(jobs.events, rec.id, offset)
             for ev in events:
                 msg = tpb.WatchJobResponse(job=job_to_proto(rec))
                 _fill(msg, ev)
@@ -390,6 +401,15 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                 if ev.get("type") == "progress":
                     msg.job.step = int(ev.get("step", msg.job.step))
                 yield msg
+
+
+def _read_job(
+    jobs: JobManager, job_id: str, offset: int
+) -> tuple[JobRecord, list[dict[str, Any]], int]:
+    rec = jobs.get(job_id)
+    # Read events after the state: a final state's own event is then already there.
+    events, offset = jobs.events(job_id, offset)
+    return rec, events, offset
 
 
 def _read_preview(work: Path) -> bytes:
