@@ -19,7 +19,12 @@ from typing import Any
 import grpc
 import numpy as np
 from facemux.models import checkpoint
-from facemux.models.errors import InvalidInputError, NotFoundError, UnavailableError
+from facemux.models.errors import (
+    InvalidInputError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
 from facemux.service import convert
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
@@ -28,7 +33,12 @@ from facemux.service.runtime import Runtime
 from facemux.service.servicer import streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
-from facemux.service.training.datasets import DatasetInfo, DatasetStore, rejection_reason
+from facemux.service.training.datasets import (
+    DatasetInfo,
+    DatasetStore,
+    Upload,
+    rejection_reason,
+)
 from facemux.service.training.jobs import TERMINAL, JobManager, JobRecord
 from facemux.v1 import training_service_pb2 as tpb
 from facemux.v1 import training_service_pb2_grpc as tgrpc
@@ -51,6 +61,7 @@ DEFAULT_BATCH = 16
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
+CANCEL_GRACE_S = 0.02
 WATCH_RECHECK_S = 5.0  # a WatchJob stream re-reads its job at least this often
 
 
@@ -250,32 +261,53 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         request_iterator: AsyncIterator[tpb.UploadDatasetRequest],
         context: grpc.aio.ServicerContext,
     ) -> tpb.UploadDatasetResponse:
+        limit = self.settings.max_upload_bytes
         meta: tpb.UploadDatasetMetadata | None = None
-        crops: list[tuple[int, tuple[np.ndarray, np.ndarray | None] | str]] = []
-        resolution = 0
+        upload: Upload | None = None
+        received = 0  # bytes of this stream
         index = 0
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if kind == "metadata":
-                if meta is not None:
-                    raise InvalidInputError("metadata was sent twice; send it once, first")
-                meta = part.metadata
-                validate_name(meta.name, "dataset")
-                resolution = await asyncio.to_thread(self._resolution, meta.name)
-            elif kind == "image":
-                if meta is None:
-                    raise InvalidInputError("the first message must carry the metadata")
-                crops.append(
-                    (index, await asyncio.to_thread(self._align, part.image, meta, resolution))
-                )
-                index += 1
-            else:
-                raise InvalidInputError("empty UploadDataset message")
-        if meta is None:
-            raise InvalidInputError("UploadDataset stream had no metadata")
-        if not crops:
-            raise InvalidInputError("no images were sent")
-        result = await asyncio.to_thread(self.training.datasets.add, meta.name, resolution, crops)
+        try:
+            async for part in request_iterator:
+                received += part.ByteSize()
+                if received > limit:
+                    raise ResourceExhaustedError(
+                        f"this upload is over {limit} bytes (setting max_upload_bytes); "
+                        "nothing was added. Send the images in several UploadDataset calls"
+                    )
+                kind = part.WhichOneof("part")
+                if kind == "metadata":
+                    if meta is not None:
+                        raise InvalidInputError("metadata was sent twice; send it once, first")
+                    meta = part.metadata
+                    validate_name(meta.name, "dataset")
+                    upload = await asyncio.to_thread(self._begin_upload, meta.name)
+                elif kind == "image":
+                    if meta is None or upload is None:
+                        raise InvalidInputError("the first message must carry the metadata")
+                    if index >= self.settings.max_dataset_faces:
+                        # More images than the dataset may hold faces: never all useful,
+                        # and each still costs a decode and a line in the response.
+                        raise ResourceExhaustedError(
+                            f"this upload sends more than {self.settings.max_dataset_faces} "
+                            "images (setting max_dataset_faces); nothing was added"
+                        )
+                    await asyncio.to_thread(self._stage, upload, index, part.image, meta)
+                    index += 1
+                else:
+                    raise InvalidInputError("empty UploadDataset message")
+            # A client's cancel ends the request stream as its end would, and cancels this
+            # task a moment later (gRPC learns it from another completion): let that land
+            # before committing, so a cancelled upload is not committed as a short one.
+            await asyncio.sleep(CANCEL_GRACE_S)
+            if meta is None or upload is None:
+                raise InvalidInputError("UploadDataset stream had no metadata")
+            if not index:
+                raise InvalidInputError("no images were sent")
+            result = await asyncio.to_thread(upload.commit)
+        finally:
+            if upload is not None:
+                # Refused, failed or cancelled: the dataset stays as it was.
+                await asyncio.shield(asyncio.to_thread(upload.discard))
         log.info(
             "dataset %s: %d added, %d duplicates, %d rejected",
             meta.name,
@@ -290,12 +322,16 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             rejected=[tpb.RejectedImage(index=i, reason=r) for i, r in result.rejected],
         )
 
-    def _resolution(self, name: str) -> int:
-        try:
-            return self.training.datasets.get(name).resolution
-        except Exception:
-            cfg = self.training.runtime.config
-            return cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+    def _begin_upload(self, name: str) -> Upload:
+        cfg = self.training.runtime.config
+        # A new dataset takes the served model's resolution; an existing one keeps its own.
+        res = cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+        return self.training.datasets.begin_upload(name, res)
+
+    def _stage(
+        self, upload: Upload, index: int, image: Any, meta: tpb.UploadDatasetMetadata
+    ) -> None:
+        upload.add(index, self._align(image, meta, upload.resolution))
 
     def _align(
         self, image: Any, meta: tpb.UploadDatasetMetadata, res: int
