@@ -493,6 +493,19 @@ def test_open_watches_do_not_hold_threads_or_slow_swaps(tmp_path: Path, models: 
             for call in watches:
                 assert next(call).message == "hello watchers"
             assert time.monotonic() - t0 < 2.0
+            # Its owner ends it: the final event first, then (a moment later) the record.
+            # Streams that read in between still end on the final state.
+            work = store / "jobs" / job_id
+            with open(work / "events.jsonl", "a") as fh:
+                fh.write(json.dumps({"type": "state", "state": "cancelled", "time": "now"}) + "\n")
+            for call in watches:
+                assert next(call).message == "job cancelled"
+            record = json.loads((work / "job.json").read_text()) | {"state": "cancelled"}
+            (work / "job.json.tmp").write_text(json.dumps(record))
+            os.replace(work / "job.json.tmp", work / "job.json")
+            for call in watches:
+                rest = list(call)
+                assert rest and rest[-1].job.state == tpb.JOB_STATE_CANCELLED, rest
         finally:
             for call in watches:
                 call.cancel()

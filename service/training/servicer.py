@@ -422,6 +422,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             first.message = f"job {rec.state}" + (f": {rec.error}" if rec.error else "")
         yield first
         ended = rec.state in TERMINAL
+        last = first
         while not ended:
             # The timeout is a safety net only: notices come within the monitor's poll.
             seen = await jobs.changed(rec.id, seen, WATCH_RECHECK_S)
@@ -437,6 +438,13 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                 if ev.get("type") == "progress":
                     msg.job.step = int(ev.get("step", msg.job.step))
                 yield msg
+                last = msg
+        if last.job.state != _STATES[rec.state]:
+            # The final event came in a read before the record turned final (its owner,
+            # maybe another replica, writes the event first): end on the final state.
+            final = tpb.WatchJobResponse(job=job_to_proto(rec))
+            final.message = f"job {rec.state}" + (f": {rec.error}" if rec.error else "")
+            yield final
 
 
 def _read_job(
