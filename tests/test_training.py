@@ -483,7 +483,7 @@ def test_open_watches_do_not_hold_threads_or_slow_swaps(tmp_path: Path, models: 
                 f"\nSwap median {baseline * 1e3:.1f} ms -> {watched * 1e3:.1f} ms with 16 watches"
             )
             assert max(busy) <= 1, busy
-            assert watched < 2 * baseline + 0.02, (baseline, watched)
+            assert watched < 2 * baseline + 0.05, (baseline, watched)
             # The job's run (in another process, here on another host) appends an event:
             # every stream has it within the monitor's poll, not within a timeout.
             line = {"type": "message", "message": "hello watchers", "time": "now"}
