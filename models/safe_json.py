@@ -25,9 +25,11 @@ __all__ = ["MAX_JSON_DEPTH", "loads", "nesting_depth"]
 # callers entry); 64 leaves room for anything legitimate a user puts in a summary.
 MAX_JSON_DEPTH = 64
 
-# A JSON string literal: brackets inside one do not nest. (Unrolled so the regex engine
-# does not backtrack per character.)
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string literal: brackets inside one do not nest. Unrolled, so the regex engine
+# does not backtrack per character; the closing quote is optional, so an unterminated
+# string runs to the end in one match instead of being retried from every later quote
+# (quadratic on a quote followed by a long run of escaped quotes).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _OPEN = (ord("["), ord("{"))
 _CLOSE = (ord("]"), ord("}"))
 
