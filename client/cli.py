@@ -402,7 +402,7 @@ def _consent_arg(text: str | None) -> dict[str, str] | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"--consent is not valid JSON ({exc}); e.g. {_CONSENT_EXAMPLE}") from exc
     if not isinstance(value, dict):
         raise ValueError(f"--consent must be a JSON object, e.g. {_CONSENT_EXAMPLE}")

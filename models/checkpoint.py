@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from . import safe_json
 from .config import ModelConfig
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, NotFoundError
 from .networks import Decoder, Encoder
@@ -161,19 +162,15 @@ def _encode_meta(payload: dict[str, Any]) -> dict[str, str]:
 def _decode_meta(
     metadata: Mapping[str, str] | None, expected: Kind, source: str
 ) -> EncoderMeta | DecoderMeta:
-    if (
-        not isinstance(metadata, Mapping)
-        or METADATA_KEY not in metadata
-        or not isinstance(metadata[METADATA_KEY], str)
-    ):
+    if not isinstance(metadata, Mapping) or METADATA_KEY not in metadata:
         raise CheckpointError(
             f"{source} has no facemux metadata: it is a safetensors file but not a facemux "
             f"{expected} checkpoint (save it with facemux.models.checkpoint.save_{expected})"
         )
-    try:
-        body = json.loads(metadata[METADATA_KEY])
-    except ValueError as exc:
-        raise CheckpointError(f"{source}: facemux metadata is not valid JSON: {exc}") from None
+    raw = metadata[METADATA_KEY]
+    if not isinstance(raw, str):
+        raise CheckpointError(f"{source}: facemux metadata is not a JSON string")
+    body = safe_json.loads(raw, f"{source}: facemux metadata", error=CheckpointError)
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(f"{source}: facemux metadata has no format {FORMAT!r} marker")
     version = body.get("version")
@@ -346,11 +343,16 @@ def expected_size(prefix: bytes, kind: Kind, source: str = "checkpoint") -> int 
 def _header_table(head: bytes, n: int, source: str) -> tuple[dict[str, Any], int]:
     """The parsed header (``n`` bytes after the length field) and where its data ends."""
     try:
-        header = json.loads(bytes(head[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        text = bytes(head[8 : 8 + n]).decode("utf-8")
+    except UnicodeDecodeError:
         raise CheckpointError(
-            f"{source} is not a safetensors file: its header is not JSON"
+            f"{source} is not a safetensors file: its header is not JSON (not UTF-8)"
         ) from None
+    header = safe_json.loads(
+        text,
+        f"{source} is not a safetensors file: its header",
+        error=CheckpointError,
+    )
     if not isinstance(header, dict):
         raise CheckpointError(f"{source} is not a safetensors file: header is not an object")
     end = 0
@@ -446,8 +448,9 @@ def read_metadata(path_or_bytes: PathOrBytes) -> EncoderMeta | DecoderMeta:
     raw = header.get("__metadata__")
     kind: Kind = "encoder"
     if isinstance(raw, dict) and isinstance(raw.get(METADATA_KEY), str):
-        with contextlib.suppress(ValueError):
-            body = json.loads(raw[METADATA_KEY])
+        # Malformed metadata is reported by _decode_meta, whichever kind is assumed here.
+        with contextlib.suppress(CheckpointError):
+            body = safe_json.loads(raw[METADATA_KEY], source, error=CheckpointError)
             if isinstance(body, dict) and body.get("kind") == "decoder":
                 kind = "decoder"
     return _decode_meta(raw, kind, source)

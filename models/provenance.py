@@ -42,12 +42,14 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import safe_json
+from .errors import FacemuxError
 
 log = logging.getLogger(__name__)
 
@@ -511,10 +513,16 @@ def read_c2pa(image_bytes: bytes, trust_anchors_pem: bytes | None = None) -> C2p
             report.errors.append(f"unreadable manifest: {exc}")
         return report
     try:
-        data: dict[str, Any] = json.loads(reader.json())
+        data = safe_json.loads(reader.json(), "the manifest store")
         state = reader.get_validation_state() or ""
+    except FacemuxError as exc:  # a hostile manifest, say nested thousands deep
+        report.errors.append(f"unreadable manifest: {exc}")
+        return report
     finally:
         reader.close()
+    if not isinstance(data, dict):
+        report.errors.append("unreadable manifest: not a JSON object")
+        return report
     report.present = True
     manifest = data.get("manifests", {}).get(data.get("active_manifest", ""), {})
     info = manifest.get("signature_info", {})

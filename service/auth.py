@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import inspect
 import ipaddress
-import json
 import logging
 import re
 import secrets
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from facemux.models import safe_json
 from facemux.models.errors import FacemuxError, InvalidInputError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
@@ -232,20 +232,14 @@ def parse_callers(text: str, where: str = "tokens file") -> dict[str, Caller]:
     stripped = text.strip()
     rows: list[Any]
     if stripped.startswith("["):
-        try:
-            rows = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{where}: not JSON ({exc})") from None
+        rows = safe_json.loads(stripped, where)
         if not isinstance(rows, list):
             raise InvalidInputError(f"{where}: expected a JSON array")
     else:
         rows = []
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.lstrip().startswith("#"):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InvalidInputError(f"{where} line {i}: not JSON ({exc})") from None
+                rows.append(safe_json.loads(line, f"{where} line {i}"))
     out: dict[str, Caller] = {}
     for row in rows:
         if not isinstance(row, dict):

@@ -97,6 +97,11 @@ def upload_prefix(data: bytes) -> None:
     assert size is None or size >= 10
 
 
+def checkpoint_header(data: bytes) -> None:
+    """Arbitrary bytes as the JSON header of a safetensors file."""
+    checkpoint.read_metadata(struct.pack("<Q", len(data)) + data)
+
+
 def landmarks(data: bytes) -> None:
     msg = spb.SwapOptions()
     msg.ParseFromString(data)
@@ -128,6 +133,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "latent": latent,
     "decoder_checkpoint": decoder_checkpoint,
     "upload_prefix": upload_prefix,
+    "checkpoint_header": checkpoint_header,
     "landmarks": landmarks,
     "bearer": bearer,
     "callers_file": callers_file,

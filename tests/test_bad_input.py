@@ -538,3 +538,56 @@ def test_verify_refuses_an_image_over_its_own_limit(client: FacemuxClient) -> No
     assert info.value.code == C.INVALID_ARGUMENT
     assert "(setting max_verify_pixels)" in info.value.details
     assert client.swap_faces([GOOD], "alice").faces_swapped == 1
+
+
+def _with_header(header: Any, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _decoder_with_metadata(checkpoint_bytes: bytes, edit: Callable[[dict[str, Any]], Any]) -> bytes:
+    """The same tensors under an edited facemux metadata object (the weights' fingerprint
+    does not cover the metadata, so only the JSON decides)."""
+    (n,) = struct.unpack("<Q", checkpoint_bytes[:8])
+    header = json.loads(checkpoint_bytes[8 : 8 + n])
+    body = json.loads(header["__metadata__"]["facemux"])
+    value = edit(body)
+    header["__metadata__"]["facemux"] = value if isinstance(value, str) else json.dumps(body)
+    return _with_header(header, checkpoint_bytes[8 + n :])
+
+
+def test_deeply_nested_json_in_a_checkpoint_is_bad_input(
+    client: FacemuxClient, models: Models
+) -> None:
+    """JSON nested thousands deep makes a recursive parser raise RecursionError; nested a
+    few hundred deep it parses but breaks whatever walks it next (storing the summary).
+    Either is the caller's bad input, refused before anything is stored."""
+    data = models.decoders["carol"]
+    meta = ipb.RegisterIdentityMetadata(name="newbie", consent=tpb.ConsentRecord(**CONSENT))
+
+    def deep_summary(body: dict[str, Any]) -> None:
+        body["summary"] = {"x": json.loads(_nested(500))}
+
+    cases = {
+        "header": _with_header(_nested(100_000).encode()),
+        "header object": _with_header(b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+        "facemux metadata": _decoder_with_metadata(data, lambda body: _nested(100_000)),
+        "metadata summary": _decoder_with_metadata(data, deep_summary),
+    }
+    for name, blob in cases.items():
+        with pytest.raises(FacemuxRpcError) as info:
+            _register(
+                client,
+                [
+                    ipb.RegisterIdentityRequest(metadata=meta),
+                    ipb.RegisterIdentityRequest(chunk=blob),
+                ],
+            )
+        assert info.value.code == C.INVALID_ARGUMENT, (name, info.value)
+        assert "nests" in info.value.details and "at most 64" in info.value.details, name
+        assert client.swap_faces([GOOD], "alice").faces_swapped == 1
+    assert "newbie" not in {i.name for i in client.list_identities()}

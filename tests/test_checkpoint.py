@@ -6,6 +6,7 @@ import io
 import json
 import os
 import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -329,3 +330,24 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         ckpt.load_encoder(tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match="directory"):
         ckpt.load_encoder(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nests 100000 levels"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nests 50000 levels"),
+        # Unterminated string of escaped quotes: a string scanner that retried from every
+        # quote would take minutes here.
+        (b'{"a": "' + b'\\"' * 50_000, "not JSON"),
+        (b'{"__metadata__": {"facemux": "' + b"[" * 5_000 + b'"}}', "nests 5000 levels"),
+        (b'{"__metadata__": "facemux"}', "no facemux metadata"),
+    ],
+    ids=["deep arrays", "deep objects", "escaped quotes", "deep metadata", "string metadata"],
+)
+def test_hostile_json_headers_are_refused_quickly(header: bytes, words: str) -> None:
+    data = struct.pack("<Q", len(header)) + header
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=words):
+        ckpt.read_metadata(data)
+    assert time.perf_counter() - t0 < 1.0

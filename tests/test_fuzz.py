@@ -56,8 +56,22 @@ def mutated(draw: st.DrawFn, names: tuple[str, ...]) -> bytes:
     return bytes(data)
 
 
+@st.composite
+def nested_json(draw: st.DrawFn) -> bytes:
+    """JSON-ish text nested up to 100 000 deep (a recursive parser's stack overflow),
+    brackets hidden in strings, escapes, unbalanced or mixed closers."""
+    opener = draw(st.sampled_from([b"[", b'{"a":', b'["[{\\"', b'{"\\"":[']))
+    depth = draw(st.sampled_from([1, 63, 64, 65, 999, 100_000]))
+    middle = draw(st.sampled_from([b"1", b'"]]]"', b"", b'"\\"', b"{}"]))
+    closer = draw(st.sampled_from([b"]", b"}", b"]}"]))
+    cut = draw(st.integers(0, 3))
+    return (opener * depth + middle + closer * (depth - cut))[: draw(st.integers(1, 1 << 21))]
+
+
 def _inputs(target: str) -> st.SearchStrategy[bytes]:
     raw = st.binary(max_size=2048)
+    if target in ("checkpoint_header", "callers_file"):
+        return st.one_of(raw, nested_json())
     if target in SEED_FOR:
         return st.one_of(raw, mutated(SEED_FOR[target]))
     return raw

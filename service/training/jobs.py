@@ -22,6 +22,7 @@ over, resuming from its checkpoint, when its owner is gone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -31,7 +32,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -113,6 +114,104 @@ def _worker(work_dir: str, threads: int) -> None:
     run_job(work_dir)
 
 
+def _stamp(work: Path) -> tuple[int, ...]:
+    """What changes when a job's record is replaced or an event is appended."""
+    out: list[int] = []
+    for name in ("job.json", "events.jsonl"):
+        try:
+            st = os.stat(work / name)
+            out += [st.st_ino, st.st_size, st.st_mtime_ns]
+        except OSError:
+            out += [0, 0, 0]
+    return tuple(out)
+
+
+class JobNews:
+    """Change notices for WatchJob streams, without a thread per stream.
+
+    A job's files change in other processes (its run appends events, another replica
+    replaces the record of a job it owns), so someone must look: the monitor thread, once
+    per poll for all streams, stats the files of the jobs being watched and wakes their
+    streams on their own event loops. Each job has a change count; a stream waits for it to
+    pass the count it has seen, so a notice is never lost between a read and a wait."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[str, int] = {}
+        self._watchers: dict[str, int] = {}
+        self._stamps: dict[str, tuple[int, ...]] = {}
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+
+    def version(self, job_id: str) -> int:
+        with self._lock:
+            return self._versions.get(job_id, 0)
+
+    def watch(self, job_id: str) -> None:
+        with self._lock:
+            self._watchers[job_id] = self._watchers.get(job_id, 0) + 1
+
+    def unwatch(self, job_id: str) -> None:
+        with self._lock:
+            left = self._watchers.get(job_id, 0) - 1
+            if left > 0:
+                self._watchers[job_id] = left
+            else:
+                self._watchers.pop(job_id, None)
+                self._stamps.pop(job_id, None)
+                if not self._waiters.get(job_id):
+                    self._versions.pop(job_id, None)
+
+    def bump(self, job_id: str) -> None:
+        with self._lock:
+            if job_id not in self._watchers:
+                return  # nobody listens: nothing to count
+            self._versions[job_id] = self._versions.get(job_id, 0) + 1
+            waiters = self._waiters.pop(job_id, set())
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: its stream is gone
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def poll(self, work_dir: Callable[[str], Path]) -> None:
+        """Compare the watched jobs' files with the last look (the monitor, every poll)."""
+        with self._lock:
+            watched = list(self._watchers)
+        for job_id in watched:
+            stamp = _stamp(work_dir(job_id))
+            with self._lock:
+                before = self._stamps.get(job_id)
+                if job_id in self._watchers:
+                    self._stamps[job_id] = stamp
+            # A job seen for the first time counts as changed: it may have changed after its
+            # new stream read it and before this first look.
+            if before != stamp:
+                self.bump(job_id)
+
+    async def wait(self, job_id: str, seen: int, timeout: float) -> int:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            now = self._versions.get(job_id, 0)
+            if now != seen:
+                return now
+            fut: asyncio.Future[None] = loop.create_future()
+            entry = (loop, fut)
+            self._waiters.setdefault(job_id, set()).add(entry)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(fut, timeout)
+        finally:
+            with self._lock:
+                self._waiters.get(job_id, set()).discard(entry)
+                if not self._waiters.get(job_id):
+                    self._waiters.pop(job_id, None)
+                now = self._versions.get(job_id, 0)
+        return now
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class JobManager:
     def __init__(
         self,
@@ -141,6 +240,7 @@ class JobManager:
         self._queue: list[str] = []
         self._stop = threading.Event()
         self._changed = threading.Condition(self._lock)
+        self._news = JobNews()
         self.claims = Claims(lease_s)
         self._ended: set[str] = set()  # other servers' finished jobs, skipped by the scan
         self.scan_s = scan_s
@@ -161,6 +261,7 @@ class JobManager:
         rec.updated_at = now_iso()
         atomic_write(self.work_dir(rec.id) / "job.json", json.dumps(asdict(rec), indent=1).encode())
         self._changed.notify_all()
+        self._news.bump(rec.id)
 
     def _read(self, job_id: str) -> JobRecord | None:
         try:
@@ -379,6 +480,24 @@ class JobManager:
         with self._lock:
             self._changed.wait(timeout)
 
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[int]:
+        """While open, the monitor looks for changes to this job's files (its record, its
+        events), whoever writes them; yields the job's change count to pass to ``changed``.
+        Enter it before reading the job, so a change after the read is not missed."""
+        if not _valid_id(job_id):
+            raise NotFoundError(f"job {job_id[:80]!r} does not exist; list them with ListJobs")
+        self._news.watch(job_id)
+        try:
+            yield self._news.version(job_id)
+        finally:
+            self._news.unwatch(job_id)
+
+    async def changed(self, job_id: str, seen: int, timeout: float) -> int:
+        """Wait, on the event loop (no thread), until the job changed since ``seen`` or
+        ``timeout`` passed; returns the change count to pass next time."""
+        return await self._news.wait(job_id, seen, timeout)
+
     # -- monitor -----------------------------------------------------------------------------
 
     def _start(self, rec: JobRecord) -> None:
@@ -480,6 +599,7 @@ class JobManager:
                     ):
                         job_id = self._queue.pop(0)
                         self._start(self._jobs[job_id])
+                self._news.poll(self.work_dir)
                 if self.on_change is not None:
                     self.on_change(self)
             except Exception:

@@ -24,6 +24,7 @@ from facemux.models.errors import (
     InvalidInputError,
     NotFoundError,
     PreconditionError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
@@ -38,7 +39,12 @@ from facemux.service.runtime import Runtime
 from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
-from facemux.service.training.datasets import DatasetInfo, DatasetStore, rejection_reason
+from facemux.service.training.datasets import (
+    DatasetInfo,
+    DatasetStore,
+    Upload,
+    rejection_reason,
+)
 from facemux.service.training.jobs import TERMINAL, JobManager, JobRecord
 from facemux.v1 import training_service_pb2 as tpb
 from facemux.v1 import training_service_pb2_grpc as tgrpc
@@ -61,6 +67,8 @@ DEFAULT_BATCH = 16
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
+CANCEL_GRACE_S = 0.02
+WATCH_RECHECK_S = 5.0  # a WatchJob stream re-reads its job at least this often
 
 
 def dataset_to_proto(d: DatasetInfo) -> tpb.Dataset:
@@ -328,43 +336,62 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         request_iterator: AsyncIterator[tpb.UploadDatasetRequest],
         context: grpc.aio.ServicerContext,
     ) -> tpb.UploadDatasetResponse:
+        limit = self.settings.max_upload_bytes
         meta: tpb.UploadDatasetMetadata | None = None
-        crops: list[tuple[int, tuple[np.ndarray, np.ndarray | None] | str]] = []
-        resolution = 0
+        upload: Upload | None = None
+        received = 0  # bytes of this stream
         index = 0
-        async for part in request_iterator:
-            kind = part.WhichOneof("part")
-            if kind == "metadata":
-                if meta is not None:
-                    raise InvalidInputError("metadata was sent twice; send it once, first")
-                meta = part.metadata
-                validate_name(meta.name, "dataset")
-                resolution = await asyncio.to_thread(self._resolution, meta.name)
-            elif kind == "image":
-                if meta is None:
-                    raise InvalidInputError("the first message must carry the metadata")
-                crops.append(
-                    (
-                        index,
-                        await self.budget.run(
-                            await asyncio.to_thread(self._pixels, part.image),
-                            _deadline(context),
-                            "dataset image",
-                            self._align,
-                            part.image,
-                            meta,
-                            resolution,
-                        ),
+        try:
+            async for part in request_iterator:
+                received += part.ByteSize()
+                if received > limit:
+                    raise ResourceExhaustedError(
+                        f"this upload is over {limit} bytes (setting max_upload_bytes); "
+                        "nothing was added. Send the images in several UploadDataset calls"
                     )
-                )
-                index += 1
-            else:
-                raise InvalidInputError("empty UploadDataset message")
-        if meta is None:
-            raise InvalidInputError("UploadDataset stream had no metadata")
-        if not crops:
-            raise InvalidInputError("no images were sent")
-        result = await asyncio.to_thread(self.training.datasets.add, meta.name, resolution, crops)
+                kind = part.WhichOneof("part")
+                if kind == "metadata":
+                    if meta is not None:
+                        raise InvalidInputError("metadata was sent twice; send it once, first")
+                    meta = part.metadata
+                    validate_name(meta.name, "dataset")
+                    upload = await asyncio.to_thread(self._begin_upload, meta.name)
+                elif kind == "image":
+                    if meta is None or upload is None:
+                        raise InvalidInputError("the first message must carry the metadata")
+                    if index >= self.settings.max_dataset_faces:
+                        # More images than the dataset may hold faces: never all useful,
+                        # and each still costs a decode and a line in the response.
+                        raise ResourceExhaustedError(
+                            f"this upload sends more than {self.settings.max_dataset_faces} "
+                            "images (setting max_dataset_faces); nothing was added"
+                        )
+                    await self.budget.run(
+                        await asyncio.to_thread(self._pixels, part.image),
+                        _deadline(context),
+                        "dataset image",
+                        self._stage,
+                        upload,
+                        index,
+                        part.image,
+                        meta,
+                    )
+                    index += 1
+                else:
+                    raise InvalidInputError("empty UploadDataset message")
+            # A client's cancel ends the request stream as its end would, and cancels this
+            # task a moment later (gRPC learns it from another completion): let that land
+            # before committing, so a cancelled upload is not committed as a short one.
+            await asyncio.sleep(CANCEL_GRACE_S)
+            if meta is None or upload is None:
+                raise InvalidInputError("UploadDataset stream had no metadata")
+            if not index:
+                raise InvalidInputError("no images were sent")
+            result = await asyncio.to_thread(upload.commit)
+        finally:
+            if upload is not None:
+                # Refused, failed or cancelled: the dataset stays as it was.
+                await asyncio.shield(asyncio.to_thread(upload.discard))
         log.info(
             "dataset %s: %d added, %d duplicates, %d rejected",
             meta.name,
@@ -379,12 +406,16 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             rejected=[tpb.RejectedImage(index=i, reason=r) for i, r in result.rejected],
         )
 
-    def _resolution(self, name: str) -> int:
-        try:
-            return self.training.datasets.get(name).resolution
-        except Exception:
-            cfg = self.training.runtime.config
-            return cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+    def _begin_upload(self, name: str) -> Upload:
+        cfg = self.training.runtime.config
+        # A new dataset takes the served model's resolution; an existing one keeps its own.
+        res = cfg.resolution if cfg is not None else DEFAULT_RESOLUTION
+        return self.training.datasets.begin_upload(name, res)
+
+    def _stage(
+        self, upload: Upload, index: int, image: Any, meta: tpb.UploadDatasetMetadata
+    ) -> None:
+        upload.add(index, self._align(image, meta, upload.resolution))
 
     def _pixels(self, image: Any) -> int:
         """The image's pixels from its header; 0 for a bad one, which _align rejects."""
@@ -453,10 +484,21 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         """The job now (with its latest progress), then every new event until it ends. The
         job runs in its own process, so a watcher that disconnects changes nothing."""
         jobs = self.training.jobs
-        rec = await asyncio.to_thread(jobs.get, request.id)
+        # Between reads the stream waits for a change notice on the event loop, holding no
+        # thread: the default executor is shared with Swap, and open watches must not
+        # slow it down. Watching starts before the first read, so no change is missed.
+        with jobs.watching(request.id) as seen:
+            rec = await asyncio.to_thread(jobs.get, request.id)
+            async for msg in self._watch(rec, request.replay, seen):
+                yield msg
+
+    async def _watch(
+        self, rec: JobRecord, replay: bool, seen: int
+    ) -> AsyncIterator[tpb.WatchJobResponse]:
+        jobs = self.training.jobs
         # Without replay the history is skipped: a re-attaching watcher wants the present.
         history, offset = await asyncio.to_thread(jobs.events, rec.id, 0)
-        if request.replay:
+        if replay:
             for ev in history:
                 msg = tpb.WatchJobResponse(job=job_to_proto(rec))
                 _fill(msg, ev)
@@ -471,12 +513,12 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             first.message = f"job {rec.state}" + (f": {rec.error}" if rec.error else "")
         yield first
         ended = rec.state in TERMINAL
+        last = first
         while not ended:
-            await asyncio.to_thread(jobs.wait_changed, 0.25)
-            rec = await asyncio.to_thread(jobs.get, rec.id)
+            # The timeout is a safety net only: notices come within the monitor's poll.
+            seen = await jobs.changed(rec.id, seen, WATCH_RECHECK_S)
+            rec, events, offset = await asyncio.to_thread(_read_job, jobs, rec.id, offset)
             ended = rec.state in TERMINAL
-            # Read events after the state: a final state's own event is then already there.
-            events, offset = await asyncio.to_thread(jobs.events, rec.id, offset)
             for ev in events:
                 msg = tpb.WatchJobResponse(job=job_to_proto(rec))
                 _fill(msg, ev)
@@ -487,6 +529,22 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                 if ev.get("type") == "progress":
                     msg.job.step = int(ev.get("step", msg.job.step))
                 yield msg
+                last = msg
+        if last.job.state != _STATES[rec.state]:
+            # The final event came in a read before the record turned final (its owner,
+            # maybe another replica, writes the event first): end on the final state.
+            final = tpb.WatchJobResponse(job=job_to_proto(rec))
+            final.message = f"job {rec.state}" + (f": {rec.error}" if rec.error else "")
+            yield final
+
+
+def _read_job(
+    jobs: JobManager, job_id: str, offset: int
+) -> tuple[JobRecord, list[dict[str, Any]], int]:
+    rec = jobs.get(job_id)
+    # Read events after the state: a final state's own event is then already there.
+    events, offset = jobs.events(job_id, offset)
+    return rec, events, offset
 
 
 def _read_preview(work: Path) -> bytes:

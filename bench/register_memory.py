@@ -2,7 +2,7 @@
 of the upload the client had sent when the server answered, for a bogus upload (zeros) and a
 valid one. The server runs as its own process (`facemux serve`) on a fresh store.
 
-    python bench/upload_memory.py --mib 300
+    python bench/register_memory.py --mib 300
 """
 
 from __future__ import annotations
