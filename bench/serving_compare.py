@@ -1,5 +1,5 @@
 """The same model served by facemux and by TorchServe 0.12, driven by one load generator in one
-run, each against its own bare forward at batch 8.
+run, each against its own bare forward at batch 8 (measured right before it).
 
     python bench/serving_compare.py                      # tiny and original64, 20 s each
     python bench/serving_compare.py --presets tiny --seconds 10 --json out.json
@@ -7,7 +7,8 @@ run, each against its own bare forward at batch 8.
 Per preset: one store with random-weight identities (the figures do not depend on training);
 the TorchServe archive is exported from that store (`export_torchserve`: the same weights,
 facemux's handler). Both servers get the same C2PA test signer, so both answer every face
-watermarked and C2PA-signed, as `facemux serve` does by default. Each server runs alone
+watermarked and C2PA-signed, as `facemux serve` does by default (`--provenance
+watermark-only` drops the C2PA manifest on both, and the rows say so). Each server runs alone
 (the other is stopped), out of this process, with the same torch thread count:
 
 - facemux: `facemux serve` with its defaults (bearer tokens, provenance on, audit log) except
@@ -194,6 +195,7 @@ def run_facemux(
         *("--port", str(port), "--store", str(store), "--metrics-port", str(metrics_port)),
         *("--auth-tokens-file", str(tokens), "--torch-threads", str(args.threads)),
         *("--max-batch-size", str(BATCH), "--max-batch-wait-ms", str(WAIT_MS)),
+        *(["--provenance", args.provenance] if args.provenance != "on" else []),
     ]
     # The audit trail goes to stdout by default: written, as a user's would be, then dropped.
     log = open(work / "facemux.log", "wb")  # noqa: SIM115
@@ -247,7 +249,8 @@ def run_facemux(
         (s1 - s0) / max(c1 - c0, 1),
         bare,
         args.threads,
-        "defaults: tokens auth (loopback, no TLS), provenance on, audit log on",
+        "defaults: tokens auth (loopback, no TLS), audit log on, "
+        + _provenance_note(args.provenance),
     )
 
 
@@ -305,8 +308,15 @@ def run_torchserve(
         statistics.fmean(sizes) if sizes else float("nan"),
         bare,
         threads,
-        "facemux handler, 1 worker; TorchServe token authorization off",
+        "facemux handler, 1 worker, TorchServe token authorization off; "
+        + _provenance_note(args.provenance),
     )
+
+
+def _provenance_note(mode: str) -> str:
+    if mode == "on":
+        return "provenance on (watermark + C2PA)"
+    return "C2PA OFF (watermark only)"
 
 
 def compare(preset: str, args: argparse.Namespace) -> list[Row]:
@@ -319,21 +329,27 @@ def compare(preset: str, args: argparse.Namespace) -> list[Row]:
         # with the archive so both servers sign every answer.
         prov.generate_test_signer(root / "store" / "provenance")
         signer = root / "store" / "provenance"
+        signed = args.provenance == "on"
         export_torchserve(
             store,
             [IDENTITY],
             root / "mars",
             batch_size=BATCH,
             max_batch_delay_ms=WAIT_MS,
-            c2pa_cert=signer / "test-signer-chain.pem",
-            c2pa_key=signer / "test-signer-key.pem",
+            c2pa_cert=signer / "test-signer-chain.pem" if signed else None,
+            c2pa_key=signer / "test-signer-key.pem" if signed else None,
         )
         torch.set_num_threads(args.threads)
-        bare, _ms = measure(preset, torch.device("cpu"), BATCH, False, False, args.bare_seconds)
-        print(f"{preset} ({size}x{size}): bare forward at batch {BATCH}: {bare:.1f} faces/s")
-        rows = [run_facemux(preset, root / "store", root, face, args, bare)]
+
+        def bare() -> float:
+            # Right before each server, so a shared machine's drift hits both alike.
+            fps, _ms = measure(preset, torch.device("cpu"), BATCH, False, False, args.bare_seconds)
+            print(f"{preset} ({size}x{size}): bare forward at batch {BATCH}: {fps:.1f} faces/s")
+            return fps
+
+        rows = [run_facemux(preset, root / "store", root, face, args, bare())]
         print(f"{preset}: facemux {rows[-1].faces_per_s:.1f} faces/s")
-        rows.append(run_torchserve(preset, root / "mars", root, face, args, bare))
+        rows.append(run_torchserve(preset, root / "mars", root, face, args, bare()))
         print(f"{preset}: TorchServe {rows[-1].faces_per_s:.1f} faces/s")
     return rows
 
@@ -378,6 +394,12 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads, all three"
+    )
+    p.add_argument(
+        "--provenance",
+        choices=("on", "watermark-only"),
+        default="on",
+        help="both servers: watermark + C2PA (facemux's default) or the watermark alone",
     )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
