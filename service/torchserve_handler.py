@@ -15,6 +15,11 @@ fields over REST; a raw REST body is the image):
     width, height   for raw pixels (decimal text)
     request_id optional; goes into the watermark payload and the C2PA manifest
 
+Each batch also reports its size as the TorchServe metric ``FacemuxBatchSize`` (one line per
+batch through ``context.metrics``, like TorchServe's own ``PredictionTime``; in TorchServe's
+default ``log`` metrics mode it lands in ``logs/model_metrics.log``), so the mean batch that
+``batchSize``/``maxBatchDelay`` actually form can be read without touching the handler.
+
 The answer is a PNG face (watermarked; C2PA-signed when the archive carries a signing key) or,
 for a bad item, a JSON error object ``{"error": {"code": ..., "message": ...}}``. Over REST
 the bad item also gets HTTP 400; over gRPC TorchServe answers every item of a batch with
@@ -39,6 +44,7 @@ from facemux.models.errors import FacemuxError, InvalidInputError, NotFoundError
 log = logging.getLogger(__name__)
 
 ARCHIVE_MANIFEST = "facemux-archive.json"
+BATCH_SIZE_METRIC = "FacemuxBatchSize"
 # gRPC code names, as the facemux server would answer the same mistakes.
 _CODES = {InvalidInputError: "INVALID_ARGUMENT", NotFoundError: "NOT_FOUND"}
 
@@ -98,11 +104,12 @@ class FacemuxHandler:
             )
         self.initialized = True
         log.info(
-            "facemux archive %s: encoder %s, identities %s on %s",
+            "facemux archive %s: encoder %s, identities %s on %s, %d torch threads",
             self.archive,
             fingerprint[:12],
             ", ".join(f"{n} v{v}" for n, v in self.versions.items()),
             self.device,
+            torch.get_num_threads(),
         )
 
     # -- one batch ----------------------------------------------------------------------------
@@ -166,6 +173,7 @@ class FacemuxHandler:
         )
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        _report_batch_size(context, len(data))
         answers: list[bytes] = [b""] * len(data)
         good: list[tuple[int, str, np.ndarray, str]] = []
         for i, row in enumerate(data):
@@ -196,6 +204,18 @@ class FacemuxHandler:
             context.set_response_status(status, "facemux error", idx)
             context.set_response_content_type(idx, "application/json")
         return error_body(exc)
+
+
+def _report_batch_size(context: Any, size: int) -> None:
+    metrics = getattr(context, "metrics", None)
+    if metrics is None:
+        return
+    try:
+        # A fresh dimensions list each call: TorchServe appends its default dimensions to the
+        # list it is given (a shared default list would grow by two entries per batch).
+        metrics.add_metric(BATCH_SIZE_METRIC, size, "count", dimensions=[])
+    except Exception:  # a metrics failure must not fail the batch
+        log.debug("could not report the batch size", exc_info=True)
 
 
 _service = FacemuxHandler()

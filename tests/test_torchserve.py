@@ -141,6 +141,27 @@ def test_a_bad_item_in_a_batch_is_visible_to_its_caller(served: dict) -> None:
     assert prediction_image(_grpc(served, data=good, identity=b"bob")).startswith(b"\x89PNG")
 
 
+def test_each_batch_reports_its_size(served: dict) -> None:
+    """The handler's FacemuxBatchSize metric: one line per batch in model_metrics.log, the
+    sizes adding up to the requests served (how bench/serving_compare.py reads TorchServe's
+    mean batch)."""
+    ts = served["ts"]
+    before = len(ts.batch_sizes())
+    good = png(face_image(6))
+    calls = [{"data": good, "identity": b"alice"}] * 6 + [{"data": b"junk", "identity": b"bob"}]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        list(pool.map(lambda f: _grpc(served, **f), calls))
+    deadline = time.monotonic() + 10
+    sizes = ts.batch_sizes()[before:]
+    # The frontend writes the worker's metric lines on its own schedule.
+    while sum(sizes) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        sizes = ts.batch_sizes()[before:]
+    assert sum(sizes) == len(calls)
+    assert all(1 <= n <= 4 for n in sizes)  # the archive's batchSize
+    assert ts.worker_torch_threads() >= 1
+
+
 def test_export_refuses_revoked_consent(tmp_path: Path, models: Models) -> None:
     from facemux.service.export_torchserve import export_torchserve
 

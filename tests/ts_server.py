@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,8 +49,17 @@ def why_not_available() -> str:
 
 
 class TorchServe:
-    def __init__(self, model_store: Path, workdir: Path, models: dict[str, str]) -> None:
+    def __init__(
+        self,
+        model_store: Path,
+        workdir: Path,
+        models: dict[str, str],
+        env: dict[str, str] | None = None,
+        batch_size_metric: bool = True,
+    ) -> None:
         self.model_store = model_store
+        self.extra_env = dict(env or {})  # e.g. OMP_NUM_THREADS for the Python workers
+        self.batch_size_metric = batch_size_metric
         self.workdir = workdir
         self.models = models  # name -> archive file name in model_store
         self.http, self.management, self.metrics, self.grpc, self.grpc_mgmt = _free_ports(5)
@@ -81,11 +91,16 @@ class TorchServe:
                     "install_py_dep_per_model=false",
                     "default_workers_per_model=1",
                     f"model_store={self.model_store}",
+                    *(
+                        [f"metrics_config={metrics_config_with_batch_size(self.workdir)}"]
+                        if self.batch_size_metric
+                        else []
+                    ),
                 ]
             )
             + "\n"
         )
-        env = {**os.environ, "LOG_LOCATION": str(self.workdir / "logs")}
+        env = {**os.environ, **self.extra_env, "LOG_LOCATION": str(self.workdir / "logs")}
         env["METRICS_LOCATION"] = str(self.workdir / "logs")
         # TorchServe keeps one pid file in the temp directory and refuses to start beside
         # another instance: a temp directory of its own lets several run side by side.
@@ -157,10 +172,51 @@ class TorchServe:
         self.log.close()
         return self.proc.returncode
 
+    def batch_sizes(self) -> list[int]:
+        """The size of every batch the facemux handler has run so far, in order."""
+        return batch_sizes(self.workdir / "logs")
+
+    def worker_torch_threads(self) -> int | None:
+        """Torch threads of the facemux handler's worker, as it logged them at load."""
+        path = self.workdir / "logs" / "model_log.log"
+        found = _THREADS.findall(path.read_text(errors="replace")) if path.exists() else []
+        return int(found[-1]) if found else None
+
     def management_get(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.management}{path}"
         with urllib.request.urlopen(url, timeout=10) as r:
             return json.loads(r.read())
+
+
+_BATCH = re.compile(r"\bFacemuxBatchSize\.[A-Za-z]+:(\d+)(?:\.0*)?\|")
+_THREADS = re.compile(r"facemux archive .* (\d+) torch threads")
+
+
+def metrics_config_with_batch_size(workdir: Path) -> Path:
+    """TorchServe's default metrics.yaml plus the handler's FacemuxBatchSize counter.
+
+    TorchServe records only the model metrics its metrics config declares: without this the
+    handler's per-batch line reaches the frontend and is dropped."""
+    import ts
+    import yaml
+
+    config = yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text())
+    counters = config.setdefault("model_metrics", {}).setdefault("counter", [])
+    counters.append(
+        {"name": "FacemuxBatchSize", "unit": "Count", "dimensions": ["ModelName", "Level"]}
+    )
+    path = workdir / "metrics.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def batch_sizes(logs: Path) -> list[int]:
+    """Batch sizes from the handler's FacemuxBatchSize metric lines in a TorchServe log
+    directory (model_metrics.log in TorchServe's default `log` metrics mode)."""
+    path = logs / "model_metrics.log"
+    if not path.exists():
+        return []
+    return [int(v) for v in _BATCH.findall(path.read_text(errors="replace"))]
 
 
 def grpc_modules(workdir: Path) -> tuple[ModuleType, ModuleType]:
