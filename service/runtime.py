@@ -27,7 +27,7 @@ from facemux.models.errors import (
 )
 from facemux.models.networks import Decoder, Encoder
 from facemux.service.settings import Settings
-from facemux.service.store import Store, VersionRecord
+from facemux.service.store import IdentityRecord, Store, VersionRecord
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=torch.nn.Module)
@@ -170,10 +170,13 @@ class Runtime:
         assert self.config is not None
         return self.config
 
-    def decoder(self, name: str, version: int = 0) -> ResidentDecoder:
-        """The identity's decoder on the device, loading it from the store on a miss."""
+    def decoder(
+        self, name: str, version: int = 0, record: IdentityRecord | None = None
+    ) -> ResidentDecoder:
+        """The identity's decoder on the device, loading it from the store on a miss.
+        `record`: the identity's record as the caller just read it (not read again)."""
         self.encoder()
-        rec = self.store.get(name)
+        rec = record if record is not None else self.store.get(name)
         v = rec.version(version)
         key = (name, v.version)
         item = self.cache.get(key)
