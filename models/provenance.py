@@ -154,9 +154,16 @@ def embed_watermark(
     return cv2.subtract(cv2.add(image, np.ascontiguousarray(up)), np.ascontiguousarray(down))
 
 
+_BIT_INDEX = np.maximum(_BIT_TILE, 0)
+_SYNC_SIGN = _SYNC_TILE.astype(np.int16)
+_DATA_SIGN_I16 = _DATA_SIGN_TILE.astype(np.int16)
+
+
 def _sign_tiles(payloads: list[bytes]) -> np.ndarray:
-    """(N, TILE, TILE) int16 signs (+1 / -1) of each payload's tile."""
-    return np.stack([np.sign(_tile(TILE, TILE, p)) for p in payloads]).astype(np.int16)
+    """(N, TILE, TILE) int16 signs (+1 / -1) of each payload's tile (``_tile``'s signs, for
+    every payload at once: sync chips and data chips never overlap)."""
+    bits = np.stack([_coded_bits(p) for p in payloads]).astype(np.int16)  # (N, N_BITS) +-1
+    return _SYNC_SIGN + bits[:, _BIT_INDEX] * _DATA_SIGN_I16
 
 
 def embed_watermark_batch(

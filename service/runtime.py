@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
@@ -213,14 +214,29 @@ class Runtime:
 
     # -- model primitives for the scheduler (called from its worker thread only) -----------
 
-    def encode_batch(self, faces: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(faces)
+    def encode_batch(self, faces: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """(N,R,R,3) uint8 crops, or the parts of a batch (one per request), which are
+        gathered with one host copy: into pinned memory on CUDA, into one array on CPU."""
+        if isinstance(faces, np.ndarray):
+            parts: Sequence[np.ndarray] = [faces]
+        else:
+            parts = faces
         if self.device.type == "cuda":
-            # Pinned host memory lets the copy run asynchronously with the host work.
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            n = sum(len(f) for f in parts)
+            # Pinned host memory lets the copy to the device run asynchronously.
+            x = torch.empty((n, *parts[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+            start = 0
+            for f in parts:
+                x[start : start + len(f)] = torch.from_numpy(f)
+                start += len(f)
+            x = x.to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = x.contiguous(memory_format=torch.channels_last)
         else:
+            # One part (a lone request's own array) is used as it is; several are copied once.
+            one = parts[0]
+            lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
+            x = torch.from_numpy(one if lone else np.concatenate(parts))
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
         with self._autocast():
             return inference.encode(self.encoder(), x)

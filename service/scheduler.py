@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -75,8 +75,9 @@ class BatchStats:
 class ModelBackend(Protocol):
     """What the scheduler needs from the model (Runtime implements it)."""
 
-    def encode_batch(self, faces: np.ndarray) -> Tensor:
-        """(N,R,R,3) uint8 RGB crops -> latents on the device."""
+    def encode_batch(self, faces: np.ndarray | Sequence[np.ndarray]) -> Tensor:
+        """(N,R,R,3) uint8 RGB crops (or the parts of a batch, in order) -> latents on the
+        device."""
         ...
 
     def decode_batch(
@@ -217,8 +218,8 @@ class Scheduler:
         enc_idx = [i for i, it in enumerate(items) if it.op in (Op.ENCODE, Op.SWAP)]
         latents: dict[int, Tensor] = {}
         if enc_idx:
-            faces = np.concatenate([items[i].inputs for i in enc_idx])
-            z = b.encode_batch(faces)
+            # The parts as they are: the backend gathers them with one copy.
+            z = b.encode_batch([items[i].inputs for i in enc_idx])
             sizes = [items[i].size for i in enc_idx]
             for i, zi in zip(enc_idx, torch.split(z, sizes), strict=True):
                 latents[i] = zi
