@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class Result:
     latents: np.ndarray | None = None  # (N, C, H, W) float32 for ENCODE
     faces: np.ndarray | None = None  # (N, R, R, 3) uint8 for SWAP / DECODE
     masks: np.ndarray | None = None  # (N, R, R) uint8 when the decoder has a mask head
+    finished: Any = None  # what the item's `finish` made of this result, when it has one
 
 
 @dataclass
@@ -59,6 +61,11 @@ class Item:
     decoder: Decoder | None
     deadline: float | None  # time.monotonic() seconds
     future: concurrent.futures.Future[Result] = field(default_factory=concurrent.futures.Future)
+    # Host work on the result (encoding, provenance) done by the scheduler's finishing
+    # thread before the future resolves, while the worker runs the next batch; its return
+    # value is Result.finished. The items of a batch are finished together, in order, so
+    # their callers all get their answers at about the same time and come back together.
+    finish: Callable[[Result], Any] | None = None
 
     @property
     def size(self) -> int:
@@ -112,7 +119,10 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="facemux-batcher", daemon=True)
+        self._finishing: queue.SimpleQueue[list[tuple[Item, Result]] | None] = queue.SimpleQueue()
+        self._finisher = threading.Thread(target=self._finish, name="facemux-finisher", daemon=True)
         self._thread.start()
+        self._finisher.start()
 
     # -- submission ------------------------------------------------------------------------
 
@@ -149,6 +159,8 @@ class Scheduler:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        self._finishing.put(None)
+        self._finisher.join(timeout=30)
 
     # -- worker ----------------------------------------------------------------------------
 
@@ -204,12 +216,35 @@ class Scheduler:
                 for item in live:
                     item.future.set_exception(exc)
                 continue
+            seconds = time.perf_counter() - t0
+            to_finish = []
             for item, res in zip(live, results, strict=True):
-                item.future.set_result(res)
+                if item.finish is None:
+                    item.future.set_result(res)
+                else:
+                    to_finish.append((item, res))
+            if to_finish:
+                self._finishing.put(to_finish)
             if self.on_batch is not None:
-                self.on_batch(
-                    BatchStats(sum(i.size for i in live), len(live), time.perf_counter() - t0)
-                )
+                self.on_batch(BatchStats(sum(i.size for i in live), len(live), seconds))
+
+    def _finish(self) -> None:
+        while (batch := self._finishing.get()) is not None:
+            errors: list[BaseException | None] = []
+            for item, res in batch:
+                assert item.finish is not None
+                try:
+                    res.finished = item.finish(res)
+                    errors.append(None)
+                except BaseException as exc:  # the caller learns what went wrong
+                    errors.append(exc)
+            # Answered together, after the whole batch is finished: callers answered one by
+            # one come back one by one, and the batch they form gives up waiting half full.
+            for (item, res), exc in zip(batch, errors, strict=True):
+                if exc is None:
+                    item.future.set_result(res)
+                else:
+                    item.future.set_exception(exc)
 
     def _compute(self, items: list[Item]) -> list[Result]:
         b = self.backend

@@ -320,21 +320,24 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             memo,
         )
         clock.lap("preprocess")
-        result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
-        clock.lap("queue_and_model")
-        resp = await asyncio.to_thread(
-            self._swap_response,
-            identity,
-            resident,
-            inputs,
-            resized,
-            result,
-            options,
-            output,
-            request_id,
-            mark_id,
+
+        def respond(result: Result) -> spb.SwapResponse:
+            t0 = time.perf_counter()
+            resp = self._swap_response(
+                identity, resident, inputs, resized, result, options, output, request_id, mark_id
+            )
+            self.metrics.observe_stage("postprocess", time.perf_counter() - t0)
+            return resp
+
+        # Encoded, watermarked and signed by the scheduler's finishing thread as soon as the
+        # batch is computed: no further thread hop, and every face of the batch is answered
+        # at once, so the next batch forms full. (queue_and_model includes postprocess.)
+        result = await self.scheduler.run(
+            Item(Op.SWAP, batch, resident.decoder, deadline, finish=respond)
         )
-        clock.lap("postprocess")
+        clock.lap("queue_and_model")
+        resp = result.finished
+        assert isinstance(resp, spb.SwapResponse)
         self.metrics.faces_swapped(identity, resp.faces_swapped)
         return resp
 
