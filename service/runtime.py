@@ -19,6 +19,7 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 from facemux.models import checkpoint, inference
+from facemux.models import provenance as prov
 from facemux.models.config import ModelConfig
 from facemux.models.errors import (
     CheckpointError,
@@ -242,13 +243,28 @@ class Runtime:
             return inference.encode(self.encoder(), x)
 
     def decode_batch(
-        self, decoder: Decoder, latents: torch.Tensor
+        self,
+        decoder: Decoder,
+        latents: torch.Tensor,
+        marks: Sequence[bytes | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         with self._autocast():
             rgb, mask = inference.decode(decoder, latents)
-        return inference.tensor_to_images(rgb.float()), (
-            None if mask is None else inference.tensor_to_images(mask.float())
-        )
+        masks = None if mask is None else inference.tensor_to_images(mask.float())
+        marked = [i for i, m in enumerate(marks or ()) if m is not None]
+        if not marked:
+            return inference.tensor_to_images(rgb.float()), masks
+        assert marks is not None
+        payloads = [m for m in marks if m is not None]
+        if self.device.type == "cuda":
+            # Marked on the device, the whole batch in one pass, before the copy to the host
+            # (the same uint8 conversion as tensor_to_images).
+            u8 = rgb.float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
+            u8[marked] = prov.embed_watermark_batch_t(u8[marked], payloads)
+            return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
+        faces = inference.tensor_to_images(rgb.float())
+        faces[marked] = prov.embed_watermark_batch(faces[marked], payloads)
+        return faces, masks
 
     def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)

@@ -66,6 +66,9 @@ class Item:
     # value is Result.finished. The items of a batch are finished together, in order, so
     # their callers all get their answers at about the same time and come back together.
     finish: Callable[[Result], Any] | None = None
+    # One watermark payload per face: the faces come back marked, the whole batch's in one
+    # pass where the model left them (on the GPU, before the copy to the host).
+    marks: list[bytes] | None = None
 
     @property
     def size(self) -> int:
@@ -88,9 +91,10 @@ class ModelBackend(Protocol):
         ...
 
     def decode_batch(
-        self, decoder: Decoder, latents: Tensor
+        self, decoder: Decoder, latents: Tensor, marks: Sequence[bytes | None] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Latents on the device -> (N,R,R,3) uint8 faces and (N,R,R) uint8 masks or None."""
+        """Latents on the device -> (N,R,R,3) uint8 faces and (N,R,R) uint8 masks or None;
+        faces with a watermark payload in `marks` come back marked."""
         ...
 
     def latents_to_device(self, latents: np.ndarray) -> Tensor: ...
@@ -274,7 +278,10 @@ class Scheduler:
             assert decoder is not None
             parts = [latents[i] for i in members]
             z = parts[0] if len(parts) == 1 else torch.cat(parts)
-            faces, masks = b.decode_batch(decoder, z)
+            marks: list[bytes | None] | None = None
+            if any(items[i].marks for i in members):
+                marks = [m for i in members for m in (items[i].marks or [None] * items[i].size)]
+            faces, masks = b.decode_batch(decoder, z, marks)
             start = 0
             for i in members:
                 n = items[i].size

@@ -268,6 +268,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 request_id=request_id,
                 source_type=prov.TRAINED,
                 notes=notes,
+                marked=True,  # by the model's worker (Item.marks)
             )
         )
         for i, (w, h, _) in enumerate(inputs):
@@ -332,8 +333,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         # Encoded, watermarked and signed by the scheduler's finishing thread as soon as the
         # batch is computed: no further thread hop, and every face of the batch is answered
         # at once, so the next batch forms full. (queue_and_model includes postprocess.)
+        marks = None
+        if self.provenance.watermarks:
+            marks = [prov.payload_for(mark_id or request_id)] * len(inputs)
         result = await self.scheduler.run(
-            Item(Op.SWAP, batch, resident.decoder, deadline, finish=respond)
+            Item(Op.SWAP, batch, resident.decoder, deadline, finish=respond, marks=marks)
         )
         clock.lap("queue_and_model")
         resp = result.finished

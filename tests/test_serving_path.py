@@ -11,10 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import face_image, png
+from conftest import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.models import provenance as prov
+from facemux.service.runtime import Runtime
+from facemux.service.scheduler import Item, Op, Scheduler
 from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, LocalStore
 
 
@@ -105,3 +108,30 @@ def test_signer_with_a_key_not_its_certificate_fails_at_start(tmp_path: Path) ->
     prov.C2paSigner(a)  # a matching pair starts
     with pytest.raises(Exception, match=r"(?i)sign|key|certificate|manifest"):
         prov.C2paSigner(prov.SignerConfig(a.cert_chain_pem, b.key_pem, test_only=True))
+
+
+def test_scheduler_marks_the_batch_as_the_per_image_function(
+    tmp_path: Path, models: Models
+) -> None:
+    """Items carrying payloads come back marked by the model's worker, each face with its
+    own payload, identical to marking the unmarked output image by image; items without
+    payloads in the same batch are left alone."""
+    store = make_store(tmp_path / "store", models, ("alice",))
+    rt = Runtime(Settings(store=store.root), store)
+    rt.load()
+    decoder = rt.decoder("alice").decoder
+    faces = np.stack([face_image(i) for i in range(3)])
+    sched = Scheduler(rt, max_batch=64, max_wait_s=0.5)
+    try:
+        payloads = [prov.payload_for(f"r{i}") for i in range(2)]
+        marked = Item(Op.SWAP, faces[:2], decoder, None, marks=payloads)
+        plain = Item(Op.SWAP, faces[2:], decoder, None)
+        futures = [sched.submit(marked), sched.submit(plain)]
+        got = [f.result(timeout=60) for f in futures]
+        bare = sched.submit(Item(Op.SWAP, faces, decoder, None)).result(timeout=60)
+    finally:
+        sched.stop()
+    assert bare.faces is not None and got[0].faces is not None and got[1].faces is not None
+    expected = prov.embed_watermark_batch(bare.faces[:2], payloads)
+    assert np.array_equal(got[0].faces, expected)
+    assert np.array_equal(got[1].faces, bare.faces[2:])
