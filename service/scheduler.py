@@ -244,11 +244,11 @@ class Scheduler:
                     errors.append(exc)
             # Answered together, after the whole batch is finished: callers answered one by
             # one come back one by one, and the batch they form gives up waiting half full.
-            for (item, res), exc in zip(batch, errors, strict=True):
-                if exc is None:
+            for (item, res), error in zip(batch, errors, strict=True):
+                if error is None:
                     item.future.set_result(res)
                 else:
-                    item.future.set_exception(exc)
+                    item.future.set_exception(error)
 
     def _compute(self, items: list[Item]) -> list[Result]:
         b = self.backend
@@ -280,7 +280,10 @@ class Scheduler:
             z = parts[0] if len(parts) == 1 else torch.cat(parts)
             marks: list[bytes | None] | None = None
             if any(items[i].marks for i in members):
-                marks = [m for i in members for m in (items[i].marks or [None] * items[i].size)]
+                marks = []
+                for i in members:
+                    given = items[i].marks
+                    marks.extend([None] * items[i].size if given is None else given)
             faces, masks = b.decode_batch(decoder, z, marks)
             start = 0
             for i in members:
