@@ -87,7 +87,32 @@ class Provenance:
         if self.watermarks:
             rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
         img = convert.image_to_proto(rgb, output, input_format, alpha)
-        return self._sign(img, request_id, source_type, notes)
+        fmt = convert.output_format(output, input_format)
+        return self._sign(img, fmt, request_id, source_type, notes)
+
+    def outputs(
+        self,
+        faces: np.ndarray,
+        output: types_pb2.OutputOptions,
+        input_formats: list[str],
+        *,
+        mark_ids: list[str],
+        request_id: str,
+        source_type: str,
+        notes: list[str] | None = None,
+        marked: bool = False,
+    ) -> list[types_pb2.Image]:
+        """``output`` for a batch of model faces (N, R, R, 3), watermarked in one vectorised
+        pass (each with its own mark id) unless `marked` says that was done already (by the
+        model's worker, on the model's device)."""
+        if self.watermarks and not marked:
+            faces = prov.embed_watermark_batch(faces, [prov.payload_for(m) for m in mark_ids])
+        out = []
+        for rgb, input_format in zip(faces, input_formats, strict=True):
+            img = convert.image_to_proto(rgb, output, input_format)
+            fmt = convert.output_format(output, input_format)
+            out.append(self._sign(img, fmt, request_id, source_type, notes))
+        return out
 
     def output_on_device(
         self,
@@ -113,33 +138,23 @@ class Provenance:
         except Exception:
             log.exception("nvjpeg encode failed; this frame is encoded on the host")
             return None
-        return self._sign(types_pb2.Image(encoded=data), request_id, source_type, None)
+        return self._sign(types_pb2.Image(encoded=data), "JPEG", request_id, source_type, None)
 
     def _sign(
         self,
         img: types_pb2.Image,
+        fmt: str,
         request_id: str,
         source_type: str,
         notes: list[str] | None,
     ) -> types_pb2.Image:
+        """Sign `img`, encoded just before as `fmt` (known, so its bytes are not sniffed)."""
         if self.signer is None:
             return img
         if img.WhichOneof("source") != "encoded":
             if notes is not None and RAW_NOTE not in notes:
                 notes.append(RAW_NOTE)
             return img
-        fmt = imageio.sniff_format(img.encoded) or "PNG"
-        request_id = request_id[:128]  # caller-chosen: bound what goes into the manifest
-        title = f"facemux-{request_id}.{fmt.lower()}"
-        img.encoded = self.signer.sign(
-            img.encoded, fmt, source_type, title, request_id, self.version
-        )
-        return img
-        if img.WhichOneof("source") != "encoded":
-            if notes is not None and RAW_NOTE not in notes:
-                notes.append(RAW_NOTE)
-            return img
-        fmt = imageio.sniff_format(img.encoded) or "PNG"
         request_id = request_id[:128]  # caller-chosen: bound what goes into the manifest
         title = f"facemux-{request_id}.{fmt.lower()}"
         img.encoded = self.signer.sign(

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
@@ -18,6 +19,7 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 from facemux.models import checkpoint, inference
+from facemux.models import provenance as prov
 from facemux.models.config import ModelConfig
 from facemux.models.errors import (
     CheckpointError,
@@ -27,7 +29,7 @@ from facemux.models.errors import (
 )
 from facemux.models.networks import Decoder, Encoder
 from facemux.service.settings import Settings
-from facemux.service.store import Store, VersionRecord
+from facemux.service.store import IdentityRecord, Store, VersionRecord
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=torch.nn.Module)
@@ -170,10 +172,13 @@ class Runtime:
         assert self.config is not None
         return self.config
 
-    def decoder(self, name: str, version: int = 0) -> ResidentDecoder:
-        """The identity's decoder on the device, loading it from the store on a miss."""
+    def decoder(
+        self, name: str, version: int = 0, record: IdentityRecord | None = None
+    ) -> ResidentDecoder:
+        """The identity's decoder on the device, loading it from the store on a miss.
+        `record`: the identity's record as the caller just read it (not read again)."""
         self.encoder()
-        rec = self.store.get(name)
+        rec = record if record is not None else self.store.get(name)
         v = rec.version(version)
         key = (name, v.version)
         item = self.cache.get(key)
@@ -210,26 +215,56 @@ class Runtime:
 
     # -- model primitives for the scheduler (called from its worker thread only) -----------
 
-    def encode_batch(self, faces: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(faces)
+    def encode_batch(self, faces: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """(N,R,R,3) uint8 crops, or the parts of a batch (one per request), which are
+        gathered with one host copy: into pinned memory on CUDA, into one array on CPU."""
+        if isinstance(faces, np.ndarray):
+            parts: Sequence[np.ndarray] = [faces]
+        else:
+            parts = faces
         if self.device.type == "cuda":
-            # Pinned host memory lets the copy run asynchronously with the host work.
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            n = sum(len(f) for f in parts)
+            # Pinned host memory lets the copy to the device run asynchronously.
+            x = torch.empty((n, *parts[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+            start = 0
+            for f in parts:
+                x[start : start + len(f)] = torch.from_numpy(f)
+                start += len(f)
+            x = x.to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = x.contiguous(memory_format=torch.channels_last)
         else:
+            # One part (a lone request's own array) is used as it is; several are copied once.
+            one = parts[0]
+            lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
+            x = torch.from_numpy(one if lone else np.concatenate(parts))
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
         with self._autocast():
             return inference.encode(self.encoder(), x)
 
     def decode_batch(
-        self, decoder: Decoder, latents: torch.Tensor
+        self,
+        decoder: Decoder,
+        latents: torch.Tensor,
+        marks: Sequence[bytes | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         with self._autocast():
             rgb, mask = inference.decode(decoder, latents)
-        return inference.tensor_to_images(rgb.float()), (
-            None if mask is None else inference.tensor_to_images(mask.float())
-        )
+        masks = None if mask is None else inference.tensor_to_images(mask.float())
+        marked = [i for i, m in enumerate(marks or ()) if m is not None]
+        if not marked:
+            return inference.tensor_to_images(rgb.float()), masks
+        assert marks is not None
+        payloads = [m for m in marks if m is not None]
+        if self.device.type == "cuda":
+            # Marked on the device, the whole batch in one pass, before the copy to the host
+            # (the same uint8 conversion as tensor_to_images).
+            u8 = rgb.float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
+            u8[marked] = prov.embed_watermark_batch_t(u8[marked], payloads)
+            return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
+        faces = inference.tensor_to_images(rgb.float())
+        faces[marked] = prov.embed_watermark_batch(faces[marked], payloads)
+        return faces, masks
 
     def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ class Result:
     latents: np.ndarray | None = None  # (N, C, H, W) float32 for ENCODE
     faces: np.ndarray | None = None  # (N, R, R, 3) uint8 for SWAP / DECODE
     masks: np.ndarray | None = None  # (N, R, R) uint8 when the decoder has a mask head
+    finished: Any = None  # what the item's `finish` made of this result, when it has one
 
 
 @dataclass
@@ -59,6 +61,14 @@ class Item:
     decoder: Decoder | None
     deadline: float | None  # time.monotonic() seconds
     future: concurrent.futures.Future[Result] = field(default_factory=concurrent.futures.Future)
+    # Host work on the result (encoding, provenance) done by the scheduler's finishing
+    # thread before the future resolves, while the worker runs the next batch; its return
+    # value is Result.finished. The items of a batch are finished together, in order, so
+    # their callers all get their answers at about the same time and come back together.
+    finish: Callable[[Result], Any] | None = None
+    # One watermark payload per face: the faces come back marked, the whole batch's in one
+    # pass where the model left them (on the GPU, before the copy to the host).
+    marks: list[bytes] | None = None
 
     @property
     def size(self) -> int:
@@ -75,14 +85,16 @@ class BatchStats:
 class ModelBackend(Protocol):
     """What the scheduler needs from the model (Runtime implements it)."""
 
-    def encode_batch(self, faces: np.ndarray) -> Tensor:
-        """(N,R,R,3) uint8 RGB crops -> latents on the device."""
+    def encode_batch(self, faces: np.ndarray | Sequence[np.ndarray]) -> Tensor:
+        """(N,R,R,3) uint8 RGB crops (or the parts of a batch, in order) -> latents on the
+        device."""
         ...
 
     def decode_batch(
-        self, decoder: Decoder, latents: Tensor
+        self, decoder: Decoder, latents: Tensor, marks: Sequence[bytes | None] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Latents on the device -> (N,R,R,3) uint8 faces and (N,R,R) uint8 masks or None."""
+        """Latents on the device -> (N,R,R,3) uint8 faces and (N,R,R) uint8 masks or None;
+        faces with a watermark payload in `marks` come back marked."""
         ...
 
     def latents_to_device(self, latents: np.ndarray) -> Tensor: ...
@@ -111,7 +123,10 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="facemux-batcher", daemon=True)
+        self._finishing: queue.SimpleQueue[list[tuple[Item, Result]] | None] = queue.SimpleQueue()
+        self._finisher = threading.Thread(target=self._finish, name="facemux-finisher", daemon=True)
         self._thread.start()
+        self._finisher.start()
 
     # -- submission ------------------------------------------------------------------------
 
@@ -148,6 +163,8 @@ class Scheduler:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        self._finishing.put(None)
+        self._finisher.join(timeout=30)
 
     # -- worker ----------------------------------------------------------------------------
 
@@ -203,12 +220,35 @@ class Scheduler:
                 for item in live:
                     item.future.set_exception(exc)
                 continue
+            seconds = time.perf_counter() - t0
+            to_finish = []
             for item, res in zip(live, results, strict=True):
-                item.future.set_result(res)
+                if item.finish is None:
+                    item.future.set_result(res)
+                else:
+                    to_finish.append((item, res))
+            if to_finish:
+                self._finishing.put(to_finish)
             if self.on_batch is not None:
-                self.on_batch(
-                    BatchStats(sum(i.size for i in live), len(live), time.perf_counter() - t0)
-                )
+                self.on_batch(BatchStats(sum(i.size for i in live), len(live), seconds))
+
+    def _finish(self) -> None:
+        while (batch := self._finishing.get()) is not None:
+            errors: list[BaseException | None] = []
+            for item, res in batch:
+                assert item.finish is not None
+                try:
+                    res.finished = item.finish(res)
+                    errors.append(None)
+                except BaseException as exc:  # the caller learns what went wrong
+                    errors.append(exc)
+            # Answered together, after the whole batch is finished: callers answered one by
+            # one come back one by one, and the batch they form gives up waiting half full.
+            for (item, res), error in zip(batch, errors, strict=True):
+                if error is None:
+                    item.future.set_result(res)
+                else:
+                    item.future.set_exception(error)
 
     def _compute(self, items: list[Item]) -> list[Result]:
         b = self.backend
@@ -217,8 +257,8 @@ class Scheduler:
         enc_idx = [i for i, it in enumerate(items) if it.op in (Op.ENCODE, Op.SWAP)]
         latents: dict[int, Tensor] = {}
         if enc_idx:
-            faces = np.concatenate([items[i].inputs for i in enc_idx])
-            z = b.encode_batch(faces)
+            # The parts as they are: the backend gathers them with one copy.
+            z = b.encode_batch([items[i].inputs for i in enc_idx])
             sizes = [items[i].size for i in enc_idx]
             for i, zi in zip(enc_idx, torch.split(z, sizes), strict=True):
                 latents[i] = zi
@@ -238,7 +278,13 @@ class Scheduler:
             assert decoder is not None
             parts = [latents[i] for i in members]
             z = parts[0] if len(parts) == 1 else torch.cat(parts)
-            faces, masks = b.decode_batch(decoder, z)
+            marks: list[bytes | None] | None = None
+            if any(items[i].marks for i in members):
+                marks = []
+                for i in members:
+                    given = items[i].marks
+                    marks.extend([None] * items[i].size if given is None else given)
+            faces, masks = b.decode_batch(decoder, z, marks)
             start = 0
             for i in members:
                 n = items[i].size

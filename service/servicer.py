@@ -9,7 +9,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -111,6 +112,27 @@ def streaming(
     return wrapper
 
 
+@dataclass
+class _Seen:
+    """An identity as a stream last resolved it, and the store's stamp taken before that."""
+
+    name: str
+    version: int  # as asked: 0 = the default
+    record: IdentityRecord
+    resident: ResidentDecoder
+    stamp: Hashable
+
+
+class IdentityMemo:
+    """Per SwapStream: the identity's record and decoder, reused from frame to frame while the
+    store's stamp of the identity is unchanged (two stats instead of reading and parsing the
+    record for every frame). Any change to the record (a revocation, a deletion, a new
+    default) changes the stamp, so the next frame reads it again and sees it."""
+
+    def __init__(self) -> None:
+        self.seen: _Seen | None = None
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     left = context.time_remaining()
     return None if left is None else time.monotonic() + left
@@ -150,13 +172,35 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 f"{n} {what} in one request, over the limit of {limit}; split the batch"
             )
 
-    def _resolve(self, name: str, version: int) -> ResidentDecoder:
+    def _resolve(
+        self, name: str, version: int, memo: IdentityMemo | None = None
+    ) -> ResidentDecoder:
+        """The identity's decoder, after its consent check: one read of its record (the
+        store validates the name), handed on to the runtime rather than read again."""
         self.runtime.encoder()  # UNAVAILABLE while loading, before anything else
         if not name:
             raise InvalidInputError("identity is required: name the identity to draw")
-        validate_name(name)
-        check_usable(self.store.get(name))
-        return self.runtime.decoder(name, version)
+        stamp = None
+        if memo is not None:
+            # Taken before the record is read: a write between the two changes the stamp
+            # after the record was read, so the next frame reads it again.
+            stamp = self.store.stamp(name)
+            seen = memo.seen
+            if (
+                seen is not None
+                and stamp is not None
+                and (seen.name, seen.version, seen.stamp) == (name, version, stamp)
+                # Still resident: a decoder evicted from the cache is not kept alive here.
+                and self.runtime.cache.get((name, seen.resident.version.version)) is seen.resident
+            ):
+                check_usable(seen.record)  # expiry is a matter of time, not of the record
+                return seen.resident
+        rec = self.store.get(name)
+        check_usable(rec)
+        resident = self.runtime.decoder(name, version, rec)
+        if memo is not None:
+            memo.seen = None if stamp is None else _Seen(name, version, rec, resident, stamp)
+        return resident
 
     def _face_pixels(self, faces: Any) -> list[int]:
         return convert.request_pixels(
@@ -188,11 +232,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         )
 
     def _prepare_swap(
-        self, identity: str, version: int, faces: Any
-    ) -> tuple[ResidentDecoder, list[int]]:
-        self._count(len(faces), "faces")
-        resident = self._resolve(identity, version)
-        return resident, self._face_pixels(faces)
+        self, identity: str, version: int, faces: Any, memo: IdentityMemo | None
+    ) -> tuple[ResidentDecoder, np.ndarray, list[bool], list[InputCrop]]:
+        """The identity's decoder and the decoded crops, in one worker-thread hop."""
+        resident = self._resolve(identity, version, memo)
+        return (resident, *self._decode_crops(faces))
 
     def _swap_response(
         self,
@@ -215,18 +259,19 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             model_resolution=res,
             faces_swapped=len(inputs),
         )
-        for i, ((w, h, fmt), out) in enumerate(zip(inputs, result.faces, strict=True)):
-            resp.faces.append(
-                self.provenance.output(
-                    out,
-                    output,
-                    fmt,
-                    mark_id=mark_id or request_id,
-                    request_id=request_id,
-                    source_type=prov.TRAINED,
-                    notes=notes,
-                )
+        resp.faces.extend(
+            self.provenance.outputs(
+                result.faces,
+                output,
+                [fmt for _, _, fmt in inputs],
+                mark_ids=[mark_id or request_id] * len(inputs),
+                request_id=request_id,
+                source_type=prov.TRAINED,
+                notes=notes,
+                marked=True,  # by the model's worker (Item.marks)
             )
+        )
+        for i, (w, h, _) in enumerate(inputs):
             resp.results.append(
                 spb.FaceResult(
                     index=i,
@@ -257,26 +302,46 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         deadline: float | None,
         request_id: str = "",
         mark_id: str = "",
+        memo: IdentityMemo | None = None,
     ) -> spb.SwapResponse:
         clock = self.metrics.stage_clock()
-        resident, sizes = await asyncio.to_thread(self._prepare_swap, identity, version, faces)
-        batch, resized, inputs = await self._decode_faces(faces, sizes, deadline)
-        clock.lap("preprocess")
-        result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
-        clock.lap("queue_and_model")
-        resp = await asyncio.to_thread(
-            self._swap_response,
+        # Checks that read only the message and image headers (microseconds) run here; the
+        # store read and the decoding share one worker-thread hop, holding the pixels.
+        self.runtime.encoder()  # UNAVAILABLE while loading, before anything else
+        self._count(len(faces), "faces")
+        sizes = self._face_pixels(faces)
+        resident, batch, resized, inputs = await self.budget.run(
+            max(sizes),
+            deadline,
+            f"{len(sizes)} faces",
+            self._prepare_swap,
             identity,
-            resident,
-            inputs,
-            resized,
-            result,
-            options,
-            output,
-            request_id,
-            mark_id,
+            version,
+            faces,
+            memo,
         )
-        clock.lap("postprocess")
+        clock.lap("preprocess")
+
+        def respond(result: Result) -> spb.SwapResponse:
+            t0 = time.perf_counter()
+            resp = self._swap_response(
+                identity, resident, inputs, resized, result, options, output, request_id, mark_id
+            )
+            self.metrics.observe_stage("postprocess", time.perf_counter() - t0)
+            return resp
+
+        # Encoded, watermarked and signed by the scheduler's finishing thread as soon as the
+        # batch is computed: no further thread hop, and every face of the batch is answered
+        # at once, so the next batch forms full. (queue_and_model includes postprocess.)
+        marks = None
+        if self.provenance.watermarks:
+            marks = [prov.payload_for(mark_id or request_id)] * len(inputs)
+        result = await self.scheduler.run(
+            Item(Op.SWAP, batch, resident.decoder, deadline, finish=respond, marks=marks)
+        )
+        clock.lap("queue_and_model")
+        resp = result.finished
+        assert isinstance(resp, spb.SwapResponse)
         self.metrics.faces_swapped(identity, resp.faces_swapped)
         return resp
 
@@ -291,9 +356,10 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         tracker: FaceTracker | None = None,
         request_id: str = "",
         mark_id: str = "",
+        memo: IdentityMemo | None = None,
     ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
         """One full frame, synchronously (runs in a worker thread)."""
-        resident = self._resolve(identity, version)
+        resident = self._resolve(identity, version, memo)
         t0 = time.perf_counter()
         on_gpu = None
         if frame.WhichOneof("source") == "encoded":
@@ -412,6 +478,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         detect_every = 0
         # Each frame's provenance marks carry "<stream id>:<frame index>".
         stream_id = uuid.uuid4().hex[:16]
+        memo = IdentityMemo()  # the identity's record is read again only when it changes
         async for req in request_iterator:
             if req.identity:
                 identity, version = req.identity, req.identity_version
@@ -427,7 +494,14 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             try:
                 if req.aligned:
                     r = await self._swap_faces(
-                        identity, version, [req.frame], options, output, _deadline(context), mark
+                        identity,
+                        version,
+                        [req.frame],
+                        options,
+                        output,
+                        _deadline(context),
+                        mark,
+                        memo=memo,
                     )
                     self.metrics.frames_swapped()
                     frame, results, n = r.faces[0], list(r.results), r.faces_swapped
@@ -448,6 +522,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         deadline,
                         tracker,
                         mark,
+                        "",
+                        memo,
                     )
                     results, n = out.results, out.faces_swapped
             except (InvalidInputError, PreconditionError) as exc:

@@ -41,7 +41,7 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -283,6 +283,12 @@ class Store(ABC):
 
     @abstractmethod
     def get(self, name: str) -> IdentityRecord: ...
+
+    def stamp(self, name: str) -> Hashable | None:
+        """A cheap token that changes whenever the identity's record does (consent, versions,
+        default, deletion): a reader that took the stamp *before* `get` may reuse that
+        record while the stamp stays equal. None = no cheap check; read the record again."""
+        return None
 
     @abstractmethod
     def list_identities(self) -> list[IdentityRecord]: ...
@@ -536,6 +542,19 @@ class LocalStore(Store):
                     f"identity {name!r} does not exist; list them with ListIdentities"
                 )
             return self._read_identity(d)
+
+    def stamp(self, name: str) -> Hashable | None:
+        # Two stats, no lock. identity.json is only ever replaced (atomic_write: a new file
+        # renamed over the old), so its inode changes on every write, however close in time
+        # (mtimes can be too coarse to tell two writes apart); a version directory added or
+        # removed changes the identity directory's link count and mtime; a deletion makes the
+        # stat fail, and a re-creation is a new directory.
+        d = self._identity_dir(name)
+        try:
+            ds, js = os.stat(d), os.stat(d / "identity.json")
+        except FileNotFoundError:
+            return None
+        return (ds.st_ino, ds.st_nlink, ds.st_mtime_ns, js.st_ino, js.st_mtime_ns, js.st_size)
 
     def list_identities(self) -> list[IdentityRecord]:
         out = []
