@@ -1,10 +1,22 @@
 """Dynamic batching between the RPC handlers and the model.
 
 Handlers validate and preprocess their inputs, then submit work items here. One worker
-thread takes items from a bounded queue and forms a batch: it waits at most `max_wait_s`
-after the first item, or until `max_batch` faces are collected. The shared encoder runs
-once over every face in the batch whatever its identity, then each decoder runs once over
-its group (swap items and decode items alike). Results go back to each caller's future.
+thread takes items from a bounded queue and forms a batch. The shared encoder runs once over
+every face in the batch whatever its identity, then each decoder runs once over its group
+(swap items and decode items alike). Results go back to each caller's future.
+
+When a batch closes (docs/ARCHITECTURE.md, "Batching policy"): at `max_batch` faces; at
+once when no more work is known to be on its way; otherwise when no item has arrived for
+`max_wait_s` (counted from the later of the batch's first item, its latest arrival and, for
+returning work, the time it is due back). Work on its way is of two kinds, counted in
+faces: announced work (a handler entered `expect(n)` and is still preprocessing) and
+returning work (faces answered by earlier batches whose callers have not submitted again).
+Callers answered together come back spread over the response and request paths, and the
+first of them only after a round trip; the scheduler learns that round trip and waits for
+the convoy, so it is not cut into two batches that then alternate forever. Returning work
+not back `max_wait_s` after it was due is forgotten (the caller left or thinks), so it
+delays one batch at most. A lone caller never waits: when its item arrives nothing else is
+announced or owed.
 
 Why a thread, not the event loop: torch calls block for milliseconds to seconds. Why one
 worker: a model call already uses every core (or the whole GPU); two would only contend.
@@ -17,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -59,6 +73,7 @@ class Item:
     decoder: Decoder | None
     deadline: float | None  # time.monotonic() seconds
     future: concurrent.futures.Future[Result] = field(default_factory=concurrent.futures.Future)
+    submitted_at: float = 0.0  # scheduler clock, set by submit()
 
     @property
     def size(self) -> int:
@@ -70,6 +85,40 @@ class BatchStats:
     faces: int
     items: int
     seconds: float
+    # Per computed item: seconds from submit() until its batch started.
+    queue_waits: tuple[float, ...] = ()
+
+
+class Clock(Protocol):
+    """Time for the worker: the system clock in service, a manual one in tests."""
+
+    def monotonic(self) -> float: ...
+
+    def wait(self, cv: threading.Condition, timeout: float | None) -> None:
+        """Block on `cv` (held by the caller) until notified or `timeout` seconds pass."""
+        ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, cv: threading.Condition, timeout: float | None) -> None:
+        cv.wait(timeout)
+
+
+class _Announcement:
+    """Faces a handler said it would submit; submit() consumes them."""
+
+    def __init__(self, faces: int) -> None:
+        self.faces = faces
+
+
+# The handler's open announcement, if any: submit() finds it here, so call sites need not
+# thread it through (asyncio tasks and asyncio.to_thread copy the context).
+_announced: contextvars.ContextVar[_Announcement | None] = contextvars.ContextVar(
+    "facemux_announced", default=None
+)
 
 
 class ModelBackend(Protocol):
@@ -90,6 +139,20 @@ class ModelBackend(Protocol):
     def latents_to_host(self, latents: Tensor) -> np.ndarray: ...
 
 
+@dataclass
+class _Owed:
+    """Faces a batch answered whose callers have not submitted again."""
+
+    answered_at: float  # clock time its callers got their results
+    faces: int
+
+
+# Smoothing of the learned round trip, and its bound (a caller that pauses between calls
+# must not teach the scheduler to hold batches for long).
+ROUND_TRIP_SMOOTHING = 0.25
+MAX_ROUND_TRIP_S = 1.0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -99,19 +162,29 @@ class Scheduler:
         max_queue_faces: int = 2048,
         batching: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
+        clock: Clock | None = None,
+        start: bool = True,
     ) -> None:
+        """`start=False` leaves the worker loop to the caller (`step()`): tests drive it."""
         self.backend = backend
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue_faces = max_queue_faces
         self.batching = batching
         self.on_batch = on_batch
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self._queue: deque[Item] = deque()
         self._queued_faces = 0
+        self._announced_faces = 0  # announced by handlers, not yet submitted
+        # Returning work by batch, oldest first; arrivals pay off the oldest first.
+        self._owed: deque[_Owed] = deque()
+        # Learned: from a batch's results until the last of its callers is back.
+        self.round_trip_s = 0.0
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="facemux-batcher", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread.start()
 
     # -- submission ------------------------------------------------------------------------
 
@@ -119,9 +192,37 @@ class Scheduler:
         """Faces waiting (not yet taken into a batch)."""
         return self._queued_faces
 
+    @contextmanager
+    def expect(self, faces: int) -> Iterator[None]:
+        """Announce that this handler will submit about `faces` faces: enter it where the
+        request starts preprocessing, submit inside it. A batch that forms meanwhile waits
+        for the announced faces (within `max_wait_s`); leaving the block withdraws what was
+        not submitted (bad input, errors), so an abandoned announcement delays no one."""
+        ann = _Announcement(max(0, faces))
+        with self._cv:
+            self._announced_faces += ann.faces
+        token = _announced.set(ann)
+        try:
+            yield
+        finally:
+            _announced.reset(token)
+            with self._cv:
+                self._announced_faces -= ann.faces
+                ann.faces = 0
+                self._cv.notify()
+
     def submit(self, item: Item) -> concurrent.futures.Future[Result]:
         """Enqueue from any thread; the future resolves with the result or the error."""
+        ann = _announced.get()
         with self._cv:
+            if ann is not None and ann.faces:
+                # Announced work becomes queued work in one step: the worker never sees it
+                # as neither (and closes a batch it was about to join).
+                used = min(ann.faces, item.size)
+                ann.faces -= used
+                self._announced_faces -= used
+            now = self.clock.monotonic()
+            self._pay_back(item.size, now)
             if self._stopping:
                 raise ResourceExhaustedError("the server is shutting down; retry elsewhere")
             if self._queued_faces + item.size > self.max_queue_faces and self._queue:
@@ -129,6 +230,7 @@ class Scheduler:
                     f"the model queue is full ({self._queued_faces} faces waiting, limit "
                     f"{self.max_queue_faces}); retry with backoff or send smaller batches"
                 )
+            item.submitted_at = now
             self._queue.append(item)
             self._queued_faces += item.size
             self._cv.notify()
@@ -152,16 +254,18 @@ class Scheduler:
     # -- worker ----------------------------------------------------------------------------
 
     def _take_batch(self) -> list[Item]:
-        """Block for the first item, then gather more until full or the wait is over."""
+        """Block for the first item, then gather more until full, until no more work is on
+        its way, or until `max_wait_s` has passed (a hard bound)."""
         with self._cv:
             while not self._queue and not self._stopping:
-                self._cv.wait()
+                self.clock.wait(self._cv, None)
             if self._stopping and not self._queue:
                 return []
             batch = [self._queue.popleft()]
             faces = batch[0].size
             if self.batching:
-                give_up = time.monotonic() + self.max_wait_s
+                last_event = self.clock.monotonic()
+                deadlines = [i.deadline for i in batch if i.deadline is not None]
                 while faces < self.max_batch:
                     if self._queue:
                         if faces + self._queue[0].size > self.max_batch:
@@ -169,46 +273,106 @@ class Scheduler:
                         nxt = self._queue.popleft()
                         batch.append(nxt)
                         faces += nxt.size
+                        last_event = max(last_event, nxt.submitted_at)
+                        if nxt.deadline is not None:
+                            deadlines.append(nxt.deadline)
                         continue
-                    left = give_up - time.monotonic()
+                    now = self.clock.monotonic()
+                    self._expire_owed(now)
+                    # Returning work is waited for until max_wait_s after it is due back
+                    # (the newest convoy is due last); older debts are only bookkeeping.
+                    owed_until = 0.0
+                    if self._owed:
+                        owed_until = self._owed[-1].answered_at + self.round_trip_s
+                        owed_until += self.max_wait_s
+                    if not self._announced_faces and owed_until <= now:
+                        break  # nothing on its way: waiting would only add latency
+                    # Otherwise no gap of max_wait_s without an arrival, except for
+                    # returning work not yet due.
+                    give_up = max(last_event + self.max_wait_s, owed_until)
+                    if deadlines:
+                        give_up = min(give_up, min(deadlines))
+                    left = give_up - now
                     if left <= 0:
                         break
-                    self._cv.wait(timeout=left)
+                    self.clock.wait(self._cv, left)
             self._queued_faces -= sum(i.size for i in batch)
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                return
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if not item.future.set_running_or_notify_cancel():
-                    continue  # the caller cancelled while waiting
-                if item.deadline is not None and now > item.deadline:
-                    item.future.set_exception(
-                        DeadlineExpiredError("deadline passed while queued; not computed")
-                    )
-                    continue
-                live.append(item)
-            if not live:
-                continue
-            t0 = time.perf_counter()
-            try:
-                results = self._compute(live)
-            except BaseException as exc:  # every caller learns what went wrong
-                log.exception("model batch of %d items failed", len(live))
-                for item in live:
-                    item.future.set_exception(exc)
-                continue
-            for item, res in zip(live, results, strict=True):
-                item.future.set_result(res)
-            if self.on_batch is not None:
-                self.on_batch(
-                    BatchStats(sum(i.size for i in live), len(live), time.perf_counter() - t0)
+        while self.step():
+            pass
+
+    def step(self) -> bool:
+        """Form one batch, compute it and answer its callers; False once stopped."""
+        batch = self._take_batch()
+        if not batch:
+            return False
+        self._run_batch(batch)
+        return True
+
+    def _run_batch(self, batch: list[Item]) -> None:
+        now = self.clock.monotonic()
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # the caller cancelled while waiting
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExpiredError("deadline passed while queued; not computed")
                 )
+                continue
+            live.append(item)
+        if not live:
+            return
+        waits = tuple(now - i.submitted_at for i in live)
+        faces = sum(i.size for i in live)
+        t0 = time.perf_counter()
+        try:
+            results = self._compute(live)
+        except BaseException as exc:  # every caller learns what went wrong
+            log.exception("model batch of %d items failed", len(live))
+            self._answered(faces)
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - t0
+        # Owed before the callers learn their results, so none can come back unowed.
+        self._answered(faces)
+        for item, res in zip(live, results, strict=True):
+            item.future.set_result(res)
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(faces, len(live), seconds, waits))
+
+    def _answered(self, faces: int) -> None:
+        """A batch's callers are about to get their results. Closed-loop callers come
+        back after a round trip (response, network, next request), spread over it."""
+        with self._cv:
+            self._owed.append(_Owed(self.clock.monotonic(), faces))
+
+    def _learn(self, round_trip: float) -> None:
+        sample = min(round_trip, MAX_ROUND_TRIP_S)
+        self.round_trip_s += ROUND_TRIP_SMOOTHING * (sample - self.round_trip_s)
+
+    def _expire_owed(self, now: float) -> None:
+        """Forget debts well past due: their callers left or pause between calls. Until
+        the scheduler has learned the round trip this also teaches it that it is longer."""
+        lifetime = 2 * (self.round_trip_s + self.max_wait_s)
+        while self._owed and now - self._owed[0].answered_at > lifetime:
+            self._learn(lifetime)
+            self._owed.popleft()
+
+    def _pay_back(self, faces: int, now: float) -> None:
+        """An item arrived: a caller is back (or a new one came; either way fewer faces are
+        owed). Callers are anonymous: the oldest owed batch is paid first."""
+        self._expire_owed(now)
+        while faces and self._owed:
+            paid = min(faces, self._owed[0].faces)
+            self._owed[0].faces -= paid
+            faces -= paid
+            if not self._owed[0].faces:
+                # The last caller of that batch is back: that is its round trip.
+                self._learn(now - self._owed.popleft().answered_at)
 
     def _compute(self, items: list[Item]) -> list[Result]:
         b = self.backend

@@ -259,10 +259,12 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         mark_id: str = "",
     ) -> spb.SwapResponse:
         clock = self.metrics.stage_clock()
-        resident, sizes = await asyncio.to_thread(self._prepare_swap, identity, version, faces)
-        batch, resized, inputs = await self._decode_faces(faces, sizes, deadline)
-        clock.lap("preprocess")
-        result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
+        # Announced from here to submit: a batch forming meanwhile waits for these faces.
+        with self.scheduler.expect(len(faces)):
+            resident, sizes = await asyncio.to_thread(self._prepare_swap, identity, version, faces)
+            batch, resized, inputs = await self._decode_faces(faces, sizes, deadline)
+            clock.lap("preprocess")
+            result = await self.scheduler.run(Item(Op.SWAP, batch, resident.decoder, deadline))
         clock.lap("queue_and_model")
         resp = await asyncio.to_thread(
             self._swap_response,
@@ -481,9 +483,10 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.EncodeResponse:
         deadline = _deadline(context)
-        sizes = await asyncio.to_thread(self._prepare_encode, request)
-        batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
-        result = await self.scheduler.run(Item(Op.ENCODE, batch, None, deadline))
+        with self.scheduler.expect(len(request.faces)):
+            sizes = await asyncio.to_thread(self._prepare_encode, request)
+            batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
+            result = await self.scheduler.run(Item(Op.ENCODE, batch, None, deadline))
         assert result.latents is not None
         fp = self.runtime.fingerprint
         return spb.EncodeResponse(
@@ -538,8 +541,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
     async def Decode(
         self, request: spb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.DecodeResponse:
-        z, resident = await asyncio.to_thread(self._prepare_decode, request)
-        result = await self.scheduler.run(Item(Op.DECODE, z, resident.decoder, _deadline(context)))
+        with self.scheduler.expect(len(request.latents)):
+            z, resident = await asyncio.to_thread(self._prepare_decode, request)
+            result = await self.scheduler.run(
+                Item(Op.DECODE, z, resident.decoder, _deadline(context))
+            )
         resp = await asyncio.to_thread(self._decode_response, request, resident, result)
         self.metrics.faces_swapped(request.identity, len(resp.faces))
         return resp
