@@ -14,9 +14,9 @@ returning work (faces answered by earlier batches whose callers have not submitt
 Callers answered together come back spread over the response and request paths, and the
 first of them only after a round trip; the scheduler learns that round trip and waits for
 the convoy, so it is not cut into two batches that then alternate forever. Returning work
-not back `max_wait_s` after it was due is forgotten (the caller left or thinks), so it
-delays one batch at most. A lone caller never waits: when its item arrives nothing else is
-announced or owed.
+not back `max_wait_s` after it was due no longer holds batches (the caller left or pauses
+between calls), so it delays one batch at most. A lone caller never waits: when its item
+arrives nothing else is announced or owed.
 
 Why a thread, not the event loop: torch calls block for milliseconds to seconds. Why one
 worker: a model call already uses every core (or the whole GPU); two would only contend.

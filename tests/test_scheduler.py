@@ -377,8 +377,16 @@ def test_k_closed_loop_clients_fill_batches_through_the_server(
             return after[0] - before[0], after[1] - before[1]
 
         faces, batches = asyncio.run(load())
+        samples = {
+            (x.name, x.labels.get("le", "")): x.value
+            for m in srv.app.metrics.registry.collect()
+            for x in m.samples
+        }
     assert faces == 40 * k
     assert faces / batches >= 0.85 * k, f"mean batch {faces / batches:.2f} of {k}"
+    # The histogram resolves every size up to the largest batch; every item's wait is timed.
+    assert all(("facemux_batch_size_bucket", f"{n}.0") in samples for n in range(1, k + 1))
+    assert samples[("facemux_queue_wait_seconds_count", "")] == (40 + 1) * k
 
 
 def _sum_count(hist: object) -> tuple[float, float]:
