@@ -347,6 +347,8 @@ class Scheduler:
     def _answered(self, faces: int) -> None:
         """A batch's callers are about to get their results. Closed-loop callers come
         back after a round trip (response, network, next request), spread over it."""
+        if not self.batching:
+            return
         with self._cv:
             self._owed.append(_Owed(self.clock.monotonic(), faces))
 

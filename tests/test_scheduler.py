@@ -4,6 +4,7 @@ late and cancelled items fail alone; closed-loop callers fill their batches."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import random
@@ -331,6 +332,41 @@ def test_a_caller_that_leaves_delays_one_batch_at_most(runtime: Runtime) -> None
     assert all(b.faces == k - 1 for b in later)
     # The round trip is learned, the leaver forgotten: nobody waits for it any more.
     assert max(w for b in later for w in b.queue_waits) < 0.005
+
+
+def test_batch_waits_for_announced_work_and_not_for_withdrawn(runtime: Runtime) -> None:
+    """A handler that is still preprocessing has announced its faces (`expect`): the batch
+    waits for them; an announcement withdrawn without a submit (bad input) releases it."""
+    clock = SimClock()
+    stats: list[BatchStats] = []
+    s = Scheduler(
+        TimedModel(runtime, clock),
+        max_batch=8,
+        max_wait_s=0.010,
+        on_batch=stats.append,
+        clock=clock,
+        start=False,
+    )
+    alice = runtime.decoder("alice").decoder
+
+    def handler(enter: float, leave: float, submit: bool) -> None:
+        # Each handler in its own context, as asyncio gives each RPC its own task.
+        ctx = contextvars.copy_context()
+        cm = s.expect(1)
+        clock.at(enter, lambda: ctx.run(cm.__enter__))
+        if submit:
+            clock.at(leave, lambda: ctx.run(s.submit, Item(Op.SWAP, _faces(0, 1), alice, None)))
+        clock.at(leave, lambda: ctx.run(cm.__exit__, None, None, None))
+
+    handler(0.0, 0.001, submit=True)
+    handler(0.0, 0.006, submit=True)  # arrives 5 ms after the first is taken
+    assert s.step()
+    assert stats[-1].faces == 2 and max(stats[-1].queue_waits) == pytest.approx(0.005)
+
+    handler(1.0, 1.001, submit=True)
+    handler(1.0, 1.003, submit=False)  # bad input: never submits
+    assert s.step()
+    assert stats[-1].faces == 1 and stats[-1].queue_waits == (pytest.approx(0.002),)
 
 
 def test_k_closed_loop_clients_fill_batches_through_the_server(
