@@ -147,9 +147,12 @@ class _Owed:
     faces: int
 
 
-# Smoothing of the learned round trip, and its bound (a caller that pauses between calls
-# must not teach the scheduler to hold batches for long).
-ROUND_TRIP_SMOOTHING = 0.25
+# The round trip is learned as TCP learns its retransmission timeout (RFC 6298): a
+# smoothed mean and mean deviation, and a convoy is due back after mean + 4 deviations, so
+# a noisy machine widens the wait instead of cutting convoys. Bounded, so callers that
+# pause between calls cannot teach the scheduler to hold batches for long.
+ROUND_TRIP_GAIN = 1 / 8
+DEVIATION_GAIN = 1 / 4
 MAX_ROUND_TRIP_S = 1.0
 
 
@@ -180,6 +183,7 @@ class Scheduler:
         self._owed: deque[_Owed] = deque()
         # Learned: from a batch's results until the last of its callers is back.
         self.round_trip_s = 0.0
+        self.round_trip_dev_s = 0.0
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="facemux-batcher", daemon=True)
@@ -283,7 +287,7 @@ class Scheduler:
                     # (the newest convoy is due last); older debts are only bookkeeping.
                     owed_until = 0.0
                     if self._owed:
-                        owed_until = self._owed[-1].answered_at + self.round_trip_s
+                        owed_until = self._owed[-1].answered_at + self.due_after_s()
                         owed_until += self.max_wait_s
                     if not self._announced_faces and owed_until <= now:
                         break  # nothing on its way: waiting would only add latency
@@ -352,14 +356,22 @@ class Scheduler:
         with self._cv:
             self._owed.append(_Owed(self.clock.monotonic(), faces))
 
+    def due_after_s(self) -> float:
+        """How long after its results a convoy is expected back, whole."""
+        return min(self.round_trip_s + 4 * self.round_trip_dev_s, MAX_ROUND_TRIP_S)
+
     def _learn(self, round_trip: float) -> None:
         sample = min(round_trip, MAX_ROUND_TRIP_S)
-        self.round_trip_s += ROUND_TRIP_SMOOTHING * (sample - self.round_trip_s)
+        self.round_trip_dev_s += DEVIATION_GAIN * (
+            abs(sample - self.round_trip_s) - self.round_trip_dev_s
+        )
+        self.round_trip_s += ROUND_TRIP_GAIN * (sample - self.round_trip_s)
 
     def _expire_owed(self, now: float) -> None:
-        """Forget debts well past due: their callers left or pause between calls. Until
-        the scheduler has learned the round trip this also teaches it that it is longer."""
-        lifetime = 2 * (self.round_trip_s + self.max_wait_s)
+        """Forget debts no longer waited for (max_wait_s past due): their callers left or
+        pause between calls. The round trip was at least that long, which is what teaches
+        a scheduler that has not learned it yet (or learned it on a quieter machine)."""
+        lifetime = self.due_after_s() + 2 * self.max_wait_s
         while self._owed and now - self._owed[0].answered_at > lifetime:
             self._learn(lifetime)
             self._owed.popleft()
