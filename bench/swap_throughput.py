@@ -263,13 +263,14 @@ def convoy(
     name: str,
     store: Path,
     clients: int,
+    max_batch: int,
     seconds: float,
     max_wait_ms: float,
     source: Path | None,
     workdir: Path,
 ) -> ConvoyRow:
     """K closed-loop grpc.aio callers on one channel against a server with defaults (but
-    auth off: loopback, no tokens), max batch K."""
+    auth off: loopback, no tokens)."""
     port = _free_port()
     metrics_port = _free_port()
     env = {**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"}
@@ -291,7 +292,7 @@ def convoy(
         "--audit-log",
         str(workdir / f"audit-{port}.log"),
         "--max-batch-size",
-        str(clients),
+        str(max_batch),
         "--max-batch-wait-ms",
         str(max_wait_ms),
     ]
@@ -364,13 +365,14 @@ def convoy_main(args: argparse.Namespace) -> int:
         sources: list[tuple[str, Path | None]] = [("this checkout", None)]
         if args.baseline_src:
             sources.insert(0, (f"baseline {args.baseline_src}", Path(args.baseline_src)))
+        max_batch = args.max_batch or args.clients
         rows = [
-            convoy(name, store, args.clients, args.seconds, args.max_wait_ms, src, work)
+            convoy(name, store, args.clients, max_batch, args.seconds, args.max_wait_ms, src, work)
             for name, src in sources
         ]
     print(
         f"\npreset {args.preset}, {args.clients} closed-loop grpc.aio callers on one channel, "
-        f"1 JPEG crop per call, PNG out, provenance on, max batch {args.clients}, "
+        f"1 JPEG crop per call, PNG out, provenance on, max batch {max_batch}, "
         f"wait {args.max_wait_ms} ms, {args.seconds:.0f} s each, {os.cpu_count()} cores\n"
     )
     print("| server | mean batch | queue wait ms | faces/s | p50 ms | p99 ms | calls |")
@@ -383,7 +385,7 @@ def convoy_main(args: argparse.Namespace) -> int:
     if len(rows) == 2:
         print(
             f"\nsummary: mean batch {rows[0].mean_batch:.2f} -> {rows[1].mean_batch:.2f} of "
-            f"{args.clients}, faces/s x{rows[1].faces_per_s / rows[0].faces_per_s:.2f}"
+            f"{max_batch}, faces/s x{rows[1].faces_per_s / rows[0].faces_per_s:.2f}"
         )
     return 0
 
@@ -407,6 +409,12 @@ def main() -> int:
         action="store_true",
         help="batch formation under K closed-loop grpc.aio callers (JPEG in, PNG out, "
         "provenance on); prints the server's mean batch",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="with --convoy: the server's max batch (default: one face per client)",
     )
     p.add_argument(
         "--baseline-src",
