@@ -55,7 +55,8 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     port, metrics_port = _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
     exe = Path(sys.executable).parent / "facemux"
-    # A lone face waits up to 4 s for its batch to fill: an in-flight call that is still
+    # A face waits up to 4 s for the callers the previous batch answered to come back (a
+    # call of two faces, answered, then a call of one): an in-flight call that is still
     # running when SIGTERM arrives, without patching anything in the server.
     proc = subprocess.Popen(
         [
@@ -80,6 +81,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     try:
         with FacemuxClient(target, timeout=30, retries=1) as c:
             c.wait_ready(60)
+            c.swap_faces([face_image(0), face_image(1)], "alice")
             outcome: dict[str, Any] = {}
 
             def in_flight() -> None:
