@@ -9,8 +9,9 @@ When a batch closes (docs/ARCHITECTURE.md, "Batching policy"): at `max_batch` fa
 once when no more work is known to be on its way; otherwise when no item has arrived for
 `max_wait_s` (counted from the later of the batch's first item, its latest arrival and, for
 returning work, the time it is due back). Work on its way is of two kinds, counted in
-faces: announced work (a handler entered `expect(n)` and is still preprocessing) and
-returning work (faces answered by earlier batches whose callers have not submitted again).
+faces or callers: announced work (a handler entered `expect(n)` and is still
+preprocessing) and returning work (callers answered by earlier batches that have not
+submitted again).
 Callers answered together come back spread over the response and request paths, and the
 first of them only after a round trip; the scheduler learns that round trip and waits for
 the convoy, so it is not cut into two batches that then alternate forever. Returning work
@@ -141,10 +142,12 @@ class ModelBackend(Protocol):
 
 @dataclass
 class _Owed:
-    """Faces a batch answered whose callers have not submitted again."""
+    """Callers (items) a batch answered that have not submitted again. Counted in items,
+    not faces: a caller comes back with one item whatever its face count, and a caller
+    whose next call has fewer faces must not leave a debt that holds batches back."""
 
     answered_at: float  # clock time its callers got their results
-    faces: int
+    callers: int
 
 
 # The round trip is learned as TCP learns its retransmission timeout (RFC 6298): a
@@ -226,7 +229,7 @@ class Scheduler:
                 ann.faces -= used
                 self._announced_faces -= used
             now = self.clock.monotonic()
-            self._pay_back(item.size, now)
+            self._pay_back(now)
             if self._stopping:
                 raise ResourceExhaustedError("the server is shutting down; retry elsewhere")
             if self._queued_faces + item.size > self.max_queue_faces and self._queue:
@@ -336,25 +339,25 @@ class Scheduler:
             results = self._compute(live)
         except BaseException as exc:  # every caller learns what went wrong
             log.exception("model batch of %d items failed", len(live))
-            self._answered(faces)
+            self._answered(len(live))
             for item in live:
                 item.future.set_exception(exc)
             return
         seconds = time.perf_counter() - t0
         # Owed before the callers learn their results, so none can come back unowed.
-        self._answered(faces)
+        self._answered(len(live))
         for item, res in zip(live, results, strict=True):
             item.future.set_result(res)
         if self.on_batch is not None:
             self.on_batch(BatchStats(faces, len(live), seconds, waits))
 
-    def _answered(self, faces: int) -> None:
+    def _answered(self, callers: int) -> None:
         """A batch's callers are about to get their results. Closed-loop callers come
         back after a round trip (response, network, next request), spread over it."""
         if not self.batching:
             return
         with self._cv:
-            self._owed.append(_Owed(self.clock.monotonic(), faces))
+            self._owed.append(_Owed(self.clock.monotonic(), callers))
 
     def due_after_s(self) -> float:
         """How long after its results a convoy is expected back, whole."""
@@ -376,15 +379,13 @@ class Scheduler:
             self._learn(lifetime)
             self._owed.popleft()
 
-    def _pay_back(self, faces: int, now: float) -> None:
-        """An item arrived: a caller is back (or a new one came; either way fewer faces are
+    def _pay_back(self, now: float) -> None:
+        """An item arrived: a caller is back (or a new one came; either way one fewer is
         owed). Callers are anonymous: the oldest owed batch is paid first."""
         self._expire_owed(now)
-        while faces and self._owed:
-            paid = min(faces, self._owed[0].faces)
-            self._owed[0].faces -= paid
-            faces -= paid
-            if not self._owed[0].faces:
+        if self._owed:
+            self._owed[0].callers -= 1
+            if not self._owed[0].callers:
                 # The last caller of that batch is back: that is its round trip.
                 self._learn(now - self._owed.popleft().answered_at)
 

@@ -265,6 +265,8 @@ def closed_loop(
     round_trip: Callable[[random.Random], float],
     max_wait_s: float = 0.010,
     leave_after: dict[int, int] | None = None,
+    faces_per_call: Callable[[int], int] = lambda n: 1,
+    max_batch: int = 0,
 ) -> list[BatchStats]:
     """`callers` closed-loop callers of one face each, max batch = callers: each submits
     again `round_trip()` seconds after its answer (response path, network, next request),
@@ -274,7 +276,7 @@ def closed_loop(
     model = TimedModel(runtime, clock)
     s = Scheduler(
         model,
-        max_batch=callers,
+        max_batch=max_batch or callers,
         max_wait_s=max_wait_s,
         on_batch=stats.append,
         clock=clock,
@@ -286,7 +288,8 @@ def closed_loop(
     answers = [0] * callers
 
     def submit(k: int) -> None:
-        s.submit(Item(Op.SWAP, face, alice, None)).add_done_callback(lambda _: answered(k))
+        faces = np.repeat(face, faces_per_call(answers[k]), axis=0)
+        s.submit(Item(Op.SWAP, faces, alice, None)).add_done_callback(lambda _: answered(k))
 
     def answered(k: int) -> None:
         answers[k] += 1
@@ -312,8 +315,22 @@ def test_closed_loop_callers_fill_their_batches(runtime: Runtime) -> None:
 
 
 def test_lone_caller_is_dispatched_without_waiting(runtime: Runtime) -> None:
-    stats = closed_loop(runtime, 1, 30, lambda rng: 0.005 + rng.uniform(0, 0.02))
+    stats = closed_loop(runtime, 1, 30, lambda rng: 0.005 + rng.uniform(0, 0.02), max_batch=8)
     assert [b.faces for b in stats] == [1] * 30
+    assert all(w == 0.0 for b in stats for w in b.queue_waits)
+
+
+def test_lone_caller_with_varying_face_counts_never_waits(runtime: Runtime) -> None:
+    """Three faces, then one: the caller is back, not two faces short."""
+    stats = closed_loop(
+        runtime,
+        1,
+        20,
+        lambda rng: 0.001 + rng.uniform(0, 0.002),
+        faces_per_call=lambda n: 3 - 2 * (n % 2),
+        max_batch=8,
+    )
+    assert [b.faces for b in stats] == [3, 1] * 10
     assert all(w == 0.0 for b in stats for w in b.queue_waits)
 
 
