@@ -201,10 +201,11 @@ class Scheduler:
 
     @contextmanager
     def expect(self, faces: int) -> Iterator[None]:
-        """Announce that this handler will submit about `faces` faces: enter it where the
-        request starts preprocessing, submit inside it. A batch that forms meanwhile waits
-        for the announced faces (within `max_wait_s`); leaving the block withdraws what was
-        not submitted (bad input, errors), so an abandoned announcement delays no one."""
+        """Announce that this handler will submit one item of about `faces` faces: enter
+        it where the request starts preprocessing, submit inside it. A batch that forms
+        meanwhile waits for the announced faces (no gap of `max_wait_s` without an
+        arrival); leaving the block withdraws them if nothing was submitted (bad input,
+        errors), so an abandoned announcement delays no one."""
         ann = _Announcement(max(0, faces))
         with self._cv:
             self._announced_faces += ann.faces
@@ -224,10 +225,11 @@ class Scheduler:
         with self._cv:
             if ann is not None and ann.faces:
                 # Announced work becomes queued work in one step: the worker never sees it
-                # as neither (and closes a batch it was about to join).
-                used = min(ann.faces, item.size)
-                ann.faces -= used
-                self._announced_faces -= used
+                # as neither (and closes a batch it was about to join). A handler submits
+                # once per announcement, so all of it is settled here: a smaller item than
+                # announced must not leave its own batch waiting for the rest.
+                self._announced_faces -= ann.faces
+                ann.faces = 0
             now = self.clock.monotonic()
             self._pay_back(now)
             if self._stopping:
