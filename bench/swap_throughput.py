@@ -3,6 +3,13 @@ model loop, all measured in one run on one machine.
 
     python bench/swap_throughput.py --preset original64 --clients 8 --seconds 20
     python bench/swap_throughput.py --preset tiny --clients 8 --faces-per-call 1
+    python bench/swap_throughput.py --convoy --max-wait-ms 10 [--baseline-src ../main]
+
+--convoy measures batch formation under what users send: K closed-loop grpc.aio callers on
+one channel, one 64x64 JPEG crop per call, PNG back, max batch K, server defaults otherwise
+(provenance on); it prints the server's mean batch (from /metrics) next to faces/s and
+latency. --baseline-src runs the same load against a server from another source checkout
+(e.g. the main branch) in the same run, for a side-by-side before/after.
 
 Each server runs in its own process (`facemux serve`), the clients are threads of this
 process, each with its own channel, sending pre-encoded PNG crops and asking for raw output
@@ -14,6 +21,7 @@ the encoder and decoder in this process at the batch size the batched server can
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import statistics
@@ -27,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
+import grpc
 import numpy as np
 import torch
 from facemux.client import FacemuxClient
@@ -34,6 +43,8 @@ from facemux.models import checkpoint, inference
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore, VersionRecord
+from facemux.v1 import swap_service_pb2 as spb
+from facemux.v1 import swap_service_pb2_grpc, types_pb2
 
 # Synthetic decoders of no one; the store gives every identity a consent record.
 BENCH_CONSENT = {"attested_by": "bench", "evidence_ref": "synthetic", "granted_at": "2026-01-01"}
@@ -49,13 +60,26 @@ class Row:
     stages: dict[str, float] = field(default_factory=dict)  # server ms per call, by stage
 
 
+def _scrape(metrics_port: int) -> str:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return bytes(urllib.request.urlopen(url, timeout=10).read()).decode()
+
+
+def sample_sum(text: str, name: str) -> float:
+    """One unlabelled sample (e.g. facemux_batch_size_sum) from a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def stage_ms(metrics_port: int) -> dict[str, float]:
     """Mean ms per observation of each pipeline stage, from the server's own /metrics (where
     a call's time goes: decoding crops, the queue and model, encoding results)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    text = _scrape(metrics_port)
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for line in text.decode().splitlines():
+    for line in text.splitlines():
         for suffix, into in (("_sum", sums), ("_count", counts)):
             head = f'facemux_stage_seconds{suffix}{{stage="'
             if line.startswith(head):
@@ -209,6 +233,163 @@ def through_server(
     )
 
 
+@dataclass
+class ConvoyRow:
+    name: str
+    mean_batch: float
+    mean_queue_wait_ms: float
+    faces_per_s: float
+    p50_ms: float
+    p99_ms: float
+    calls: int
+
+
+def _source_path(src: Path, into: Path) -> str:
+    """A PYTHONPATH entry that imports facemux from another source checkout (its folders
+    mapped as pyproject.toml maps them), ahead of the installed one."""
+    pkg = into / "facemux"
+    pkg.mkdir(parents=True)
+    for name, folder in (
+        ("models", "models"),
+        ("service", "service"),
+        ("client", "client"),
+        ("v1", "proto/facemux/v1"),
+    ):
+        (pkg / name).symlink_to((src / folder).resolve(), target_is_directory=True)
+    return str(into)
+
+
+def convoy(
+    name: str,
+    store: Path,
+    clients: int,
+    max_batch: int,
+    seconds: float,
+    max_wait_ms: float,
+    source: Path | None,
+    workdir: Path,
+) -> ConvoyRow:
+    """K closed-loop grpc.aio callers on one channel against a server with defaults (but
+    auth off: loopback, no tokens)."""
+    port = _free_port()
+    metrics_port = _free_port()
+    env = {**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"}
+    if source is not None:
+        env["PYTHONPATH"] = _source_path(source, workdir / f"src-{port}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "facemux.client.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--store",
+        str(store),
+        "--metrics-port",
+        str(metrics_port),
+        "--auth",
+        "off",
+        "--audit-log",
+        str(workdir / f"audit-{port}.log"),
+        "--max-batch-size",
+        str(max_batch),
+        "--max-batch-wait-ms",
+        str(max_wait_ms),
+    ]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        with FacemuxClient(f"127.0.0.1:{port}") as probe:
+            probe.wait_ready(120)
+            res = probe.model_info().resolution
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        face = cv2.resize(small, (res, res), interpolation=cv2.INTER_CUBIC)
+        jpeg = bytes(cv2.imencode(".jpg", face)[1].tobytes())
+        request = spb.SwapRequest(
+            identity="bench",
+            faces=spb.FaceBatch(faces=[types_pb2.Image(encoded=jpeg)]),
+            output=types_pb2.OutputOptions(format=types_pb2.IMAGE_FORMAT_PNG),
+        )
+
+        async def load() -> tuple[list[float], float, float, float, float]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = swap_service_pb2_grpc.SwapServiceStub(channel)
+                for _ in range(3):  # warm-up: load the decoder, settle the threads
+                    await stub.Swap(request, timeout=300)
+                before = _scrape(metrics_port)
+                stop_at = time.perf_counter() + seconds
+                latencies: list[float] = []
+
+                async def caller() -> None:
+                    while time.perf_counter() < stop_at:
+                        t0 = time.perf_counter()
+                        await stub.Swap(request, timeout=300)
+                        latencies.append(time.perf_counter() - t0)
+
+                t_start = time.perf_counter()
+                await asyncio.gather(*(caller() for _ in range(clients)))
+                wall = time.perf_counter() - t_start
+                after = _scrape(metrics_port)
+
+            def delta(sample: str) -> float:
+                return sample_sum(after, sample) - sample_sum(before, sample)
+
+            return (
+                latencies,
+                wall,
+                delta("facemux_batch_size_sum") / max(1.0, delta("facemux_batch_size_count")),
+                delta("facemux_queue_wait_seconds_sum"),
+                delta("facemux_queue_wait_seconds_count"),
+            )
+
+        latencies, wall, mean_batch, wait_sum, wait_count = asyncio.run(load())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return ConvoyRow(
+        name,
+        mean_batch,
+        1000 * wait_sum / wait_count if wait_count else float("nan"),
+        len(latencies) / wall,
+        1000 * statistics.median(latencies),
+        1000 * float(np.percentile(latencies, 99)),
+        len(latencies),
+    )
+
+
+def convoy_main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        store = work / "store"
+        make_store(store, args.preset)
+        sources: list[tuple[str, Path | None]] = [("this checkout", None)]
+        if args.baseline_src:
+            sources.insert(0, (f"baseline {args.baseline_src}", Path(args.baseline_src)))
+        max_batch = args.max_batch or args.clients
+        rows = [
+            convoy(name, store, args.clients, max_batch, args.seconds, args.max_wait_ms, src, work)
+            for name, src in sources
+        ]
+    print(
+        f"\npreset {args.preset}, {args.clients} closed-loop grpc.aio callers on one channel, "
+        f"1 JPEG crop per call, PNG out, provenance on, max batch {max_batch}, "
+        f"wait {args.max_wait_ms} ms, {args.seconds:.0f} s each, {os.cpu_count()} cores\n"
+    )
+    print("| server | mean batch | queue wait ms | faces/s | p50 ms | p99 ms | calls |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r.name} | {r.mean_batch:.2f} | {r.mean_queue_wait_ms:.2f} | "
+            f"{r.faces_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.calls} |"
+        )
+    if len(rows) == 2:
+        print(
+            f"\nsummary: mean batch {rows[0].mean_batch:.2f} -> {rows[1].mean_batch:.2f} of "
+            f"{max_batch}, faces/s x{rows[1].faces_per_s / rows[0].faces_per_s:.2f}"
+        )
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="original64")
@@ -223,7 +404,26 @@ def main() -> int:
     )
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (server and bare loop)")
+    p.add_argument(
+        "--convoy",
+        action="store_true",
+        help="batch formation under K closed-loop grpc.aio callers (JPEG in, PNG out, "
+        "provenance on); prints the server's mean batch",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="with --convoy: the server's max batch (default: one face per client)",
+    )
+    p.add_argument(
+        "--baseline-src",
+        default="",
+        help="with --convoy: also run a server from this source checkout, first",
+    )
     args = p.parse_args()
+    if args.convoy:
+        return convoy_main(args)
     batch = args.clients * args.faces_per_call
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"

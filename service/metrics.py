@@ -78,8 +78,34 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
-# Faces per model batch: powers of two up to the largest allowed request.
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+# Faces per model batch: every size up to the configured largest batch (so a mean of 5.1
+# against a maximum of 8 shows which sizes occur), then powers of two for larger requests.
+def batch_buckets(max_batch: int) -> tuple[float, ...]:
+    exact = range(1, max(1, min(max_batch, 64)) + 1)
+    above = (2**k for k in range(7, 12) if 2**k > max_batch)
+    return (*map(float, exact), *map(float, above))
+
+
+# Seconds an item waits in the scheduler queue before its batch starts: from nothing (a
+# lone caller) through the batch wait (milliseconds) to a backlog behind busy batches.
+QUEUE_WAIT_BUCKETS = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 OTHER_IDENTITY = "(other)"
@@ -119,6 +145,7 @@ class BatchStatsLike(Protocol):
     faces: int
     items: int
     seconds: float
+    queue_waits: tuple[float, ...]
 
 
 class StageClock:
@@ -138,7 +165,7 @@ class StageClock:
 class Metrics:
     """All instruments of one server; cheap to create (tests and the servicer's default)."""
 
-    def __init__(self, max_identities: int = 100) -> None:
+    def __init__(self, max_identities: int = 100, max_batch: int = 32) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.max_identities = max_identities
@@ -213,8 +240,16 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "facemux_batch_size",
-            "Faces per model batch formed by the scheduler.",
-            buckets=BATCH_BUCKETS,
+            "Faces per model batch formed by the scheduler (one bucket per size up to the "
+            "configured largest batch).",
+            buckets=batch_buckets(max_batch),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "facemux_queue_wait_seconds",
+            "Seconds each item waited in the scheduler queue before its model batch started "
+            "(the batch wait plus any backlog; excludes the model time).",
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
         self._serving = Gauge(
@@ -278,6 +313,8 @@ class Metrics:
         """The scheduler's on_batch callback (runs on its worker thread)."""
         self.batch_size.observe(stats.faces)
         self.stage_seconds.labels("model_batch").observe(stats.seconds)
+        for wait in stats.queue_waits:
+            self.queue_wait.observe(wait)
 
     def set_serving(self, serving: bool) -> None:
         self._serving.set(1 if serving else 0)

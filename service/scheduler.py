@@ -1,10 +1,23 @@
 """Dynamic batching between the RPC handlers and the model.
 
 Handlers validate and preprocess their inputs, then submit work items here. One worker
-thread takes items from a bounded queue and forms a batch: it waits at most `max_wait_s`
-after the first item, or until `max_batch` faces are collected. The shared encoder runs
-once over every face in the batch whatever its identity, then each decoder runs once over
-its group (swap items and decode items alike). Results go back to each caller's future.
+thread takes items from a bounded queue and forms a batch. The shared encoder runs once over
+every face in the batch whatever its identity, then each decoder runs once over its group
+(swap items and decode items alike). Results go back to each caller's future.
+
+When a batch closes (docs/ARCHITECTURE.md, "Batching policy"): at `max_batch` faces; at
+once when no more work is known to be on its way; otherwise when no item has arrived for
+`max_wait_s` (counted from the later of the batch's first item, its latest arrival and, for
+returning work, the time it is due back). Work on its way is of two kinds, counted in
+faces or callers: announced work (a handler entered `expect(n)` and is still
+preprocessing) and returning work (callers answered by earlier batches that have not
+submitted again).
+Callers answered together come back spread over the response and request paths, and the
+first of them only after a round trip; the scheduler learns that round trip and waits for
+the convoy, so it is not cut into two batches that then alternate forever. Returning work
+not back `max_wait_s` after it was due no longer holds batches (the caller left or pauses
+between calls), so it delays one batch at most. A lone caller never waits: when its item
+arrives nothing else is announced or owed.
 
 Why a thread, not the event loop: torch calls block for milliseconds to seconds. Why one
 worker: a model call already uses every core (or the whole GPU); two would only contend.
@@ -17,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -61,6 +76,7 @@ class Item:
     decoder: Decoder | None
     deadline: float | None  # time.monotonic() seconds
     future: concurrent.futures.Future[Result] = field(default_factory=concurrent.futures.Future)
+    submitted_at: float = 0.0  # scheduler clock, set by submit()
     # Host work on the result (encoding, provenance) done by the scheduler's finishing
     # thread before the future resolves, while the worker runs the next batch; its return
     # value is Result.finished. The items of a batch are finished together, in order, so
@@ -80,6 +96,40 @@ class BatchStats:
     faces: int
     items: int
     seconds: float
+    # Per computed item: seconds from submit() until its batch started.
+    queue_waits: tuple[float, ...] = ()
+
+
+class Clock(Protocol):
+    """Time for the worker: the system clock in service, a manual one in tests."""
+
+    def monotonic(self) -> float: ...
+
+    def wait(self, cv: threading.Condition, timeout: float | None) -> None:
+        """Block on `cv` (held by the caller) until notified or `timeout` seconds pass."""
+        ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, cv: threading.Condition, timeout: float | None) -> None:
+        cv.wait(timeout)
+
+
+class _Announcement:
+    """Faces a handler said it would submit; submit() consumes them."""
+
+    def __init__(self, faces: int) -> None:
+        self.faces = faces
+
+
+# The handler's open announcement, if any: submit() finds it here, so call sites need not
+# thread it through (asyncio tasks and asyncio.to_thread copy the context).
+_announced: contextvars.ContextVar[_Announcement | None] = contextvars.ContextVar(
+    "facemux_announced", default=None
+)
 
 
 class ModelBackend(Protocol):
@@ -102,6 +152,25 @@ class ModelBackend(Protocol):
     def latents_to_host(self, latents: Tensor) -> np.ndarray: ...
 
 
+@dataclass
+class _Owed:
+    """Callers (items) a batch answered that have not submitted again. Counted in items,
+    not faces: a caller comes back with one item whatever its face count, and a caller
+    whose next call has fewer faces must not leave a debt that holds batches back."""
+
+    answered_at: float  # clock time its callers got their results
+    callers: int
+
+
+# The round trip is learned as TCP learns its retransmission timeout (RFC 6298): a
+# smoothed mean and mean deviation, and a convoy is due back after mean + 4 deviations, so
+# a noisy machine widens the wait instead of cutting convoys. Bounded, so callers that
+# pause between calls cannot teach the scheduler to hold batches for long.
+ROUND_TRIP_GAIN = 1 / 8
+DEVIATION_GAIN = 1 / 4
+MAX_ROUND_TRIP_S = 1.0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -111,22 +180,33 @@ class Scheduler:
         max_queue_faces: int = 2048,
         batching: bool = True,
         on_batch: Callable[[BatchStats], None] | None = None,
+        clock: Clock | None = None,
+        start: bool = True,
     ) -> None:
+        """`start=False` leaves the worker loop to the caller (`step()`): tests drive it."""
         self.backend = backend
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue_faces = max_queue_faces
         self.batching = batching
         self.on_batch = on_batch
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self._queue: deque[Item] = deque()
         self._queued_faces = 0
+        self._announced_faces = 0  # announced by handlers, not yet submitted
+        # Returning work by batch, oldest first; arrivals pay off the oldest first.
+        self._owed: deque[_Owed] = deque()
+        # Learned: from a batch's results until the last of its callers is back.
+        self.round_trip_s = 0.0
+        self.round_trip_dev_s = 0.0
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="facemux-batcher", daemon=True)
         self._finishing: queue.SimpleQueue[list[tuple[Item, Result]] | None] = queue.SimpleQueue()
         self._finisher = threading.Thread(target=self._finish, name="facemux-finisher", daemon=True)
-        self._thread.start()
         self._finisher.start()
+        if start:
+            self._thread.start()
 
     # -- submission ------------------------------------------------------------------------
 
@@ -134,9 +214,39 @@ class Scheduler:
         """Faces waiting (not yet taken into a batch)."""
         return self._queued_faces
 
+    @contextmanager
+    def expect(self, faces: int) -> Iterator[None]:
+        """Announce that this handler will submit one item of about `faces` faces: enter
+        it where the request starts preprocessing, submit inside it. A batch that forms
+        meanwhile waits for the announced faces (no gap of `max_wait_s` without an
+        arrival); leaving the block withdraws them if nothing was submitted (bad input,
+        errors), so an abandoned announcement delays no one."""
+        ann = _Announcement(max(0, faces))
+        with self._cv:
+            self._announced_faces += ann.faces
+        token = _announced.set(ann)
+        try:
+            yield
+        finally:
+            _announced.reset(token)
+            with self._cv:
+                self._announced_faces -= ann.faces
+                ann.faces = 0
+                self._cv.notify()
+
     def submit(self, item: Item) -> concurrent.futures.Future[Result]:
         """Enqueue from any thread; the future resolves with the result or the error."""
+        ann = _announced.get()
         with self._cv:
+            if ann is not None and ann.faces:
+                # Announced work becomes queued work in one step: the worker never sees it
+                # as neither (and closes a batch it was about to join). A handler submits
+                # once per announcement, so all of it is settled here: a smaller item than
+                # announced must not leave its own batch waiting for the rest.
+                self._announced_faces -= ann.faces
+                ann.faces = 0
+            now = self.clock.monotonic()
+            self._pay_back(now)
             if self._stopping:
                 raise ResourceExhaustedError("the server is shutting down; retry elsewhere")
             if self._queued_faces + item.size > self.max_queue_faces and self._queue:
@@ -144,6 +254,7 @@ class Scheduler:
                     f"the model queue is full ({self._queued_faces} faces waiting, limit "
                     f"{self.max_queue_faces}); retry with backoff or send smaller batches"
                 )
+            item.submitted_at = now
             self._queue.append(item)
             self._queued_faces += item.size
             self._cv.notify()
@@ -162,23 +273,26 @@ class Scheduler:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread.ident is not None:  # not started when a test steps it by hand
+            self._thread.join(timeout=30)
         self._finishing.put(None)
         self._finisher.join(timeout=30)
 
     # -- worker ----------------------------------------------------------------------------
 
     def _take_batch(self) -> list[Item]:
-        """Block for the first item, then gather more until full or the wait is over."""
+        """Block for the first item, then gather more until full, until no more work is on
+        its way, or until `max_wait_s` has passed (a hard bound)."""
         with self._cv:
             while not self._queue and not self._stopping:
-                self._cv.wait()
+                self.clock.wait(self._cv, None)
             if self._stopping and not self._queue:
                 return []
             batch = [self._queue.popleft()]
             faces = batch[0].size
             if self.batching:
-                give_up = time.monotonic() + self.max_wait_s
+                last_event = self.clock.monotonic()
+                deadlines = [i.deadline for i in batch if i.deadline is not None]
                 while faces < self.max_batch:
                     if self._queue:
                         if faces + self._queue[0].size > self.max_batch:
@@ -186,51 +300,120 @@ class Scheduler:
                         nxt = self._queue.popleft()
                         batch.append(nxt)
                         faces += nxt.size
+                        last_event = max(last_event, nxt.submitted_at)
+                        if nxt.deadline is not None:
+                            deadlines.append(nxt.deadline)
                         continue
-                    left = give_up - time.monotonic()
+                    now = self.clock.monotonic()
+                    self._expire_owed(now)
+                    # Returning work is waited for until max_wait_s after it is due back
+                    # (the newest convoy is due last); older debts are only bookkeeping.
+                    owed_until = 0.0
+                    if self._owed:
+                        owed_until = self._owed[-1].answered_at + self.due_after_s()
+                        owed_until += self.max_wait_s
+                    if not self._announced_faces and owed_until <= now:
+                        break  # nothing on its way: waiting would only add latency
+                    # Otherwise no gap of max_wait_s without an arrival, except for
+                    # returning work not yet due.
+                    give_up = max(last_event + self.max_wait_s, owed_until)
+                    if deadlines:
+                        give_up = min(give_up, min(deadlines))
+                    left = give_up - now
                     if left <= 0:
                         break
-                    self._cv.wait(timeout=left)
+                    self.clock.wait(self._cv, left)
             self._queued_faces -= sum(i.size for i in batch)
             return batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                return
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if not item.future.set_running_or_notify_cancel():
-                    continue  # the caller cancelled while waiting
-                if item.deadline is not None and now > item.deadline:
-                    item.future.set_exception(
-                        DeadlineExpiredError("deadline passed while queued; not computed")
-                    )
-                    continue
-                live.append(item)
-            if not live:
+        while self.step():
+            pass
+
+    def step(self) -> bool:
+        """Form one batch, compute it and answer its callers; False once stopped."""
+        batch = self._take_batch()
+        if not batch:
+            return False
+        self._run_batch(batch)
+        return True
+
+    def _run_batch(self, batch: list[Item]) -> None:
+        now = self.clock.monotonic()
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # the caller cancelled while waiting
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExpiredError("deadline passed while queued; not computed")
+                )
                 continue
-            t0 = time.perf_counter()
-            try:
-                results = self._compute(live)
-            except BaseException as exc:  # every caller learns what went wrong
-                log.exception("model batch of %d items failed", len(live))
-                for item in live:
-                    item.future.set_exception(exc)
-                continue
-            seconds = time.perf_counter() - t0
-            to_finish = []
-            for item, res in zip(live, results, strict=True):
-                if item.finish is None:
-                    item.future.set_result(res)
-                else:
-                    to_finish.append((item, res))
-            if to_finish:
-                self._finishing.put(to_finish)
-            if self.on_batch is not None:
-                self.on_batch(BatchStats(sum(i.size for i in live), len(live), seconds))
+            live.append(item)
+        if not live:
+            return
+        waits = tuple(now - i.submitted_at for i in live)
+        faces = sum(i.size for i in live)
+        t0 = time.perf_counter()
+        try:
+            results = self._compute(live)
+        except BaseException as exc:  # every caller learns what went wrong
+            log.exception("model batch of %d items failed", len(live))
+            self._answered(len(live))
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - t0
+        # Owed before the callers learn their results, so none can come back unowed.
+        self._answered(len(live))
+        to_finish = []
+        for item, res in zip(live, results, strict=True):
+            if item.finish is None:
+                item.future.set_result(res)
+            else:
+                to_finish.append((item, res))
+        if to_finish:
+            self._finishing.put(to_finish)
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(faces, len(live), seconds, waits))
+
+    def _answered(self, callers: int) -> None:
+        """A batch's callers are about to get their results. Closed-loop callers come
+        back after a round trip (response, network, next request), spread over it."""
+        if not self.batching:
+            return
+        with self._cv:
+            self._owed.append(_Owed(self.clock.monotonic(), callers))
+
+    def due_after_s(self) -> float:
+        """How long after its results a convoy is expected back, whole."""
+        return min(self.round_trip_s + 4 * self.round_trip_dev_s, MAX_ROUND_TRIP_S)
+
+    def _learn(self, round_trip: float) -> None:
+        sample = min(round_trip, MAX_ROUND_TRIP_S)
+        self.round_trip_dev_s += DEVIATION_GAIN * (
+            abs(sample - self.round_trip_s) - self.round_trip_dev_s
+        )
+        self.round_trip_s += ROUND_TRIP_GAIN * (sample - self.round_trip_s)
+
+    def _expire_owed(self, now: float) -> None:
+        """Forget debts no longer waited for (max_wait_s past due): their callers left or
+        pause between calls. The round trip was at least that long, which is what teaches
+        a scheduler that has not learned it yet (or learned it on a quieter machine)."""
+        lifetime = self.due_after_s() + 2 * self.max_wait_s
+        while self._owed and now - self._owed[0].answered_at > lifetime:
+            self._learn(lifetime)
+            self._owed.popleft()
+
+    def _pay_back(self, now: float) -> None:
+        """An item arrived: a caller is back (or a new one came; either way one fewer is
+        owed). Callers are anonymous: the oldest owed batch is paid first."""
+        self._expire_owed(now)
+        if self._owed:
+            self._owed[0].callers -= 1
+            if not self._owed[0].callers:
+                # The last caller of that batch is back: that is its round trip.
+                self._learn(now - self._owed.popleft().answered_at)
 
     def _finish(self) -> None:
         while (batch := self._finishing.get()) is not None:

@@ -310,17 +310,6 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.runtime.encoder()  # UNAVAILABLE while loading, before anything else
         self._count(len(faces), "faces")
         sizes = self._face_pixels(faces)
-        resident, batch, resized, inputs = await self.budget.run(
-            max(sizes),
-            deadline,
-            f"{len(sizes)} faces",
-            self._prepare_swap,
-            identity,
-            version,
-            faces,
-            memo,
-        )
-        clock.lap("preprocess")
 
         def respond(result: Result) -> spb.SwapResponse:
             t0 = time.perf_counter()
@@ -330,15 +319,29 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             self.metrics.observe_stage("postprocess", time.perf_counter() - t0)
             return resp
 
-        # Encoded, watermarked and signed by the scheduler's finishing thread as soon as the
-        # batch is computed: no further thread hop, and every face of the batch is answered
-        # at once, so the next batch forms full. (queue_and_model includes postprocess.)
-        marks = None
-        if self.provenance.watermarks:
-            marks = [prov.payload_for(mark_id or request_id)] * len(inputs)
-        result = await self.scheduler.run(
-            Item(Op.SWAP, batch, resident.decoder, deadline, finish=respond, marks=marks)
-        )
+        # Announced from here to submit: a batch forming meanwhile waits for these faces.
+        with self.scheduler.expect(len(faces)):
+            resident, batch, resized, inputs = await self.budget.run(
+                max(sizes),
+                deadline,
+                f"{len(sizes)} faces",
+                self._prepare_swap,
+                identity,
+                version,
+                faces,
+                memo,
+            )
+            clock.lap("preprocess")
+            # Encoded, watermarked and signed by the scheduler's finishing thread as soon as
+            # the batch is computed: no further thread hop, and every face of the batch is
+            # answered at once, so the next batch forms full. (queue_and_model includes
+            # postprocess.)
+            marks = None
+            if self.provenance.watermarks:
+                marks = [prov.payload_for(mark_id or request_id)] * len(inputs)
+            result = await self.scheduler.run(
+                Item(Op.SWAP, batch, resident.decoder, deadline, finish=respond, marks=marks)
+            )
         clock.lap("queue_and_model")
         resp = result.finished
         assert isinstance(resp, spb.SwapResponse)
@@ -557,9 +560,10 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.EncodeResponse:
         deadline = _deadline(context)
-        sizes = await asyncio.to_thread(self._prepare_encode, request)
-        batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
-        result = await self.scheduler.run(Item(Op.ENCODE, batch, None, deadline))
+        with self.scheduler.expect(len(request.faces)):
+            sizes = await asyncio.to_thread(self._prepare_encode, request)
+            batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
+            result = await self.scheduler.run(Item(Op.ENCODE, batch, None, deadline))
         assert result.latents is not None
         fp = self.runtime.fingerprint
         return spb.EncodeResponse(
@@ -614,8 +618,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
     async def Decode(
         self, request: spb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.DecodeResponse:
-        z, resident = await asyncio.to_thread(self._prepare_decode, request)
-        result = await self.scheduler.run(Item(Op.DECODE, z, resident.decoder, _deadline(context)))
+        with self.scheduler.expect(len(request.latents)):
+            z, resident = await asyncio.to_thread(self._prepare_decode, request)
+            result = await self.scheduler.run(
+                Item(Op.DECODE, z, resident.decoder, _deadline(context))
+            )
         resp = await asyncio.to_thread(self._decode_response, request, resident, result)
         self.metrics.faces_swapped(request.identity, len(resp.faces))
         return resp

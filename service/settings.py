@@ -77,7 +77,11 @@ class Settings:
     )
     max_batch_size: int = field(default=32, metadata=_help("most faces in one model batch"))
     max_batch_wait_ms: float = field(
-        default=2.0, metadata=_help("how long a batch waits for more requests")
+        default=2.0,
+        metadata=_help(
+            "longest a forming batch waits without an arrival, for requests already on "
+            "their way (never for a lone caller)"
+        ),
     )
     max_queue_faces: int = field(
         default=2048, metadata=_help("faces waiting for the model before RESOURCE_EXHAUSTED")

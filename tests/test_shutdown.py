@@ -55,8 +55,9 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     port, metrics_port = _free_port(), _free_port()
     target = f"127.0.0.1:{port}"
     exe = Path(sys.executable).parent / "facemux"
-    # A lone face waits up to 4 s for its batch to fill: an in-flight call that is still
-    # running when SIGTERM arrives, without patching anything in the server.
+    # A face waits up to 4 s for the callers the previous batch answered to come back (two
+    # calls answered together, then one): an in-flight call that is still running when
+    # SIGTERM arrives, without patching anything in the server.
     proc = subprocess.Popen(
         [
             str(exe),
@@ -80,6 +81,15 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     try:
         with FacemuxClient(target, timeout=30, retries=1) as c:
             c.wait_ready(60)
+            # Two callers at once: the first one's batch waits for the second, announced.
+            pair = [
+                threading.Thread(target=c.swap_faces, args=([face_image(i)], "alice"))
+                for i in range(2)
+            ]
+            for t in pair:
+                t.start()
+            for t in pair:
+                t.join(30)
             outcome: dict[str, Any] = {}
 
             def in_flight() -> None:
