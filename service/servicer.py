@@ -7,6 +7,7 @@ import base64
 import functools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -133,6 +134,10 @@ class IdentityMemo:
         self.seen: _Seen | None = None
 
 
+# Identities whose records unary calls reuse at once; more are read from the store each time.
+MAX_SHARED_MEMOS = 1024
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     left = context.time_remaining()
     return None if left is None else time.monotonic() + left
@@ -160,8 +165,21 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.frames = FramePipeline(settings, scheduler, str(runtime.device))
         # A private, unexposed registry when none is given (servicer built alone in tests).
         self.metrics = metrics if metrics is not None else Metrics()
+        # Unary calls share one memo per (identity, version): the record is read again only
+        # when the store's stamp of it changes, as in a stream.
+        self._memos: dict[tuple[str, int], IdentityMemo] = {}
+        self._memos_lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _shared_memo(self, name: str, version: int) -> IdentityMemo:
+        with self._memos_lock:
+            memo = self._memos.get((name, version))
+            if memo is None:
+                if len(self._memos) >= MAX_SHARED_MEMOS:  # oldest first: a bound, not an LRU
+                    del self._memos[next(iter(self._memos))]
+                memo = self._memos[(name, version)] = IdentityMemo()
+            return memo
 
     def _count(self, n: int, what: str) -> None:
         if n == 0:
@@ -180,6 +198,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.runtime.encoder()  # UNAVAILABLE while loading, before anything else
         if not name:
             raise InvalidInputError("identity is required: name the identity to draw")
+        if memo is None:
+            memo = self._shared_memo(validate_name(name), version)
         stamp = None
         if memo is not None:
             # Taken before the record is read: a write between the two changes the stamp

@@ -8,11 +8,13 @@ import queue
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from conftest import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
+from facemux.client.errors import FacemuxRpcError
 from facemux.models import provenance as prov
 from facemux.service.runtime import Runtime
 from facemux.service.scheduler import Item, Op, Scheduler
@@ -42,7 +44,22 @@ def test_swap_reads_the_identity_record_once(
     reads = _count_reads(monkeypatch, server.app.store)  # type: ignore[arg-type]
     for i in range(3):
         client.swap_faces([png(face_image(i)), png(face_image(i + 1))], "alice")
-    assert reads == ["alice"] * 3
+    # Once per call at most; unary calls share a memo, so here not even that: the record
+    # is unchanged since the first call read it.
+    assert reads == []
+
+
+def test_unary_swaps_stop_at_a_revocation_made_elsewhere(
+    server: ServerThread, client: FacemuxClient, tmp_path: Path
+) -> None:
+    """The shared memo is checked against the store's stamp on every call: a revocation
+    written by another process (here a second handle on the store) stops the next swap."""
+    client.swap_faces([png(face_image(0))], "alice")
+    assert server.app is not None
+    LocalStore(server.app.settings.store).revoke_consent("alice", "withdrawn")
+    with pytest.raises(FacemuxRpcError) as info:
+        client.swap_faces([png(face_image(1))], "alice")
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_stream_reads_the_identity_once_and_stops_at_a_revocation(
