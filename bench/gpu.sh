@@ -5,7 +5,8 @@
 #
 # train (about 6 minutes on an H100): the CUDA tests beside a swap-quality run sized to a
 #   time budget (original64), then training throughput, job against bare step, on its own.
-# serve (about 6 minutes): model and Swap throughput, frames with nvjpeg on and off, memory.
+# serve (about 9 minutes): model and Swap throughput, batch formation and per-call cost with
+#   the defaults, frames with nvjpeg on and off, memory.
 # A session with a short GPU lease runs the two phases as two calls on the same machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +80,11 @@ run swap_df128 90 python3 bench/swap_throughput.py --preset df128 --device cuda 
   --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
 run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
   --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
+# Batch formation and per-call cost with the defaults (provenance on) on the card.
+run convoy_df128 90 python3 bench/swap_throughput.py --convoy --preset df128 --device cuda \
+  --clients 16 --max-batch 16 --max-wait-ms 2 --seconds 10
+run serving_path 120 python3 bench/serving_path.py --preset df128 --clients 16 --batch 16 \
+  --max-wait-ms 2 --seconds 5 --rounds 2
 run frames 40 python3 bench/frame_stages.py
 run jpeg 40 python3 bench/jpeg_codec.py --frames 64 --clients 16
 run frames_nvjpeg 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg on \
