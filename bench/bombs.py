@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from facemux.v1 import (
     swap_service_pb2_grpc,
     types_pb2,
 )
+from swap_throughput import _free_port
 
 CONSENT = {"attested_by": "bench", "evidence_ref": "bench", "granted_at": "2026-01-01"}
 
@@ -51,12 +51,6 @@ def make_store(root: Path) -> None:
         build_decoder(cfg, seed=1), cfg, meta.fingerprint, "alice"
     )
     store.add_version("alice", data, VersionRecord.for_decoder(dmeta), consent=dict(CONSENT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -115,7 +109,7 @@ def main() -> int:
     exe = Path(sys.executable).parent / "facemux"
     with tempfile.TemporaryDirectory() as tmp:
         make_store(Path(tmp) / "store")
-        port = free_port()
+        port = _free_port()
         proc = subprocess.Popen(
             [
                 str(exe),

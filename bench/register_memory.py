@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore
 from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import types_pb2 as tpb
+from swap_throughput import _free_port
 
 MIB = 1024 * 1024
 CONSENT = {"attested_by": "bench", "evidence_ref": "BENCH-1", "granted_at": "2026-01-01"}
@@ -38,12 +38,6 @@ def peak_rss(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=300, help="size of the bogus upload")
@@ -53,7 +47,7 @@ def main() -> int:
     decoder = checkpoint.decoder_to_bytes(build_decoder(cfg, seed=1), cfg, meta.fingerprint, "x")[0]
     with tempfile.TemporaryDirectory() as tmp:
         LocalStore(Path(tmp)).put_encoder(enc_bytes, meta.fingerprint)
-        port = free_port()
+        port = _free_port()
         beside = Path(sys.executable).parent / "facemux"  # this environment's own
         exe = str(beside) if beside.exists() else shutil.which("facemux") or "facemux"
         serve = ["serve", "--auth", "off", "--audit-log", "", "--metrics-port", "-1"]

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from facemux.v1 import types_pb2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from model_throughput import measure
+from swap_throughput import _free_port
 from ts_server import TorchServe, grpc_modules, why_not_available
 
 CONSENT = {"attested_by": "bench@example.com", "evidence_ref": "BENCH", "granted_at": "2026-01-01"}
@@ -89,12 +89,6 @@ class Row:
     @property
     def ratio_to_bare(self) -> float:
         return self.faces_per_s / self.bare_faces_per_s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_store(root: Path, preset: str) -> LocalStore:

@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -200,26 +199,23 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             raise InvalidInputError("identity is required: name the identity to draw")
         if memo is None:
             memo = self._shared_memo(validate_name(name), version)
-        stamp = None
-        if memo is not None:
-            # Taken before the record is read: a write between the two changes the stamp
-            # after the record was read, so the next frame reads it again.
-            stamp = self.store.stamp(name)
-            seen = memo.seen
-            if (
-                seen is not None
-                and stamp is not None
-                and (seen.name, seen.version, seen.stamp) == (name, version, stamp)
-                # Still resident: a decoder evicted from the cache is not kept alive here.
-                and self.runtime.cache.get((name, seen.resident.version.version)) is seen.resident
-            ):
-                check_usable(seen.record)  # expiry is a matter of time, not of the record
-                return seen.resident
+        # Taken before the record is read: a write between the two changes the stamp after
+        # the record was read, so the next call reads it again.
+        stamp = self.store.stamp(name)
+        seen = memo.seen
+        if (
+            seen is not None
+            and stamp is not None
+            and (seen.name, seen.version, seen.stamp) == (name, version, stamp)
+            # Still resident: a decoder evicted from the cache is not kept alive here.
+            and self.runtime.cache.get((name, seen.resident.version.version)) is seen.resident
+        ):
+            check_usable(seen.record)  # expiry is a matter of time, not of the record
+            return seen.resident
         rec = self.store.get(name)
         check_usable(rec)
         resident = self.runtime.decoder(name, version, rec)
-        if memo is not None:
-            memo.seen = None if stamp is None else _Seen(name, version, rec, resident, stamp)
+        memo.seen = None if stamp is None else _Seen(name, version, rec, resident, stamp)
         return resident
 
     def _face_pixels(self, faces: Any) -> list[int]:
@@ -697,19 +693,6 @@ def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
     # Stored records may carry keys the message has not (a history entry's replaced_at).
     known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
     return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
-
-
-def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
-    consent = {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
-    for f in ("granted_at", "expires_at"):
-        if consent.get(f):
-            try:
-                datetime.fromisoformat(consent[f])
-            except ValueError:
-                raise InvalidInputError(
-                    f"consent.{f} {consent[f]!r} is not an ISO-8601 date or timestamp"
-                ) from None
-    return consent
 
 
 class IdentityServicer(igrpc.IdentityServiceServicer):
