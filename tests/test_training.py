@@ -444,6 +444,30 @@ def _busy_executor_threads(srv: ServerThread) -> int:
     return busy
 
 
+def test_a_new_stream_is_woken_only_by_a_later_change(tmp_path: Path) -> None:
+    """The monitor's first look at a newly watched job compares with what the stream read,
+    so sixteen streams opened at once do not all re-read the job on the next poll; a
+    change after the read still wakes them, and a stream that recorded nothing is woken
+    (it may have missed a change)."""
+    from facemux.service.training.jobs import JobNews, _stamp
+
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "job.json").write_text("{}")
+    news = JobNews()
+    news.watch("j")
+    news.read_at("j", _stamp(work))
+    news.poll(lambda _: work)
+    assert news.version("j") == 0
+    with open(work / "events.jsonl", "a") as fh:
+        fh.write("{}\n")
+    news.poll(lambda _: work)
+    assert news.version("j") == 1
+    news.watch("k")
+    news.poll(lambda _: work)
+    assert news.version("k") == 1
+
+
 def test_open_watches_do_not_hold_threads_or_slow_swaps(tmp_path: Path, models: Models) -> None:
     """Open WatchJob streams wait for change notices on the event loop: they hold no
     thread of the executor Swap shares (before, each re-occupied one every 0.25 s, and a

@@ -161,6 +161,14 @@ class JobNews:
                 if not self._waiters.get(job_id):
                     self._versions.pop(job_id, None)
 
+    def read_at(self, job_id: str, stamp: tuple[int, ...]) -> None:
+        """A stream is about to read the job's files as they were at ``stamp``: the first
+        look compares against it, so opening a stream wakes nobody unless the files change
+        after it. A stamp already held is older or equal, so it stays."""
+        with self._lock:
+            if job_id in self._watchers:
+                self._stamps.setdefault(job_id, stamp)
+
     def bump(self, job_id: str) -> None:
         with self._lock:
             if job_id not in self._watchers:
@@ -181,8 +189,8 @@ class JobNews:
                 before = self._stamps.get(job_id)
                 if job_id in self._watchers:
                     self._stamps[job_id] = stamp
-            # A job seen for the first time counts as changed: it may have changed after its
-            # new stream read it and before this first look.
+            # A job with no stamp yet counts as changed: its new stream may have read it
+            # before this look without recording what it read.
             if before != stamp:
                 self.bump(job_id)
 
@@ -492,6 +500,12 @@ class JobManager:
             yield self._news.version(job_id)
         finally:
             self._news.unwatch(job_id)
+
+    def get_watched(self, job_id: str) -> JobRecord:
+        """``get`` for a stream inside ``watching``: the files' stamp is taken before the
+        read, so the monitor's next look wakes the stream only for a later change."""
+        self._news.read_at(job_id, _stamp(self.work_dir(job_id)))
+        return self.get(job_id)
 
     async def changed(self, job_id: str, seen: int, timeout: float) -> int:
         """Wait, on the event loop (no thread), until the job changed since ``seen`` or

@@ -488,7 +488,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         # thread: the default executor is shared with Swap, and open watches must not
         # slow it down. Watching starts before the first read, so no change is missed.
         with jobs.watching(request.id) as seen:
-            rec = await asyncio.to_thread(jobs.get, request.id)
+            rec = await asyncio.to_thread(jobs.get_watched, request.id)
             async for msg in self._watch(rec, request.replay, seen):
                 yield msg
 
