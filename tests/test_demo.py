@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import cv2
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_writes_the_grid(tmp_path: Path) -> None:

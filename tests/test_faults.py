@@ -13,11 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.service.store import LocalStore
 from serve_process import ServeProcess
+
+pytestmark = pytest.mark.slow
 
 WRITER = textwrap.dedent(
     """
