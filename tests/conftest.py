@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from facemux.service.settings import Settings
 from facemux.service.store import LocalStore
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# Keep each test process from spreading tiny models over every core.
-torch.set_num_threads(2)
+# Keep each test process from spreading tiny models over every core: two threads alone, one
+# per worker when pytest-xdist runs two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @dataclass
