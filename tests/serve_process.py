@@ -28,7 +28,8 @@ class ServeProcess:
     The gRPC port is a free one unless given (a restarted server takes its predecessor's);
     `metrics=True` also puts /metrics on a free port (`metrics_port`), otherwise it is off.
     The child's stderr goes to `log` when one is given (read it with `log_text()`; a file,
-    not a pipe, so a chatty server never blocks on a full pipe), else to this process's.
+    not a pipe, so a chatty server never blocks on a full pipe), else to this process's
+    (its stdout too).
     Leaving the `with` block stops the server (SIGTERM, then SIGKILL) if it still runs.
     """
 
@@ -73,7 +74,7 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         cmd = [sys.executable, "-m", "facemux.client.cli", "serve", *self.args]
         if self.log is None:
-            self._proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(cmd, env=self.env)
         else:
             with self.log.open("ab") as out:
                 self._proc = subprocess.Popen(
