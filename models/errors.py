@@ -56,6 +56,10 @@ class ResourceExhaustedError(FacemuxError):
         self.retry_after = retry_after
 
 
+class DeadlineExpiredError(FacemuxError):
+    """The caller's deadline passed before the work started; nothing was computed."""
+
+
 class UnavailableError(FacemuxError):
     """The server is not ready yet (e.g. the encoder is still loading)."""
 

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 from facemux.models import safe_json
 from facemux.models.errors import FacemuxError, InvalidInputError, ResourceExhaustedError
+from facemux.service import boundary
 
 log = logging.getLogger(__name__)
 
@@ -669,14 +670,6 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, method, self.guard)
 
 
-def _status(exc: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    from facemux.service.metrics import _code_for_exception, _context_code
-
-    if exc is None:
-        return _context_code(context) or grpc.StatusCode.OK
-    return _code_for_exception(exc, context)
-
-
 def _decoder(method: str, parse: Callable[[bytes], Any] | None, limit: int) -> Callable[..., Any]:
     rpc = method.rsplit("/", 1)[-1]
 
@@ -713,27 +706,17 @@ async def _first(
     context: grpc.aio.ServicerContext,
 ) -> Any:
     """The one message of a unary request; a bad one ends the call with its status."""
-    from facemux.service.errors import status_for
-
     try:
         async for msg in _decoded(requests, decode, audit):
             return msg
         raise InvalidInputError("the call ended without a request message")
     except FacemuxError as exc:
-        await context.abort(status_for(exc), str(exc))
+        await boundary.fail(context, exc)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.RpcMethodHandler:
     req_stream, resp_stream = handler.request_streaming, handler.response_streaming
-    fn: Any = (
-        handler.stream_stream
-        if req_stream and resp_stream
-        else handler.stream_unary
-        if req_stream
-        else handler.unary_stream
-        if resp_stream
-        else handler.unary_unary
-    )
+    fn: Any = boundary.behaviour(handler)
     streaming = req_stream or resp_stream
     decode = _decoder(
         method, handler.request_deserializer, message_limit(method, guard.max_message_bytes)
@@ -763,7 +746,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
         if streaming:
             guard.close_stream(caller)
         if audit is not None:
-            audit.finish(_status(exc, ctx))
+            audit.finish(boundary.call_status(exc, ctx))
 
     if resp_stream and inspect.isasyncgenfunction(fn):
 
@@ -807,14 +790,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
         wrapped = coro
 
     # Always a request stream: the behaviour runs before any request byte is read.
-    factory = (
-        grpc.stream_stream_rpc_method_handler
-        if resp_stream
-        else grpc.stream_unary_rpc_method_handler
-    )
-    return factory(
-        wrapped, request_deserializer=None, response_serializer=handler.response_serializer
-    )
+    return boundary.wrap_handler(handler, wrapped, request_streaming=True)
 
 
 def is_loopback(host: str) -> bool:

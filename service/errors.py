@@ -14,6 +14,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (e.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (e.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.NotImplementedYetError, grpc.StatusCode.UNIMPLEMENTED),
 )

@@ -26,7 +26,6 @@ contain parentheses). Set `metrics_max_identities=0` to count everything there.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -37,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+from facemux.service import boundary
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -606,40 +606,6 @@ def _text(value: Any) -> str:
 # -- gRPC interceptor ----------------------------------------------------------------------
 
 
-def _normalize_code(code: Any) -> grpc.StatusCode | None:
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int):
-        for c in grpc.StatusCode:
-            if c.value[0] == code:
-                return c
-    return None
-
-
-def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
-    try:
-        return _normalize_code(context.code())
-    except Exception:
-        return None
-
-
-def _code_for_exception(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    if isinstance(exc, grpc.aio.AbortError):
-        # context.abort() recorded the status before raising.
-        return _context_code(context) or grpc.StatusCode.UNKNOWN
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        # gRPC cancels the handler when the client goes away or its deadline passes.
-        try:
-            remaining = context.time_remaining()
-        except Exception:
-            remaining = None
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    # grpc.aio answers an unhandled exception with UNKNOWN.
-    return _context_code(context) or grpc.StatusCode.UNKNOWN
-
-
 class _Call:
     """Bookkeeping of one RPC."""
 
@@ -658,16 +624,13 @@ class _Call:
     def sent(self) -> None:
         self._m.grpc_sent.labels(*self._labels).inc()
 
-    def end(self, code: grpc.StatusCode) -> None:
+    def end(self, exc: BaseException | None, context: grpc.aio.ServicerContext) -> None:
         if self._done:
             return
         self._done = True
+        code = boundary.call_status(exc, context)
         self._m.grpc_handled.labels(*self._labels, code.name).inc()
         self._m.grpc_seconds.labels(*self._labels).observe(time.perf_counter() - self._t0)
-
-    def end_ok(self, context: grpc.aio.ServicerContext) -> None:
-        # A handler may set a status with context.set_code() and return normally.
-        self.end(_context_code(context) or grpc.StatusCode.OK)
 
 
 class _CountingContext:
@@ -700,13 +663,8 @@ async def _counted(iterator: AsyncIterator[Any], call: _Call) -> AsyncIterator[A
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Standard gRPC server metrics for grpc.aio, for all four RPC shapes.
-
-    grpc.aio picks how to drive a handler by what kind of function it is (coroutine
-    function, async generator function or plain function), so each wrapper below is of the
-    same kind as the handler it wraps. Plain (synchronous) handlers are passed through
-    unmeasured: an aio server only runs them with a migration thread pool, which facemux
-    does not use."""
+    """Standard gRPC server metrics for grpc.aio, for all four RPC shapes. Plain
+    (synchronous) handlers are passed through unmeasured (boundary.is_async)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -732,140 +690,52 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         self, handler: grpc.RpcMethodHandler, labels: tuple[str, str, str]
     ) -> grpc.RpcMethodHandler:
         m = self.metrics
-        des, ser = handler.request_deserializer, handler.response_serializer
-
-        def is_async(fn: Any) -> bool:
-            return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-
-        if not handler.request_streaming and not handler.response_streaming:
-            uu = handler.unary_unary
-            if not inspect.iscoroutinefunction(uu):
-                return handler
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(m, labels)
-                call.received()
-                try:
-                    response = await uu(request, context)
-                except BaseException as exc:
-                    call.end(_code_for_exception(exc, context))
-                    raise
-                if response is not None:
-                    call.sent()
-                call.end_ok(context)
-                return response
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=des, response_serializer=ser
-            )
-
-        if not handler.request_streaming:
-            us = handler.unary_stream
-            if not is_async(us):
-                return handler
-            if inspect.isasyncgenfunction(us):
-
-                async def unary_stream_gen(
-                    request: Any, context: grpc.aio.ServicerContext
-                ) -> AsyncIterator[Any]:
-                    call = _Call(m, labels)
-                    call.received()
-                    responses = us(request, context)
-                    try:
-                        async for item in responses:
-                            call.sent()
-                            yield item
-                    except BaseException as exc:
-                        call.end(_code_for_exception(exc, context))
-                        raise
-                    finally:
-                        await responses.aclose()  # its cleanup runs now, not at GC
-                    call.end_ok(context)
-
-                return grpc.unary_stream_rpc_method_handler(
-                    unary_stream_gen, request_deserializer=des, response_serializer=ser
-                )
-
-            async def unary_stream_coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(m, labels)
-                call.received()
-                return await _run_coro(us, request, context, call)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream_coro, request_deserializer=des, response_serializer=ser
-            )
-
-        if not handler.response_streaming:
-            su = handler.stream_unary
-            if not inspect.iscoroutinefunction(su):
-                return handler
-
-            async def stream_unary(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> Any:
-                call = _Call(m, labels)
-                proxy = _CountingContext(context, call)
-                try:
-                    response = await su(_counted(requests, call), proxy)
-                except BaseException as exc:
-                    call.end(_code_for_exception(exc, context))
-                    raise
-                if response is not None:
-                    call.sent()
-                call.end_ok(context)
-                return response
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, request_deserializer=des, response_serializer=ser
-            )
-
-        ss = handler.stream_stream
-        if not is_async(ss):
+        fn = boundary.behaviour(handler)
+        if not boundary.is_async(fn):
             return handler
-        if inspect.isasyncgenfunction(ss):
+        request_streaming = handler.request_streaming
+        response_streaming = handler.response_streaming
 
-            async def stream_stream_gen(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                call = _Call(m, labels)
-                responses = ss(_counted(requests, call), _CountingContext(context, call))
+        def begin(request: Any, context: grpc.aio.ServicerContext) -> tuple[_Call, Any, Any]:
+            call = _Call(m, labels)
+            if request_streaming:
+                request = _counted(request, call)
+            else:
+                call.received()
+            return call, request, _CountingContext(context, call)
+
+        if inspect.isasyncgenfunction(fn):
+
+            async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                call, request, proxy = begin(request, context)
+                responses = fn(request, proxy)
                 try:
                     async for item in responses:
                         call.sent()
                         yield item
                 except BaseException as exc:
-                    call.end(_code_for_exception(exc, context))
+                    call.end(exc, context)
                     raise
                 finally:
-                    await responses.aclose()
-                call.end_ok(context)
+                    await responses.aclose()  # its cleanup runs now, not at GC
+                call.end(None, context)
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream_gen, request_deserializer=des, response_serializer=ser
-            )
+            return boundary.wrap_handler(handler, gen)
 
-        async def stream_stream_coro(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> Any:
-            call = _Call(m, labels)
-            return await _run_coro(ss, _counted(requests, call), context, call)
+        async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call, request, proxy = begin(request, context)
+            try:
+                response = await fn(request, proxy)
+            except BaseException as exc:
+                call.end(exc, context)
+                raise
+            # A streaming handler written as a coroutine sends through context.write().
+            if response is not None and not response_streaming:
+                call.sent()
+            call.end(None, context)
+            return response
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream_coro, request_deserializer=des, response_serializer=ser
-        )
-
-
-async def _run_coro(
-    handler: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext, call: _Call
-) -> Any:
-    proxy = _CountingContext(context, call)
-    try:
-        result = await handler(request, proxy)
-    except BaseException as exc:
-        call.end(_code_for_exception(exc, context))
-        raise
-    call.end_ok(context)
-    return result
+        return boundary.wrap_handler(handler, coro)
 
 
 # -- HTTP exposition -----------------------------------------------------------------------

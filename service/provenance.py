@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,7 @@ from facemux.models import provenance as prov
 from facemux.models.errors import InvalidInputError
 from facemux.models.faces.gpu_codec import JpegCodec
 from facemux.service import convert
+from facemux.service.boundary import call_deadline, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.settings import Settings
 from facemux.v1 import provenance_service_pb2 as ppb
@@ -199,32 +199,24 @@ class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
         self.settings = settings
         self.budget = budget if budget is not None else PixelBudget.from_settings(settings)
 
+    @unary
     async def Verify(
         self, request: ppb.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> ppb.VerifyResponse:
-        from facemux.service.servicer import _fail
-
-        try:
-            if not request.image.encoded:
-                raise InvalidInputError(
-                    "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
-                    "the file, and raw pixels have none"
-                )
-            limit = self.settings.max_verify_pixels
-            pixels = await asyncio.to_thread(
-                convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+        if not request.image.encoded:
+            raise InvalidInputError(
+                "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
+                "the file, and raw pixels have none"
             )
-            left = context.time_remaining()
-            return await self.budget.run(
-                pixels,
-                None if left is None else time.monotonic() + left,
-                "Verify",
-                verify_bytes,
-                request.image.encoded,
-                limit,
-            )
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-            raise
+        limit = self.settings.max_verify_pixels
+        pixels = await asyncio.to_thread(
+            convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+        )
+        return await self.budget.run(
+            pixels,
+            call_deadline(context),
+            "Verify",
+            verify_bytes,
+            request.image.encoded,
+            limit,
+        )

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 from facemux.models import imageio
 from facemux.models import provenance as prov
 from facemux.models.errors import (
-    FacemuxError,
     InvalidInputError,
     PreconditionError,
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
+from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.consent import (
     CONSENT_FIELDS,
@@ -60,56 +59,7 @@ from facemux.v1 import (
 
 log = logging.getLogger(__name__)
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Self = TypeVar("Self")
 InputCrop = tuple[int, int, str]  # (width, height, format) of an aligned crop as sent
-
-
-async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    if isinstance(exc, FacemuxError):
-        retry_after = getattr(exc, "retry_after", None)
-        hint = () if retry_after is None else (("retry-after", f"{retry_after:g}"),)
-        await context.abort(status_for(exc), str(exc), hint)
-    ref = uuid.uuid4().hex[:12]
-    log.exception("internal error, reference %s", ref, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {ref})")
-
-
-def unary(
-    method: Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    """Turn domain errors into statuses; anything unexpected becomes INTERNAL, logged."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def streaming(
-    method: Callable[[Self, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
-) -> Callable[[Self, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
-    @functools.wraps(method)
-    async def wrapper(
-        self: Self, request: Req, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Resp]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-
-    return wrapper
 
 
 @dataclass
@@ -135,11 +85,6 @@ class IdentityMemo:
 
 # Identities whose records unary calls reuse at once; more are read from the store each time.
 MAX_SHARED_MEMOS = 1024
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    left = context.time_remaining()
-    return None if left is None else time.monotonic() + left
 
 
 class SwapServicer(sgrpc.SwapServiceServicer):
@@ -446,7 +391,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         # Made up front: the watermark payload and the C2PA manifest carry it.
         request_id = request.request_id or uuid.uuid4().hex
         if kind == "frame":
-            deadline = _deadline(context)
+            deadline = call_deadline(context)
             img, out, resident = await self.budget.run(
                 await self._frame_pixels(request.frame),
                 deadline,
@@ -479,7 +424,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             request.faces.faces,
             request.options,
             request.output,
-            _deadline(context),
+            call_deadline(context),
             request_id,
         )
         resp.request_id = request_id
@@ -518,7 +463,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         [req.frame],
                         options,
                         output,
-                        _deadline(context),
+                        call_deadline(context),
                         mark,
                         memo=memo,
                     )
@@ -527,7 +472,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 else:
                     if tracker is None:
                         tracker = await asyncio.to_thread(self.frames.tracker, detect_every)
-                    deadline = _deadline(context)
+                    deadline = call_deadline(context)
                     frame, out, _ = await self.budget.run(
                         await self._frame_pixels(req.frame),
                         deadline,
@@ -575,7 +520,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
     async def Encode(
         self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.EncodeResponse:
-        deadline = _deadline(context)
+        deadline = call_deadline(context)
         with self.scheduler.expect(len(request.faces)):
             sizes = await asyncio.to_thread(self._prepare_encode, request)
             batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
@@ -637,7 +582,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         with self.scheduler.expect(len(request.latents)):
             z, resident = await asyncio.to_thread(self._prepare_decode, request)
             result = await self.scheduler.run(
-                Item(Op.DECODE, z, resident.decoder, _deadline(context))
+                Item(Op.DECODE, z, resident.decoder, call_deadline(context))
             )
         resp = await asyncio.to_thread(self._decode_response, request, resident, result)
         self.metrics.faces_swapped(request.identity, len(resp.faces))

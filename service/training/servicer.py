@@ -31,12 +31,12 @@ from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_paramete
 from facemux.service import convert
 from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
+from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
-from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import (
@@ -368,7 +368,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                         )
                     await self.budget.run(
                         await asyncio.to_thread(self._pixels, part.image),
-                        _deadline(context),
+                        call_deadline(context),
                         "dataset image",
                         self._stage,
                         upload,
