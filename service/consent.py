@@ -70,11 +70,7 @@ def require_consent(
     none, but never replaces it (RecordConsent does, an admin's act), and a revoked one
     covers nothing until an admin records new consent. The store checks the same again
     when the version is written (LocalStore.add_version), under its lock."""
-    given = (
-        dict(msg)
-        if isinstance(msg, dict)
-        else {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
-    )
+    given = dict(msg) if isinstance(msg, dict) else consent_from_proto(msg)
     if existing is None:
         return validate_consent(given)
     if existing.get("revoked_at"):
@@ -94,6 +90,17 @@ def require_consent(
             + RECORD_HINT
         )
     return record
+
+
+def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
+    """The fields a caller set, as a record (unset ones left out)."""
+    return {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
+
+
+def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
+    # Stored records may carry keys the message has not (a history entry's replaced_at).
+    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
+    return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
 
 
 @dataclass(frozen=True)

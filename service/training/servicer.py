@@ -33,7 +33,7 @@ from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
 from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
-from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
+from facemux.service.consent import consent_for_upload, consent_from_proto
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
@@ -276,8 +276,7 @@ class Training:
                     "pretrain mode names identities by dataset; leave `identity` empty"
                 )
             preset = request.preset or "tiny"
-            given = {f: getattr(request.consent, f) for f in CONSENT_FIELDS}
-            consent = {k: v for k, v in given.items() if v}
+            consent = consent_from_proto(request.consent)
             for n in names:  # each dataset becomes an identity: each needs consent
                 admitted = consent_for_upload(self.store, validate_name(n), request.consent)
                 at_submit[n] = admitted.expect
