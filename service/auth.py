@@ -648,7 +648,7 @@ def _bearer(metadata: Iterable[tuple[str, Any]]) -> str:
 # -- the interceptor --------------------------------------------------------------------------
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
+class GuardInterceptor(boundary.WrappingInterceptor):
     """Authenticates, checks the role, applies the caller's limits and feeds the audit
     trail, all before the request message is read: every guarded method is served as a
     request stream (the same bytes on the wire), so a refused call's body is never received
@@ -658,14 +658,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or required_role(method) is None:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if required_role(method) is None:
             return handler
         return _wrap(handler, method, self.guard)
 

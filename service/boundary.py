@@ -3,8 +3,8 @@
 Servicers decorate their RPCs with `unary` or `streaming`: a domain error
 (facemux.models.errors) leaves as the status the one table gives it (service/errors.py),
 anything else as INTERNAL with a reference that the log has too. Interceptors wrap a
-handler with `wrap_handler`, which keeps its kind, and read how a call ended with
-`call_status`.
+handler (`WrappingInterceptor.wrap`) with `wrap_handler`, which keeps its kind, and read
+how a call ended with `call_status`.
 """
 
 from __future__ import annotations
@@ -172,3 +172,21 @@ def wrap_handler(
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(fn, request_deserializer, ser)
     return grpc.unary_unary_rpc_method_handler(fn, request_deserializer, ser)
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that hands each served method's handler to `wrap`."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return None
+        return self.wrap(handler, handler_call_details.method)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` itself, or one of its kind (wrap_handler) serving `method`."""
+        raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -87,33 +87,21 @@ async def _counted(iterator: AsyncIterator[Any], call: _Call) -> AsyncIterator[A
         yield message
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(boundary.WrappingInterceptor):
     """Standard gRPC server metrics for grpc.aio, for all four RPC shapes. Plain
     (synchronous) handlers are passed through unmeasured (boundary.is_async)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
-            return None
-        service, method = split_method(handler_call_details.method)
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        service, name = split_method(method)
         # The method's declared shape: the guard serves every guarded method as a
         # request stream (to refuse before reading a body), which is no change for callers.
-        kind = self.metrics.method_types.get((service, method)) or grpc_type(
+        kind = self.metrics.method_types.get((service, name)) or grpc_type(
             handler.request_streaming, handler.response_streaming
         )
-        labels = (kind, service, method)
-        return self._wrap(handler, labels)
-
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler, labels: tuple[str, str, str]
-    ) -> grpc.RpcMethodHandler:
+        labels = (kind, service, name)
         m = self.metrics
         fn = boundary.behaviour(handler)
         if not boundary.is_async(fn):
