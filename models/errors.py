@@ -15,6 +15,14 @@ class InvalidInputError(FacemuxError):
     """The request itself is malformed (bad image, bad latent, bad name...)."""
 
 
+class UnauthenticatedError(FacemuxError):
+    """The caller's credentials are missing, malformed, unknown or expired."""
+
+
+class PermissionDeniedError(FacemuxError):
+    """The caller is known but lacks the role the call needs."""
+
+
 class NotFoundError(FacemuxError):
     """A named thing (identity, version, encoder, job) does not exist."""
 
