@@ -790,7 +790,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
         wrapped = coro
 
     # Always a request stream: the behaviour runs before any request byte is read.
-    return boundary.wrap_handler(handler, wrapped, request_streaming=True)
+    return boundary.wrap_handler(handler, wrapped, raw_requests=True)
 
 
 def is_loopback(host: str) -> bool:

@@ -150,28 +150,24 @@ def is_async(fn: Any) -> bool:
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler,
-    fn: Callable[..., Any],
-    request_streaming: bool | None = None,
-    request_deserializer: Callable[[bytes], Any] | None = None,
+    handler: grpc.RpcMethodHandler, fn: Callable[..., Any], raw_requests: bool = False
 ) -> grpc.RpcMethodHandler:
     """A handler served by `fn` in place of `handler`'s behaviour, of the same kind.
 
     grpc.aio picks how to drive a handler by what kind of function it is (coroutine
     function or async generator function), so `fn` must be of the kind of the one it
-    wraps. `request_streaming=True` serves a unary request as a stream of raw bytes
-    (with `request_deserializer`, None: the wrapper parses)."""
-    if request_streaming is None:
-        request_streaming = bool(handler.request_streaming)
-        request_deserializer = handler.request_deserializer
+    wraps. With `raw_requests`, `fn` gets the request as a stream of undecoded messages,
+    whatever the method declares, and parses them itself."""
+    streaming = raw_requests or handler.request_streaming
+    des = None if raw_requests else handler.request_deserializer
     ser = handler.response_serializer
-    if request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(fn, request_deserializer, ser)
-    if request_streaming:
-        return grpc.stream_unary_rpc_method_handler(fn, request_deserializer, ser)
+    if streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(fn, des, ser)
+    if streaming:
+        return grpc.stream_unary_rpc_method_handler(fn, des, ser)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(fn, request_deserializer, ser)
-    return grpc.unary_unary_rpc_method_handler(fn, request_deserializer, ser)
+        return grpc.unary_stream_rpc_method_handler(fn, des, ser)
+    return grpc.unary_unary_rpc_method_handler(fn, des, ser)
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
