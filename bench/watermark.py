@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
-from facemux.models import provenance as prov
 from facemux.models import synth
+from facemux.models import watermark as wm
 
 Attack = Callable[[np.ndarray], np.ndarray]
 
@@ -114,10 +114,10 @@ def rates(images: list[np.ndarray], seed: int) -> dict[str, tuple[float, float]]
     rng = np.random.default_rng(seed)
     hits = {a: [0, 0] for a in ATTACKS}
     for img in images:
-        payload = rng.bytes(prov.PAYLOAD_BYTES)
-        marked = prov.embed_watermark(img, payload)
+        payload = rng.bytes(wm.PAYLOAD_BYTES)
+        marked = wm.embed_watermark(img, payload)
         for name, attack in ATTACKS.items():
-            found, got, _ = prov.detect_watermark(attack(marked))
+            found, got, _ = wm.detect_watermark(attack(marked))
             hits[name][0] += found
             hits[name][1] += got == payload
     n = max(1, len(images))
@@ -129,7 +129,7 @@ def false_positives(images: list[np.ndarray]) -> tuple[int, int, float]:
     found, trials, top = 0, 0, 0.0
     for img in images:
         for variant in (img, jpeg(img)):
-            f, _, z = prov.detect_watermark(variant)
+            f, _, z = wm.detect_watermark(variant)
             found += f
             trials += 1
             top = max(top, z)
@@ -139,10 +139,10 @@ def false_positives(images: list[np.ndarray]) -> tuple[int, int, float]:
 def timing(rgb: np.ndarray, reps: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     for i in range(reps):  # a new payload each time, as every request and stream frame has
-        marked = prov.embed_watermark(rgb, i.to_bytes(4, "big"))
+        marked = wm.embed_watermark(rgb, i.to_bytes(4, "big"))
     t1 = time.perf_counter()
     for _ in range(max(1, reps // 2)):
-        prov.detect_watermark(marked)
+        wm.detect_watermark(marked)
     t2 = time.perf_counter()
     return 1000 * (t1 - t0) / reps, 1000 * (t2 - t1) / max(1, reps // 2)
 
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         "synth faces 64 px": synth_faces(args.faces, 64, args.seed + 2000),
     }
     print(
-        f"watermark: tile {prov.TILE} px, chip {prov.CHIP} px, strength "
-        f"{prov.DEFAULT_STRENGTH}, threshold z >= {prov.DETECT_Z}"
+        f"watermark: tile {wm.TILE} px, chip {wm.CHIP} px, strength "
+        f"{wm.DEFAULT_STRENGTH}, threshold z >= {wm.DETECT_Z}"
     )
-    psnr = [cv2.PSNR(img, prov.embed_watermark(img, b"abcd")) for img in samples.values()]
+    psnr = [cv2.PSNR(img, wm.embed_watermark(img, b"abcd")) for img in samples.values()]
     print(f"PSNR marked vs original (skimage samples): mean {np.mean(psnr):.1f} dB\n")
     print("detection rate: marker found / exact 32-bit payload read")
     print(f"| images | {' | '.join(ATTACKS)} |")

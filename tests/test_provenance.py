@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from conftest import Models, face_image, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument
-from facemux.models import provenance as prov
 from facemux.models import synth
+from facemux.models import watermark as wm
+from facemux.service import c2pa
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
@@ -40,7 +41,7 @@ def _jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
 
 
 def _check_marked(encoded: bytes, request_id: str, source_type: str) -> None:
-    report = prov.read_c2pa(encoded)
+    report = c2pa.read_c2pa(encoded)
     assert report.present and report.valid, report.summary
     assert not report.trusted  # the generated test certificate
     assert report.summary.startswith("valid signature, untrusted issuer")
@@ -48,8 +49,8 @@ def _check_marked(encoded: bytes, request_id: str, source_type: str) -> None:
     assert report.digital_source_type == source_type
     assert report.request_id == request_id
     stripped = _jpeg(_pixels(encoded))
-    assert not prov.read_c2pa(stripped).present
-    found, _, z = prov.detect_watermark(_pixels(stripped))
+    assert not c2pa.read_c2pa(stripped).present
+    found, _, z = wm.detect_watermark(_pixels(stripped))
     assert found, f"watermark lost after metadata strip + JPEG q75 (z={z:.1f})"
 
 
@@ -68,7 +69,7 @@ def test_swap_crops_frames_and_stream_carry_manifest_and_watermark(
     res = client.swap_faces(crops, "bob", request_id="req-crops")
     assert res.request_id == "req-crops" and len(res.faces) == 2
     for face in res.faces:
-        _check_marked(face, "req-crops", prov.TRAINED)
+        _check_marked(face, "req-crops", c2pa.TRAINED)
     # A 64 px crop is a single watermark tile: the marker survives (checked above), its
     # 32-bit payload usually does not (bench/watermark.py has the rates).
 
@@ -77,17 +78,17 @@ def test_swap_crops_frames_and_stream_carry_manifest_and_watermark(
         png(frame), "alice", options=spb.SwapOptions(faces=hints), request_id="req-frame"
     )
     assert r.faces_swapped == 1 and r.frame is not None
-    _check_marked(r.frame, "req-frame", prov.COMPOSITE)
+    _check_marked(r.frame, "req-frame", c2pa.COMPOSITE)
     # A frame carries the request's payload even after re-encoding.
-    found, payload, _ = prov.detect_watermark(_pixels(_jpeg(_pixels(r.frame))))
-    assert found and payload == prov.payload_for("req-frame")
+    found, payload, _ = wm.detect_watermark(_pixels(_jpeg(_pixels(r.frame))))
+    assert found and payload == wm.payload_for("req-frame")
 
     out = list(client.swap_stream([crops[0], crops[1]], "alice", aligned=True))
     assert [o.frame_index for o in out] == [0, 1]
     ids = [o.request_id for o in out]
     assert ids[0].endswith(":0") and ids[1].endswith(":1") and ids[0][:-2] == ids[1][:-2]
     for o in out:
-        _check_marked(o.frame.encoded, o.request_id, prov.TRAINED)
+        _check_marked(o.frame.encoded, o.request_id, c2pa.TRAINED)
 
 
 def test_decode_outputs_are_marked_and_raw_outputs_say_why_no_manifest(
@@ -96,13 +97,13 @@ def test_decode_outputs_are_marked_and_raw_outputs_say_why_no_manifest(
     latents = client.encode([png(face_image(5))])
     resp = client.decode(latents, "alice")
     assert resp.request_id
-    _check_marked(resp.faces[0], resp.request_id, prov.TRAINED)
+    _check_marked(resp.faces[0], resp.request_id, c2pa.TRAINED)
 
     raw = client.swap_faces([png(face_image(6))], "alice", output_format="raw")
     assert any("watermark only" in n for n in raw.notes)
     r = raw.response.faces[0].raw
     rgb = np.frombuffer(r.data, np.uint8).reshape(r.height, r.width, 3)
-    assert prov.detect_watermark(rgb)[0]
+    assert wm.detect_watermark(rgb)[0]
 
 
 def test_verify_rpc_and_cli(server: ServerThread, client: FacemuxClient, tmp_path: Path) -> None:
@@ -154,21 +155,21 @@ def test_provenance_settings(tmp_path: Path, models: Models) -> None:
         with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=30) as c:
             c.wait_ready(30)
             face = c.swap_faces([png(face_image(2))], "alice").faces[0]
-            assert not prov.read_c2pa(face).present
-            assert prov.detect_watermark(_pixels(face))[0] == (mode == "watermark-only")
+            assert not c2pa.read_c2pa(face).present
+            assert wm.detect_watermark(_pixels(face))[0] == (mode == "watermark-only")
 
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
 def test_watermark_survives_jpeg_resize_and_crop(name: str) -> None:
     img = getattr(data, name)()
-    payload = prov.payload_for("abc")
-    marked = prov.embed_watermark(img, payload)
+    payload = wm.payload_for("abc")
+    marked = wm.embed_watermark(img, payload)
     assert cv2.PSNR(img, marked) > 38
     h, w = marked.shape[:2]
     small = cv2.resize(marked, (w * 3 // 4, h * 3 // 4), interpolation=cv2.INTER_AREA)
     sh, sw = small.shape[:2]
     cropped = small[sh // 10 : sh - sh // 10, sw // 10 : sw - sw // 10]
     attacked = _pixels(_jpeg(np.ascontiguousarray(cropped)))
-    found, got, _ = prov.detect_watermark(attacked)
+    found, got, _ = wm.detect_watermark(attacked)
     assert found and got == payload
-    assert not prov.detect_watermark(img)[0]
+    assert not wm.detect_watermark(img)[0]
