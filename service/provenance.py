@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -93,13 +94,16 @@ class Provenance:
         source_type: str,
         alpha: np.ndarray | None = None,
         notes: list[str] | None = None,
+        regions: Sequence[wm.Region] | None = None,
     ) -> types_pb2.Image:
         """Watermark, encode and sign one output image.
 
         mark_id goes into the watermark payload (hashed to 32 bits); request_id into the
-        manifest. A raw output adds RAW_NOTE to `notes` (once)."""
+        manifest, which covers the whole image. `regions` (a frame's swapped faces) confine
+        the watermark: every other pixel stays the caller's. A raw output adds RAW_NOTE to
+        `notes` (once)."""
         if self.watermarks:
-            rgb = wm.embed_watermark(rgb, wm.payload_for(mark_id))
+            rgb = wm.embed_watermark(rgb, wm.payload_for(mark_id), regions)
         img = convert.image_to_proto(rgb, output, input_format, alpha)
         fmt = convert.output_format(output, input_format)
         return self._sign(img, fmt, request_id, source_type, notes)
@@ -138,6 +142,7 @@ class Provenance:
         mark_id: str,
         request_id: str,
         source_type: str,
+        regions: Sequence[wm.Region] | None = None,
     ) -> types_pb2.Image | None:
         """``output`` for a frame still on the GPU (uint8 (3, H, W)) when it leaves as JPEG:
         marked and encoded there by nvjpeg, signed on the host. None when the output is not a
@@ -147,7 +152,7 @@ class Provenance:
         quality = convert.output_quality(output)
         try:
             if self.watermarks:
-                rgb = wm.embed_watermark_t(rgb, wm.payload_for(mark_id))
+                rgb = wm.embed_watermark_t(rgb, wm.payload_for(mark_id), regions)
             data = jpeg.encode(rgb, quality)
         except Exception:
             log.exception("nvjpeg encode failed; this frame is encoded on the host")

@@ -403,6 +403,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 "mark_id": mark_id or request_id,
                 "request_id": request_id,
                 "source_type": prov.COMPOSITE,
+                "regions": out.regions,  # the mark stays on the swapped faces
             }
             encoded = None
             if (
