@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import numpy as np
 from facemux.models import imageio
-from facemux.models import provenance as prov
 from facemux.models.errors import InvalidInputError, PreconditionError
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
+from facemux.service import provenance as prov
 from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.consent import check_usable
@@ -322,6 +322,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 "mark_id": mark_id or request_id,
                 "request_id": request_id,
                 "source_type": prov.COMPOSITE,
+                "regions": out.regions,  # the mark stays on the swapped faces
             }
             encoded = None
             if (
