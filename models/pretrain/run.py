@@ -37,8 +37,7 @@ def run_job(
     """Run (or resume) the job in ``work_dir``; returns what it writes to result.json."""
     work = Path(work_dir)
     spec = read_spec(work)
-    device = pick_device(spec.device)
-    rank, world = init_distributed(device)
+    rank, world, device = init_distributed(pick_device(spec.device))
     files = RunFiles(work, rank)
     lock = exclusive(work / ".run.lock") if rank == 0 else contextlib.nullcontext()
     with lock:
@@ -135,7 +134,7 @@ def _run(
         files.event("message", message=f"started: {spec.mode} on {device}, {world} process(es)")
         _announce(spec, files, data, landmarks)
     if world > 1:
-        sync_trainer(trainer, world)
+        sync_trainer(trainer)
 
     last_ckpt = trainer.steps_done
     last_ckpt_t = time.monotonic()
