@@ -96,6 +96,7 @@ class Runtime:
         self._encoder: Encoder | None = None
         self.config: ModelConfig | None = None
         self.fingerprint = ""
+        self._face_template: np.ndarray | None = None
         self.load_seconds = 0.0
         self._load_lock = threading.Lock()
 
@@ -116,6 +117,7 @@ class Runtime:
             )
         self.config = meta.config
         self.fingerprint = meta.fingerprint
+        self._face_template = np.asarray(meta.template, dtype=np.float64)
         self._encoder = self._prepare(encoder)
         self._warm_up()
         self.load_seconds = time.perf_counter() - t0
@@ -171,6 +173,13 @@ class Runtime:
         self.encoder()
         assert self.config is not None
         return self.config
+
+    def face_template(self) -> np.ndarray:
+        """The mean face the model's training crops were aligned to (from its encoder
+        checkpoint): frames are aligned to it before they reach the model."""
+        self.encoder()
+        assert self._face_template is not None
+        return self._face_template
 
     def decoder(
         self, name: str, version: int = 0, record: IdentityRecord | None = None

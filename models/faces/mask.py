@@ -11,7 +11,7 @@ import math
 import cv2
 import numpy as np
 from facemux.models.errors import InvalidInputError
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from .align import template_landmarks
 
@@ -57,9 +57,16 @@ def landmark_mask(landmarks68_crop: NDArray[np.floating], size: int) -> F32:
     return mask.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
-def template_mask(size: int, coverage: float = 1.0, y_offset: float = 0.0) -> F32:
-    """An ellipse around the mean face's outline, for faces with only 5 landmarks."""
-    pts = _face_outline(template_landmarks(size, 68, coverage, y_offset)).astype(np.float32)
+def template_mask(
+    size: int,
+    coverage: float = 1.0,
+    y_offset: float = 0.0,
+    face_template: ArrayLike | None = None,
+) -> F32:
+    """An ellipse around the mean face's outline (the model's ``face_template``, else the
+    default), for faces with only 5 landmarks."""
+    lm = template_landmarks(size, 68, coverage, y_offset, face_template)
+    pts = _face_outline(lm).astype(np.float32)
     (cx, cy), (w, h), angle = cv2.fitEllipse(pts)
     mask = np.zeros((size, size), dtype=np.uint8)
     cv2.ellipse(

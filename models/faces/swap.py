@@ -63,8 +63,9 @@ class SwapOptions:
     ("auto": the decoder's mask if it predicts one, else from 68 landmarks, else the
     template ellipse), ``mask_erosion`` and ``mask_blur`` as fractions of the crop size
     (see refine_mask), and the crop framing ``coverage``/``y_offset`` (see align_matrix),
-    which must match what the model was trained on. ``crop_size`` is the side of the crops
-    handed to the model."""
+    which must match what the model was trained on, as must ``face_template``, the mean face
+    its training crops were aligned to (from its encoder checkpoint; None: the default).
+    ``crop_size`` is the side of the crops handed to the model."""
 
     select: str = "all"
     indices: Sequence[int] | None = None
@@ -77,6 +78,7 @@ class SwapOptions:
     crop_size: int = 64
     coverage: float = 1.0
     y_offset: float = 0.0
+    face_template: NDArray[np.float64] | None = None
 
     def validate(self) -> None:
         def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -345,7 +347,10 @@ class FaceSwapper:
             return SwapResult(frame.copy(), results, clock.t)
 
         size = opts.crop_size
-        matrices = [align_matrix(r.landmarks, size, opts.coverage, opts.y_offset) for r in chosen]
+        matrices = [
+            align_matrix(r.landmarks, size, opts.coverage, opts.y_offset, opts.face_template)
+            for r in chosen
+        ]
         if self.device is not None and opts.blend == "feather":
             return self._swap_tensor(
                 frame, rgb, chosen, matrices, swap_crops, opts, results, clock, frame_t
@@ -400,7 +405,7 @@ class FaceSwapper:
             return mask
         if opts.mask in ("auto", "landmarks") and len(landmarks) == 68:
             return landmark_mask(crop_landmarks(landmarks, m), size)
-        return template_mask(size, opts.coverage, opts.y_offset)
+        return template_mask(size, opts.coverage, opts.y_offset, opts.face_template)
 
 
 def _landmarks_of(face: DetectedFace) -> F32:

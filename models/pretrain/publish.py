@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from .. import checkpoint
@@ -12,15 +13,25 @@ from ..trainer import Trainer
 from .spec import JobSpec
 from .workdir import RunFiles
 
-__all__ = ["publish"]
+__all__ = ["Start", "publish"]
+
+
+@dataclass(frozen=True)
+class Start:
+    """What a run started from and hands on to its models: the architecture, and in
+    identity mode the served encoder's fingerprint and face template (None: the default
+    every pretraining aligns its datasets with)."""
+
+    config: ModelConfig
+    encoder_fingerprint: str = ""
+    template: Any = None
 
 
 def publish(
     spec: JobSpec,
     files: RunFiles,
     trainer: Trainer,
-    cfg: ModelConfig,
-    start_fp: str,
+    start: Start,
     world: int,
     summary: dict[str, Any],
 ) -> dict[str, Any]:
@@ -31,7 +42,7 @@ def publish(
         "final_losses": {k: v for k, v in summary.get("final_losses", {}).items()},
         "processes": world,
     }
-    enc_fp = start_fp
+    cfg, enc_fp = start.config, start.encoder_fingerprint
     result: dict[str, Any] = {"status": "succeeded", "step": trainer.steps_done}
     # Every rank reports the fingerprints it ended with.
     fps = {"encoder": checkpoint.fingerprint(trainer.encoder)}
@@ -42,7 +53,9 @@ def publish(
     if files.rank != 0:
         return result
     if spec.mode == "pretrain" or not trainer.config.encoder_frozen:
-        data, meta = checkpoint.encoder_to_bytes(trainer.encoder.cpu(), cfg, summary)
+        data, meta = checkpoint.encoder_to_bytes(
+            trainer.encoder.cpu(), cfg, summary, template=start.template
+        )
         checkpoint.atomic_write(out / "encoder.safetensors", data)
         enc_fp = meta.fingerprint
         result["encoder"] = "out/encoder.safetensors"

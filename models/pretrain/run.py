@@ -14,14 +14,14 @@ from typing import Any
 import torch
 
 from .. import checkpoint
-from ..config import ModelConfig, get_preset
+from ..config import get_preset
 from ..inference import pick_device
 from ..networks import Decoder, Encoder, build_decoder, build_encoder
 from ..trainer import Progress, Trainer
 from .distributed import agree_on_stop, init_distributed, shut_down, sync_trainer
 from .loss_maps import points
 from .preview import save_preview
-from .publish import publish
+from .publish import Start, publish
 from .recipe import make_trainer
 from .spec import JobSpec
 from .state import CHECKPOINT, load_state, save_state
@@ -59,17 +59,15 @@ def run_job(
 
 def _build(
     spec: JobSpec, work_dir: Path, device: torch.device
-) -> tuple[ModelConfig, Encoder, dict[str, Decoder], str]:
-    """(config, encoder, decoders, fingerprint of the starting encoder or '')."""
+) -> tuple[Encoder, dict[str, Decoder], Start]:
     if spec.mode == "identity":
         encoder, meta = checkpoint.load_encoder(work_dir / "encoder.safetensors", device)
-        cfg = meta.config
-        decoders = {spec.identity: build_decoder(cfg, seed=spec.seed + 1)}
-        return cfg, encoder, decoders, meta.fingerprint
+        decoders = {spec.identity: build_decoder(meta.config, seed=spec.seed + 1)}
+        return encoder, decoders, Start(meta.config, meta.fingerprint, meta.template)
     cfg = get_preset(spec.preset)
     encoder = build_encoder(cfg, seed=spec.seed)
     decoders = {n: build_decoder(cfg, seed=spec.seed + 1 + i) for i, n in enumerate(spec.datasets)}
-    return cfg, encoder, decoders, ""
+    return encoder, decoders, Start(cfg)
 
 
 def _announce(
@@ -114,7 +112,8 @@ def _run(
         torch.set_num_threads(spec.threads)
     if rank == 0:
         (work / "result.json").unlink(missing_ok=True)
-    cfg, encoder, decoders, start_fp = _build(spec, work, device)
+    encoder, decoders, start = _build(spec, work, device)
+    cfg = start.config
     pairs = list(zip(decoders, spec.datasets, strict=True))
     data = {name: load_faces(work, ds, cfg.resolution) for name, ds in pairs}
     landmarks: dict[str, list[Any]] = {}
@@ -174,7 +173,7 @@ def _run(
         files.result(result)
         return result
 
-    result = publish(spec, files, trainer, cfg, start_fp, world, summary)
+    result = publish(spec, files, trainer, start, world, summary)
     files.event("succeeded", step=trainer.steps_done, result=result)
     files.result(result)
     return result
