@@ -29,6 +29,7 @@ from .augment import AugmentConfig, make_training_pair
 from .errors import InvalidInputError, PreconditionError
 from .losses import LossWeights, identity_confusion, loss_terms
 from .networks import Decoder, Encoder, LatentCritic, build_latent_critic
+from .pixels import to_unit
 
 __all__ = ["Progress", "TrainConfig", "Trainer"]
 
@@ -343,12 +344,12 @@ class Trainer:
         idx = idx.to(self.device)
         imgs = self._images[name].index_select(0, idx)
         if imgs.dtype == torch.uint8:
-            imgs = imgs.permute(0, 3, 1, 2).float().div_(255.0)
+            imgs = to_unit(imgs.permute(0, 3, 1, 2))
         mask = self._masks.get(name)
         if mask is None:
             return imgs, None
         m = mask.index_select(0, idx)
-        return imgs, (m.float().div_(255.0) if m.dtype == torch.uint8 else m)
+        return imgs, (to_unit(m) if m.dtype == torch.uint8 else m)
 
     def _weights_of(self, name: str, idx: Tensor) -> Tensor | None:
         w = self._weights.get(name)

@@ -28,6 +28,7 @@ from facemux.models.errors import (
     UnavailableError,
 )
 from facemux.models.networks import Decoder, Encoder
+from facemux.models.pixels import to_uint8, to_unit
 from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, Store, VersionRecord
 
@@ -240,14 +241,14 @@ class Runtime:
                 x[start : start + len(f)] = torch.from_numpy(f)
                 start += len(f)
             x = x.to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = to_unit(x.permute(0, 3, 1, 2))
             x = x.contiguous(memory_format=torch.channels_last)
         else:
             # One part (a lone request's own array) is used as it is; several are copied once.
             one = parts[0]
             lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
             x = torch.from_numpy(one if lone else np.concatenate(parts))
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = to_unit(x.permute(0, 3, 1, 2))
         with self._autocast():
             return inference.encode(self.encoder(), x)
 
@@ -268,7 +269,7 @@ class Runtime:
         if self.device.type == "cuda":
             # Marked on the device, the whole batch in one pass, before the copy to the host
             # (the same uint8 conversion as tensor_to_images).
-            u8 = rgb.float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
+            u8 = to_uint8(rgb.float())
             u8[marked] = prov.embed_watermark_batch_t(u8[marked], payloads)
             return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
         faces = inference.tensor_to_images(rgb.float())

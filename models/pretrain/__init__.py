@@ -24,8 +24,12 @@ from .loss_maps import face_emphasis, face_loss_masks
 from .recipe import make_trainer
 from .run import run_job
 from .spec import (
+    DEFAULT_BATCH,
+    DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_LATENT_ADVERSARY,
     DEFAULT_LR,
+    DEFAULT_PRESET,
+    DEFAULT_STEPS,
     GRAD_CLIP,
     LOSS_EMPHASES,
     LOSS_MASKS,
@@ -36,8 +40,12 @@ from .spec import (
 from .workdir import prepare_work_dir, read_events
 
 __all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_LATENT_ADVERSARY",
     "DEFAULT_LR",
+    "DEFAULT_PRESET",
+    "DEFAULT_STEPS",
     "GRAD_CLIP",
     "LOSS_EMPHASES",
     "LOSS_MASKS",

@@ -12,6 +12,7 @@ import torch
 from ..faces.align import template_landmarks, umeyama
 from ..faces.mask import landmark_mask, template_mask
 from ..losses import landmark_weight_map
+from ..pixels import to_uint8
 
 __all__ = ["face_emphasis", "face_loss_masks", "points", "template_loss_masks"]
 
@@ -27,7 +28,7 @@ def points(landmarks: list[Any] | None, i: int, count: int) -> np.ndarray | None
 
 def template_loss_masks(n: int, size: int) -> torch.Tensor:
     """(n, size, size) uint8: the template's ellipse for every face (one shared copy)."""
-    template = torch.from_numpy((template_mask(size) * 255 + 0.5).astype(np.uint8))
+    template = torch.from_numpy(to_uint8(template_mask(size)))
     return template.expand(n, -1, -1)
 
 
@@ -35,11 +36,11 @@ def face_loss_masks(landmarks: list[Any] | None, n: int, size: int) -> torch.Ten
     """(n, size, size) uint8 loss masks: each face's outline from its 68 points (the jaw and
     the brows raised onto the forehead), or the template's ellipse for a face without them
     (5 points place the template where it already is: alignment used them)."""
-    template = (template_mask(size) * 255 + 0.5).astype(np.uint8)
+    template = to_uint8(template_mask(size))
     out = np.empty((n, size, size), dtype=np.uint8)
     for i in range(n):
         pts = points(landmarks, i, 68)
-        out[i] = template if pts is None else (landmark_mask(pts, size) * 255 + 0.5)
+        out[i] = template if pts is None else to_uint8(landmark_mask(pts, size))
     return torch.from_numpy(out)
 
 

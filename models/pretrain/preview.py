@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from ..pixels import to_uint8
 from ..trainer import Trainer
 from .workdir import RunFiles
 
@@ -30,8 +30,8 @@ def save_preview(files: RunFiles, trainer: Trainer) -> None:
             other = trainer.decoders[names[(i + 1) % len(names)]](z)[0]
             row = torch.cat([x, own, other], dim=3)[0].clamp(0, 1)
             rows.append(row)
-    img = torch.cat(rows[:4], dim=1).permute(1, 2, 0).float().cpu().numpy()
-    rgb = (img * 255 + 0.5).astype(np.uint8)
+    img = torch.cat(rows[:4], dim=1).permute(1, 2, 0).float().cpu()
+    rgb = to_uint8(img).numpy()
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if ok:
         files.write(PREVIEW, buf.tobytes())

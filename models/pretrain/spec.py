@@ -10,8 +10,12 @@ from ..config import get_preset
 from ..errors import InvalidInputError
 
 __all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_LATENT_ADVERSARY",
     "DEFAULT_LR",
+    "DEFAULT_PRESET",
+    "DEFAULT_STEPS",
     "GRAD_CLIP",
     "LOSS_EMPHASES",
     "LOSS_MASKS",
@@ -28,6 +32,11 @@ MODES = ("identity", "pretrain")
 # each face's shape; "none" counts the whole crop.
 LOSS_MASKS = ("template", "landmarks", "none")
 LOSS_EMPHASES = ("eyes_mouth", "none")
+# A job's defaults, also what the training API gives a hyper-parameter it is sent as zero.
+DEFAULT_STEPS = 2000
+DEFAULT_BATCH = 16
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_PRESET = "tiny"
 MAX_STEPS = 10_000_000
 MAX_BATCH = 1024
 MAX_LR = 0.01
@@ -49,12 +58,12 @@ class JobSpec:
     mode: str  # "identity" | "pretrain"
     datasets: list[str]  # identity mode: one; pretrain: one per identity (its name)
     identity: str = ""  # identity mode: the decoder's identity name
-    preset: str = "tiny"  # pretrain mode (identity mode uses the encoder's own config)
-    steps: int = 2000
-    batch_size: int = 16
+    preset: str = DEFAULT_PRESET  # pretrain mode (identity mode uses the encoder's own config)
+    steps: int = DEFAULT_STEPS
+    batch_size: int = DEFAULT_BATCH
     lr: float = DEFAULT_LR
     encoder_lr: float = 0.0  # identity mode: 0 keeps the served encoder frozen
-    checkpoint_every: int = 100
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     # A checkpoint also waits until this much training time has passed since the last one
     # (0: never waits): fast GPU steps would otherwise spend their time writing checkpoints.
     checkpoint_min_seconds: float = 0.0
