@@ -27,16 +27,24 @@ from facemux.models.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
+from facemux.models.pretrain import (
+    DEFAULT_BATCH,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_LR,
+    DEFAULT_PRESET,
+    DEFAULT_STEPS,
+    JobSpec,
+    validate_hyper_parameters,
+)
 from facemux.service import convert
 from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
+from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
-from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
+from facemux.service.consent import consent_for_upload, consent_from_proto
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
 from facemux.service.runtime import Runtime
-from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import (
@@ -61,10 +69,8 @@ _STATES = {
     "cancelled": tpb.JOB_STATE_CANCELLED,
 }
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
-# Server defaults for zero-valued hyper-parameters.
-DEFAULT_STEPS = 2000
-DEFAULT_BATCH = 16
-DEFAULT_CHECKPOINT_EVERY = 100
+# Unset checkpoint_every: also at most one checkpoint per this much training (the other
+# defaults for zero-valued hyper-parameters are the jobs' own, facemux.models.pretrain).
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
 CANCEL_GRACE_S = 0.02
@@ -243,6 +249,8 @@ class Training:
         # Unset: also at most every DEFAULT_CHECKPOINT_SECONDS of training, so a fast GPU
         # does not spend its time writing checkpoints. Set: exactly every N steps.
         min_seconds = 0.0 if hp.checkpoint_every else DEFAULT_CHECKPOINT_SECONDS
+        # Checked before any dataset is read or consent looked up; the whole spec is checked
+        # once more as the job's work directory is laid out (JobManager.submit).
         validate_hyper_parameters(steps, batch, lr, enc_lr, every)
         names = list(request.datasets)
         if not names:
@@ -275,9 +283,8 @@ class Training:
                 raise InvalidInputError(
                     "pretrain mode names identities by dataset; leave `identity` empty"
                 )
-            preset = request.preset or "tiny"
-            given = {f: getattr(request.consent, f) for f in CONSENT_FIELDS}
-            consent = {k: v for k, v in given.items() if v}
+            preset = request.preset or DEFAULT_PRESET
+            consent = consent_from_proto(request.consent)
             for n in names:  # each dataset becomes an identity: each needs consent
                 admitted = consent_for_upload(self.store, validate_name(n), request.consent)
                 at_submit[n] = admitted.expect
@@ -309,7 +316,6 @@ class Training:
             device=self.settings.device,
             threads=self.settings.training_threads,
         )
-        spec.validate()
         return self.jobs.submit(
             spec,
             data,
@@ -368,7 +374,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                         )
                     await self.budget.run(
                         await asyncio.to_thread(self._pixels, part.image),
-                        _deadline(context),
+                        call_deadline(context),
                         "dataset image",
                         self._stage,
                         upload,
