@@ -16,6 +16,8 @@ from facemux.service.settings import Settings, parse_settings
 from facemux.service.store import LocalStore
 from serve_process import ServeProcess
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -111,8 +113,6 @@ class NoTorch:
             raise ImportError("torch is not installed here")
 sys.meta_path.insert(0, NoTorch())
 import facemux.client, facemux.client.cli
-
-pytestmark = pytest.mark.slow
 facemux.client.cli.build_parser().parse_args(["swap", "x.png", "--identity", "a"])
 assert "torch" not in sys.modules and "cv2" not in sys.modules
 print("ok")
