@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 from facemux.models import safe_json
 from facemux.models.errors import FacemuxError, InvalidInputError, ResourceExhaustedError
+from facemux.service import request_ids
 
 log = logging.getLogger(__name__)
 
@@ -740,9 +741,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
     )
 
     async def begin(context: grpc.aio.ServicerContext) -> tuple[str, CallAudit | None]:
+        # The id first, so that even a refused call answers (and is audited) with one.
+        rid, bad_id = request_ids.from_metadata(context.invocation_metadata() or ())
+        request_ids.current_request_id.set(rid)
+        await context.send_initial_metadata(((request_ids.HEADER, rid),))
         try:
             caller = await guard.authenticate(method, context)
             guard.admit(caller)
+            if bad_id:
+                raise Denied(grpc.StatusCode.INVALID_ARGUMENT, bad_id, caller=caller)
             if streaming:
                 guard.open_stream(caller)
         except Denied as d:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
+from facemux.service.convert import consent_from_proto
 from facemux.service.store import CONSENT_FIELDS, IdentityRecord, Store
 from facemux.v1 import types_pb2
 
@@ -33,6 +34,13 @@ def _parse_time(field: str, value: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
+def _canonical(when: datetime) -> str:
+    # One spelling per instant: a record sent again (as a wire Timestamp) equals the stored
+    # one however the stored one was written ("2026-01-01" or "...T00:00:00+00:00").
+    when = when.astimezone(timezone.utc)
+    return when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
+
+
 def validate_consent(consent: dict[str, str]) -> dict[str, str]:
     """A complete, well-formed consent record (or InvalidInputError saying what is wrong)."""
     record = {f: str(consent.get(f, "")).strip() for f in CONSENT_FIELDS if consent.get(f)}
@@ -49,8 +57,10 @@ def validate_consent(consent: dict[str, str]) -> dict[str, str]:
         if not v.isprintable():
             raise InvalidInputError(f"consent.{f} has control characters")
     granted = _parse_time("granted_at", record["granted_at"])
+    record["granted_at"] = _canonical(granted)
     if "expires_at" in record:
         expires = _parse_time("expires_at", record["expires_at"])
+        record["expires_at"] = _canonical(expires)
         if expires <= granted:
             raise InvalidInputError("consent.expires_at must be after consent.granted_at")
         if expires < datetime.now(timezone.utc):
@@ -73,7 +83,7 @@ def require_consent(
     given = (
         dict(msg)
         if isinstance(msg, dict)
-        else {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
+        else {k: v for k, v in consent_from_proto(msg).items() if k in CONSENT_FIELDS}
     )
     if existing is None:
         return validate_consent(given)

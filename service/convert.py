@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 from facemux.models import imageio
 from facemux.models.errors import FingerprintMismatchError, InvalidInputError
 from facemux.v1 import types_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 _LAYOUT_NAMES = {
     types_pb2.PIXEL_LAYOUT_RGB8: "RGB8",
@@ -24,9 +26,11 @@ _FORMAT_NAMES = {
     types_pb2.IMAGE_FORMAT_RAW: "RAW",
 }
 _DTYPES: dict[int, np.dtype[Any]] = {
-    types_pb2.LATENT_D_TYPE_FLOAT32: np.dtype("<f4"),
-    types_pb2.LATENT_D_TYPE_FLOAT16: np.dtype("<f2"),
+    types_pb2.LATENT_FORMAT_FLOAT32: np.dtype("<f4"),
+    types_pb2.LATENT_FORMAT_FLOAT16: np.dtype("<f2"),
 }
+# ConsentRecord fields the wire carries as Timestamps; the store keeps them as ISO-8601 text.
+_CONSENT_TIMES = ("granted_at", "expires_at", "revoked_at")
 
 
 def image_from_proto(msg: types_pb2.Image, max_pixels: int, what: str) -> imageio.DecodedImage:
@@ -126,9 +130,9 @@ def latent_from_proto(
         raise InvalidInputError(
             f"{where} has shape {list(msg.shape)} but this encoder's latents are {list(shape)}"
         )
-    dtype = _DTYPES.get(msg.dtype)
+    dtype = _DTYPES.get(msg.format)
     if dtype is None:
-        raise InvalidInputError(f"{where} dtype must be FLOAT32 or FLOAT16")
+        raise InvalidInputError(f"{where} format must be FLOAT32 or FLOAT16")
     expected = math.prod(shape) * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidInputError(
@@ -147,15 +151,62 @@ def latent_from_proto(
     return arr
 
 
-def latent_to_proto(arr: np.ndarray, dtype: int, fingerprint: str) -> types_pb2.Latent:
-    if dtype == types_pb2.LATENT_D_TYPE_UNSPECIFIED:
-        dtype = types_pb2.LATENT_D_TYPE_FLOAT32
-    np_dtype = _DTYPES.get(dtype)
+def latent_to_proto(arr: np.ndarray, fmt: int, fingerprint: str) -> types_pb2.Latent:
+    if fmt == types_pb2.LATENT_FORMAT_UNSPECIFIED:
+        fmt = types_pb2.LATENT_FORMAT_FLOAT32
+    np_dtype = _DTYPES.get(fmt)
     if np_dtype is None:
-        raise InvalidInputError("latent dtype must be FLOAT32 or FLOAT16")
+        raise InvalidInputError("latent format must be FLOAT32 or FLOAT16")
     return types_pb2.Latent(
         shape=list(arr.shape),
-        dtype=dtype,
+        format=fmt,
         data=np.ascontiguousarray(arr, dtype=np_dtype).tobytes(),
         encoder_fingerprint=fingerprint,
     )
+
+
+def timestamp(iso: str) -> Timestamp | None:
+    """A stored ISO-8601 time (a date, or a time without zone, is UTC) on the wire; None
+    for "" or text that is not a time (left unset rather than failing a whole listing)."""
+    if not iso:
+        return None
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def iso_time(ts: Timestamp) -> str:
+    """A wire Timestamp as the store's ISO-8601 UTC text (seconds, or finer when given)."""
+    when = ts.ToDatetime(tzinfo=timezone.utc)
+    return when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
+
+
+def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
+    # Stored records may carry keys the message has not (a history entry's replaced_at).
+    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
+    msg = types_pb2.ConsentRecord(
+        **{k: v for k, v in consent.items() if k in known and k not in _CONSENT_TIMES}
+    )
+    for k in _CONSENT_TIMES:
+        ts = timestamp(consent.get(k, ""))
+        if ts is not None:
+            getattr(msg, k).CopyFrom(ts)
+    return msg
+
+
+def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
+    """The fields a caller set, as the store keeps them (times as ISO-8601 UTC text)."""
+    out: dict[str, str] = {}
+    for f in types_pb2.ConsentRecord.DESCRIPTOR.fields:
+        if f.name in _CONSENT_TIMES:
+            if msg.HasField(f.name):
+                out[f.name] = iso_time(getattr(msg, f.name))
+        elif getattr(msg, f.name):
+            out[f.name] = getattr(msg, f.name)
+    return out

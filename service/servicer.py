@@ -21,13 +21,13 @@ from facemux.models import provenance as prov
 from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
+    NotFoundError,
     PreconditionError,
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
 from facemux.service.budget import PixelBudget
 from facemux.service.consent import (
-    CONSENT_FIELDS,
     Admission,
     check_usable,
     consent_for_upload,
@@ -37,6 +37,7 @@ from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
 from facemux.service.provenance import Provenance
+from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
@@ -443,8 +444,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.SwapRequest, context: grpc.aio.ServicerContext
     ) -> spb.SwapResponse:
         kind = request.WhichOneof("input")
-        # Made up front: the watermark payload and the C2PA manifest carry it.
-        request_id = request.request_id or uuid.uuid4().hex
+        # The call's id (metadata x-request-id): the watermark payload and manifest carry it.
+        request_id = current_request_id.get() or uuid.uuid4().hex
         if kind == "frame":
             deadline = _deadline(context)
             img, out, resident = await self.budget.run(
@@ -491,27 +492,32 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         request_iterator: AsyncIterator[spb.SwapStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[spb.SwapStreamResponse]:
-        identity, version = "", 0
+        identity, version, aligned = "", 0, False
         options, output = spb.SwapOptions(), types_pb2.OutputOptions()
         tracker: FaceTracker | None = None  # per stream: tracks faces between detections
         detect_every = 0
-        # Each frame's provenance marks carry "<stream id>:<frame index>".
-        stream_id = uuid.uuid4().hex[:16]
+        # Each frame's provenance marks carry "<the call's request id>:<frame index>".
+        stream_id = current_request_id.get() or uuid.uuid4().hex[:16]
         memo = IdentityMemo()  # the identity's record is read again only when it changes
         async for req in request_iterator:
-            if req.identity:
-                identity, version = req.identity, req.identity_version
+            # Settings persist until a message carries them again (field presence).
+            if req.HasField("identity"):
+                identity, version = req.identity, 0
+            if req.HasField("identity_version"):
+                version = req.identity_version
+            if req.HasField("aligned"):
+                aligned = req.aligned
             if req.HasField("options"):
                 options = req.options
             if req.HasField("output"):
                 output = req.output
-            if req.detect_every:
-                detect_every = req.detect_every
+            if req.HasField("detect_every") and req.detect_every != detect_every:
+                detect_every, tracker = req.detect_every, None
             if not identity:
                 raise InvalidInputError("the first SwapStream message must name the identity")
             mark = f"{stream_id}:{req.frame_index}"
             try:
-                if req.aligned:
+                if aligned:
                     r = await self._swap_faces(
                         identity,
                         version,
@@ -524,11 +530,12 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                     )
                     self.metrics.frames_swapped()
                     frame, results, n = r.faces[0], list(r.results), r.faces_swapped
+                    used = r.identity_version
                 else:
                     if tracker is None:
                         tracker = await asyncio.to_thread(self.frames.tracker, detect_every)
                     deadline = _deadline(context)
-                    frame, out, _ = await self.budget.run(
+                    frame, out, resident = await self.budget.run(
                         await self._frame_pixels(req.frame),
                         deadline,
                         "frame",
@@ -545,11 +552,14 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         memo,
                     )
                     results, n = out.results, out.faces_swapped
-            except (InvalidInputError, PreconditionError) as exc:
-                # A bad frame fails alone; the stream goes on.
+                    used = resident.version.version
+            except (InvalidInputError, NotFoundError, PreconditionError) as exc:
+                # A bad frame (or an identity that cannot be drawn now) fails alone; the
+                # stream goes on, and a later message may name another identity.
                 yield spb.SwapStreamResponse(
                     frame_index=req.frame_index,
                     error=spb.FrameError(code=status_for(exc).value[0], message=str(exc)),
+                    identity=identity,
                 )
                 continue
             yield spb.SwapStreamResponse(
@@ -558,17 +568,19 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 results=results,
                 faces_swapped=n,
                 request_id=mark,
+                identity=identity,
+                identity_version=used,
             )
 
     def _prepare_encode(self, request: spb.EncodeRequest) -> list[int]:
         self.runtime.encoder()  # UNAVAILABLE while loading
         self._count(len(request.faces), "faces")
-        if request.dtype not in (
-            types_pb2.LATENT_D_TYPE_UNSPECIFIED,
-            types_pb2.LATENT_D_TYPE_FLOAT32,
-            types_pb2.LATENT_D_TYPE_FLOAT16,
+        if request.format not in (
+            types_pb2.LATENT_FORMAT_UNSPECIFIED,
+            types_pb2.LATENT_FORMAT_FLOAT32,
+            types_pb2.LATENT_FORMAT_FLOAT16,
         ):
-            raise InvalidInputError("dtype must be FLOAT32 or FLOAT16")
+            raise InvalidInputError("format must be LATENT_FORMAT_FLOAT32 or LATENT_FORMAT_FLOAT16")
         return self._face_pixels(request.faces)
 
     @unary
@@ -583,7 +595,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         assert result.latents is not None
         fp = self.runtime.fingerprint
         return spb.EncodeResponse(
-            latents=[convert.latent_to_proto(z, request.dtype, fp) for z in result.latents],
+            latents=[convert.latent_to_proto(z, request.format, fp) for z in result.latents],
             encoder_fingerprint=fp,
             resized=resized,
             model_resolution=self.runtime.model_config().resolution,
@@ -606,7 +618,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.DecodeRequest, resident: ResidentDecoder, result: Result
     ) -> spb.DecodeResponse:
         assert result.faces is not None
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id.get() or uuid.uuid4().hex
         resp = spb.DecodeResponse(
             identity=request.identity,
             identity_version=resident.version.version,
@@ -665,7 +677,7 @@ def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
     def version(v: VersionRecord) -> ipb.IdentityVersion:
         return ipb.IdentityVersion(
             version=v.version,
-            created_at=v.created_at,
+            created_at=convert.timestamp(v.created_at),
             decoder_fingerprint=v.decoder_fingerprint,
             encoder_fingerprint=v.encoder_fingerprint,
             preset=v.preset,
@@ -683,16 +695,10 @@ def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
         display_name=rec.display_name,
         default_version=rec.default_version,
         versions=[version(v) for v in rec.versions],
-        consent=consent_to_proto(rec.consent),
-        created_at=rec.created_at,
-        consent_history=[consent_to_proto(c) for c in rec.consent_history],
+        consent=convert.consent_to_proto(rec.consent),
+        created_at=convert.timestamp(rec.created_at),
+        consent_history=[convert.consent_to_proto(c) for c in rec.consent_history],
     )
-
-
-def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
-    # Stored records may carry keys the message has not (a history entry's replaced_at).
-    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
-    return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
 
 
 class IdentityServicer(igrpc.IdentityServiceServicer):
@@ -824,12 +830,12 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
     ) -> ipb.RecordConsentResponse:
         validate_name(request.name)
         given = request.consent
-        if given.revoked_at or given.revocation_reason:
+        if given.HasField("revoked_at") or given.revocation_reason:
             raise InvalidInputError(
                 "consent.revoked_at and consent.revocation_reason are set by the server "
                 "(RevokeConsent); leave them empty"
             )
-        record = validate_consent({f: getattr(given, f) for f in CONSENT_FIELDS})
+        record = validate_consent(convert.consent_from_proto(given))
         rec = await asyncio.to_thread(self.store.record_consent, request.name, record)
         log.info("new consent recorded for identity %s", rec.name)
         return ipb.RecordConsentResponse(identity=identity_to_proto(rec))

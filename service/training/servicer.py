@@ -35,6 +35,7 @@ from facemux.service.budget import PixelBudget
 from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
+from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import Runtime
 from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
@@ -77,7 +78,7 @@ def dataset_to_proto(d: DatasetInfo) -> tpb.Dataset:
         faces=d.faces,
         content_hash=d.content_hash,
         resolution=d.resolution,
-        updated_at=d.updated_at,
+        updated_at=convert.timestamp(d.updated_at),
     )
 
 
@@ -91,8 +92,8 @@ def job_to_proto(rec: JobRecord) -> tpb.Job:
         step=rec.step,
         steps=rec.steps,
         error=rec.error,
-        created_at=rec.created_at,
-        updated_at=rec.updated_at,
+        created_at=convert.timestamp(rec.created_at),
+        updated_at=convert.timestamp(rec.updated_at),
         result_version=rec.result_version,
         encoder_fingerprint=rec.encoder_fingerprint,
     )
@@ -217,7 +218,8 @@ class Training:
                     name,
                     vrec.version if code == grpc.StatusCode.OK else 0,
                     code,
-                    request_id=rec.id,
+                    # The Train call's id (older records have none: the job id).
+                    request_id=rec.request_id or rec.id,
                     duration_s=time.perf_counter() - t0,
                     job_id=rec.id,
                 )
@@ -276,7 +278,11 @@ class Training:
                     "pretrain mode names identities by dataset; leave `identity` empty"
                 )
             preset = request.preset or "tiny"
-            given = {f: getattr(request.consent, f) for f in CONSENT_FIELDS}
+            given = {
+                k: v
+                for k, v in convert.consent_from_proto(request.consent).items()
+                if k in CONSENT_FIELDS
+            }
             consent = {k: v for k, v in given.items() if v}
             for n in names:  # each dataset becomes an identity: each needs consent
                 admitted = consent_for_upload(self.store, validate_name(n), request.consent)
@@ -321,6 +327,7 @@ class Training:
             landmarks,
             identities_at_submit=at_submit,
             submitted_by=current_caller.get(),
+            request_id=current_request_id.get(),
         )
 
 
@@ -396,14 +403,15 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             "dataset %s: %d added, %d duplicates, %d rejected",
             meta.name,
             result.accepted,
-            result.duplicates,
+            len(result.duplicate_indices),
             len(result.rejected),
         )
         return tpb.UploadDatasetResponse(
             dataset=dataset_to_proto(result.dataset),
             accepted=result.accepted,
-            duplicates=result.duplicates,
+            duplicates=len(result.duplicate_indices),
             rejected=[tpb.RejectedImage(index=i, reason=r) for i, r in result.rejected],
+            duplicate_indices=sorted(result.duplicate_indices),
         )
 
     def _begin_upload(self, name: str) -> Upload:
