@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from facemux.client.client import FacemuxClient, Latent
+from facemux.client.client import REQUEST_ID_HEADER, FacemuxClient, Latent
 from facemux.client.errors import FacemuxRpcError
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import training_service_pb2 as tpb
@@ -34,6 +34,7 @@ def _client(args: argparse.Namespace) -> FacemuxClient:
         key=args.key,
         token=token,
         server_name=args.server_name,
+        metadata=[(REQUEST_ID_HEADER, args.request_id)] if args.request_id else (),
     )
 
 
@@ -266,7 +267,7 @@ def cmd_identities(args: argparse.Namespace) -> int:
             print(f"{ident.name} default is now v{ident.default_version}")
         elif args.action == "revoke":
             ident = c.revoke_consent(args.name, args.reason)
-            print(f"consent of {ident.name} revoked at {ident.consent.revoked_at}")
+            print(f"consent of {ident.name} revoked at {ident.consent.revoked_at.ToJsonString()}")
         elif args.action == "consent":
             record = _consent_arg(args.consent)
             if record is None:
@@ -274,7 +275,8 @@ def cmd_identities(args: argparse.Namespace) -> int:
             ident = c.record_consent(args.name, record)
             print(
                 f"consent of {ident.name} recorded: attested by {ident.consent.attested_by}, "
-                f"granted {ident.consent.granted_at} ({len(ident.consent_history)} earlier)"
+                f"granted {ident.consent.granted_at.ToJsonString()} "
+                f"({len(ident.consent_history)} earlier)"
             )
     return 0
 
@@ -344,7 +346,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
                 print(f"rejected {args.images[rej.index]}: {rej.reason}", file=sys.stderr)
             print(
                 f"{r.dataset.name}: {r.accepted} added, {r.duplicates} duplicate(s), "
-                f"{len(r.rejected) - r.duplicates} rejected; {r.dataset.faces} faces"
+                f"{len(r.rejected)} rejected; {r.dataset.faces} faces"
             )
         elif args.action == "delete":
             c.delete_dataset(args.name)
@@ -425,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     creds = conn.add_mutually_exclusive_group()
     creds.add_argument("--token", help="bearer token (prefer --token-file: argv is visible)")
     creds.add_argument("--token-file", help="file holding the bearer token")
+    conn.add_argument(
+        "--request-id",
+        default="",
+        help="request id sent with every call of the command (metadata x-request-id); the "
+        "server makes one when it is not given",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def client_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -642,7 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return COMMANDS[args.command](args)
     except FacemuxRpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rid = f" (request id {exc.request_id})" if exc.request_id else ""
+        print(f"error: {exc}{rid}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
