@@ -69,9 +69,12 @@ def test_upload_train_watch_swap(trainer_server: FacemuxClient) -> None:
     c = trainer_server
     imgs = faces(7)
     up = c.upload_dataset("dave", [png(i) for i in imgs] + [png(imgs[0]), b"junk"], aligned=True)
+    # Each image counted once: the duplicate apart from the rejections.
     assert up.accepted == len(imgs) and up.duplicates == 1
-    assert [r.index for r in up.rejected] == [len(imgs), len(imgs) + 1]
-    assert "duplicate" in up.rejected[0].reason and "PNG" in up.rejected[1].reason
+    assert list(up.duplicate_indices) == [len(imgs)]
+    assert [r.index for r in up.rejected] == [len(imgs) + 1]
+    assert "PNG" in up.rejected[0].reason
+    assert up.accepted + up.duplicates + len(up.rejected) == len(imgs) + 2
     assert up.dataset.faces == len(imgs) and up.dataset.resolution == 64
     # The content hash does not depend on upload order.
     again = c.upload_dataset("dave2", [png(i) for i in reversed(imgs)], aligned=True)
