@@ -295,15 +295,17 @@ def test_cli_datasets_train_jobs(
         files.append(tmp_path / f"f{i}.png")
         files[-1].write_bytes(png(img))
     assert main(["datasets", "upload", "ivy", *map(str, files), "--aligned", *target]) == 0
-    assert "4 added" in capsys.readouterr().out
+    seen = capsys.readouterr()
+    assert "4 added" in seen.out and "%|" not in seen.err
     assert main(["datasets", "list", *target]) == 0
     assert "ivy\t4 faces\t64px" in capsys.readouterr().out
     consent = json.dumps(CONSENT)
     argv = ["train", "ivy", "--identity", "ivy", "--steps", "6", "--batch-size", "2"]
     argv += ["--lr", "0.001", "--consent", consent, "--watch", *target]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "step 6/6" in out and "job succeeded" in out
+    seen = capsys.readouterr()
+    assert "step 6/6" in seen.out and "job succeeded" in seen.out
+    assert "%|" not in seen.err and "\r" not in seen.err  # not a terminal: no bar
     assert main(["jobs", "list", *target]) == 0
     assert "\tsucceeded\tidentity\tivy\tstep 6/6\tv1" in capsys.readouterr().out
     job_id = trainer_server.list_jobs()[0].id
