@@ -89,8 +89,8 @@ class IdentityServiceServicer:
 
         Role: admin
         Errors:
-        INVALID_ARGUMENT: the metadata is missing, not first or sent twice; name is not
-        valid; a new identity without a complete, well-formed consent record; no bytes,
+        INVALID_ARGUMENT: the metadata is missing, not first or sent twice; a message with
+        neither metadata nor chunk; name is not valid; a new identity without a complete, well-formed consent record; no bytes,
         not a safetensors decoder, truncated, longer than its header, or a size or sha256
         that does not match the metadata; a decoder for another resolution or latent shape.
         FAILED_PRECONDITION: the identity's consent is revoked or expired, or the request

@@ -95,8 +95,8 @@ class TrainingServiceServicer:
 
         Role: train
         Errors:
-        INVALID_ARGUMENT: the metadata is missing, not first or sent twice; name is not a
-        valid dataset name; no images were sent.
+        INVALID_ARGUMENT: the metadata is missing, not first or sent twice; a message with
+        neither metadata nor image; name is not a valid dataset name; no images were sent.
         RESOURCE_EXHAUSTED: the upload is over max_upload_bytes, sends more images than
         max_dataset_faces, or would take the dataset past max_dataset_faces faces.
         FAILED_PRECONDITION: another upload created the dataset at another resolution while
@@ -137,7 +137,8 @@ class TrainingServiceServicer:
         INVALID_ARGUMENT: mode unspecified; hyper-parameters out of range or not finite; no
         datasets, a dataset named twice or with an invalid name, an empty dataset; identity
         mode without exactly one dataset or a valid identity; pretrain mode with identity
-        set; a new identity without a complete, well-formed consent record.
+        set or an unknown preset; a new identity without a complete, well-formed consent
+        record.
         NOT_FOUND: a named dataset does not exist.
         FAILED_PRECONDITION: the identity's consent is revoked or expired, or the request
         carries a different record than the one in force; the consent sent is already
