@@ -13,7 +13,7 @@ import termios
 from pathlib import Path
 
 import cv2
-from conftest import face_image, png
+from conftest import Models, face_image, make_store, png
 from facemux.service.server import ServerThread
 
 FACEMUX = str(Path(sys.executable).parent / "facemux")
@@ -94,3 +94,16 @@ def test_bar_on_a_terminal(server: ServerThread, tmp_path: Path) -> None:
     # --quiet: nothing drawn even on a terminal.
     rc, shown = _on_a_terminal([*video, "--identity", "alice", "--quiet", *t])
     assert rc == 0 and not any(mark in shown for mark in BAR_MARKS), shown
+
+
+def test_export_bar_only_on_a_terminal(tmp_path: Path, models: Models) -> None:
+    make_store(tmp_path / "store", models, ("alice",))
+    argv = [FACEMUX, "export", "onnx", "alice", "--store", str(tmp_path / "store")]
+    argv += ["--no-parity", "-o"]
+    rc, shown = _on_a_terminal([*argv, str(tmp_path / "a")])
+    assert rc == 0, shown
+    assert "export onnx" in shown and "2/2" in shown and "part" in shown
+    r = subprocess.run([*argv, str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "alice v1" in r.stdout
+    assert not any(mark in r.stderr for mark in BAR_MARKS), r.stderr
