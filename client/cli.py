@@ -395,7 +395,7 @@ def _watch(c: FacemuxClient, job_id: str, replay: bool = False, quiet: bool = Fa
                     shown["faces/s"] = f"{ev.examples_per_second:.0f}"
                 if ev.eta_seconds:
                     shown["eta"] = f"{ev.eta_seconds:.0f}s"
-                bar.set_postfix(shown, refresh=False)
+                bar.set_postfix(shown)
             if ev.message:
                 (bar.write if not bar.disable else print)(
                     f"step {ev.job.step}/{ev.job.steps}  {ev.message}"

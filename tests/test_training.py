@@ -320,6 +320,21 @@ def test_cli_datasets_train_jobs(
     assert main(["datasets", "delete", "ivy", *target]) == 0
 
 
+def test_cli_watch_draws_steps_and_loss_on_a_terminal(
+    trainer_server: FacemuxClient,
+) -> None:
+    from test_progress import FACEMUX, _on_a_terminal
+
+    c = trainer_server
+    c.upload_dataset("kim", [png(i) for i in faces(21, 4)], aligned=True)
+    argv = [FACEMUX, "train", "kim", "--identity", "kim", "--steps", "10", "--batch-size", "2"]
+    argv += ["--consent", json.dumps(CONSENT), "--watch", "--target", c.target]
+    rc, shown = _on_a_terminal(argv)
+    assert rc == 0, shown
+    # Steps done of planned, the loss, and tqdm's elapsed<remaining.
+    assert "10/10" in shown and "loss=" in shown and "<" in shown, shown
+
+
 def test_two_replicas_on_one_store_share_the_jobs(tmp_path: Path, models: Models) -> None:
     """Kubernetes replicas mount one store: a job submitted to one is run, reaped and
     registered by that one alone, while the other answers for it and can cancel it."""
