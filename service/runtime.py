@@ -19,7 +19,7 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 from facemux.models import checkpoint, inference
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.config import ModelConfig
 from facemux.models.errors import (
     CheckpointError,
@@ -260,10 +260,10 @@ class Runtime:
             # Marked on the device, the whole batch in one pass, before the copy to the host
             # (the same uint8 conversion as tensor_to_images).
             u8 = rgb.float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
-            u8[marked] = prov.embed_watermark_batch_t(u8[marked], payloads)
+            u8[marked] = wm.embed_watermark_batch_t(u8[marked], payloads)
             return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
         faces = inference.tensor_to_images(rgb.float())
-        faces[marked] = prov.embed_watermark_batch(faces[marked], payloads)
+        faces[marked] = wm.embed_watermark_batch(faces[marked], payloads)
         return faces, masks
 
     def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from facemux.models import imageio
-from facemux.models import provenance as prov
 from facemux.models.errors import (
     FacemuxError,
     InvalidInputError,
@@ -26,6 +25,7 @@ from facemux.models.errors import (
 )
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
+from facemux.service import provenance as prov
 from facemux.service.budget import PixelBudget
 from facemux.service.consent import (
     Admission,
@@ -404,6 +404,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 "mark_id": mark_id or request_id,
                 "request_id": request_id,
                 "source_type": prov.COMPOSITE,
+                "regions": out.regions,  # the mark stays on the swapped faces
             }
             encoded = None
             if (

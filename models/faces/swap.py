@@ -115,6 +115,9 @@ class FaceResult:
     swapped: bool
     skip_reason: str | None = None  # "not_selected" or "over_limit" when not swapped
     track_id: int | None = None
+    # Swapped faces: x0, y0, x1, y1 (end exclusive) of the aligned crop in the frame, the only
+    # pixels the swap may redraw (and where the watermark goes).
+    region: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -125,6 +128,22 @@ class SwapResult:
     # The tensor path's result, RGB uint8 (3, H, W) still on the device: a GPU encoder
     # takes it from there without another upload.
     device_frame: torch.Tensor | None = None
+
+
+def crop_region(
+    m: NDArray[np.float64], size: int, frame_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The frame box (x0, y0, x1, y1, clipped, end exclusive) covered by a size x size crop
+    taken with frame -> crop matrix ``m``, with a pixel of slack for bilinear sampling."""
+    inv = cv2.invertAffineTransform(np.asarray(m, np.float64))
+    corners = np.array([[0.0, 0.0], [size, 0.0], [0.0, size], [size, size]])
+    frame = corners @ inv[:, :2].T + inv[:, 2]
+    h, w = frame_hw
+    x0 = max(0, math.floor(frame[:, 0].min()) - 1)
+    y0 = max(0, math.floor(frame[:, 1].min()) - 1)
+    x1 = min(w, math.ceil(frame[:, 0].max()) + 2)
+    y1 = min(h, math.ceil(frame[:, 1].max()) + 2)
+    return x0, y0, max(x0, x1), max(y0, y1)
 
 
 def _as_points(value: Any, what: str) -> NDArray[np.float64]:
@@ -268,8 +287,9 @@ class FaceSwapper:
         out_t = T.to_uint8_t(frame_t)
         out = frame.copy()
         out[..., :3] = out_t.permute(1, 2, 0).contiguous().cpu().numpy()
-        for r in chosen:
+        for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
+            r.region = crop_region(m, size, frame.shape[:2])
         clock.lap("blend")
         return SwapResult(out, results, clock.t, device_frame=out_t)
 
@@ -377,8 +397,9 @@ class FaceSwapper:
         out = frame.copy()
         for face, soft, m in pastes:
             paste_into(out, face, soft, m, opts.blend)
-        for r in chosen:
+        for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
+            r.region = crop_region(m, size, frame.shape[:2])
         clock.lap("blend")
         return SwapResult(out, results, clock.t)
 
