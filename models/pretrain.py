@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from .config import ModelConfig, get_preset
 from .errors import InvalidInputError
 from .faces.align import template_landmarks, umeyama
 from .faces.mask import landmark_mask, template_mask
+from .filelock import file_lock
 from .inference import pick_device
 from .losses import landmark_weight_map
 from .networks import Decoder, Encoder, build_decoder, build_encoder
@@ -219,19 +219,6 @@ class _Run:
             )
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    # A run that outlives its server (killed without warning) still holds this lock; its
-    # successor waits here until the old one has checkpointed and gone, so two processes
-    # never write one work directory.
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -384,7 +371,10 @@ def run_job(
     device = pick_device(spec.device)
     rank, world = _init_distributed(device)
     run = _Run(work, rank)
-    lock = _exclusive(work / ".run.lock") if rank == 0 else contextlib.nullcontext()
+    # A run that outlives its server (killed without warning) still holds this lock; its
+    # successor waits here until the old one has checkpointed and gone, so two processes
+    # never write one work directory.
+    lock = file_lock(work / ".run.lock") if rank == 0 else contextlib.nullcontext()
     with lock:
         try:
             result = _run(spec, work, device, run, rank, world, on_progress)

@@ -29,8 +29,6 @@ _DTYPES: dict[int, np.dtype[Any]] = {
     types_pb2.LATENT_FORMAT_FLOAT32: np.dtype("<f4"),
     types_pb2.LATENT_FORMAT_FLOAT16: np.dtype("<f2"),
 }
-# ConsentRecord fields the wire carries as Timestamps; the store keeps them as ISO-8601 text.
-_CONSENT_TIMES = ("granted_at", "expires_at", "revoked_at")
 
 
 def image_from_proto(msg: types_pb2.Image, max_pixels: int, what: str) -> imageio.DecodedImage:
@@ -185,28 +183,3 @@ def iso_time(ts: Timestamp) -> str:
     """A wire Timestamp as the store's ISO-8601 UTC text (seconds, or finer when given)."""
     when = ts.ToDatetime(tzinfo=timezone.utc)
     return when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
-
-
-def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
-    # Stored records may carry keys the message has not (a history entry's replaced_at).
-    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
-    msg = types_pb2.ConsentRecord(
-        **{k: v for k, v in consent.items() if k in known and k not in _CONSENT_TIMES}
-    )
-    for k in _CONSENT_TIMES:
-        ts = timestamp(consent.get(k, ""))
-        if ts is not None:
-            getattr(msg, k).CopyFrom(ts)
-    return msg
-
-
-def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
-    """The fields a caller set, as the store keeps them (times as ISO-8601 UTC text)."""
-    out: dict[str, str] = {}
-    for f in types_pb2.ConsentRecord.DESCRIPTOR.fields:
-        if f.name in _CONSENT_TIMES:
-            if msg.HasField(f.name):
-                out[f.name] = iso_time(getattr(msg, f.name))
-        elif getattr(msg, f.name):
-            out[f.name] = getattr(msg, f.name)
-    return out

@@ -44,15 +44,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from facemux.models.errors import FacemuxError, ResourceExhaustedError
+from facemux.models.errors import DeadlineExpiredError, ResourceExhaustedError
 from facemux.models.networks import Decoder
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-
-
-class DeadlineExpiredError(FacemuxError):
-    """The caller's deadline passed while the item waited; it was never computed."""
 
 
 class Op(Enum):

@@ -19,7 +19,6 @@ all: a refused, failed or cancelled upload leaves the dataset as it was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +26,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from facemux.models.errors import (
     PreconditionError,
     ResourceExhaustedError,
 )
+from facemux.models.filelock import file_lock
 from facemux.models.imageio import resize_square
 from facemux.service.frames import build_swapper
 from facemux.service.settings import Settings
@@ -97,14 +96,8 @@ class DatasetStore:
             ):
                 shutil.rmtree(p, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / ".lock")
 
     def _dir(self, name: str) -> Path:
         return self.root / validate_name(name, "dataset")

@@ -31,13 +31,13 @@ from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_paramete
 from facemux.service import convert
 from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
+from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
-from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
+from facemux.service.consent import consent_for_upload, consent_from_proto
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
 from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import Runtime
-from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import (
@@ -278,12 +278,7 @@ class Training:
                     "pretrain mode names identities by dataset; leave `identity` empty"
                 )
             preset = request.preset or "tiny"
-            given = {
-                k: v
-                for k, v in convert.consent_from_proto(request.consent).items()
-                if k in CONSENT_FIELDS
-            }
-            consent = {k: v for k, v in given.items() if v}
+            consent = consent_from_proto(request.consent)
             for n in names:  # each dataset becomes an identity: each needs consent
                 admitted = consent_for_upload(self.store, validate_name(n), request.consent)
                 at_submit[n] = admitted.expect
@@ -375,7 +370,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                         )
                     await self.budget.run(
                         await asyncio.to_thread(self._pixels, part.image),
-                        _deadline(context),
+                        call_deadline(context),
                         "dataset image",
                         self._stage,
                         upload,
