@@ -3,7 +3,7 @@
 Layout::
 
     <store>/jobs/<id>/job.json    the record below, replaced atomically on every change
-    <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain)
+    <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain.workdir)
 
 Each job runs `facemux.models.pretrain.run_job` in its own process started with the
 multiprocessing *spawn* method: forking a process that runs gRPC's threads is unsafe, and a

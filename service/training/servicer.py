@@ -27,7 +27,15 @@ from facemux.models.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
+from facemux.models.pretrain import (
+    DEFAULT_BATCH,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_LR,
+    DEFAULT_PRESET,
+    DEFAULT_STEPS,
+    JobSpec,
+    validate_hyper_parameters,
+)
 from facemux.service import convert
 from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
@@ -62,10 +70,8 @@ _STATES = {
     "cancelled": tpb.JOB_STATE_CANCELLED,
 }
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
-# Server defaults for zero-valued hyper-parameters.
-DEFAULT_STEPS = 2000
-DEFAULT_BATCH = 16
-DEFAULT_CHECKPOINT_EVERY = 100
+# Unset checkpoint_every: also at most one checkpoint per this much training (the other
+# defaults for zero-valued hyper-parameters are the jobs' own, facemux.models.pretrain).
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
 CANCEL_GRACE_S = 0.02
@@ -245,6 +251,8 @@ class Training:
         # Unset: also at most every DEFAULT_CHECKPOINT_SECONDS of training, so a fast GPU
         # does not spend its time writing checkpoints. Set: exactly every N steps.
         min_seconds = 0.0 if hp.checkpoint_every else DEFAULT_CHECKPOINT_SECONDS
+        # Checked before any dataset is read or consent looked up; the whole spec is checked
+        # once more as the job's work directory is laid out (JobManager.submit).
         validate_hyper_parameters(steps, batch, lr, enc_lr, every)
         names = list(request.datasets)
         if not names:
@@ -277,7 +285,7 @@ class Training:
                 raise InvalidInputError(
                     "pretrain mode names identities by dataset; leave `identity` empty"
                 )
-            preset = request.preset or "tiny"
+            preset = request.preset or DEFAULT_PRESET
             consent = consent_from_proto(request.consent)
             for n in names:  # each dataset becomes an identity: each needs consent
                 admitted = consent_for_upload(self.store, validate_name(n), request.consent)
@@ -310,7 +318,6 @@ class Training:
             device=self.settings.device,
             threads=self.settings.training_threads,
         )
-        spec.validate()
         return self.jobs.submit(
             spec,
             data,
