@@ -211,7 +211,7 @@ async def _build_app(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     # Signing key loaded (or the test one generated) now: a bad key fails the start.
-    provenance = await asyncio.to_thread(Provenance, settings)
+    provenance = await asyncio.to_thread(Provenance, settings, store)
     # One budget of decoded pixels for every RPC that decodes images (service/budget.py).
     budget = PixelBudget.from_settings(settings)
     swap = SwapServicer(

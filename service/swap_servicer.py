@@ -79,7 +79,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.store = store
         self.scheduler = scheduler
         # Watermark + C2PA manifest on every generated image (models/provenance.py).
-        self.provenance = provenance if provenance is not None else Provenance(settings)
+        self.provenance = provenance if provenance is not None else Provenance(settings, store)
         self.frames = FramePipeline(settings, scheduler, str(runtime.device))
         # A private, unexposed registry when none is given (servicer built alone in tests).
         self.metrics = metrics if metrics is not None else Metrics()
