@@ -1,4 +1,5 @@
-"""Datasets of aligned faces, kept in the store directory.
+"""Datasets of aligned faces, kept in the directory the store names for them
+(`Store.datasets_dir`; ``<store>/datasets`` on the local store).
 
 Layout::
 
