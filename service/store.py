@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -244,7 +243,8 @@ class KeyStore(ABC):
 
 
 class LocalKeyStore(KeyStore):
-    """``<directory>/<name>-chain.pem`` and ``<name>-key.pem`` (owner-only)."""
+    """``<directory>/<name>-chain.pem`` and ``<name>-key.pem`` (the key readable by its owner
+    only)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -279,25 +279,10 @@ class LocalKeyStore(KeyStore):
                 return found
             chain, key = make()
             chain_path, key_path = self.paths(name)
-            _write_private(key_path, key)  # the key first: a chain is never there without it
+            # The key first: a chain is never there without its key.
+            atomic_write(key_path, key, mode=0o600)
             atomic_write(chain_path, chain)
             return chain, key
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """atomic_write, but readable by the owner only (mkstemp's 0600 is kept)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
 
 
 class Store(ABC):
