@@ -147,6 +147,11 @@ class ModelBackend(Protocol):
 
     def latents_to_host(self, latents: Tensor) -> np.ndarray: ...
 
+    def face_template(self) -> np.ndarray:
+        """The (68, 2) mean face the model's crops are aligned to (its encoder checkpoint's);
+        the frame pipeline, which reaches the model through the scheduler, aligns with it."""
+        ...
+
 
 @dataclass
 class _Owed:
