@@ -67,13 +67,21 @@ class FrameOutcome:
     regions: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
-def build_swapper(settings: Settings, pixel_device: str | None = None) -> fp.FaceSwapper:
+def build_swapper(
+    settings: Settings, pixel_device: str | None = None, model_device: str = "cpu"
+) -> fp.FaceSwapper:
     """The detector and landmark predictor the settings name (loading them takes ~1 s)."""
     options: dict[str, object] = {}
     if settings.detector == "hog":
         options["max_side"] = settings.detector_max_side
         options["threshold"] = settings.detector_threshold
         options["processes"] = settings.detector_process_count()
+    elif settings.detector == "blazeface":
+        options["device"] = model_device
+        options["tiles"] = settings.detector_tiles
+        # Its fitted 5 points replace dlib's 5-point model; the 68-point model, when asked
+        # for, still predicts inside the box it places.
+        options["landmarks"] = settings.landmark_points == 5
     else:
         options["onnx_path"] = settings.detector_model
     return fp.FaceSwapper(
@@ -90,6 +98,7 @@ class FramePipeline:
     def __init__(self, settings: Settings, scheduler: Scheduler, device: str = "cpu") -> None:
         self.settings = settings
         self.scheduler = scheduler
+        self.device = device  # the model's, where a torch detector runs too
         # Where the pixel work runs: the model's device when it is a GPU (tensor ops, the
         # frame stays on the card), else OpenCV on the host.
         mode = settings.frame_pipeline
@@ -138,7 +147,7 @@ class FramePipeline:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
             if self._swapper is None:
-                self._swapper = build_swapper(self.settings, self.pixel_device)
+                self._swapper = build_swapper(self.settings, self.pixel_device, self.device)
             return self._swapper
 
     def close(self) -> None:

