@@ -79,9 +79,11 @@ def build_swapper(
     elif settings.detector == "blazeface":
         options["device"] = model_device
         options["tiles"] = settings.detector_tiles
-        # Its fitted 5 points replace dlib's 5-point model; the 68-point model, when asked
-        # for, still predicts inside the box it places.
-        options["landmarks"] = settings.landmark_points == 5
+        # Its own fitted 5 points skip the landmark model; the 68-point model, when asked
+        # for, always predicts inside the box it places.
+        options["landmarks"] = (
+            settings.detector_landmarks == "detector" and settings.landmark_points == 5
+        )
     else:
         options["onnx_path"] = settings.detector_model
     return fp.FaceSwapper(

@@ -93,6 +93,13 @@ class Settings:
             "Apache-2.0 weights) or yunet (operator's ONNX file)"
         ),
     )
+    detector_landmarks: str = field(
+        default="dlib",
+        metadata=_help(
+            "blazeface: dlib = the landmark model predicts inside its boxes (closer on real "
+            "photos); detector = its own keypoints, fitted to the template, no dlib step"
+        ),
+    )
     detector_tiles: int = field(
         default=2,
         metadata=_help(
@@ -340,6 +347,10 @@ class Settings:
             problems.append("provenance_key and provenance_cert go together: set both or neither")
         if self.detector not in ("hog", "yunet", "blazeface"):
             problems.append(f"detector {self.detector!r} must be hog, yunet or blazeface")
+        if self.detector_landmarks not in ("dlib", "detector"):
+            problems.append(
+                f"detector_landmarks {self.detector_landmarks!r} must be dlib or detector"
+            )
         if not 1 <= self.detector_tiles <= 4:
             problems.append(f"detector_tiles must be in 1..4, got {self.detector_tiles}")
         if not (math.isfinite(self.training_lease_seconds) and self.training_lease_seconds >= 5):
