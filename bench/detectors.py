@@ -13,7 +13,8 @@ landmarks by IoU >= 0.3; other detections are false positives. Landmark error: m
 of dlib's 5 points to the truth over the distance between the outer eye corners, on found
 faces. HOG runs as the server runs it (frames shrunk to 640 px) and at full size, its best
 case for small faces. "blazeface+dlib5" feeds BlazeFace's box to the 5-point model instead
-of using its own fitted points.
+of using its own fitted points. "blazeface" uses the server's default tiles (2);
+"blazeface tiles=1" looks at the whole frame only.
 
 Speed: milliseconds per 640x480 frame, one frame at a time and 8 per call (HOG runs the 8
 one after another: it has no batch), the median of --repeats runs interleaved between the
@@ -141,6 +142,7 @@ def methods(
     hog: fp.HogDetector, lp5: fp.LandmarkPredictor, bf: BlazeFaceDetector
 ) -> dict[str, Method]:
     hog_full = fp.HogDetector(max_side=0, threshold=hog.threshold)
+    whole = BlazeFaceDetector(device=bf.device, tiles=1)
 
     def hog5(frames: Sequence[U8]) -> list[list[tuple[NDArray[np.floating], F32]]]:
         return [[(f.box, lp5.predict(im, f.box)) for f in hog.detect(im)] for im in frames]
@@ -161,11 +163,18 @@ def methods(
     def hog_full5(frames: Sequence[U8]) -> list[list[tuple[NDArray[np.floating], F32]]]:
         return [[(f.box, lp5.predict(im, f.box)) for f in hog_full.detect(im)] for im in frames]
 
+    def blaze1(frames: Sequence[U8]) -> list[list[tuple[NDArray[np.floating], F32]]]:
+        out = []
+        for faces in whole.detect_batch(frames):
+            out.append([(f.box, f.landmarks) for f in faces if f.landmarks is not None])
+        return out
+
     return {
         "hog+dlib5": hog5,
         "hog full size+dlib5": hog_full5,
         "blazeface": blaze,
         "blazeface+dlib5": blaze_dlib,
+        "blazeface tiles=1": blaze1,
     }
 
 
@@ -173,7 +182,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=24, help="synthetic frames")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (dlib uses one; 0: torch's own)"
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = Settings()
     hog = fp.HogDetector(max_side=settings.detector_max_side, threshold=settings.detector_threshold)
     lp5 = fp.LandmarkPredictor(5)
