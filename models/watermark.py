@@ -59,9 +59,15 @@ TILE = 64  # pixels per tile side at scale 1
 CHIP = 4  # pixels per chip side before smoothing: survives JPEG q75 and a 0.75x resize
 GRID = TILE // CHIP  # chips per tile side
 PAYLOAD_BYTES = 4  # 32 payload bits ...
-CRC_BITS = 16  # ... plus a CRC-16 = 48 coded bits
-CHASE_BITS = 6  # the decoder also tries flipping the 6 least reliable bits (64 CRC checks)
-N_BITS = PAYLOAD_BYTES * 8 + CRC_BITS
+CRC_BITS = 16  # ... plus a CRC-16 = 48 message bits ...
+# ... through a rate-1/2 convolutional code (constraint length 7, the usual 171/133 octal
+# generators, 6 zero tail bits): 108 coded bits, decoded by soft-decision Viterbi. Against
+# the hard per-bit decisions and CRC this replaces, the code gains about 3 dB where the chain
+# JPEG + resize + crop leaves each chip barely above the noise.
+CONV_K = 7
+CONV_POLYS = (0o171, 0o133)
+MESSAGE_BITS = PAYLOAD_BYTES * 8 + CRC_BITS
+N_BITS = (MESSAGE_BITS + CONV_K - 1) * len(CONV_POLYS)
 
 # The carrier: the chip pattern blurred circularly (the tile still repeats seamlessly) by a
 # Gaussian of CARRIER_SIGMA pixels. Hard 4x4 block edges were what the eye saw on smooth
@@ -182,10 +188,53 @@ def _crc16(data: bytes) -> int:
     return crc
 
 
-def _coded_bits(payload: bytes) -> np.ndarray:
+_STATES = 1 << (CONV_K - 1)
+# Output bits of every shift-register content (the new bit at the top, the state below).
+_CONV_OUT = np.array(
+    [[bin(reg & g).count("1") & 1 for g in CONV_POLYS] for reg in range(2 * _STATES)], np.uint8
+)
+
+
+def _message(payload: bytes) -> np.ndarray:
     body = payload[:PAYLOAD_BYTES].ljust(PAYLOAD_BYTES, b"\0")
-    coded = body + _crc16(body).to_bytes(2, "big")
-    return np.unpackbits(np.frombuffer(coded, np.uint8)).astype(np.float32) * 2 - 1
+    return np.unpackbits(np.frombuffer(body + _crc16(body).to_bytes(2, "big"), np.uint8))
+
+
+def _coded_bits(payload: bytes) -> np.ndarray:
+    """The payload's coded bits as +-1: CRC appended, then convolutionally encoded."""
+    message = np.concatenate([_message(payload), np.zeros(CONV_K - 1, np.uint8)])
+    out = np.empty((len(message), len(CONV_POLYS)), np.uint8)
+    state = 0
+    for t, bit in enumerate(message):
+        reg = int(bit) << (CONV_K - 1) | state
+        out[t] = _CONV_OUT[reg]
+        state = reg >> 1
+    return out.reshape(-1).astype(np.float32) * 2 - 1
+
+
+def _viterbi(soft: np.ndarray) -> np.ndarray:
+    """The message bits most likely sent, from each coded bit's soft correlation (positive
+    = 1): maximum likelihood over every path through the code's trellis that ends in the
+    zero state (the tail)."""
+    steps = len(soft) // len(CONV_POLYS)
+    branch = soft.reshape(steps, len(CONV_POLYS)) @ (_CONV_OUT.astype(np.float64) * 2 - 1).T
+    # State s' is reached from register contents 2 s' and 2 s' + 1 (the bit shifted out).
+    regs = 2 * np.arange(_STATES)[:, None] + np.arange(2)
+    prev = regs & (_STATES - 1)
+    metric = np.full(_STATES, -np.inf)
+    metric[0] = 0.0
+    choice = np.empty((steps, _STATES), np.int64)
+    for t in range(steps):
+        cand = metric[prev] + branch[t][regs]
+        choice[t] = np.argmax(cand, axis=1)
+        metric = cand[np.arange(_STATES), choice[t]]
+    bits = np.empty(steps, np.uint8)
+    state = 0
+    for t in range(steps - 1, -1, -1):
+        reg = 2 * state + int(choice[t, state])
+        bits[t] = reg >> (CONV_K - 1)
+        state = reg & (_STATES - 1)
+    return bits[:MESSAGE_BITS]
 
 
 def payload_for(request_id: str) -> bytes:
@@ -525,18 +574,7 @@ def _detect(res: np.ndarray) -> WatermarkResult:
 
 def _read_payload(folded: np.ndarray, dy: int, dx: int) -> bytes | None:
     aligned = np.roll(folded, (-dy, -dx), axis=(0, 1)).reshape(-1)
-    soft = _BIT_FILTERS @ aligned.astype(np.float64)  # each bit's matched filter
-    hard = (soft > 0).astype(np.uint8)
-    # Chase decoding: a bit read from few chips is the one most likely wrong, so try the
-    # combinations of flips of the least reliable ones; the CRC picks the real payload.
-    weak = np.argsort(np.abs(soft))[:CHASE_BITS]
-    for combo in range(1 << CHASE_BITS):
-        bits = hard.copy()
-        for j, pos in enumerate(weak):
-            if combo >> j & 1:
-                bits[pos] ^= 1
-        coded = np.packbits(bits).tobytes()
-        body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
-        if _crc16(body) == crc:
-            return body
-    return None
+    soft = _BIT_FILTERS @ aligned.astype(np.float64)  # each coded bit's matched filter
+    coded = np.packbits(_viterbi(soft)).tobytes()
+    body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
+    return body if _crc16(body) == crc else None
