@@ -107,10 +107,17 @@ CONFIRM_Z = 4.0
 # over a gigabyte.
 DETECT_WINDOW = 1024
 
+# Autocorrelation peaks tried as the repetition period (each also halved): local maxima,
+# since host content (a cat's fur) after JPEG + resize + crop made the samples around one
+# high peak crowd out the mark's own period.
+PERIOD_PEAKS = 3
+
 # The detector's high-pass (Gaussian sigma, pixels) and whitening constant (about the mark's
-# own residual variance).
-RESIDUAL_SIGMA = 1.5
+# own residual variance). The matched filters are the carriers high-passed alike and blurred
+# by MATCH_BLUR pixels: what is left of them after a 0.75x resize and JPEG q75.
+RESIDUAL_SIGMA = 2.0
 WHITEN_C = 2.0
+MATCH_BLUR = 1.0
 
 _SEED = int.from_bytes(hashlib.sha256(b"facemux-watermark-v1").digest()[:8], "little")
 
@@ -169,7 +176,7 @@ _CARRIER_RMS = float(
     )
 )
 # The detector's matched filters: the carriers as its high-pass sees them.
-_HIGH_PASS = 1.0 - _gauss_response(RESIDUAL_SIGMA)
+_HIGH_PASS = (1.0 - _gauss_response(RESIDUAL_SIGMA)) * _gauss_response(MATCH_BLUR)
 _SYNC_FFT_CONJ = np.conj(np.fft.fft2(_SYNC_CARRIER) * _HIGH_PASS)
 _BIT_FILTERS = np.stack([_circular(c, _HIGH_PASS) for c in _BIT_CARRIERS]).reshape(N_BITS, -1)
 # A keyed dither in [0, 1): a change of 0.3 level becomes +1 on 30 % of the pixels rather than
@@ -476,8 +483,12 @@ def _period_candidates(res: np.ndarray) -> list[float]:
     # Sum the horizontal and vertical axes (isotropic resize); a small band around each axis
     # keeps the peak when the period is not an integer.
     prof = ac[0, lo:hi] + ac[lo:hi, 0] + 0.5 * (ac[1, lo:hi] + ac[lo:hi, 1])
+    # Local maxima only: the samples either side of one peak are not other candidates.
+    peak = np.ones(len(prof), bool)
+    peak[1:] &= prof[1:] >= prof[:-1]
+    peak[:-1] &= prof[:-1] >= prof[1:]
     cands: list[float] = []
-    for i in np.argsort(prof)[::-1][:3]:
+    for i in [int(j) for j in np.argsort(prof)[::-1] if peak[j]][:PERIOD_PEAKS]:
         p = lo + float(i)
         if 0 < i < len(prof) - 1:  # parabolic sub-pixel refinement
             a, b, c = prof[i - 1], prof[i], prof[i + 1]
