@@ -115,11 +115,14 @@ PERIOD_PEAKS = 3
 SCALE_STEPS = (-0.006, 0.006, -0.012, 0.012)
 
 # The detector's high-pass (Gaussian sigma, pixels) and whitening constant (about the mark's
-# own residual variance). The matched filters are the carriers high-passed alike and blurred
-# by MATCH_BLUR pixels: what is left of them after a 0.75x resize and JPEG q75.
-RESIDUAL_SIGMA = 2.0
+# own residual variance). The matched filters are the carriers high-passed alike and, on an
+# image downscaled below RESIZED_BELOW, blurred by MATCH_BLUR pixels: what a 0.75x resize
+# (and the detector's own upsampling back) leaves of them. Unresized, the sharp filters
+# match better.
+RESIDUAL_SIGMA = 1.5
 WHITEN_C = 2.0
 MATCH_BLUR = 1.0
+RESIZED_BELOW = 0.95
 
 _SEED = int.from_bytes(hashlib.sha256(b"facemux-watermark-v1").digest()[:8], "little")
 
@@ -177,10 +180,19 @@ _CARRIER_RMS = float(
         + DATA_WEIGHT**2 * (_BIT_CARRIERS.sum(0) ** 2).mean()
     )
 )
-# The detector's matched filters: the carriers as its high-pass sees them.
-_HIGH_PASS = (1.0 - _gauss_response(RESIDUAL_SIGMA)) * _gauss_response(MATCH_BLUR)
-_SYNC_FFT_CONJ = np.conj(np.fft.fft2(_SYNC_CARRIER) * _HIGH_PASS)
-_BIT_FILTERS = np.stack([_circular(c, _HIGH_PASS) for c in _BIT_CARRIERS]).reshape(N_BITS, -1)
+# The detector's matched filters: the carriers as its high-pass sees them, and blurred too
+# when the image was downscaled (see MATCH_BLUR).
+_HIGH_PASS = 1.0 - _gauss_response(RESIDUAL_SIGMA)
+_HIGH_PASS_RESIZED = _HIGH_PASS * _gauss_response(MATCH_BLUR)
+_SYNC_FFT = np.fft.fft2(_SYNC_CARRIER)
+_BIT_FILTERS = {
+    resized: np.stack([_circular(c, response) for c in _BIT_CARRIERS]).reshape(N_BITS, -1)
+    for resized, response in ((False, _HIGH_PASS), (True, _HIGH_PASS_RESIZED))
+}
+
+
+def _resized(scale: float) -> bool:
+    return scale < RESIZED_BELOW
 # A keyed dither in [0, 1): a change of 0.3 level becomes +1 on 30 % of the pixels rather than
 # nothing, so the weak mark of flat areas survives rounding to 8 bits on average.
 _DITHER = np.random.default_rng(_SEED + 1).random((TILE, TILE)).astype(np.float32)
@@ -510,10 +522,11 @@ def _fold(res: np.ndarray) -> np.ndarray:
 
 
 def _try_scale(
-    res_full: np.ndarray, scale: float, template_conj: np.ndarray = _SYNC_FFT_CONJ
+    res_full: np.ndarray, scale: float, template: np.ndarray = _SYNC_FFT
 ) -> tuple[float, np.ndarray, tuple[int, int]]:
-    """Undo a resize by `scale`, fold, locate the template (the sync pattern unless told):
-    (z, folded tile, offset)."""
+    """Undo a resize by `scale`, fold, locate the template (the FFT of a carrier tile, the
+    sync pattern unless told): (z, folded tile, offset)."""
+    response = _HIGH_PASS_RESIZED if _resized(scale) else _HIGH_PASS
     if abs(scale - 1.0) > 1e-3:
         h, w = res_full.shape
         size = (max(1, round(w / scale)), max(1, round(h / scale)))
@@ -521,7 +534,7 @@ def _try_scale(
     else:
         res = res_full
     folded = _fold(res)
-    corr = np.fft.ifft2(np.fft.fft2(folded) * template_conj).real
+    corr = np.fft.ifft2(np.fft.fft2(folded) * np.conj(template * response)).real
     std = corr.std() + 1e-9
     idx = int(np.argmax(corr))
     z = float((corr.flat[idx] - corr.mean()) / std)
@@ -555,11 +568,11 @@ def _scales(res: np.ndarray) -> list[float]:
 
 
 def _best(
-    res: np.ndarray, template_conj: np.ndarray = _SYNC_FFT_CONJ
+    res: np.ndarray, template: np.ndarray = _SYNC_FFT
 ) -> tuple[float, np.ndarray, tuple[int, int], float]:
     best: tuple[float, np.ndarray, tuple[int, int], float] | None = None
     for s in _scales(res):
-        z, folded, off = _try_scale(res, s, template_conj)
+        z, folded, off = _try_scale(res, s, template)
         if best is None or z > best[0]:
             best = (z, folded, off, s)
     assert best is not None
@@ -575,28 +588,27 @@ def match_watermark(rgb: np.ndarray, payload: bytes) -> float:
     h, w = rgb.shape[:2]
     y0, x0 = max(0, (h - DETECT_WINDOW) // 2), max(0, (w - DETECT_WINDOW) // 2)
     res = _residual(rgb[y0 : y0 + DETECT_WINDOW, x0 : x0 + DETECT_WINDOW])
-    template = np.conj(np.fft.fft2(_carriers([payload])[0]) * _HIGH_PASS)
-    return _best(res, template)[0]
+    return _best(res, np.fft.fft2(_carriers([payload])[0]))[0]
 
 
 def _detect(res: np.ndarray) -> WatermarkResult:
     z, folded, (dy, dx), scale = _best(res)
-    payload = _read_payload(folded, dy, dx) if z >= CONFIRM_Z else None
+    payload = _read_payload(folded, dy, dx, scale) if z >= CONFIRM_Z else None
     if payload is None and z >= CONFIRM_Z:
         # The sync peak's scale is not always the payload's best: a few tenths of a pixel of
         # period drift over the folded repetitions blur the bits more than the sync. Each
         # further read is one more CRC-16 check (a chance match once in 65536).
         for step in SCALE_STEPS:
             _, f2, (y2, x2) = _try_scale(res, scale * (1.0 + step))
-            payload = _read_payload(f2, y2, x2)
+            payload = _read_payload(f2, y2, x2, scale * (1.0 + step))
             if payload is not None:
                 break
     return WatermarkResult(z >= DETECT_Z or payload is not None, payload, z, scale)
 
 
-def _read_payload(folded: np.ndarray, dy: int, dx: int) -> bytes | None:
+def _read_payload(folded: np.ndarray, dy: int, dx: int, scale: float) -> bytes | None:
     aligned = np.roll(folded, (-dy, -dx), axis=(0, 1)).reshape(-1)
-    soft = _BIT_FILTERS @ aligned.astype(np.float64)  # each coded bit's matched filter
+    soft = _BIT_FILTERS[_resized(scale)] @ aligned.astype(np.float64)  # each coded bit's matched filter
     coded = np.packbits(_viterbi(soft)).tobytes()
     body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
     return body if _crc16(body) == crc else None
