@@ -193,6 +193,8 @@ _BIT_FILTERS = {
 
 def _resized(scale: float) -> bool:
     return scale < RESIZED_BELOW
+
+
 # A keyed dither in [0, 1): a change of 0.3 level becomes +1 on 30 % of the pixels rather than
 # nothing, so the weak mark of flat areas survives rounding to 8 bits on average.
 _DITHER = np.random.default_rng(_SEED + 1).random((TILE, TILE)).astype(np.float32)
@@ -608,7 +610,8 @@ def _detect(res: np.ndarray) -> WatermarkResult:
 
 def _read_payload(folded: np.ndarray, dy: int, dx: int, scale: float) -> bytes | None:
     aligned = np.roll(folded, (-dy, -dx), axis=(0, 1)).reshape(-1)
-    soft = _BIT_FILTERS[_resized(scale)] @ aligned.astype(np.float64)  # each coded bit's matched filter
+    # Each coded bit's matched filter.
+    soft = _BIT_FILTERS[_resized(scale)] @ aligned.astype(np.float64)
     coded = np.packbits(_viterbi(soft)).tobytes()
     body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
     return body if _crc16(body) == crc else None
