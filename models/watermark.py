@@ -115,10 +115,10 @@ PERIOD_PEAKS = 3
 SCALE_STEPS = (-0.006, 0.006, -0.012, 0.012)
 
 # The detector's high-pass (Gaussian sigma, pixels) and whitening constant (about the mark's
-# own residual variance). The matched filters are the carriers high-passed alike and, on an
-# image downscaled below RESIZED_BELOW, blurred by MATCH_BLUR pixels: what a 0.75x resize
-# (and the detector's own upsampling back) leaves of them. Unresized, the sharp filters
-# match better.
+# own residual variance). The matched filters are the carriers high-passed alike; the payload
+# bits' filters, on an image downscaled below RESIZED_BELOW, also blurred by MATCH_BLUR
+# pixels: what a 0.75x resize (and the detector's upsampling back) leaves of them. The sync
+# search keeps the sharp filter: blurred, it found the marker less often on small images.
 RESIDUAL_SIGMA = 1.5
 WHITEN_C = 2.0
 MATCH_BLUR = 1.0
@@ -180,8 +180,8 @@ _CARRIER_RMS = float(
         + DATA_WEIGHT**2 * (_BIT_CARRIERS.sum(0) ** 2).mean()
     )
 )
-# The detector's matched filters: the carriers as its high-pass sees them, and blurred too
-# when the image was downscaled (see MATCH_BLUR).
+# The detector's matched filters: the carriers as its high-pass sees them, the bits' blurred
+# too for a downscaled image (see MATCH_BLUR).
 _HIGH_PASS = 1.0 - _gauss_response(RESIDUAL_SIGMA)
 _HIGH_PASS_RESIZED = _HIGH_PASS * _gauss_response(MATCH_BLUR)
 _SYNC_FFT = np.fft.fft2(_SYNC_CARRIER)
@@ -528,7 +528,6 @@ def _try_scale(
 ) -> tuple[float, np.ndarray, tuple[int, int]]:
     """Undo a resize by `scale`, fold, locate the template (the FFT of a carrier tile, the
     sync pattern unless told): (z, folded tile, offset)."""
-    response = _HIGH_PASS_RESIZED if _resized(scale) else _HIGH_PASS
     if abs(scale - 1.0) > 1e-3:
         h, w = res_full.shape
         size = (max(1, round(w / scale)), max(1, round(h / scale)))
@@ -536,7 +535,7 @@ def _try_scale(
     else:
         res = res_full
     folded = _fold(res)
-    corr = np.fft.ifft2(np.fft.fft2(folded) * np.conj(template * response)).real
+    corr = np.fft.ifft2(np.fft.fft2(folded) * np.conj(template * _HIGH_PASS)).real
     std = corr.std() + 1e-9
     idx = int(np.argmax(corr))
     z = float((corr.flat[idx] - corr.mean()) / std)
