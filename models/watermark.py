@@ -225,16 +225,25 @@ def _message(payload: bytes) -> np.ndarray:
     return np.unpackbits(np.frombuffer(body + _crc16(body).to_bytes(2, "big"), np.uint8))
 
 
+def _encode(messages: np.ndarray) -> np.ndarray:
+    """Coded bits as +-1 float32 (N, N_BITS) of (N, MESSAGE_BITS) message bits: the shift
+    register's taps as shifted copies of the message, so a batch costs a few array adds."""
+    n = len(messages)
+    tail = np.zeros((n, CONV_K - 1), np.uint8)
+    # Register bit i at step t holds message bit t - (CONV_K - 1 - i) (zeros before the start).
+    padded = np.concatenate([tail, messages, tail], axis=1)
+    steps = MESSAGE_BITS + CONV_K - 1
+    out = np.zeros((n, steps, len(CONV_POLYS)), np.uint8)
+    for k, poly in enumerate(CONV_POLYS):
+        for i in range(CONV_K):
+            if poly >> i & 1:
+                out[:, :, k] ^= padded[:, i : i + steps]
+    return out.reshape(n, -1).astype(np.float32) * 2 - 1
+
+
 def _coded_bits(payload: bytes) -> np.ndarray:
     """The payload's coded bits as +-1: CRC appended, then convolutionally encoded."""
-    message = np.concatenate([_message(payload), np.zeros(CONV_K - 1, np.uint8)])
-    out = np.empty((len(message), len(CONV_POLYS)), np.uint8)
-    state = 0
-    for t, bit in enumerate(message):
-        reg = int(bit) << (CONV_K - 1) | state
-        out[t] = _CONV_OUT[reg]
-        state = reg >> 1
-    return out.reshape(-1).astype(np.float32) * 2 - 1
+    return _encode(_message(payload)[None])[0]
 
 
 def _viterbi(soft: np.ndarray) -> np.ndarray:
@@ -269,7 +278,7 @@ def payload_for(request_id: str) -> bytes:
 
 def _carriers(payloads: Sequence[bytes]) -> np.ndarray:
     """(N, TILE, TILE) float32 carriers, peak 1, one per payload."""
-    bits = np.stack([_coded_bits(p) for p in payloads]).astype(np.float64)
+    bits = _encode(np.stack([_message(p) for p in payloads])).astype(np.float64)
     # The chips as blocks, then rounded off (the smoothing is linear, so this is the sync
     # carrier plus each bit's carrier; a batch of FFTs costs less than that product).
     blocks = _SYNC_BLOCKS + bits[:, _BIT_INDEX] * _DATA_BLOCKS
