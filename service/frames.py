@@ -168,6 +168,7 @@ class FramePipeline:
             mask_erosion=o.mask_erosion / 100.0 if o.mask_erosion else 0.02,
             mask_blur=o.mask_blur / 100.0 if o.mask_blur else 0.05,
             crop_size=resolution,
+            face_template=self.scheduler.backend.face_template(),
         )
 
     @staticmethod

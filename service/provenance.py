@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from facemux.models import watermark as wm
 from facemux.models.errors import InvalidInputError
 from facemux.models.faces.gpu_codec import JpegCodec
 from facemux.service import c2pa, convert
+from facemux.service.boundary import call_deadline, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.c2pa import COMPOSITE, TRAINED
 from facemux.service.settings import Settings
@@ -218,32 +218,24 @@ class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
         self.settings = settings
         self.budget = budget if budget is not None else PixelBudget.from_settings(settings)
 
+    @unary
     async def Verify(
         self, request: ppb.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> ppb.VerifyResponse:
-        from facemux.service.servicer import _fail
-
-        try:
-            if not request.image.encoded:
-                raise InvalidInputError(
-                    "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
-                    "the file, and raw pixels have none"
-                )
-            limit = self.settings.max_verify_pixels
-            pixels = await asyncio.to_thread(
-                convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+        if not request.image.encoded:
+            raise InvalidInputError(
+                "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
+                "the file, and raw pixels have none"
             )
-            left = context.time_remaining()
-            return await self.budget.run(
-                pixels,
-                None if left is None else time.monotonic() + left,
-                "Verify",
-                verify_bytes,
-                request.image.encoded,
-                limit,
-            )
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-            raise
+        limit = self.settings.max_verify_pixels
+        pixels = await asyncio.to_thread(
+            convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+        )
+        return await self.budget.run(
+            pixels,
+            call_deadline(context),
+            "Verify",
+            verify_bytes,
+            request.image.encoded,
+            limit,
+        )
