@@ -44,7 +44,7 @@ from facemux.models.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from facemux.service import boundary
+from facemux.service import boundary, request_ids
 from facemux.service.errors import status_for
 
 log = logging.getLogger(__name__)
@@ -723,9 +723,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
     )
 
     async def begin(context: grpc.aio.ServicerContext) -> tuple[str, CallAudit | None]:
+        # The id first, so that even a refused call answers (and is audited) with one.
+        rid, bad_id = request_ids.from_metadata(context.invocation_metadata() or ())
+        request_ids.current_request_id.set(rid)
+        await context.send_initial_metadata(((request_ids.HEADER, rid),))
         try:
             caller = await guard.authenticate(method, context)
             guard.admit(caller)
+            if bad_id:
+                raise Denied(InvalidInputError(bad_id), caller=caller)
             if streaming:
                 guard.open_stream(caller)
         except Denied as d:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
+from facemux.service.convert import iso_time, timestamp
 from facemux.v1 import types_pb2
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires
 # Who attests, where the evidence is, and when it was given: without these a record proves
 # nothing, so they are required; scope and expiry are optional.
 REQUIRED_FIELDS = ("attested_by", "evidence_ref", "granted_at")
+# Fields the wire carries as Timestamps; records keep them as ISO-8601 text.
+_TIME_FIELDS = ("granted_at", "expires_at", "revoked_at")
 _MAX_FIELD_CHARS = 1000
 
 
@@ -63,6 +66,23 @@ def _parse_time(field: str, value: str) -> datetime:
     return when
 
 
+def _canonical(when: datetime) -> str:
+    # One spelling per instant: a record sent again (as a wire Timestamp) equals the stored
+    # one however the stored one was written ("2026-01-01" or "...T00:00:00+00:00").
+    when = when.astimezone(timezone.utc)
+    return when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
+
+
+def _same_spelling(record: dict[str, str]) -> dict[str, str]:
+    """`record` with its times spelled as validate_consent spells them."""
+    out = dict(record)
+    for f in ("granted_at", "expires_at"):
+        when = parse_time(out.get(f, "")) if out.get(f) else None
+        if when is not None:
+            out[f] = _canonical(when)
+    return out
+
+
 def validate_consent(consent: dict[str, str]) -> dict[str, str]:
     """A complete, well-formed consent record (or InvalidInputError saying what is wrong)."""
     record = {f: str(consent.get(f, "")).strip() for f in CONSENT_FIELDS if consent.get(f)}
@@ -79,8 +99,10 @@ def validate_consent(consent: dict[str, str]) -> dict[str, str]:
         if not v.isprintable():
             raise InvalidInputError(f"consent.{f} has control characters")
     granted = _parse_time("granted_at", record["granted_at"])
+    record["granted_at"] = _canonical(granted)
     if "expires_at" in record:
         expires = _parse_time("expires_at", record["expires_at"])
+        record["expires_at"] = _canonical(expires)
         if expires <= granted:
             raise InvalidInputError("consent.expires_at must be after consent.granted_at")
         if expires < datetime.now(timezone.utc):
@@ -133,7 +155,7 @@ def check_in_force(name: str, existing: dict[str, str], given: dict[str, str] | 
             f"consent for {who} expired at {expires}; it takes no new version until an admin "
             "records new consent " + hint
         )
-    if given and validate_consent(given) != consent_fields(existing):
+    if given and validate_consent(given) != _same_spelling(consent_fields(existing)):
         raise PreconditionError(
             f"{who} already has a consent record in force (attested by "
             f"{existing.get('attested_by', '?')}, granted {existing.get('granted_at', '?')})"
@@ -143,14 +165,28 @@ def check_in_force(name: str, existing: dict[str, str], given: dict[str, str] | 
 
 
 def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
-    """The fields a caller set, as a record (unset ones left out)."""
-    return {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
+    """The fields a caller set, as a record (unset ones left out; times as ISO-8601 UTC)."""
+    out: dict[str, str] = {}
+    for f in CONSENT_FIELDS:
+        if f in _TIME_FIELDS:
+            if msg.HasField(f):
+                out[f] = iso_time(getattr(msg, f))
+        elif getattr(msg, f):
+            out[f] = getattr(msg, f)
+    return out
 
 
 def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
     # Stored records may carry keys the message has not (a history entry's replaced_at).
     known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
-    return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
+    msg = types_pb2.ConsentRecord(
+        **{k: v for k, v in consent.items() if k in known and k not in _TIME_FIELDS}
+    )
+    for f in _TIME_FIELDS:
+        ts = timestamp(consent.get(f, ""))
+        if ts is not None:
+            getattr(msg, f).CopyFrom(ts)
+    return msg
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from facemux.models.errors import InvalidInputError
+from facemux.service import convert
 from facemux.service.boundary import unary
 from facemux.service.consent import (
     Admission,
@@ -33,7 +34,7 @@ def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
     def version(v: VersionRecord) -> ipb.IdentityVersion:
         return ipb.IdentityVersion(
             version=v.version,
-            created_at=v.created_at,
+            created_at=convert.timestamp(v.created_at),
             decoder_fingerprint=v.decoder_fingerprint,
             encoder_fingerprint=v.encoder_fingerprint,
             preset=v.preset,
@@ -52,7 +53,7 @@ def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
         default_version=rec.default_version,
         versions=[version(v) for v in rec.versions],
         consent=consent_to_proto(rec.consent),
-        created_at=rec.created_at,
+        created_at=convert.timestamp(rec.created_at),
         consent_history=[consent_to_proto(c) for c in rec.consent_history],
     )
 
@@ -186,7 +187,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
     ) -> ipb.RecordConsentResponse:
         validate_name(request.name)
         given = request.consent
-        if given.revoked_at or given.revocation_reason:
+        if given.HasField("revoked_at") or given.revocation_reason:
             raise InvalidInputError(
                 "consent.revoked_at and consent.revocation_reason are set by the server "
                 "(RevokeConsent); leave them empty"

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 from facemux.models import imageio
-from facemux.models.errors import InvalidInputError, PreconditionError
+from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
 from facemux.models.faces import DETECTOR_LICENCES, LANDMARK_LICENCES, FaceTracker
 from facemux.service import convert
 from facemux.service import provenance as prov
@@ -25,6 +25,7 @@ from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
 from facemux.service.provenance import Provenance
+from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
@@ -363,8 +364,8 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.SwapRequest, context: grpc.aio.ServicerContext
     ) -> spb.SwapResponse:
         kind = request.WhichOneof("input")
-        # Made up front: the watermark payload and the C2PA manifest carry it.
-        request_id = request.request_id or uuid.uuid4().hex
+        # The call's id (metadata x-request-id): the watermark payload and manifest carry it.
+        request_id = current_request_id.get() or uuid.uuid4().hex
         if kind == "frame":
             deadline = call_deadline(context)
             img, out, resident = await self.budget.run(
@@ -411,27 +412,32 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         request_iterator: AsyncIterator[spb.SwapStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[spb.SwapStreamResponse]:
-        identity, version = "", 0
+        identity, version, aligned = "", 0, False
         options, output = spb.SwapOptions(), types_pb2.OutputOptions()
         tracker: FaceTracker | None = None  # per stream: tracks faces between detections
         detect_every = 0
-        # Each frame's provenance marks carry "<stream id>:<frame index>".
-        stream_id = uuid.uuid4().hex[:16]
+        # Each frame's provenance marks carry "<the call's request id>:<frame index>".
+        stream_id = current_request_id.get() or uuid.uuid4().hex[:16]
         memo = IdentityMemo()  # the identity's record is read again only when it changes
         async for req in request_iterator:
-            if req.identity:
-                identity, version = req.identity, req.identity_version
+            # Settings persist until a message carries them again (field presence).
+            if req.HasField("identity"):
+                identity, version = req.identity, 0
+            if req.HasField("identity_version"):
+                version = req.identity_version
+            if req.HasField("aligned"):
+                aligned = req.aligned
             if req.HasField("options"):
                 options = req.options
             if req.HasField("output"):
                 output = req.output
-            if req.detect_every:
-                detect_every = req.detect_every
+            if req.HasField("detect_every") and req.detect_every != detect_every:
+                detect_every, tracker = req.detect_every, None
             if not identity:
                 raise InvalidInputError("the first SwapStream message must name the identity")
             mark = f"{stream_id}:{req.frame_index}"
             try:
-                if req.aligned:
+                if aligned:
                     r = await self._swap_faces(
                         identity,
                         version,
@@ -444,11 +450,12 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                     )
                     self.metrics.frames_swapped()
                     frame, results, n = r.faces[0], list(r.results), r.faces_swapped
+                    used = r.identity_version
                 else:
                     if tracker is None:
                         tracker = await asyncio.to_thread(self.frames.tracker, detect_every)
                     deadline = call_deadline(context)
-                    frame, out, _ = await self.budget.run(
+                    frame, out, resident = await self.budget.run(
                         await self._frame_pixels(req.frame),
                         deadline,
                         "frame",
@@ -465,11 +472,14 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         memo,
                     )
                     results, n = out.results, out.faces_swapped
-            except (InvalidInputError, PreconditionError) as exc:
-                # A bad frame fails alone; the stream goes on.
+                    used = resident.version.version
+            except (InvalidInputError, NotFoundError, PreconditionError) as exc:
+                # A bad frame (or an identity that cannot be drawn now) fails alone; the
+                # stream goes on, and a later message may name another identity.
                 yield spb.SwapStreamResponse(
                     frame_index=req.frame_index,
                     error=spb.FrameError(code=status_for(exc).value[0], message=str(exc)),
+                    identity=identity,
                 )
                 continue
             yield spb.SwapStreamResponse(
@@ -478,17 +488,19 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 results=results,
                 faces_swapped=n,
                 request_id=mark,
+                identity=identity,
+                identity_version=used,
             )
 
     def _prepare_encode(self, request: spb.EncodeRequest) -> list[int]:
         self.runtime.encoder()  # UNAVAILABLE while loading
         self._count(len(request.faces), "faces")
-        if request.dtype not in (
-            types_pb2.LATENT_D_TYPE_UNSPECIFIED,
-            types_pb2.LATENT_D_TYPE_FLOAT32,
-            types_pb2.LATENT_D_TYPE_FLOAT16,
+        if request.format not in (
+            types_pb2.LATENT_FORMAT_UNSPECIFIED,
+            types_pb2.LATENT_FORMAT_FLOAT32,
+            types_pb2.LATENT_FORMAT_FLOAT16,
         ):
-            raise InvalidInputError("dtype must be FLOAT32 or FLOAT16")
+            raise InvalidInputError("format must be LATENT_FORMAT_FLOAT32 or LATENT_FORMAT_FLOAT16")
         return self._face_pixels(request.faces)
 
     @unary
@@ -503,7 +515,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         assert result.latents is not None
         fp = self.runtime.fingerprint
         return spb.EncodeResponse(
-            latents=[convert.latent_to_proto(z, request.dtype, fp) for z in result.latents],
+            latents=[convert.latent_to_proto(z, request.format, fp) for z in result.latents],
             encoder_fingerprint=fp,
             resized=resized,
             model_resolution=self.runtime.model_config().resolution,
@@ -526,7 +538,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.DecodeRequest, resident: ResidentDecoder, result: Result
     ) -> spb.DecodeResponse:
         assert result.faces is not None
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id.get() or uuid.uuid4().hex
         resp = spb.DecodeResponse(
             identity=request.identity,
             identity_version=resident.version.version,

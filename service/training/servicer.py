@@ -44,6 +44,7 @@ from facemux.service.budget import PixelBudget
 from facemux.service.consent import consent_for_upload, consent_from_proto
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
+from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import Runtime
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
@@ -83,7 +84,7 @@ def dataset_to_proto(d: DatasetInfo) -> tpb.Dataset:
         faces=d.faces,
         content_hash=d.content_hash,
         resolution=d.resolution,
-        updated_at=d.updated_at,
+        updated_at=convert.timestamp(d.updated_at),
     )
 
 
@@ -97,8 +98,8 @@ def job_to_proto(rec: JobRecord) -> tpb.Job:
         step=rec.step,
         steps=rec.steps,
         error=rec.error,
-        created_at=rec.created_at,
-        updated_at=rec.updated_at,
+        created_at=convert.timestamp(rec.created_at),
+        updated_at=convert.timestamp(rec.updated_at),
         result_version=rec.result_version,
         encoder_fingerprint=rec.encoder_fingerprint,
     )
@@ -223,7 +224,8 @@ class Training:
                     name,
                     vrec.version if code == grpc.StatusCode.OK else 0,
                     code,
-                    request_id=rec.id,
+                    # The Train call's id (older records have none: the job id).
+                    request_id=rec.request_id or rec.id,
                     duration_s=time.perf_counter() - t0,
                     job_id=rec.id,
                 )
@@ -327,6 +329,7 @@ class Training:
             landmarks,
             identities_at_submit=at_submit,
             submitted_by=current_caller.get(),
+            request_id=current_request_id.get(),
         )
 
 
@@ -402,14 +405,15 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             "dataset %s: %d added, %d duplicates, %d rejected",
             meta.name,
             result.accepted,
-            result.duplicates,
+            len(result.duplicate_indices),
             len(result.rejected),
         )
         return tpb.UploadDatasetResponse(
             dataset=dataset_to_proto(result.dataset),
             accepted=result.accepted,
-            duplicates=result.duplicates,
+            duplicates=len(result.duplicate_indices),
             rejected=[tpb.RejectedImage(index=i, reason=r) for i, r in result.rejected],
+            duplicate_indices=sorted(result.duplicate_indices),
         )
 
     def _begin_upload(self, name: str) -> Upload:
