@@ -26,7 +26,7 @@ import cv2
 import grpc
 import numpy as np
 from facemux.models import checkpoint
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore, VersionRecord
@@ -194,7 +194,7 @@ def main() -> int:
                 rng = np.random.default_rng(0)
                 small_img = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
                 img = cv2.resize(small_img, (args.side, args.side), interpolation=cv2.INTER_CUBIC)
-                marked = prov.embed_watermark(img, prov.payload_for("bench"))
+                marked = wm.embed_watermark(img, wm.payload_for("bench"))
                 ok, buf = cv2.imencode(".png", marked, [cv2.IMWRITE_PNG_COMPRESSION, 1])
                 assert ok
                 data = bytes(buf)

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         reused_s: float | None = None
         if args.keep:
             # The training code is part of the key: a change to it must not reuse old runs.
-            code = sorted(Path(pretrain.__file__).parent.rglob("*.py"))
+            code = sorted(Path(pretrain.__file__).parent.parent.rglob("*.py"))
             settings = [
                 dataclasses.asdict(spec),
                 args.faces,

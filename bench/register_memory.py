@@ -18,12 +18,12 @@ from pathlib import Path
 
 import grpc
 from facemux.client import FacemuxClient
+from facemux.client.client import consent_record
 from facemux.models import checkpoint
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore
 from facemux.v1 import identity_service_pb2 as ipb
-from facemux.v1 import types_pb2 as tpb
 from swap_throughput import _free_port
 
 MIB = 1024 * 1024
@@ -66,7 +66,7 @@ def main() -> int:
                     nonlocal sent
                     yield ipb.RegisterIdentityRequest(
                         metadata=ipb.RegisterIdentityMetadata(
-                            name="bogus", consent=tpb.ConsentRecord(**CONSENT)
+                            name="bogus", consent=consent_record(CONSENT)
                         )
                     )
                     for _ in range(args.mib):

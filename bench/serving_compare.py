@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from facemux.client import FacemuxClient
 from facemux.models import checkpoint
-from facemux.models import provenance as prov
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
+from facemux.service import c2pa
 from facemux.service.auth import make_entry
 from facemux.service.export_torchserve import export_torchserve
 from facemux.service.store import LocalStore, VersionRecord
@@ -321,7 +321,7 @@ def compare(preset: str, args: argparse.Namespace) -> list[Row]:
         store = make_store(root / "store", preset)
         # The signer `facemux serve` would generate for itself (store/provenance), shared
         # with the archive so both servers sign every answer.
-        prov.generate_test_signer(root / "store" / "provenance")
+        c2pa.generate_test_signer(root / "store" / "provenance")
         signer = root / "store" / "provenance"
         signed = args.provenance == "on"
         export_torchserve(

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from facemux.client.client import FacemuxClient, Latent
+from facemux.client import progress
+from facemux.client.client import REQUEST_ID_HEADER, FacemuxClient, Latent
 from facemux.client.errors import FacemuxRpcError
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import training_service_pb2 as tpb
@@ -34,6 +36,7 @@ def _client(args: argparse.Namespace) -> FacemuxClient:
         key=args.key,
         token=token,
         server_name=args.server_name,
+        metadata=[(REQUEST_ID_HEADER, args.request_id)] if args.request_id else (),
     )
 
 
@@ -111,6 +114,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: no store at {args.store}", file=sys.stderr)
         return 2
     store = LocalStore(Path(args.store))
+    parts = 1 + len(args.identities) + (1 if args.format == "torchserve" or args.triton else 0)
+    bar = progress.bar(parts, desc=f"export {args.format}", unit="part", quiet=args.quiet)
+
+    def step(what: str) -> None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update()
+
     try:
         if args.format == "torchserve":
             from facemux.service.export_torchserve import export_torchserve
@@ -126,7 +136,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 c2pa_cert=Path(args.c2pa_cert) if args.c2pa_cert else None,
                 c2pa_key=Path(args.c2pa_key) if args.c2pa_key else None,
+                on_step=step,
             )
+            bar.close()
             if args.json:
                 _print_json(mar.to_dict())
             else:
@@ -143,10 +155,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             triton=args.triton,
             check_parity=not args.no_parity,
             max_batch=args.max_batch,
+            on_step=step,
         )
     except FacemuxError as exc:
+        bar.close()
         print(f"facemux export: {exc}", file=sys.stderr)
         return 2
+    bar.close()
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -266,7 +281,7 @@ def cmd_identities(args: argparse.Namespace) -> int:
             print(f"{ident.name} default is now v{ident.default_version}")
         elif args.action == "revoke":
             ident = c.revoke_consent(args.name, args.reason)
-            print(f"consent of {ident.name} revoked at {ident.consent.revoked_at}")
+            print(f"consent of {ident.name} revoked at {ident.consent.revoked_at.ToJsonString()}")
         elif args.action == "consent":
             record = _consent_arg(args.consent)
             if record is None:
@@ -274,7 +289,8 @@ def cmd_identities(args: argparse.Namespace) -> int:
             ident = c.record_consent(args.name, record)
             print(
                 f"consent of {ident.name} recorded: attested by {ident.consent.attested_by}, "
-                f"granted {ident.consent.granted_at} ({len(ident.consent_history)} earlier)"
+                f"granted {ident.consent.granted_at.ToJsonString()} "
+                f"({len(ident.consent_history)} earlier)"
             )
     return 0
 
@@ -333,18 +349,28 @@ def _job_line(j: tpb.Job) -> str:
     return line + (f"\t{j.error}" if j.error else "")
 
 
+def _counted(items: Sequence[str], bar: Any) -> Iterator[str]:
+    for item in items:
+        yield item
+        bar.update()  # asked for the next one: this one is on its way
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.action == "list":
             for d in c.list_datasets():
                 print(f"{d.name}\t{d.faces} faces\t{d.resolution}px\t{d.content_hash[:16]}")
         elif args.action == "upload":
-            r = c.upload_dataset(args.name, args.images, aligned=args.aligned)
+            # Advances as each image is read into the upload stream (one message per image).
+            with progress.bar(
+                len(args.images), desc=f"upload {args.name}", unit="img", quiet=args.quiet
+            ) as bar:
+                r = c.upload_dataset(args.name, _counted(args.images, bar), aligned=args.aligned)
             for rej in r.rejected:
                 print(f"rejected {args.images[rej.index]}: {rej.reason}", file=sys.stderr)
             print(
                 f"{r.dataset.name}: {r.accepted} added, {r.duplicates} duplicate(s), "
-                f"{len(r.rejected) - r.duplicates} rejected; {r.dataset.faces} faces"
+                f"{len(r.rejected)} rejected; {r.dataset.faces} faces"
             )
         elif args.action == "delete":
             c.delete_dataset(args.name)
@@ -352,14 +378,28 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch(c: FacemuxClient, job_id: str, replay: bool = False) -> int:
+def _watch(c: FacemuxClient, job_id: str, replay: bool = False, quiet: bool = False) -> int:
+    """On a terminal: a bar of steps with the loss and the time left, notes (checkpoints,
+    the final state) above it. Else (or --quiet): only the notes, a line each."""
     last = None
-    for ev in c.watch_job(job_id, replay=replay):
-        last = ev.job
-        losses = " ".join(f"{k} {v:.4f}" for k, v in sorted(ev.losses.items()))
-        note = f"  {ev.message}" if ev.message else ""
-        rate = f"  {ev.examples_per_second:.0f} faces/s" if ev.examples_per_second else ""
-        print(f"step {ev.job.step}/{ev.job.steps}  {losses}{rate}{note}", flush=True)
+    with progress.bar(desc=f"job {job_id}", unit="step", quiet=quiet) as bar:
+        for ev in c.watch_job(job_id, replay=replay):
+            last = ev.job
+            if ev.job.steps and bar.total != ev.job.steps:
+                bar.total = ev.job.steps
+            if ev.job.step > bar.n:
+                bar.update(ev.job.step - bar.n)
+            if ev.losses:
+                shown = {"loss": f"{ev.losses.get('total', min(ev.losses.values())):.4f}"}
+                if ev.examples_per_second:
+                    shown["faces/s"] = f"{ev.examples_per_second:.0f}"
+                if ev.eta_seconds:
+                    shown["eta"] = f"{ev.eta_seconds:.0f}s"
+                bar.set_postfix(shown)
+            if ev.message:
+                (bar.write if not bar.disable else print)(
+                    f"step {ev.job.step}/{ev.job.steps}  {ev.message}"
+                )
     return 0 if last is not None and last.state == tpb.JOB_STATE_SUCCEEDED else 1
 
 
@@ -380,7 +420,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             consent=consent,
         )
         print(_job_line(job))
-        return _watch(c, job.id) if args.watch else 0
+        return _watch(c, job.id, quiet=args.quiet) if args.watch else 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -391,7 +431,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         elif args.action == "get":
             _print_json(MessageToDict(c.get_job(args.id)))
         elif args.action == "watch":
-            return _watch(c, args.id, args.replay)
+            return _watch(c, args.id, args.replay, args.quiet)
         elif args.action == "cancel":
             print(_job_line(c.cancel_job(args.id)))
     return 0
@@ -425,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     creds = conn.add_mutually_exclusive_group()
     creds.add_argument("--token", help="bearer token (prefer --token-file: argv is visible)")
     creds.add_argument("--token-file", help="file holding the bearer token")
+    conn.add_argument(
+        "--request-id",
+        default="",
+        help="request id sent with every call of the command (metadata x-request-id); the "
+        "server makes one when it is not given",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def client_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -442,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-o", "--out", default="facemux-export", help="output directory")
     common.add_argument("--encoder", default="", help="encoder fingerprint; default = the store's")
     common.add_argument("--json", action="store_true", help="print the export report as JSON")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
     eo = exsub.add_parser(
         "onnx",
         parents=[common],
@@ -575,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     du.add_argument("name")
     du.add_argument("images", nargs="+")
     du.add_argument("--aligned", action="store_true", help="images are aligned face crops")
+    du.add_argument("--quiet", action="store_true", help="no progress bar")
     dd = dsub.add_parser("delete", parents=[conn])
     dd.add_argument("name")
 
@@ -598,6 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--consent", help="consent record as JSON (attested_by, evidence_ref, ...)")
     tr.add_argument("--watch", action="store_true", help="stream progress until it ends")
+    tr.add_argument("--quiet", action="store_true", help="with --watch: no progress bar")
 
     jb = sub.add_parser("jobs", help="list, watch and cancel training jobs")
     jsub = jb.add_subparsers(dest="action", required=True)
@@ -607,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         jp.add_argument("id")
         if action == "watch":
             jp.add_argument("--replay", action="store_true", help="print every past event first")
+            jp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -642,7 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return COMMANDS[args.command](args)
     except FacemuxRpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rid = f" (request id {exc.request_id})" if exc.request_id else ""
+        print(f"error: {exc}{rid}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

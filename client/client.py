@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,10 +33,15 @@ from facemux.v1 import swap_service_pb2_grpc as sgrpc
 from facemux.v1 import training_service_pb2 as tpb
 from facemux.v1 import training_service_pb2_grpc as tgrpc
 from facemux.v1 import types_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ImageLike = bytes | str | os.PathLike[str] | np.ndarray
 T = TypeVar("T")
+# Request metadata carrying the caller's request id; the server echoes it in the response
+# headers (types.proto, "Request ids").
+REQUEST_ID_HEADER = "x-request-id"
+_CONSENT_TIMES = ("granted_at", "expires_at", "revoked_at")
 
 _SERVICES = (
     "facemux.v1.SwapService",
@@ -111,8 +117,27 @@ def image_bytes(img: types_pb2.Image) -> bytes:
     return img.encoded if img.WhichOneof("source") == "encoded" else img.raw.data
 
 
+def timestamp(value: str | datetime) -> Timestamp:
+    """A wire Timestamp from a datetime or ISO-8601 text; a date, or a time without a zone,
+    is taken as UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an ISO-8601 date or time (e.g. 2026-01-31 or "
+                "2026-01-31T12:00:00Z)"
+            ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
 def consent_record(consent: dict[str, str] | None) -> types_pb2.ConsentRecord:
-    """The wire consent record; a key it does not have is named with the ones it has."""
+    """The wire consent record; a key it does not have is named with the ones it has.
+    Times (granted_at, expires_at) may be ISO-8601 text or datetimes."""
     consent = consent or {}
     known = [f.name for f in types_pb2.ConsentRecord.DESCRIPTOR.fields]
     unknown = sorted(set(consent) - set(known))
@@ -121,7 +146,16 @@ def consent_record(consent: dict[str, str] | None) -> types_pb2.ConsentRecord:
             f"consent has no field {', '.join(map(repr, unknown))}; its fields are "
             f"{', '.join(known)}"
         )
-    return types_pb2.ConsentRecord(**{k: str(v) for k, v in consent.items()})
+    msg = types_pb2.ConsentRecord(
+        **{k: str(v) for k, v in consent.items() if k not in _CONSENT_TIMES}
+    )
+    for k in _CONSENT_TIMES:
+        if consent.get(k):
+            try:
+                getattr(msg, k).CopyFrom(timestamp(consent[k]))
+            except ValueError as exc:
+                raise ValueError(f"consent {k}: {exc}") from None
+    return msg
 
 
 def output_options(fmt: str | None, quality: int = 0) -> types_pb2.OutputOptions:
@@ -142,19 +176,19 @@ class Latent:
 
     @classmethod
     def from_proto(cls, msg: types_pb2.Latent) -> Latent:
-        dtype = "<f2" if msg.dtype == types_pb2.LATENT_D_TYPE_FLOAT16 else "<f4"
+        dtype = "<f2" if msg.format == types_pb2.LATENT_FORMAT_FLOAT16 else "<f4"
         arr = np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
         return cls(arr, msg.encoder_fingerprint)
 
     def to_proto(self) -> types_pb2.Latent:
         arr = np.ascontiguousarray(self.array)
         if arr.dtype == np.float16:
-            dtype, data = types_pb2.LATENT_D_TYPE_FLOAT16, arr.astype("<f2").tobytes()
+            fmt, data = types_pb2.LATENT_FORMAT_FLOAT16, arr.astype("<f2").tobytes()
         else:
-            dtype, data = types_pb2.LATENT_D_TYPE_FLOAT32, arr.astype("<f4").tobytes()
+            fmt, data = types_pb2.LATENT_FORMAT_FLOAT32, arr.astype("<f4").tobytes()
         return types_pb2.Latent(
             shape=list(arr.shape),
-            dtype=dtype,
+            format=fmt,
             data=data,
             encoder_fingerprint=self.encoder_fingerprint,
         )
@@ -200,7 +234,9 @@ class FacemuxClient:
     ) -> None:
         """`ca` (PEM, path or bytes) turns TLS on; `cert`/`key` add a client certificate
         (mTLS); `token` is sent as `authorization: Bearer <token>` on every call;
-        `server_name` overrides the name checked against the server certificate."""
+        `server_name` overrides the name checked against the server certificate. A
+        `x-request-id` in `metadata` goes with every call; the `request_id` argument of a
+        method replaces it for that call."""
         options: list[tuple[str, Any]] = [
             ("grpc.enable_retries", 1),
             ("grpc.service_config", _service_config(retries)),
@@ -240,12 +276,20 @@ class FacemuxClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    def _metadata(self, request_id: str = "") -> tuple[tuple[str, str], ...]:
+        if not request_id:
+            return self.metadata
+        kept = tuple((k, v) for k, v in self.metadata if k != REQUEST_ID_HEADER)
+        return (*kept, (REQUEST_ID_HEADER, request_id))
+
+    def _call(
+        self, method: Any, request: Any, timeout: float | None = None, request_id: str = ""
+    ) -> Any:
         try:
             return method(
                 request,
                 timeout=self.timeout if timeout is None else timeout,
-                metadata=self.metadata,
+                metadata=self._metadata(request_id),
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -299,9 +343,8 @@ class FacemuxClient:
             faces=spb.FaceBatch(faces=[image_to_proto(f) for f in faces]),
             options=spb.SwapOptions(return_masks=return_masks),
             output=output_options(output_format, quality),
-            request_id=request_id,
         )
-        return self._swap_result(self._call(self.swap_stub.Swap, req, timeout))
+        return self._swap_result(self._call(self.swap_stub.Swap, req, timeout, request_id))
 
     def swap_image(
         self,
@@ -322,9 +365,8 @@ class FacemuxClient:
             frame=image_to_proto(image),
             options=options or spb.SwapOptions(),
             output=output_options(output_format, quality),
-            request_id=request_id,
         )
-        return self._swap_result(self._call(self.swap_stub.Swap, req, timeout))
+        return self._swap_result(self._call(self.swap_stub.Swap, req, timeout, request_id))
 
     @staticmethod
     def _swap_result(resp: spb.SwapResponse) -> SwapResult:
@@ -352,23 +394,26 @@ class FacemuxClient:
         quality: int = 0,
         detect_every: int = 0,
         timeout: float | None = None,
+        request_id: str = "",
     ) -> Iterator[spb.SwapStreamResponse]:
-        """Stream frames through SwapStream; yields one response per frame, in order."""
+        """Stream frames through SwapStream; yields one response per frame, in order. The
+        settings go in the first message only: they persist for the whole stream."""
 
         def requests() -> Iterator[spb.SwapStreamRequest]:
             for i, frame in enumerate(frames):
-                req = spb.SwapStreamRequest(
-                    frame_index=i, frame=image_to_proto(frame), aligned=aligned
-                )
+                req = spb.SwapStreamRequest(frame_index=i, frame=image_to_proto(frame))
                 if i == 0:
                     req.identity = identity
                     req.identity_version = version
+                    req.aligned = aligned
                     req.detect_every = detect_every
                     req.output.CopyFrom(output_options(output_format, quality))
                     req.options.CopyFrom(options or spb.SwapOptions())
                 yield req
 
-        call = self.swap_stub.SwapStream(requests(), timeout=timeout, metadata=self.metadata)
+        call = self.swap_stub.SwapStream(
+            requests(), timeout=timeout, metadata=self._metadata(request_id)
+        )
         try:
             yield from call
         except grpc.RpcError as err:
@@ -376,15 +421,17 @@ class FacemuxClient:
         finally:
             call.cancel()
 
-    def encode(self, faces: Sequence[ImageLike], dtype: str = "float32") -> list[Latent]:
-        dt = {
-            "float32": types_pb2.LATENT_D_TYPE_FLOAT32,
-            "float16": types_pb2.LATENT_D_TYPE_FLOAT16,
+    def encode(
+        self, faces: Sequence[ImageLike], dtype: str = "float32", *, request_id: str = ""
+    ) -> list[Latent]:
+        formats = {
+            "float32": types_pb2.LATENT_FORMAT_FLOAT32,
+            "float16": types_pb2.LATENT_FORMAT_FLOAT16,
         }
-        if dtype not in dt:
+        if dtype not in formats:
             raise ValueError("dtype must be float32 or float16")
-        req = spb.EncodeRequest(faces=[image_to_proto(f) for f in faces], dtype=dt[dtype])
-        resp = self._call(self.swap_stub.Encode, req)
+        req = spb.EncodeRequest(faces=[image_to_proto(f) for f in faces], format=formats[dtype])
+        resp = self._call(self.swap_stub.Encode, req, request_id=request_id)
         return [Latent.from_proto(m) for m in resp.latents]
 
     def decode(
@@ -395,6 +442,7 @@ class FacemuxClient:
         *,
         output_format: str | None = None,
         return_masks: bool = False,
+        request_id: str = "",
     ) -> DecodeResult:
         msgs = [lat.to_proto() if isinstance(lat, Latent) else lat for lat in latents]
         req = spb.DecodeRequest(
@@ -404,7 +452,7 @@ class FacemuxClient:
             output=output_options(output_format),
             return_masks=return_masks,
         )
-        resp = self._call(self.swap_stub.Decode, req)
+        resp = self._call(self.swap_stub.Decode, req, request_id=request_id)
         return DecodeResult(
             faces=[image_bytes(f) for f in resp.faces],
             masks=[image_bytes(m) for m in resp.masks],
@@ -425,6 +473,7 @@ class FacemuxClient:
         consent: dict[str, str] | None = None,
         chunk_size: int = 1024 * 1024,
         timeout: float | None = None,
+        request_id: str = "",
     ) -> ipb.RegisterIdentityResponse:
         """Upload a decoder checkpoint (safetensors) as a new version of `name`."""
         data = checkpoint if isinstance(checkpoint, bytes) else Path(checkpoint).read_bytes()
@@ -442,7 +491,7 @@ class FacemuxClient:
             for i in range(0, len(data), chunk_size):
                 yield ipb.RegisterIdentityRequest(chunk=data[i : i + chunk_size])
 
-        return self._call(self.identity_stub.RegisterIdentity, parts(), timeout)
+        return self._call(self.identity_stub.RegisterIdentity, parts(), timeout, request_id)
 
     def list_identities(self, page_size: int = 100) -> list[ipb.Identity]:
         out: list[ipb.Identity] = []
@@ -502,8 +551,10 @@ class FacemuxClient:
         *,
         aligned: bool = False,
         timeout: float | None = None,
+        request_id: str = "",
     ) -> tpb.UploadDatasetResponse:
-        """Add photos (detected and aligned server-side) or aligned crops to a dataset."""
+        """Add photos (detected and aligned server-side) or aligned crops to a dataset.
+        `images` is read lazily, one image per message as the upload goes."""
 
         def parts() -> Iterator[tpb.UploadDatasetRequest]:
             yield tpb.UploadDatasetRequest(
@@ -512,7 +563,7 @@ class FacemuxClient:
             for img in images:
                 yield tpb.UploadDatasetRequest(image=image_to_proto(img))
 
-        return self._call(self.training_stub.UploadDataset, parts(), timeout)
+        return self._call(self.training_stub.UploadDataset, parts(), timeout, request_id)
 
     def list_datasets(self) -> list[tpb.Dataset]:
         return list(self._call(self.training_stub.ListDatasets, tpb.ListDatasetsRequest()).datasets)
@@ -534,6 +585,7 @@ class FacemuxClient:
         checkpoint_every: int = 0,
         seed: int = 0,
         consent: dict[str, str] | None = None,
+        request_id: str = "",
     ) -> tpb.Job:
         """Start a job (mode "identity" or "pretrain"); zero values take server defaults."""
         modes = {"identity": tpb.TRAIN_MODE_IDENTITY, "pretrain": tpb.TRAIN_MODE_PRETRAIN}
@@ -554,7 +606,7 @@ class FacemuxClient:
             ),
             consent=consent_record(consent),
         )
-        return self._call(self.training_stub.Train, req).job
+        return self._call(self.training_stub.Train, req, request_id=request_id).job
 
     def watch_job(
         self, job_id: str, timeout: float | None = None, replay: bool = False

@@ -11,6 +11,9 @@ class FacemuxRpcError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     # Seconds the server asked the caller to wait (trailing metadata `retry-after`), if any.
     retry_after: float | None = None
+    # The call's request id as the server answered it (response header `x-request-id`): the
+    # caller's own, or the one the server made and logged. "" when no server answered.
+    request_id: str = ""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -93,6 +96,13 @@ def from_rpc_error(err: grpc.RpcError) -> FacemuxRpcError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         details += _SIZE_HINT
     out = _BY_CODE.get(code, FacemuxRpcError)(code, details)
+    try:
+        headers = err.initial_metadata() if hasattr(err, "initial_metadata") else None
+        for key, value in headers or ():
+            if key == "x-request-id" and isinstance(value, str):
+                out.request_id = value
+    except (TypeError, ValueError):
+        pass
     try:
         trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
         for key, value in trailers or ():

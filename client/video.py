@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from facemux.client import progress
 from facemux.client.client import FacemuxClient
 
 
@@ -35,17 +35,6 @@ def _cv2() -> Any:
             "swap-video needs OpenCV on the client: pip install 'facemux[video]'"
         ) from None
     return cv2
-
-
-def _progress(done: int, total: int, t0: float) -> None:
-    rate = done / max(time.perf_counter() - t0, 1e-9)
-    if total > 0:
-        filled = int(30 * done / total)
-        bar = "#" * filled + "." * (30 - filled)
-        sys.stderr.write(f"\r[{bar}] {done}/{total} frames  {rate:5.1f} fps")
-    else:
-        sys.stderr.write(f"\r{done} frames  {rate:5.1f} fps")
-    sys.stderr.flush()
 
 
 def _mux_audio(video_only: Path, source: Path, out: Path) -> str:
@@ -129,6 +118,8 @@ def swap_video(
             raise ValueError(f"OpenCV cannot write {out.suffix or '.mp4'} video here")
         written = swapped = errors = 0
         t0 = time.perf_counter()
+        # Drawn only on a terminal (progress.bar); the frame count may be unknown (0).
+        bar = progress.bar(total or None, desc="swap-video", unit="frame", quiet=not show_progress)
         try:
             stream = client.swap_stream(
                 frames(),
@@ -150,13 +141,13 @@ def swap_video(
                     swapped += resp.faces_swapped
                 writer.write(frame)
                 written += 1
-                if show_progress:
-                    _progress(written, total, t0)
+                bar.update()
+                if swapped or errors:
+                    bar.set_postfix(faces=swapped, errors=errors, refresh=False)
         finally:
+            bar.close()
             writer.release()
             cap.release()
-            if show_progress:
-                sys.stderr.write("\n")
         seconds = time.perf_counter() - t0
         audio = _mux_audio(video_only, source, out)
     return VideoSummary(written, swapped, errors, fps, seconds, audio)

@@ -2,8 +2,10 @@
 
 Layout: a standard safetensors file whose header metadata holds one key, ``facemux``,
 a JSON object with the format name and version, the checkpoint ``kind`` ("encoder" or
-"decoder"), the ModelConfig, the weights' fingerprint and, for decoders, the identity and
-the fingerprint of the encoder they were trained against.
+"decoder"), the ModelConfig, the weights' fingerprint, for encoders the face template their
+training crops were aligned to (facemux.models.face_template; a checkpoint without one reads
+as the default) and, for decoders, the identity and the fingerprint of the encoder they were
+trained against.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from . import safe_json
 from .config import ModelConfig
 from .errors import CheckpointError, FingerprintMismatchError, InvalidInputError, NotFoundError
+from .face_template import TEMPLATE_68, as_template
 from .networks import Decoder, Encoder
 
 __all__ = [
@@ -98,6 +101,9 @@ class EncoderMeta:
     fingerprint: str
     created: str  # ISO-8601 UTC
     summary: dict[str, Any] = field(default_factory=dict)
+    # The mean face the training crops were aligned to, (68, 2) unit crop coordinates:
+    # serving aligns frames to it (see facemux.models.faces.align).
+    template: tuple[tuple[float, float], ...] = TEMPLATE_68
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +112,7 @@ class EncoderMeta:
             "fingerprint": self.fingerprint,
             "created": self.created,
             "summary": self.summary,
+            "template": [list(p) for p in self.template],
         }
 
 
@@ -198,7 +205,15 @@ def _decode_meta(
     if not isinstance(created, str) or not isinstance(summary, dict):
         raise CheckpointError(f"{source}: metadata 'created' or 'summary' is malformed")
     if expected == "encoder":
-        return EncoderMeta(config=config, fingerprint=fp, created=created, summary=summary)
+        template = TEMPLATE_68
+        if "template" in body:
+            try:
+                template = _template_tuple(body["template"], f"{source}: metadata template")
+            except InvalidInputError as exc:
+                raise CheckpointError(str(exc)) from None
+        return EncoderMeta(
+            config=config, fingerprint=fp, created=created, summary=summary, template=template
+        )
     enc_fp = body.get("encoder_fingerprint")
     identity = body.get("identity")
     if not _is_hex_digest(enc_fp):
@@ -213,6 +228,10 @@ def _decode_meta(
         summary=summary,
         fingerprint=fp,
     )
+
+
+def _template_tuple(value: Any, what: str) -> tuple[tuple[float, float], ...]:
+    return tuple((float(x), float(y)) for x, y in as_template(value, what).tolist())
 
 
 def _article(kind: object) -> str:
@@ -518,7 +537,10 @@ def load_decoder(
 
 
 def _serialise_encoder(
-    encoder: Encoder, config: ModelConfig, summary: Mapping[str, Any] | None
+    encoder: Encoder,
+    config: ModelConfig,
+    summary: Mapping[str, Any] | None,
+    template: Any = None,
 ) -> tuple[bytes, EncoderMeta]:
     state = _cpu_state(encoder)
     _check_tensors(state, "encoder", config, "encoder to save", error=InvalidInputError)
@@ -527,6 +549,7 @@ def _serialise_encoder(
         fingerprint=fingerprint(state),
         created=_now(),
         summary=_json_safe_summary(summary),
+        template=TEMPLATE_68 if template is None else _template_tuple(template, "template"),
     )
     payload = meta.to_dict()
     return safetensors.torch.save(state, metadata=_encode_meta(payload)), meta
@@ -559,10 +582,14 @@ def _serialise_decoder(
 
 
 def encoder_to_bytes(
-    encoder: Encoder, config: ModelConfig, summary: Mapping[str, Any] | None = None
+    encoder: Encoder,
+    config: ModelConfig,
+    summary: Mapping[str, Any] | None = None,
+    template: Any = None,
 ) -> tuple[bytes, EncoderMeta]:
-    """The checkpoint file's bytes (for uploads) and its metadata."""
-    return _serialise_encoder(encoder, config, summary)
+    """The checkpoint file's bytes (for uploads) and its metadata. ``template``: the (68, 2)
+    mean face the training crops were aligned to; None, the default they all use today."""
+    return _serialise_encoder(encoder, config, summary, template)
 
 
 def decoder_to_bytes(
@@ -580,8 +607,9 @@ def save_encoder(
     encoder: Encoder,
     config: ModelConfig,
     summary: Mapping[str, Any] | None = None,
+    template: Any = None,
 ) -> EncoderMeta:
-    data, meta = _serialise_encoder(encoder, config, summary)
+    data, meta = _serialise_encoder(encoder, config, summary, template)
     atomic_write(Path(path), data)
     return meta
 

@@ -15,6 +15,14 @@ class InvalidInputError(FacemuxError):
     """The request itself is malformed (bad image, bad latent, bad name...)."""
 
 
+class UnauthenticatedError(FacemuxError):
+    """The caller's credentials are missing, malformed, unknown or expired."""
+
+
+class PermissionDeniedError(FacemuxError):
+    """The caller is known but lacks the role the call needs."""
+
+
 class NotFoundError(FacemuxError):
     """A named thing (identity, version, encoder, job) does not exist."""
 
@@ -54,6 +62,10 @@ class ResourceExhaustedError(FacemuxError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DeadlineExpiredError(FacemuxError):
+    """The caller's deadline passed before the work started; nothing was computed."""
 
 
 class UnavailableError(FacemuxError):

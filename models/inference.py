@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from facemux.models.imageio import resize_square
 from facemux.models.networks import Decoder, Encoder
+from facemux.models.pixels import to_uint8, to_unit
 from torch import Tensor
 
 
@@ -36,13 +37,13 @@ def faces_to_tensor(
 ) -> tuple[Tensor, list[bool]]:
     """RGB uint8 crops of any size -> (N,3,R,R) float in [0,1], and which were resized."""
     batch, resized = stack_faces(faces, resolution)
-    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    x = to_unit(torch.from_numpy(batch).to(device).permute(0, 3, 1, 2))
     return x, resized
 
 
 def tensor_to_images(x: Tensor) -> np.ndarray:
     """(N,C,H,W) in [0,1] -> (N,H,W,C) uint8, C squeezed away when it is 1."""
-    out = x.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
+    out = to_uint8(x.detach()).permute(0, 2, 3, 1)
     arr = out.cpu().numpy()
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 

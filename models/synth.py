@@ -52,6 +52,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from .face_template import LANDMARKS5_FROM_68
+
 __all__ = [
     "IDENTITY_RANGES",
     "LANDMARKS5_FROM_68",
@@ -71,10 +73,6 @@ __all__ = [
 
 RGB = tuple[float, float, float]
 FloatArray = NDArray[np.float64]
-
-# Indices into the 68 points giving dlib's 5-point order (shape_predictor_5_face_landmarks):
-# image-right eye outer then inner corner, image-left eye outer then inner corner, nose base.
-LANDMARKS5_FROM_68: tuple[int, int, int, int, int] = (45, 42, 36, 39, 33)
 
 # Eye midpoint of the frontal, neutral face in crop units.
 _EYE_MID = (0.5, 0.40)

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .augment import AugmentConfig, make_training_pair
 from .errors import InvalidInputError, PreconditionError
 from .losses import LossWeights, identity_confusion, loss_terms
 from .networks import Decoder, Encoder, LatentCritic, build_latent_critic
+from .pixels import to_unit
 
 __all__ = ["Progress", "TrainConfig", "Trainer"]
 
@@ -103,6 +104,34 @@ class TrainConfig:
     @property
     def encoder_frozen(self) -> bool:
         return self.effective_encoder_lr == 0
+
+
+class _AutoEncoders(nn.Module):
+    """The trained part of a step's forward pass as one module: the encoder (unless it is
+    frozen) and every identity's decoder on its share of the batch. One module, so a wrapper
+    such as DistributedDataParallel sees every trained parameter in one forward call. A
+    decoder's mask comes back only where ``with_mask`` says the loss has a target for it:
+    what is returned is what DistributedDataParallel waits for gradients of."""
+
+    def __init__(
+        self, encoder: Encoder | None, decoders: list[Decoder], with_mask: list[bool]
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoders = nn.ModuleList(decoders)
+        self.with_mask = with_mask
+
+    def forward(
+        self, x: Tensor, batch_size: int
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor | None]]]:
+        """(latents, [(rgb, mask or None) per decoder]); ``x`` is already the latent when
+        the encoder is frozen (run outside, without gradients)."""
+        z = x if self.encoder is None else self.encoder(x)
+        out = []
+        for dec, zi, keep in zip(self.decoders, z.split(batch_size), self.with_mask, strict=True):
+            rgb, mask = dec(zi)
+            out.append((rgb, mask if keep else None))
+        return z, out
 
 
 @dataclass
@@ -196,6 +225,12 @@ class Trainer:
             }
         )
         self._params = [p for g in groups for p in g["params"]]
+        # What a step runs its forward passes through; wrap() may put these in wrappers.
+        self._autoencoders: nn.Module = _AutoEncoders(
+            None if config.encoder_frozen else self.encoder,
+            [self.decoders[n] for n in self.identities],
+            [n in self._masks for n in self.identities],
+        )
         self._base_lrs = [float(g["lr"]) for g in groups]
         self.optimizer = torch.optim.Adam(
             groups, lr=config.lr, betas=config.betas, fused=self.device.type == "cuda"
@@ -214,6 +249,7 @@ class Trainer:
                 betas=config.betas,
                 fused=self.device.type == "cuda",
             )
+        self._critic_fwd: nn.Module | None = self.critic
 
         # A CPU generator drives sampling and augmentation on any device (augment draws its
         # few random numbers on the generator's device), so a seed means the same batches
@@ -225,6 +261,27 @@ class Trainer:
         }
         self._use_autocast = config.autocast and self.device.type == "cuda"
         self.steps_done = 0
+
+    def wrap(
+        self,
+        autoencoders: Callable[[nn.Module], nn.Module],
+        critic: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        """Run a step's trained forward passes through wrappers of the modules (e.g.
+        DistributedDataParallel): ``autoencoders`` gets the trained encoder and decoders as
+        one module, ``critic`` the latent critic. ``encoder``, ``decoders`` and ``critic``
+        stay the bare modules, so state dicts and checkpoints do not change."""
+        self._autoencoders = autoencoders(self._autoencoders)
+        if critic is not None and self.critic is not None:
+            self._critic_fwd = critic(self.critic)
+
+    @property
+    def untrained_in_step(self) -> bool:
+        """Whether some trained parameters get no gradient in a step: a decoder's mask head
+        when its identity has no masks to learn it from."""
+        return any(
+            self.decoders[n].config.mask_head and n not in self._masks for n in self.identities
+        )
 
     # ------------------------------------------------------------------ data
 
@@ -287,12 +344,12 @@ class Trainer:
         idx = idx.to(self.device)
         imgs = self._images[name].index_select(0, idx)
         if imgs.dtype == torch.uint8:
-            imgs = imgs.permute(0, 3, 1, 2).float().div_(255.0)
+            imgs = to_unit(imgs.permute(0, 3, 1, 2))
         mask = self._masks.get(name)
         if mask is None:
             return imgs, None
         m = mask.index_select(0, idx)
-        return imgs, (m.float().div_(255.0) if m.dtype == torch.uint8 else m)
+        return imgs, (to_unit(m) if m.dtype == torch.uint8 else m)
 
     def _weights_of(self, name: str, idx: Tensor) -> Tensor | None:
         w = self._weights.get(name)
@@ -331,15 +388,11 @@ class Trainer:
         if cfg.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
 
-        outputs = []
         with self._autocast():
             if cfg.encoder_frozen:
                 with torch.no_grad():
-                    z = self.encoder(inputs)
-            else:
-                z = self.encoder(inputs)
-            for name, zi in zip(self.identities, z.split(cfg.batch_size), strict=True):
-                outputs.append(self.decoders[name](zi))
+                    inputs = self.encoder(inputs)
+            z, outputs = self._autoencoders(inputs, cfg.batch_size)
 
         # Loss outside autocast: SSIM's convolutions and the sums need float32.
         per_identity = []
@@ -383,7 +436,8 @@ class Trainer:
         assert self.critic is not None and self.critic_optimizer is not None
         labels = torch.arange(len(self.identities), device=z.device)
         labels = labels.repeat_interleave(z.shape[0] // len(self.identities))
-        loss = F.cross_entropy(self.critic(z.float()), labels)
+        assert self._critic_fwd is not None
+        loss = F.cross_entropy(self._critic_fwd(z.float()), labels)
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.critic_optimizer.step()

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from facemux.client.audit_chain import GENESIS, chain_line, last_line, line_hash, link_of
 from facemux.service.auth import CallAudit
+from facemux.service.request_ids import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class _Entry(CallAudit):
             "rpc": method.rsplit("/", 1)[-1],
             "identity": "",
             "identity_version": 0,
-            "request_id": "",
+            # The call's id (metadata x-request-id or the server's), set before any handler.
+            "request_id": current_request_id.get()[:128],
             "faces_swapped": 0,
             "messages_in": 0,
         }
@@ -201,9 +203,6 @@ class _Entry(CallAudit):
             v = _field(message, key)
             if isinstance(v, int) and v and not d["identity_version"]:
                 d["identity_version"] = v
-        rid = _field(message, "request_id")
-        if isinstance(rid, str) and rid and not d["request_id"]:
-            d["request_id"] = rid[:128]
 
     def observe_response(self, message: Any) -> None:
         d = self.data
@@ -216,9 +215,6 @@ class _Entry(CallAudit):
             d["faces_swapped"] += n
         elif _field(message, "faces") is not None:  # Decode: every latent is drawn
             d["faces_swapped"] += len(message.faces)
-        rid = _field(message, "request_id")
-        if isinstance(rid, str) and rid:
-            d["request_id"] = rid
 
     def finish(self, code: grpc.StatusCode) -> None:
         d = self.data

@@ -37,7 +37,15 @@ from typing import Any
 
 import grpc
 from facemux.models import safe_json
-from facemux.models.errors import FacemuxError, InvalidInputError, ResourceExhaustedError
+from facemux.models.errors import (
+    FacemuxError,
+    InvalidInputError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from facemux.service import boundary, request_ids
+from facemux.service.errors import status_for
 
 log = logging.getLogger(__name__)
 
@@ -435,23 +443,19 @@ class AttemptLimiter:
 
 
 class Denied(Exception):
-    """A call refused before its handler runs. `caller` is the verified caller (refused for
-    its role or limits), else `claimed` the name its credentials claimed without proof."""
+    """A call refused before its handler runs, for `error`. `caller` is the verified caller
+    (refused for its role or limits), else `claimed` the name its credentials claimed
+    without proof."""
 
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        trailers: tuple[tuple[str, str], ...] = (),
-        caller: str = "",
-        claimed: str = "",
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.trailers = trailers
+    def __init__(self, error: FacemuxError, caller: str = "", claimed: str = "") -> None:
+        super().__init__(str(error))
+        self.error = error  # what the caller is told, with its status from the one table
         self.caller = caller
         self.claimed = claimed
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return status_for(self.error)
 
 
 AuditHook = Callable[[str, str, Any, grpc.aio.ServicerContext], "CallAudit | None"]
@@ -469,9 +473,9 @@ class CallAudit:
     def finish(self, code: grpc.StatusCode) -> None: ...
 
 
-def _retry_after(seconds: float) -> tuple[int, tuple[tuple[str, str], ...]]:
-    secs = max(1, int(seconds + 0.999))
-    return secs, (("retry-after", str(secs)),)
+def _retry_after(seconds: float) -> int:
+    """Whole seconds to wait, at least one."""
+    return max(1, int(seconds + 0.999))
 
 
 def peer_address(context: grpc.aio.ServicerContext) -> str:
@@ -514,14 +518,16 @@ class Guard:
             subject = names[0].decode(errors="replace")[:256] if names else ""
             if not subject:
                 raise Denied(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "this server needs a client certificate (mTLS); none was presented",
+                    UnauthenticatedError(
+                        "this server needs a client certificate (mTLS); none was presented"
+                    )
                 )
             caller = self.registry.by_subject(subject)
             if caller is None:
                 raise Denied(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"client certificate {subject!r} is not a configured caller",
+                    UnauthenticatedError(
+                        f"client certificate {subject!r} is not a configured caller"
+                    ),
                     claimed=subject,
                 )
         else:
@@ -531,23 +537,23 @@ class Guard:
             if caller is None:
                 if known_bad:
                     raise Denied(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        "the bearer token is not valid",
-                        claimed=claimed,
+                        UnauthenticatedError("the bearer token is not valid"), claimed=claimed
                     )
                 caller = await self._slow_check(token, claimed, peer_address(context))
         if caller.expires_at and time.time() >= caller.expires_at:
             raise Denied(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"the credentials of {caller.name!r} expired at {caller.expires_text}; "
-                "ask the operator for new ones",
+                UnauthenticatedError(
+                    f"the credentials of {caller.name!r} expired at {caller.expires_text}; "
+                    "ask the operator for new ones"
+                ),
                 claimed=caller.name,
             )
         if role is not None and role != ANY_ROLE and role not in caller.roles:
             raise Denied(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"caller {caller.name!r} lacks the {role!r} role needed for "
-                f"{method.rsplit('/', 1)[-1]}",
+                PermissionDeniedError(
+                    f"caller {caller.name!r} lacks the {role!r} role needed for "
+                    f"{method.rsplit('/', 1)[-1]}"
+                ),
                 caller=caller.name,
             )
         return caller.name
@@ -556,20 +562,22 @@ class Guard:
         assert self.registry is not None
         if self.pending_checks >= self.max_pending_checks:
             raise Denied(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is already checking {self.pending_checks} new tokens; retry "
-                "after 1s (setting auth_max_pending_checks)",
-                (("retry-after", "1"),),
+                ResourceExhaustedError(
+                    f"the server is already checking {self.pending_checks} new tokens; retry "
+                    "after 1s (setting auth_max_pending_checks)",
+                    retry_after=1,
+                ),
                 claimed=claimed,
             )
         wait = self.attempts.reserve(peer, claimed)
         if wait > 0:
-            secs, trailers = _retry_after(wait)
+            secs = _retry_after(wait)
             raise Denied(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many failed token checks from {peer} or for caller {claimed!r}; "
-                f"retry after {secs}s (setting auth_attempts_per_second)",
-                trailers,
+                ResourceExhaustedError(
+                    f"too many failed token checks from {peer} or for caller {claimed!r}; "
+                    f"retry after {secs}s (setting auth_attempts_per_second)",
+                    retry_after=secs,
+                ),
                 claimed=claimed,
             )
         self.pending_checks += 1
@@ -580,21 +588,20 @@ class Guard:
             self.pending_checks -= 1
         self.registry.remember(token, caller)
         if caller is None:
-            raise Denied(
-                grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid", claimed=claimed
-            )
+            raise Denied(UnauthenticatedError("the bearer token is not valid"), claimed=claimed)
         self.attempts.refund(peer, claimed)
         return caller
 
     def admit(self, caller: str) -> None:
         wait = self.limiter.take(caller)
         if wait > 0:
-            secs, trailers = _retry_after(wait)
+            secs = _retry_after(wait)
             raise Denied(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"rate limit of {self.limiter.rate:g} calls/s for {caller!r} reached; "
-                f"retry after {secs}s (setting rate_limit_per_second)",
-                trailers,
+                ResourceExhaustedError(
+                    f"rate limit of {self.limiter.rate:g} calls/s for {caller!r} reached; "
+                    f"retry after {secs}s (setting rate_limit_per_second)",
+                    retry_after=secs,
+                ),
                 caller=caller,
             )
 
@@ -602,10 +609,11 @@ class Guard:
         n = self.streams.get(caller, 0)
         if self.max_streams and n >= self.max_streams:
             raise Denied(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{caller!r} already has {n} streams open, the limit "
-                "(setting max_streams_per_caller); close one and retry",
-                (("retry-after", "1"),),
+                ResourceExhaustedError(
+                    f"{caller!r} already has {n} streams open, the limit "
+                    "(setting max_streams_per_caller); close one and retry",
+                    retry_after=1,
+                ),
                 caller=caller,
             )
         self.streams[caller] = n + 1
@@ -622,32 +630,31 @@ class Guard:
         if self.refusals is not None:
             caller = denied.caller or "(refused)"
             claimed = "" if denied.caller else denied.claimed
-            self.refusals(method, caller, claimed, context, denied.code, denied.message)
+            self.refusals(method, caller, claimed, context, denied.code, str(denied.error))
 
 
 def _bearer(metadata: Iterable[tuple[str, Any]]) -> str:
     values = [v for k, v in metadata if k == "authorization"]
     if not values:
         raise Denied(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "no credentials: send metadata 'authorization: Bearer <token>'",
+            UnauthenticatedError("no credentials: send metadata 'authorization: Bearer <token>'")
         )
     if len(values) > 1:
-        raise Denied(grpc.StatusCode.UNAUTHENTICATED, "more than one authorization header")
+        raise Denied(UnauthenticatedError("more than one authorization header"))
     value = values[0] if isinstance(values[0], str) else ""
     scheme, _, token = value.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise Denied(grpc.StatusCode.UNAUTHENTICATED, "authorization must read 'Bearer <token>'")
+        raise Denied(UnauthenticatedError("authorization must read 'Bearer <token>'"))
     if len(token) > _MAX_TOKEN_CHARS or "." not in token or not token.isprintable():
-        raise Denied(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is malformed")
+        raise Denied(UnauthenticatedError("the bearer token is malformed"))
     return token
 
 
 # -- the interceptor --------------------------------------------------------------------------
 
 
-class GuardInterceptor(grpc.aio.ServerInterceptor):
+class GuardInterceptor(boundary.WrappingInterceptor):
     """Authenticates, checks the role, applies the caller's limits and feeds the audit
     trail, all before the request message is read: every guarded method is served as a
     request stream (the same bytes on the wire), so a refused call's body is never received
@@ -657,24 +664,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or required_role(method) is None:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if required_role(method) is None:
             return handler
         return _wrap(handler, method, self.guard)
-
-
-def _status(exc: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    from facemux.service.metrics import _code_for_exception, _context_code
-
-    if exc is None:
-        return _context_code(context) or grpc.StatusCode.OK
-    return _code_for_exception(exc, context)
 
 
 def _decoder(method: str, parse: Callable[[bytes], Any] | None, limit: int) -> Callable[..., Any]:
@@ -713,41 +706,37 @@ async def _first(
     context: grpc.aio.ServicerContext,
 ) -> Any:
     """The one message of a unary request; a bad one ends the call with its status."""
-    from facemux.service.errors import status_for
-
     try:
         async for msg in _decoded(requests, decode, audit):
             return msg
         raise InvalidInputError("the call ended without a request message")
     except FacemuxError as exc:
-        await context.abort(status_for(exc), str(exc))
+        await boundary.fail(context, exc)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.RpcMethodHandler:
     req_stream, resp_stream = handler.request_streaming, handler.response_streaming
-    fn: Any = (
-        handler.stream_stream
-        if req_stream and resp_stream
-        else handler.stream_unary
-        if req_stream
-        else handler.unary_stream
-        if resp_stream
-        else handler.unary_unary
-    )
+    fn: Any = boundary.behaviour(handler)
     streaming = req_stream or resp_stream
     decode = _decoder(
         method, handler.request_deserializer, message_limit(method, guard.max_message_bytes)
     )
 
     async def begin(context: grpc.aio.ServicerContext) -> tuple[str, CallAudit | None]:
+        # The id first, so that even a refused call answers (and is audited) with one.
+        rid, bad_id = request_ids.from_metadata(context.invocation_metadata() or ())
+        request_ids.current_request_id.set(rid)
+        await context.send_initial_metadata(((request_ids.HEADER, rid),))
         try:
             caller = await guard.authenticate(method, context)
             guard.admit(caller)
+            if bad_id:
+                raise Denied(InvalidInputError(bad_id), caller=caller)
             if streaming:
                 guard.open_stream(caller)
         except Denied as d:
             guard.refused(method, d, context)
-            await context.abort(d.code, d.message, trailing_metadata=d.trailers)
+            await boundary.fail(context, d.error)
         current_caller.set(caller)
         audit = guard.audit(method, caller, None, context) if guard.audit else None
         return caller, audit
@@ -763,7 +752,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
         if streaming:
             guard.close_stream(caller)
         if audit is not None:
-            audit.finish(_status(exc, ctx))
+            audit.finish(boundary.call_status(exc, ctx))
 
     if resp_stream and inspect.isasyncgenfunction(fn):
 
@@ -807,14 +796,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
         wrapped = coro
 
     # Always a request stream: the behaviour runs before any request byte is read.
-    factory = (
-        grpc.stream_stream_rpc_method_handler
-        if resp_stream
-        else grpc.stream_unary_rpc_method_handler
-    )
-    return factory(
-        wrapped, request_deserializer=None, response_serializer=handler.response_serializer
-    )
+    return boundary.wrap_handler(handler, wrapped, raw_requests=True)
 
 
 def is_loopback(host: str) -> bool:

@@ -1,36 +1,86 @@
 """Consent records: what registering or training an identity must come with.
 
 `require_consent` is the one check every path that creates an identity version calls
-(RegisterIdentity here, Train in the training service) before it accepts the request; the
-store enforces the same rule again when the version is written, so a revocation (or a
-deletion) between the two is never undone.
+(RegisterIdentity, Train) before it accepts the request; the store enforces the same rule
+(`check_in_force`) again when the version is written, so a revocation (or a deletion)
+between the two is never undone. `check_usable` is the check before an identity is drawn
+or exported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
-from facemux.service.store import CONSENT_FIELDS, IdentityRecord, Store
+from facemux.service.convert import iso_time, timestamp
 from facemux.v1 import types_pb2
 
+if TYPE_CHECKING:
+    from facemux.service.store import IdentityRecord, Store
+
+# The fields of a consent record as callers give it; the store adds revoked_at and
+# revocation_reason to the record in force, and replaced_at to the ones it keeps in history.
+CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
 # Who attests, where the evidence is, and when it was given: without these a record proves
 # nothing, so they are required; scope and expiry are optional.
 REQUIRED_FIELDS = ("attested_by", "evidence_ref", "granted_at")
+# Fields the wire carries as Timestamps; records keep them as ISO-8601 text.
+_TIME_FIELDS = ("granted_at", "expires_at", "revoked_at")
 _MAX_FIELD_CHARS = 1000
-# How a caller refused for consent reasons gets going again.
-RECORD_HINT = "(RecordConsent; `facemux identities consent NAME --consent '{...}'`)"
 
 
-def _parse_time(field: str, value: str) -> datetime:
+def consent_fields(consent: dict[str, str]) -> dict[str, str]:
+    """What the person consented to, without the server's own marks (revocation...)."""
+    return {k: consent[k] for k in CONSENT_FIELDS if consent.get(k)}
+
+
+def record_hint(name: str = "") -> str:
+    """How a caller refused for consent reasons gets going again."""
+    return f"(RecordConsent; `facemux identities consent {name or 'NAME'} --consent '{{...}}'`)"
+
+
+def parse_time(value: str) -> datetime | None:
+    """An ISO-8601 date or timestamp (UTC unless it says otherwise); None if it is not one."""
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def has_passed(value: str) -> bool:
+    """Whether the time `value` names is past. Stored records were validated; one whose date
+    cannot be read (an odd legacy record) is not taken for expired."""
+    when = parse_time(value)
+    return when is not None and when < datetime.now(timezone.utc)
+
+
+def _parse_time(field: str, value: str) -> datetime:
+    when = parse_time(value)
+    if when is None:
         raise InvalidInputError(
             f"consent.{field} {value[:64]!r} is not an ISO-8601 date or timestamp"
-        ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+        )
+    return when
+
+
+def _canonical(when: datetime) -> str:
+    # One spelling per instant: a record sent again (as a wire Timestamp) equals the stored
+    # one however the stored one was written ("2026-01-01" or "...T00:00:00+00:00").
+    when = when.astimezone(timezone.utc)
+    return when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
+
+
+def _same_spelling(record: dict[str, str]) -> dict[str, str]:
+    """`record` with its times spelled as validate_consent spells them."""
+    out = dict(record)
+    for f in ("granted_at", "expires_at"):
+        when = parse_time(out.get(f, "")) if out.get(f) else None
+        if when is not None:
+            out[f] = _canonical(when)
+    return out
 
 
 def validate_consent(consent: dict[str, str]) -> dict[str, str]:
@@ -49,8 +99,10 @@ def validate_consent(consent: dict[str, str]) -> dict[str, str]:
         if not v.isprintable():
             raise InvalidInputError(f"consent.{f} has control characters")
     granted = _parse_time("granted_at", record["granted_at"])
+    record["granted_at"] = _canonical(granted)
     if "expires_at" in record:
         expires = _parse_time("expires_at", record["expires_at"])
+        record["expires_at"] = _canonical(expires)
         if expires <= granted:
             raise InvalidInputError("consent.expires_at must be after consent.granted_at")
         if expires < datetime.now(timezone.utc):
@@ -61,7 +113,9 @@ def validate_consent(consent: dict[str, str]) -> dict[str, str]:
 
 
 def require_consent(
-    msg: types_pb2.ConsentRecord | dict[str, str], existing: dict[str, str] | None = None
+    msg: types_pb2.ConsentRecord | dict[str, str],
+    existing: dict[str, str] | None = None,
+    name: str = "",
 ) -> dict[str, str]:
     """The consent record a new identity version is made under.
 
@@ -70,30 +124,69 @@ def require_consent(
     none, but never replaces it (RecordConsent does, an admin's act), and a revoked one
     covers nothing until an admin records new consent. The store checks the same again
     when the version is written (LocalStore.add_version), under its lock."""
-    given = (
-        dict(msg)
-        if isinstance(msg, dict)
-        else {f: getattr(msg, f) for f in CONSENT_FIELDS if getattr(msg, f)}
-    )
+    given = dict(msg) if isinstance(msg, dict) else consent_from_proto(msg)
     if existing is None:
         return validate_consent(given)
-    if existing.get("revoked_at"):
+    check_in_force(name, existing, given)
+    return consent_fields(existing)
+
+
+def check_in_force(name: str, existing: dict[str, str], given: dict[str, str] | None) -> None:
+    """PreconditionError unless an identity's record in force covers a new version: there is
+    one, it is neither revoked nor expired, and `given` (when a request sent one) is a valid
+    record and the same one. Checked when a request is accepted and again, under the store's
+    lock, when the version is written."""
+    who = f"identity {name!r}" if name else "this identity"
+    hint = record_hint(name)
+    revoked = existing.get("revoked_at", "")
+    if revoked:
+        why = existing.get("revocation_reason", "")
         raise PreconditionError(
-            f"consent was revoked at {existing['revoked_at']}; no new version can be added "
-            "until an admin records new consent " + RECORD_HINT
+            f"consent for {who} was revoked at {revoked}"
+            + (f" ({why})" if why else "")
+            + "; it takes no new version until an admin records new consent "
+            + hint
         )
-    if not any(existing.get(f) for f in REQUIRED_FIELDS):
+    if not consent_fields(existing):
+        raise PreconditionError(f"{who} has no consent record; an admin records one first {hint}")
+    expires = existing.get("expires_at", "")
+    if expires and has_passed(expires):
         raise PreconditionError(
-            "this identity has no consent record; an admin records one first " + RECORD_HINT
+            f"consent for {who} expired at {expires}; it takes no new version until an admin "
+            "records new consent " + hint
         )
-    record = validate_consent(existing)  # PreconditionError once it expired
-    if given and validate_consent(given) != record:
+    if given and validate_consent(given) != _same_spelling(consent_fields(existing)):
         raise PreconditionError(
-            "this identity already has a consent record in force; a new version keeps it: "
-            "send no consent record (or the same one), or have an admin replace it first "
-            + RECORD_HINT
+            f"{who} already has a consent record in force (attested by "
+            f"{existing.get('attested_by', '?')}, granted {existing.get('granted_at', '?')})"
+            "; a new version keeps it: send no consent record, or have an admin replace it "
+            "first " + hint
         )
-    return record
+
+
+def consent_from_proto(msg: types_pb2.ConsentRecord) -> dict[str, str]:
+    """The fields a caller set, as a record (unset ones left out; times as ISO-8601 UTC)."""
+    out: dict[str, str] = {}
+    for f in CONSENT_FIELDS:
+        if f in _TIME_FIELDS:
+            if msg.HasField(f):
+                out[f] = iso_time(getattr(msg, f))
+        elif getattr(msg, f):
+            out[f] = getattr(msg, f)
+    return out
+
+
+def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
+    # Stored records may carry keys the message has not (a history entry's replaced_at).
+    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
+    msg = types_pb2.ConsentRecord(
+        **{k: v for k, v in consent.items() if k in known and k not in _TIME_FIELDS}
+    )
+    for f in _TIME_FIELDS:
+        ts = timestamp(consent.get(f, ""))
+        if ts is not None:
+            getattr(msg, f).CopyFrom(ts)
+    return msg
 
 
 @dataclass(frozen=True)
@@ -118,7 +211,7 @@ def consent_for_upload(store: Store, name: str, msg: types_pb2.ConsentRecord) ->
         rec = store.get(name)
     except NotFoundError:
         return Admission(require_consent(msg, None), "")
-    return Admission(require_consent(msg, rec.consent), rec.incarnation)
+    return Admission(require_consent(msg, rec.consent, name), rec.incarnation)
 
 
 def check_usable(rec: IdentityRecord) -> None:
@@ -132,13 +225,8 @@ def check_usable(rec: IdentityRecord) -> None:
             + "; it can no longer be swapped"
         )
     expires = consent.get("expires_at", "")
-    if expires:
-        try:
-            when = _parse_time("expires_at", expires)
-        except InvalidInputError:
-            return
-        if when < datetime.now(timezone.utc):
-            raise PreconditionError(
-                f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
-                "to swap it again"
-            )
+    if expires and has_passed(expires):
+        raise PreconditionError(
+            f"identity {rec.name!r}: consent expired at {expires}; record a new consent "
+            "to swap it again"
+        )

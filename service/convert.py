@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 from facemux.models import imageio
 from facemux.models.errors import FingerprintMismatchError, InvalidInputError
 from facemux.v1 import types_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 _LAYOUT_NAMES = {
     types_pb2.PIXEL_LAYOUT_RGB8: "RGB8",
@@ -24,8 +26,8 @@ _FORMAT_NAMES = {
     types_pb2.IMAGE_FORMAT_RAW: "RAW",
 }
 _DTYPES: dict[int, np.dtype[Any]] = {
-    types_pb2.LATENT_D_TYPE_FLOAT32: np.dtype("<f4"),
-    types_pb2.LATENT_D_TYPE_FLOAT16: np.dtype("<f2"),
+    types_pb2.LATENT_FORMAT_FLOAT32: np.dtype("<f4"),
+    types_pb2.LATENT_FORMAT_FLOAT16: np.dtype("<f2"),
 }
 
 
@@ -126,9 +128,9 @@ def latent_from_proto(
         raise InvalidInputError(
             f"{where} has shape {list(msg.shape)} but this encoder's latents are {list(shape)}"
         )
-    dtype = _DTYPES.get(msg.dtype)
+    dtype = _DTYPES.get(msg.format)
     if dtype is None:
-        raise InvalidInputError(f"{where} dtype must be FLOAT32 or FLOAT16")
+        raise InvalidInputError(f"{where} format must be FLOAT32 or FLOAT16")
     expected = math.prod(shape) * dtype.itemsize
     if len(msg.data) != expected:
         raise InvalidInputError(
@@ -147,15 +149,37 @@ def latent_from_proto(
     return arr
 
 
-def latent_to_proto(arr: np.ndarray, dtype: int, fingerprint: str) -> types_pb2.Latent:
-    if dtype == types_pb2.LATENT_D_TYPE_UNSPECIFIED:
-        dtype = types_pb2.LATENT_D_TYPE_FLOAT32
-    np_dtype = _DTYPES.get(dtype)
+def latent_to_proto(arr: np.ndarray, fmt: int, fingerprint: str) -> types_pb2.Latent:
+    if fmt == types_pb2.LATENT_FORMAT_UNSPECIFIED:
+        fmt = types_pb2.LATENT_FORMAT_FLOAT32
+    np_dtype = _DTYPES.get(fmt)
     if np_dtype is None:
-        raise InvalidInputError("latent dtype must be FLOAT32 or FLOAT16")
+        raise InvalidInputError("latent format must be FLOAT32 or FLOAT16")
     return types_pb2.Latent(
         shape=list(arr.shape),
-        dtype=dtype,
+        format=fmt,
         data=np.ascontiguousarray(arr, dtype=np_dtype).tobytes(),
         encoder_fingerprint=fingerprint,
     )
+
+
+def timestamp(iso: str) -> Timestamp | None:
+    """A stored ISO-8601 time (a date, or a time without zone, is UTC) on the wire; None
+    for "" or text that is not a time (left unset rather than failing a whole listing)."""
+    if not iso:
+        return None
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    ts = Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+def iso_time(ts: Timestamp) -> str:
+    """A wire Timestamp as the store's ISO-8601 UTC text (seconds, or finer when given)."""
+    when = ts.ToDatetime(tzinfo=timezone.utc)
+    return when.isoformat(timespec="microseconds" if when.microsecond else "seconds")

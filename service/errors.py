@@ -10,10 +10,13 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (e.FingerprintMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.CheckpointError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (e.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (e.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.DeadlineExpiredError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (e.NotImplementedYetError, grpc.StatusCode.UNIMPLEMENTED),
 )

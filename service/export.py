@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,12 @@ def export_onnx(
     triton: bool = False,
     check_parity: bool = True,
     max_batch: int = TRITON_MAX_BATCH,
+    on_step: Callable[[str], None] | None = None,
 ) -> ExportReport:
-    """Export the (default or named) encoder and the given identities into `out`."""
+    """Export the (default or named) encoder and the given identities into `out`.
+    `on_step(what)` is called as each part is done: the encoder, each identity, the Triton
+    repository (1 + len(identities) + triton calls)."""
+    step = on_step or (lambda what: None)
     if not 1 <= max_batch <= onnx_export.MAX_EXPORT_BATCH:
         raise InvalidInputError(f"max batch must be 1..{onnx_export.MAX_EXPORT_BATCH}")
     fingerprint, enc_bytes, chosen = select(store, identities, encoder)
@@ -137,6 +142,7 @@ def export_onnx(
         report.encoder_parity_max_abs_error = _checked(
             onnx_export.onnx_parity(enc, out / report.encoder_file, faces), "encoder"
         )
+    step("encoder")
     for rec, v in chosen:
         dec, dmeta = checkpoint.load_decoder(
             store.read_decoder(rec.name, v.version), expected_encoder_fingerprint=fingerprint
@@ -159,9 +165,11 @@ def export_onnx(
                 onnx_export.onnx_parity(dec, out / rel, z), f"decoder {rec.name}"
             )
         report.decoders.append(item)
+        step(f"{rec.name} v{v.version}")
     if triton:
         report.triton_repository = "triton"
         write_triton_repository(out / "triton", out, report, cfg, max_batch)
+        step("triton")
     (out / "manifest.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     return report
 

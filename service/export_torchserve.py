@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,12 @@ def export_torchserve(
     max_image_pixels: int = 4_000_000,
     c2pa_cert: Path | None = None,
     c2pa_key: Path | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> TorchServeArchive:
-    """Write `<out>/<model_name>.mar`; every check runs before anything is written."""
+    """Write `<out>/<model_name>.mar`; every check runs before anything is written.
+    `on_step(what)` is called as each part is done: the encoder, each identity, the archive
+    (2 + len(identities) calls)."""
+    step = on_step or (lambda what: None)
     if not _MODEL_NAME.fullmatch(model_name):
         raise InvalidInputError(
             f"model name {model_name[:80]!r}: use a letter, then up to 63 letters, digits, "
@@ -108,6 +113,7 @@ def export_torchserve(
         stage = Path(tmp)
         files = [stage / "encoder.safetensors"]
         files[0].write_bytes(enc_bytes)
+        step("encoder")
         manifest: dict[str, Any] = {
             "model_name": model_name,
             "encoder": files[0].name,
@@ -126,6 +132,7 @@ def export_torchserve(
                 "decoder_fingerprint": v.decoder_fingerprint,
                 "consent": rec.consent,
             }
+            step(f"{rec.name} v{v.version}")
         if c2pa_cert is not None and c2pa_key is not None:
             for src, name in ((c2pa_cert, "c2pa-cert.pem"), (c2pa_key, "c2pa-key.pem")):
                 shutil.copyfile(src, stage / name)
@@ -161,5 +168,6 @@ def export_torchserve(
             raise RuntimeError(
                 f"torch-model-archiver failed ({done.returncode}): {done.stderr.strip()[-500:]}"
             )
+        step("archive")
     report.size_bytes = Path(report.mar).stat().st_size
     return report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ class FrameOutcome:
     notes: list[str]
     timings: dict[str, float]
     device_frame: torch.Tensor | None = None  # rgb, uint8 (3, H, W), on the GPU
+    # The swapped faces' crops in the frame (x0, y0, x1, y1): where the watermark goes, so
+    # every other pixel comes back as the caller sent it.
+    regions: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 def build_swapper(settings: Settings, pixel_device: str | None = None) -> fp.FaceSwapper:
@@ -165,6 +168,7 @@ class FramePipeline:
             mask_erosion=o.mask_erosion / 100.0 if o.mask_erosion else 0.02,
             mask_blur=o.mask_blur / 100.0 if o.mask_blur else 0.05,
             crop_size=resolution,
+            face_template=self.scheduler.backend.face_template(),
         )
 
     @staticmethod
@@ -239,7 +243,8 @@ class FramePipeline:
                 f"{len(out.faces)} faces found; only the largest {opts.max_faces} were swapped "
                 f"(per-frame limit), {over} skipped"
             )
-        return FrameOutcome(out.frame, results, swapped, notes, timings, out.device_frame)
+        regions = [r.region for r in out.faces if r.swapped and r.region is not None]
+        return FrameOutcome(out.frame, results, swapped, notes, timings, out.device_frame, regions)
 
     @staticmethod
     def _listed(o: spb.SwapOptions, found: list[fp.DetectedFace]) -> list[int]:

@@ -3,29 +3,44 @@
 Every image facemux draws (Swap crops and frames, SwapStream frames, Decode faces) gets an
 invisible watermark in its pixels before encoding and, when it is encoded (PNG, JPEG, WebP),
 a signed C2PA manifest on the bytes. Raw-pixel outputs cannot carry a manifest: they get
-the watermark only, and the response notes say so. See models/provenance.py for the marks.
+the watermark only, and the response notes say so. The marks themselves: models/watermark.py
+(pixels) and service/c2pa.py (manifest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 from facemux.models import imageio
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.errors import InvalidInputError
 from facemux.models.faces.gpu_codec import JpegCodec
-from facemux.service import convert
+from facemux.service import c2pa, convert
+from facemux.service.boundary import call_deadline, unary
 from facemux.service.budget import PixelBudget
+from facemux.service.c2pa import COMPOSITE, TRAINED
 from facemux.service.settings import Settings
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import provenance_service_pb2_grpc as pgrpc
 from facemux.v1 import types_pb2
+
+# The servicers name the payload hash and the source types through this module, the one
+# place that decides what is marked and how.
+__all__ = [
+    "COMPOSITE",
+    "TRAINED",
+    "Provenance",
+    "ProvenanceServicer",
+    "payload_for",
+    "verify_bytes",
+]
+payload_for = wm.payload_for
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,7 @@ class Provenance:
 
     def __init__(self, settings: Settings) -> None:
         self.mode = settings.provenance
-        self.signer: prov.C2paSigner | None = None
+        self.signer: c2pa.C2paSigner | None = None
         from facemux.service import __version__
 
         self.version = __version__
@@ -49,20 +64,20 @@ class Provenance:
                 log.warning("provenance is OFF: outputs carry neither watermark nor manifest")
             return
         if settings.provenance_key:
-            config = prov.SignerConfig(
+            config = c2pa.SignerConfig(
                 Path(settings.provenance_cert).read_bytes(),
                 Path(settings.provenance_key).read_bytes(),
             )
         else:
             directory = Path(settings.store) / "provenance"
-            config = prov.generate_test_signer(directory)
+            config = c2pa.generate_test_signer(directory)
             log.warning(
                 "C2PA manifests are signed with a generated TEST certificate (%s), for testing "
                 "only: verifiers report it as untrusted. Set provenance_key and "
                 "provenance_cert to the operator's key and certificate chain.",
                 directory,
             )
-        self.signer = prov.C2paSigner(config)
+        self.signer = c2pa.C2paSigner(config)
 
     @property
     def watermarks(self) -> bool:
@@ -79,13 +94,16 @@ class Provenance:
         source_type: str,
         alpha: np.ndarray | None = None,
         notes: list[str] | None = None,
+        regions: Sequence[wm.Region] | None = None,
     ) -> types_pb2.Image:
         """Watermark, encode and sign one output image.
 
         mark_id goes into the watermark payload (hashed to 32 bits); request_id into the
-        manifest. A raw output adds RAW_NOTE to `notes` (once)."""
+        manifest, which covers the whole image. `regions` (a frame's swapped faces) confine
+        the watermark: every other pixel stays the caller's. A raw output adds RAW_NOTE to
+        `notes` (once)."""
         if self.watermarks:
-            rgb = prov.embed_watermark(rgb, prov.payload_for(mark_id))
+            rgb = wm.embed_watermark(rgb, wm.payload_for(mark_id), regions)
         img = convert.image_to_proto(rgb, output, input_format, alpha)
         fmt = convert.output_format(output, input_format)
         return self._sign(img, fmt, request_id, source_type, notes)
@@ -106,7 +124,7 @@ class Provenance:
         pass (each with its own mark id) unless `marked` says that was done already (by the
         model's worker, on the model's device)."""
         if self.watermarks and not marked:
-            faces = prov.embed_watermark_batch(faces, [prov.payload_for(m) for m in mark_ids])
+            faces = wm.embed_watermark_batch(faces, [wm.payload_for(m) for m in mark_ids])
         out = []
         for rgb, input_format in zip(faces, input_formats, strict=True):
             img = convert.image_to_proto(rgb, output, input_format)
@@ -124,6 +142,7 @@ class Provenance:
         mark_id: str,
         request_id: str,
         source_type: str,
+        regions: Sequence[wm.Region] | None = None,
     ) -> types_pb2.Image | None:
         """``output`` for a frame still on the GPU (uint8 (3, H, W)) when it leaves as JPEG:
         marked and encoded there by nvjpeg, signed on the host. None when the output is not a
@@ -133,7 +152,7 @@ class Provenance:
         quality = convert.output_quality(output)
         try:
             if self.watermarks:
-                rgb = prov.embed_watermark_t(rgb, prov.payload_for(mark_id))
+                rgb = wm.embed_watermark_t(rgb, wm.payload_for(mark_id), regions)
             data = jpeg.encode(rgb, quality)
         except Exception:
             log.exception("nvjpeg encode failed; this frame is encoded on the host")
@@ -173,7 +192,7 @@ def verify_bytes(
         raise InvalidInputError("image is empty")
     # Header-first size check (and a clear error for non-images) before any parsing.
     decoded = imageio.decode_image(data, max_pixels, "max_verify_pixels")
-    report = prov.read_c2pa(data, trust_anchors_pem)
+    report = c2pa.read_c2pa(data, trust_anchors_pem)
     resp = ppb.VerifyResponse(
         manifest_present=report.present,
         manifest_valid=report.valid,
@@ -186,11 +205,11 @@ def verify_bytes(
         manifest_errors=report.errors,
         manifest_summary=report.summary,
     )
-    wm = prov.detect_watermark_full(decoded.rgb)
-    resp.watermark_found = wm.found
-    resp.watermark_confidence = wm.confidence
-    if wm.payload is not None:
-        resp.watermark_payload = wm.payload.hex()
+    mark = wm.detect_watermark_full(decoded.rgb)
+    resp.watermark_found = mark.found
+    resp.watermark_confidence = mark.confidence
+    if mark.payload is not None:
+        resp.watermark_payload = mark.payload.hex()
     return resp
 
 
@@ -199,32 +218,24 @@ class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
         self.settings = settings
         self.budget = budget if budget is not None else PixelBudget.from_settings(settings)
 
+    @unary
     async def Verify(
         self, request: ppb.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> ppb.VerifyResponse:
-        from facemux.service.servicer import _fail
-
-        try:
-            if not request.image.encoded:
-                raise InvalidInputError(
-                    "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
-                    "the file, and raw pixels have none"
-                )
-            limit = self.settings.max_verify_pixels
-            pixels = await asyncio.to_thread(
-                convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+        if not request.image.encoded:
+            raise InvalidInputError(
+                "Verify needs an encoded image (PNG, JPEG or WebP): a manifest lives in "
+                "the file, and raw pixels have none"
             )
-            left = context.time_remaining()
-            return await self.budget.run(
-                pixels,
-                None if left is None else time.monotonic() + left,
-                "Verify",
-                verify_bytes,
-                request.image.encoded,
-                limit,
-            )
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-            raise
+        limit = self.settings.max_verify_pixels
+        pixels = await asyncio.to_thread(
+            convert.image_pixels, request.image, limit, "image", "max_verify_pixels"
+        )
+        return await self.budget.run(
+            pixels,
+            call_deadline(context),
+            "Verify",
+            verify_bytes,
+            request.image.encoded,
+            limit,
+        )

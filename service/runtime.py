@@ -19,7 +19,7 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 from facemux.models import checkpoint, inference
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.config import ModelConfig
 from facemux.models.errors import (
     CheckpointError,
@@ -28,6 +28,7 @@ from facemux.models.errors import (
     UnavailableError,
 )
 from facemux.models.networks import Decoder, Encoder
+from facemux.models.pixels import to_uint8, to_unit
 from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, Store, VersionRecord
 
@@ -96,6 +97,7 @@ class Runtime:
         self._encoder: Encoder | None = None
         self.config: ModelConfig | None = None
         self.fingerprint = ""
+        self._face_template: np.ndarray | None = None
         self.load_seconds = 0.0
         self._load_lock = threading.Lock()
 
@@ -116,6 +118,7 @@ class Runtime:
             )
         self.config = meta.config
         self.fingerprint = meta.fingerprint
+        self._face_template = np.asarray(meta.template, dtype=np.float64)
         self._encoder = self._prepare(encoder)
         self._warm_up()
         self.load_seconds = time.perf_counter() - t0
@@ -171,6 +174,13 @@ class Runtime:
         self.encoder()
         assert self.config is not None
         return self.config
+
+    def face_template(self) -> np.ndarray:
+        """The mean face the model's training crops were aligned to (from its encoder
+        checkpoint): frames are aligned to it before they reach the model."""
+        self.encoder()
+        assert self._face_template is not None
+        return self._face_template
 
     def decoder(
         self, name: str, version: int = 0, record: IdentityRecord | None = None
@@ -231,14 +241,14 @@ class Runtime:
                 x[start : start + len(f)] = torch.from_numpy(f)
                 start += len(f)
             x = x.to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = to_unit(x.permute(0, 3, 1, 2))
             x = x.contiguous(memory_format=torch.channels_last)
         else:
             # One part (a lone request's own array) is used as it is; several are copied once.
             one = parts[0]
             lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
             x = torch.from_numpy(one if lone else np.concatenate(parts))
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = to_unit(x.permute(0, 3, 1, 2))
         with self._autocast():
             return inference.encode(self.encoder(), x)
 
@@ -259,11 +269,11 @@ class Runtime:
         if self.device.type == "cuda":
             # Marked on the device, the whole batch in one pass, before the copy to the host
             # (the same uint8 conversion as tensor_to_images).
-            u8 = rgb.float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
-            u8[marked] = prov.embed_watermark_batch_t(u8[marked], payloads)
+            u8 = to_uint8(rgb.float())
+            u8[marked] = wm.embed_watermark_batch_t(u8[marked], payloads)
             return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
         faces = inference.tensor_to_images(rgb.float())
-        faces[marked] = prov.embed_watermark_batch(faces[marked], payloads)
+        faces[marked] = wm.embed_watermark_batch(faces[marked], payloads)
         return faces, masks
 
     def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:

@@ -44,15 +44,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from facemux.models.errors import FacemuxError, ResourceExhaustedError
+from facemux.models.errors import DeadlineExpiredError, ResourceExhaustedError
 from facemux.models.networks import Decoder
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-
-
-class DeadlineExpiredError(FacemuxError):
-    """The caller's deadline passed while the item waited; it was never computed."""
 
 
 class Op(Enum):
@@ -150,6 +146,11 @@ class ModelBackend(Protocol):
     def latents_to_device(self, latents: np.ndarray) -> Tensor: ...
 
     def latents_to_host(self, latents: Tensor) -> np.ndarray: ...
+
+    def face_template(self) -> np.ndarray:
+        """The (68, 2) mean face the model's crops are aligned to (its encoder checkpoint's);
+        the frame pipeline, which reaches the model through the scheduler, aligns with it."""
+        ...
 
 
 @dataclass

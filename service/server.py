@@ -19,13 +19,14 @@ from facemux.service.auth import (
 )
 from facemux.service.budget import PixelBudget
 from facemux.service.frames import FramePipeline
+from facemux.service.identity_servicer import IdentityServicer
 from facemux.service.metrics import Metrics, MetricsServer, grpc_type
 from facemux.service.provenance import Provenance, ProvenanceServicer
 from facemux.service.runtime import Runtime
 from facemux.service.scheduler import Scheduler
-from facemux.service.servicer import IdentityServicer, SwapServicer
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore, Store
+from facemux.service.swap_servicer import SwapServicer
 from facemux.service.tls import server_credentials
 from facemux.service.training.servicer import Training, TrainingServicer
 from facemux.v1 import (

@@ -54,6 +54,8 @@ from facemux.models.errors import (
     PreconditionError,
     ResourceExhaustedError,
 )
+from facemux.models.filelock import file_lock
+from facemux.service.consent import check_in_force, consent_fields
 
 # \Z, not $: "$" also matches before a trailing newline, which let "name\n" through.
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")
@@ -133,16 +135,6 @@ class VersionRecord:
         )
 
 
-# The fields of a consent record as callers give it; the store adds revoked_at and
-# revocation_reason to the record in force, and replaced_at to the ones it keeps in history.
-CONSENT_FIELDS = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at")
-
-
-def consent_fields(consent: dict[str, str]) -> dict[str, str]:
-    """What the person consented to, without the server's own marks (revocation...)."""
-    return {k: consent[k] for k in CONSENT_FIELDS if consent.get(k)}
-
-
 @dataclass
 class IdentityRecord:
     name: str
@@ -164,16 +156,6 @@ class IdentityRecord:
     def incarnation(self) -> str:
         """What tells this identity from an earlier or later one of the same name."""
         return self.uid or self.created_at
-
-    def revocation(self) -> str:
-        """'' when consent is in force, else a sentence saying when (and why) it was revoked."""
-        at = self.consent.get("revoked_at", "")
-        if not at:
-            return ""
-        why = self.consent.get("revocation_reason", "")
-        return f"consent for identity {self.name!r} was revoked at {at}" + (
-            f" ({why})" if why else ""
-        )
 
     def version(self, number: int = 0) -> VersionRecord:
         wanted = number or self.default_version
@@ -312,10 +294,6 @@ class Store(ABC):
         one way a revocation is lifted."""
 
 
-def _record_hint(name: str) -> str:
-    return f"(RecordConsent; `facemux identities consent {name} --consent '{{...}}'`)"
-
-
 def _check_new_version(
     rec: IdentityRecord, consent: dict[str, str] | None, expect: str | None
 ) -> None:
@@ -327,40 +305,7 @@ def _check_new_version(
             + f" (at {rec.created_at}) after the request that made this version was "
             "accepted; nothing was registered"
         )
-    revoked = rec.revocation()
-    if revoked:
-        raise PreconditionError(
-            f"{revoked}; it takes no new version until an admin records new consent "
-            + _record_hint(rec.name)
-        )
-    if not consent_fields(rec.consent):
-        raise PreconditionError(
-            f"identity {rec.name!r} has no consent record; an admin records one first "
-            + _record_hint(rec.name)
-        )
-    expires = rec.consent.get("expires_at", "")
-    if expires and _past(expires):
-        raise PreconditionError(
-            f"consent for identity {rec.name!r} expired at {expires}; it takes no new version "
-            "until an admin records new consent " + _record_hint(rec.name)
-        )
-    if consent and consent_fields(consent) != consent_fields(rec.consent):
-        raise PreconditionError(
-            f"identity {rec.name!r} already has a consent record in force (attested by "
-            f"{rec.consent.get('attested_by', '?')}, granted {rec.consent.get('granted_at', '?')})"
-            "; a new version keeps it: send no consent record, or have an admin replace it "
-            "first " + _record_hint(rec.name)
-        )
-
-
-def _past(when: str) -> bool:
-    try:
-        t = datetime.fromisoformat(when)
-    except ValueError:
-        return False  # records are validated when stored; an odd legacy one is not expiry
-    return (t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)) < datetime.now(
-        timezone.utc
-    )
+    check_in_force(rec.name, rec.consent, consent)
 
 
 def _in_use(path: Path) -> bool:
@@ -409,19 +354,18 @@ class LocalStore(Store):
                 raise RuntimeError("store lock upgrade from shared to exclusive")
             yield
             return
-        with open(self.root / ".lock", "a+") as fh, contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             if shared:
                 with self._gate:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+                    stack.enter_context(file_lock(self.root / ".lock", shared=True))
             else:
                 stack.enter_context(self._gate)
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                stack.enter_context(file_lock(self.root / ".lock"))
             self._held.mode = "sh" if shared else "ex"
             try:
                 yield
             finally:
                 self._held.mode = ""
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _sweep(self) -> None:
         for parent in (self._encoders, self._identities, *self._identities.iterdir()):

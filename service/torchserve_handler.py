@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 from facemux.models import checkpoint, imageio, inference
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.errors import FacemuxError, InvalidInputError, NotFoundError
+from facemux.service import c2pa
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class FacemuxHandler:
         self.resolution = 0
         self.max_pixels = 0
         self.device = torch.device("cpu")
-        self.signer: prov.C2paSigner | None = None
+        self.signer: c2pa.C2paSigner | None = None
         self.archive = ""
 
     def initialize(self, context: Any) -> None:
@@ -96,8 +97,8 @@ class FacemuxHandler:
         self.archive = str(manifest.get("model_name", "facemux"))
         signing = manifest.get("c2pa")
         if signing:
-            self.signer = prov.C2paSigner(
-                prov.SignerConfig(
+            self.signer = c2pa.C2paSigner(
+                c2pa.SignerConfig(
                     (model_dir / signing["cert"]).read_bytes(),
                     (model_dir / signing["key"]).read_bytes(),
                 )
@@ -164,12 +165,12 @@ class FacemuxHandler:
         return inference.tensor_to_images(out)
 
     def _output(self, rgb: np.ndarray, request_id: str) -> bytes:
-        marked = prov.embed_watermark(rgb, prov.payload_for(request_id))
+        marked = wm.embed_watermark(rgb, wm.payload_for(request_id))
         png = imageio.encode_image(marked, "PNG")
         if self.signer is None:
             return png
         return self.signer.sign(
-            png, "PNG", prov.TRAINED, f"facemux-{request_id}.png", request_id, self.archive
+            png, "PNG", c2pa.TRAINED, f"facemux-{request_id}.png", request_id, self.archive
         )
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:

@@ -51,7 +51,7 @@ def seeds() -> dict[str, bytes]:
     dec = checkpoint.decoder_to_bytes(build_decoder(cfg, seed=0), cfg, FINGERPRINT, "x")[0]
     latent = tpb.Latent(
         shape=list(LATENT_SHAPE),
-        dtype=tpb.LATENT_D_TYPE_FLOAT32,
+        format=tpb.LATENT_FORMAT_FLOAT32,
         data=np.zeros(LATENT_SHAPE, "<f4").tobytes(),
         encoder_fingerprint=FINGERPRINT,
     ).SerializeToString()

@@ -19,6 +19,7 @@ import safetensors.torch
 import torch
 from conftest import CONSENT, Models, face_image, png
 from facemux.client import FacemuxClient
+from facemux.client.client import consent_record
 from facemux.client.errors import FacemuxRpcError
 from facemux.models.errors import InvalidInputError
 from facemux.service.auth import new_token, parse_callers
@@ -121,7 +122,7 @@ def _latent(models: Models, **changes: Any) -> tpb.Latent:
     shape = list(models.config.latent_shape)
     msg = tpb.Latent(
         shape=shape,
-        dtype=tpb.LATENT_D_TYPE_FLOAT32,
+        format=tpb.LATENT_FORMAT_FLOAT32,
         data=np.zeros(shape, "<f4").tobytes(),
         encoder_fingerprint=models.fingerprint,
     )
@@ -142,11 +143,11 @@ def _with_value(models: Models, value: float) -> bytes:
 
 LATENT_CASES: list[tuple[str, Callable[[Models], tpb.Latent], grpc.StatusCode, str]] = [
     ("wrong shape", lambda m: _latent(m, shape=[1, 2, 3]), C.INVALID_ARGUMENT, "has shape"),
-    ("no dtype", lambda m: _latent(m, dtype=0), C.INVALID_ARGUMENT, "FLOAT32 or FLOAT16"),
+    ("no format", lambda m: _latent(m, format=0), C.INVALID_ARGUMENT, "FLOAT32 or FLOAT16"),
     ("short data", lambda m: _latent(m, data=b"\x00" * 10), C.INVALID_ARGUMENT, "needs"),
     (
         "float16 size as float32",
-        lambda m: _latent(m, dtype=tpb.LATENT_D_TYPE_FLOAT16),
+        lambda m: _latent(m, format=tpb.LATENT_FORMAT_FLOAT16),
         C.INVALID_ARGUMENT,
         "needs",
     ),
@@ -205,7 +206,7 @@ def _upload(data: bytes, name: str = "newbie", **meta: Any) -> list[ipb.Register
     return [
         ipb.RegisterIdentityRequest(
             metadata=ipb.RegisterIdentityMetadata(
-                name=name, consent=tpb.ConsentRecord(**CONSENT), **meta
+                name=name, consent=consent_record(CONSENT), **meta
             )
         ),
         ipb.RegisterIdentityRequest(chunk=data),
@@ -213,7 +214,7 @@ def _upload(data: bytes, name: str = "newbie", **meta: Any) -> list[ipb.Register
 
 
 def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_path: Path) -> None:
-    consent = tpb.ConsentRecord(**CONSENT)
+    consent = consent_record(CONSENT)
     meta = ipb.RegisterIdentityMetadata(name="newbie", consent=consent)
     data = models.decoders["carol"]
     plain = safetensors.torch.save({"w": torch.zeros(4)})  # safetensors, not facemux
@@ -263,13 +264,13 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_pat
                 ipb.RegisterIdentityRequest(
                     metadata=ipb.RegisterIdentityMetadata(
                         name="newbie",
-                        consent=tpb.ConsentRecord(**CONSENT, expires_at="next tuesday"),
+                        consent=consent_record({**CONSENT, "expires_at": "2025-12-31"}),
                     )
                 ),
                 ipb.RegisterIdentityRequest(chunk=data),
             ],
             C.INVALID_ARGUMENT,
-            "ISO-8601",
+            "after consent.granted_at",
         ),
     ]
     for parts, code, words in cases:
@@ -399,11 +400,11 @@ MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         "options.faces",
     ),
     (
-        "encode: float64 dtype",
+        "encode: unknown latent format",
         "Encode",
-        spb.EncodeRequest(faces=[_enc(GOOD)], dtype=99),
+        spb.EncodeRequest(faces=[_enc(GOOD)], format=99),
         C.INVALID_ARGUMENT,
-        "FLOAT32 or FLOAT16",
+        "LATENT_FORMAT_FLOAT32 or LATENT_FORMAT_FLOAT16",
     ),
     ("encode: no faces", "Encode", spb.EncodeRequest(), C.INVALID_ARGUMENT, "no faces"),
     (
@@ -472,7 +473,7 @@ MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
     (
         "record consent: traversal",
         "RecordConsent",
-        ipb.RecordConsentRequest(name="../bob", consent=tpb.ConsentRecord(**CONSENT)),
+        ipb.RecordConsentRequest(name="../bob", consent=consent_record(CONSENT)),
         C.INVALID_ARGUMENT,
         "invalid",
     ),
@@ -486,7 +487,7 @@ MORE_CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
     (
         "record consent: unknown identity",
         "RecordConsent",
-        ipb.RecordConsentRequest(name="nobody", consent=tpb.ConsentRecord(**CONSENT)),
+        ipb.RecordConsentRequest(name="nobody", consent=consent_record(CONSENT)),
         C.NOT_FOUND,
         "nobody",
     ),
@@ -567,7 +568,7 @@ def test_deeply_nested_json_in_a_checkpoint_is_bad_input(
     few hundred deep it parses but breaks whatever walks it next (storing the summary).
     Either is the caller's bad input, refused before anything is stored."""
     data = models.decoders["carol"]
-    meta = ipb.RegisterIdentityMetadata(name="newbie", consent=tpb.ConsentRecord(**CONSENT))
+    meta = ipb.RegisterIdentityMetadata(name="newbie", consent=consent_record(CONSENT))
 
     def deep_summary(body: dict[str, Any]) -> None:
         body["summary"] = {"x": json.loads(_nested(500))}

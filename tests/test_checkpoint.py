@@ -153,6 +153,31 @@ def test_metadata_layout(decoder_bytes: bytes, enc_fp: str) -> None:
     assert body["encoder_fingerprint"] == enc_fp
 
 
+def test_encoder_carries_its_face_template(encoder: Encoder, cfg: ModelConfig) -> None:
+    """The mean face the training crops were aligned to travels with the encoder; a
+    checkpoint from before templates were stored reads as the default one."""
+    import numpy as np
+    from facemux.models.face_template import TEMPLATE_68
+
+    default = ckpt.load_encoder(ckpt.encoder_to_bytes(encoder, cfg)[0])[1]
+    assert np.array_equal(default.template, TEMPLATE_68)
+    own = np.asarray(TEMPLATE_68) * 0.9 + 0.05  # a face framed 10 % smaller
+    data, _ = ckpt.encoder_to_bytes(encoder, cfg, template=own)
+    assert np.array_equal(_facemux_meta(data)["template"], own)
+    assert np.array_equal(ckpt.load_encoder(data)[1].template, own)
+    assert np.array_equal(ckpt.read_metadata(data).template, own)  # type: ignore[union-attr]
+
+    body = _facemux_meta(data)
+    del body["template"]
+    old = _forge(ckpt._cpu_state(encoder), body)
+    assert np.array_equal(ckpt.load_encoder(old)[1].template, TEMPLATE_68)
+    for bad in ([[0.5, 0.5]] * 68, [[0.1, 0.2]] * 5, "face", [[float("nan"), 0.5]] * 68):
+        with pytest.raises(CheckpointError, match="template"):
+            ckpt.load_encoder(_forge(ckpt._cpu_state(encoder), {**body, "template": bad}))
+    with pytest.raises(InvalidInputError, match="template"):
+        ckpt.encoder_to_bytes(encoder, cfg, template=np.zeros((68, 2)))
+
+
 def test_load_to_device_string(encoder_bytes: bytes) -> None:
     enc, _ = ckpt.load_encoder(encoder_bytes, device=torch.device("cpu"))
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in enc.parameters())

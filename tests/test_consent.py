@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
+from facemux.client.client import timestamp
 from facemux.models import checkpoint
 from facemux.models.errors import InvalidInputError, PreconditionError
 from facemux.service.consent import require_consent, validate_consent
@@ -33,6 +34,9 @@ def test_incomplete_records_are_refused(record: dict[str, str], words: str) -> N
 
 def test_existing_consent_covers_new_versions_until_revoked() -> None:
     assert require_consent({}, dict(CONSENT)) == CONSENT
+    # The record in force sent again, as a wire Timestamp spells its date, is the same one.
+    again = {**CONSENT, "granted_at": "2026-01-01T00:00:00+00:00"}
+    assert require_consent(again, dict(CONSENT)) == CONSENT
     with pytest.raises(PreconditionError, match="revoked"):
         require_consent({}, {**CONSENT, "revoked_at": "2026-02-01T00:00:00+00:00"})
     with pytest.raises(PreconditionError, match="expired"):
@@ -50,10 +54,11 @@ def test_registration_needs_consent_and_returns_it(client: FacemuxClient, models
     assert (got.attested_by, got.evidence_ref, got.granted_at, got.scope, got.expires_at) == (
         record["attested_by"],
         record["evidence_ref"],
-        record["granted_at"],
+        timestamp(record["granted_at"]),
         record["scope"],
-        record["expires_at"],
+        timestamp(record["expires_at"]),
     )
+    assert got.granted_at.ToJsonString() == "2026-01-01T00:00:00Z"
     # A new version rides on the stored consent (repeating it is fine too)...
     assert client.register_identity("carol", models.decoders["bob"]).version == 2
     assert client.register_identity("carol", models.decoders["bob"], consent=record).version == 3
@@ -95,7 +100,7 @@ def test_only_record_consent_lifts_a_revocation(client: FacemuxClient, models: M
     with pytest.raises(NotFound):
         client.record_consent("nobody", FRESH)
     ident = client.record_consent("bob", FRESH)
-    assert ident.consent.evidence_ref == "TICKET-2" and not ident.consent.revoked_at
+    assert ident.consent.evidence_ref == "TICKET-2" and not ident.consent.HasField("revoked_at")
     (old,) = ident.consent_history
     assert old.evidence_ref == "TICKET-1" and old.revoked_at == revoked_at
     assert old.revocation_reason == "withdrawn"

@@ -275,7 +275,7 @@ def test_training_job() -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert c["command"] == ["torchrun"]
     args = c["args"]
-    assert args[args.index("-m") + 1] == "facemux.models.pretrain"
+    assert args[args.index("-m") + 1] == "facemux.service.training.standalone"
     nnodes = int(env["NNODES"])
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == nnodes

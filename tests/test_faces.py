@@ -326,6 +326,48 @@ def test_template_matches_synth_framing() -> None:
         align_matrix(base[:4], 64)
 
 
+def _rendered_template() -> np.ndarray:
+    """The template as alignment used to build it at first use: the mean landmarks of 64
+    synthetic identities, rendered (at 8 px: landmarks do not depend on the size)."""
+    total = np.zeros((68, 2))
+    for seed in range(64):
+        face = synth.render(synth.identity_from_seed(seed), synth.FaceState.neutral(), 8)
+        total += (face.landmarks68.astype(np.float64) + 0.5) / 8
+    return total / 64
+
+
+def test_stored_template_aligns_exactly_as_the_rendered_one() -> None:
+    """The constant (and so every checkpoint that stores it) is the rendered template, and
+    aligning with a checkpoint's template gives the matrices the rendered one gave (to
+    float rounding)."""
+    from facemux.models import checkpoint
+    from facemux.models.config import get_preset
+    from facemux.models.face_template import TEMPLATE_68
+    from facemux.models.faces.align import umeyama
+    from facemux.models.networks import build_encoder
+
+    rendered = _rendered_template()
+    np.testing.assert_array_equal(np.asarray(TEMPLATE_68), rendered)
+    cfg = get_preset("tiny")
+    _, meta = checkpoint.load_encoder(checkpoint.encoder_to_bytes(build_encoder(cfg), cfg)[0])
+    gt = synth.render(synth.identity_from_seed(3), synth.FaceState(yaw=0.2, roll=0.1), 96)
+    for lm, idx in (
+        (gt.landmarks68, list(range(17, 68))),
+        (gt.landmarks5, list(synth.LANDMARKS5_FROM_68)),
+    ):
+        for size, coverage, y_offset in ((64, 1.0, 0.0), (128, 1.3, 0.05)):
+            got = align_matrix(lm, size, coverage, y_offset, face_template=meta.template)
+            k = size / coverage
+            dst = np.column_stack(
+                [
+                    rendered[idx, 0] * k + size * 0.5 - 0.5 - 0.5 * k,
+                    rendered[idx, 1] * k + size * 0.5 - 0.5 - (0.5 + y_offset) * k,
+                ]
+            )
+            src = lm if len(lm) == 5 else lm[17:]
+            np.testing.assert_allclose(got, umeyama(src, dst), rtol=0, atol=1e-9)
+
+
 def test_umeyama_recovers_a_similarity_exactly() -> None:
     rng = np.random.default_rng(3)
     src = rng.uniform(-50, 200, (68, 2))

@@ -255,3 +255,73 @@ def test_detection_in_worker_processes_survives_a_killed_worker(
     for pid in pids:  # joined (so reaped) when the server closed
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+_SERVE_ONE_FRAME = """
+import json, sys
+from facemux.client import FacemuxClient
+from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
+from facemux.v1 import swap_service_pb2 as spb, types_pb2 as tpb
+
+store, frame, points = sys.argv[1], open(sys.argv[2], "rb").read(), json.loads(sys.argv[3])
+hint = spb.FaceHint(landmarks=[tpb.Point(x=x, y=y) for x, y in points])
+settings = Settings(port=0, auth="off", store=store, provenance="off")
+with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as client:
+    client.wait_ready(60)
+    opts = spb.SwapOptions(faces=[hint])
+    res = client.swap_image(frame, "alice", output_format="png", options=opts)
+open(sys.argv[2] + ".out", "wb").write(res.frame)
+print(json.dumps({"swapped": res.faces_swapped, "synth": "facemux.models.synth" in sys.modules}))
+"""
+
+
+def _footprint(m: np.ndarray, shape: tuple[int, ...], size: int) -> np.ndarray:
+    """Frame pixels whose centres the frame -> crop matrix ``m`` puts inside the crop, or
+    within a crop pixel of it (the paste-back's bilinear warp reaches that far)."""
+    ys, xs = np.mgrid[: shape[0], : shape[1]]
+    u = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+    v = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    return (u >= -1.5) & (u <= size + 0.5) & (v >= -1.5) & (v <= size + 0.5)
+
+
+def test_serving_aligns_to_the_checkpoint_template_and_renders_no_faces(
+    tmp_path: Path, models: Models
+) -> None:
+    """A server in a fresh process loads the encoder's stored template, aligns frames to it
+    (here one framing faces 30 % smaller: the swap reaches past the default crop) and never
+    imports the synthetic-face renderer."""
+    import dataclasses
+    import json
+
+    from facemux.models import checkpoint
+    from facemux.models.face_template import TEMPLATE_68
+    from facemux.models.faces import align_matrix
+
+    template = (np.asarray(TEMPLATE_68) - 0.5) * 0.7 + 0.5
+    encoder, _ = checkpoint.load_encoder(models.encoder_bytes)
+    data, meta = checkpoint.encoder_to_bytes(encoder, models.config, template=template)
+    assert meta.fingerprint == models.fingerprint  # the template is not part of the weights
+    make_store(tmp_path / "store", dataclasses.replace(models, encoder_bytes=data), ("alice",))
+    frame, (lm,) = _composite(1, size=80, shape=(200, 200))
+    (tmp_path / "frame.png").write_bytes(png(frame))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SERVE_ONE_FRAME,
+            str(tmp_path / "store"),
+            str(tmp_path / "frame.png"),
+            json.dumps(lm.tolist()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {"swapped": 1, "synth": False}
+    changed = (decode_png((tmp_path / "frame.png.out").read_bytes()) != frame).any(axis=2)
+    ours = _footprint(align_matrix(lm, 64, face_template=template), frame.shape, 64)
+    default = _footprint(align_matrix(lm, 64), frame.shape, 64)
+    assert changed.any() and not (changed & ~ours).any()
+    assert (changed & ~default).sum() > 0.3 * changed.sum()

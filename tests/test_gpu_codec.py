@@ -16,7 +16,7 @@ import torch
 from conftest import Models, make_store
 from facemux.client import FacemuxClient
 from facemux.models import imageio
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.errors import InvalidInputError, PreconditionError
 from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions, make_detector
 from facemux.models.faces.gpu_codec import MicroBatcher, apply_orientation_t, available
@@ -40,9 +40,9 @@ def test_watermark_on_tensors_matches_the_host(shape: tuple[int, int]) -> None:
     img = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     img[:4] = 0  # saturation at both ends, as cv2.add/subtract saturate
     img[-4:] = 255
-    payload = prov.payload_for("request-1")
-    want = prov.embed_watermark(img, payload)
-    got = prov.embed_watermark_t(torch.from_numpy(img).permute(2, 0, 1), payload)
+    payload = wm.payload_for("request-1")
+    want = wm.embed_watermark(img, payload)
+    got = wm.embed_watermark_t(torch.from_numpy(img).permute(2, 0, 1), payload)
     assert got.dtype == torch.uint8
     assert np.array_equal(got.permute(1, 2, 0).numpy(), want)
 

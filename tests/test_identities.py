@@ -78,7 +78,7 @@ def test_revoked_consent_stops_swapping(client: FacemuxClient) -> None:
     face = png(face_image(3))
     client.swap_faces([face], "bob")
     ident = client.revoke_consent("bob", reason="subject withdrew")
-    assert ident.consent.revoked_at
+    assert ident.consent.HasField("revoked_at")
     with pytest.raises(FailedPrecondition, match=r"revoked.*subject withdrew"):
         client.swap_faces([face], "bob")
 

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import Models, face_image, make_store, png
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.service.budget import BYTES_PER_PIXEL
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import provenance_service_pb2_grpc as pgrpc
@@ -163,7 +163,7 @@ def test_concurrent_bombs_share_the_server_budget(server: Server) -> None:
 def test_verify_of_a_large_image_is_bounded(server: Server) -> None:
     rng = np.random.default_rng(0)
     img = cv2.resize(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), (SIDE, SIDE))
-    ok, buf = cv2.imencode(".png", prov.embed_watermark(img, prov.payload_for("big")))
+    ok, buf = cv2.imencode(".png", wm.embed_watermark(img, wm.payload_for("big")))
     assert ok
     request = ppb.VerifyRequest(image=tpb.Image(encoded=bytes(buf)))
     found: list[ppb.VerifyResponse] = []
@@ -176,7 +176,7 @@ def test_verify_of_a_large_image_is_bounded(server: Server) -> None:
     took = time.perf_counter() - t0
     print(f"\nVerify of a {SIDE}^2 PNG: {took:.2f} s, peak RSS +{growth / 2**20:.0f} MiB")
     assert found and found[0].watermark_found
-    assert found[0].watermark_payload == prov.payload_for("big").hex()
+    assert found[0].watermark_payload == wm.payload_for("big").hex()
     # The decoded image and its copies (under 10 bytes a pixel) plus a fixed-size window for
     # watermark detection; detecting over the whole image cost about 40 bytes a pixel.
     bound = 10 * IMAGE_PIXELS + len(buf) + SLACK

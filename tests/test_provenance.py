@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from conftest import Models, face_image, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument
-from facemux.models import provenance as prov
 from facemux.models import synth
+from facemux.models import watermark as wm
+from facemux.service import c2pa
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
@@ -39,18 +40,27 @@ def _jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
     return bytes(buf.tobytes())
 
 
-def _check_marked(encoded: bytes, request_id: str, source_type: str) -> None:
-    report = prov.read_c2pa(encoded)
+def _check_marked(
+    encoded: bytes, request_id: str, source_type: str, survives_jpeg: bool = False
+) -> None:
+    """A valid test-signed manifest naming the request; the watermark in the pixels, and
+    still there once the file is re-encoded without its metadata where `survives_jpeg` (a
+    64 px crop is one tile: bench/watermark.py has its rates after JPEG)."""
+    report = c2pa.read_c2pa(encoded)
     assert report.present and report.valid, report.summary
     assert not report.trusted  # the generated test certificate
     assert report.summary.startswith("valid signature, untrusted issuer")
     assert report.generator == "facemux"
     assert report.digital_source_type == source_type
     assert report.request_id == request_id
+    payload = wm.payload_for(request_id)
+    z = wm.match_watermark(_pixels(encoded), payload)
+    assert z >= wm.DETECT_Z, f"the request's watermark not found (z={z:.1f})"
     stripped = _jpeg(_pixels(encoded))
-    assert not prov.read_c2pa(stripped).present
-    found, _, z = prov.detect_watermark(_pixels(stripped))
-    assert found, f"watermark lost after metadata strip + JPEG q75 (z={z:.1f})"
+    assert not c2pa.read_c2pa(stripped).present
+    if survives_jpeg:
+        z = wm.match_watermark(_pixels(stripped), payload)
+        assert z >= wm.DETECT_Z, f"watermark lost after metadata strip + JPEG q75 (z={z:.1f})"
 
 
 def _frame_with_face() -> tuple[np.ndarray, list[spb.FaceHint]]:
@@ -68,26 +78,23 @@ def test_swap_crops_frames_and_stream_carry_manifest_and_watermark(
     res = client.swap_faces(crops, "bob", request_id="req-crops")
     assert res.request_id == "req-crops" and len(res.faces) == 2
     for face in res.faces:
-        _check_marked(face, "req-crops", prov.TRAINED)
-    # A 64 px crop is a single watermark tile: the marker survives (checked above), its
-    # 32-bit payload usually does not (bench/watermark.py has the rates).
+        _check_marked(face, "req-crops", c2pa.TRAINED)
 
     frame, hints = _frame_with_face()
     r = client.swap_image(
         png(frame), "alice", options=spb.SwapOptions(faces=hints), request_id="req-frame"
     )
     assert r.faces_swapped == 1 and r.frame is not None
-    _check_marked(r.frame, "req-frame", prov.COMPOSITE)
-    # A frame carries the request's payload even after re-encoding.
-    found, payload, _ = prov.detect_watermark(_pixels(_jpeg(_pixels(r.frame))))
-    assert found and payload == prov.payload_for("req-frame")
+    _check_marked(r.frame, "req-frame", c2pa.COMPOSITE, survives_jpeg=True)
+    # The frame carries the request's mark, in its swapped face only, found without knowing it.
+    assert wm.detect_watermark(_pixels(r.frame))[0]
 
     out = list(client.swap_stream([crops[0], crops[1]], "alice", aligned=True))
     assert [o.frame_index for o in out] == [0, 1]
     ids = [o.request_id for o in out]
     assert ids[0].endswith(":0") and ids[1].endswith(":1") and ids[0][:-2] == ids[1][:-2]
     for o in out:
-        _check_marked(o.frame.encoded, o.request_id, prov.TRAINED)
+        _check_marked(o.frame.encoded, o.request_id, c2pa.TRAINED)
 
 
 def test_decode_outputs_are_marked_and_raw_outputs_say_why_no_manifest(
@@ -96,13 +103,13 @@ def test_decode_outputs_are_marked_and_raw_outputs_say_why_no_manifest(
     latents = client.encode([png(face_image(5))])
     resp = client.decode(latents, "alice")
     assert resp.request_id
-    _check_marked(resp.faces[0], resp.request_id, prov.TRAINED)
+    _check_marked(resp.faces[0], resp.request_id, c2pa.TRAINED)
 
     raw = client.swap_faces([png(face_image(6))], "alice", output_format="raw")
     assert any("watermark only" in n for n in raw.notes)
     r = raw.response.faces[0].raw
     rgb = np.frombuffer(r.data, np.uint8).reshape(r.height, r.width, 3)
-    assert prov.detect_watermark(rgb)[0]
+    assert wm.match_watermark(rgb, wm.payload_for(raw.request_id)) >= wm.DETECT_Z
 
 
 def test_verify_rpc_and_cli(server: ServerThread, client: FacemuxClient, tmp_path: Path) -> None:
@@ -154,21 +161,81 @@ def test_provenance_settings(tmp_path: Path, models: Models) -> None:
         with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=30) as c:
             c.wait_ready(30)
             face = c.swap_faces([png(face_image(2))], "alice").faces[0]
-            assert not prov.read_c2pa(face).present
-            assert prov.detect_watermark(_pixels(face))[0] == (mode == "watermark-only")
+            assert not c2pa.read_c2pa(face).present
+            assert wm.detect_watermark(_pixels(face))[0] == (mode == "watermark-only")
+
+
+def test_frame_outside_the_swapped_face_comes_back_bit_identical(
+    client: FacemuxClient,
+) -> None:
+    """The README's claim, provenance on: pixels more than half a face box away from every
+    swapped face's box are the caller's, bit for bit, in a lossless output; the manifest
+    covers the frame and the watermark sits on the face."""
+    frame, hints = _frame_with_face()
+    r = client.swap_image(
+        png(frame), "alice", options=spb.SwapOptions(faces=hints), output_format="png"
+    )
+    assert r.faces_swapped == 1 and r.frame is not None
+    assert c2pa.read_c2pa(r.frame).valid
+    out = _pixels(r.frame)
+    b = r.response.results[0].box
+    bw, bh = b.x_max - b.x_min, b.y_max - b.y_min
+    near = np.zeros(frame.shape[:2], bool)
+    y0, y1 = max(0, int(b.y_min - bh / 2)), int(np.ceil(b.y_max + bh / 2))
+    x0, x1 = max(0, int(b.x_min - bw / 2)), int(np.ceil(b.x_max + bw / 2))
+    near[y0:y1, x0:x1] = True
+    assert near.mean() < 0.7  # the test leaves most of the frame outside
+    assert np.array_equal(out[~near], frame[~near])
+    assert np.any(out[near] != frame[near])
+    assert wm.detect_watermark(out)[0]  # Verify finds the mark with no face finder
+
+
+def _attacked(rgb: np.ndarray) -> np.ndarray:
+    """0.75x resize, 10 % off each side, JPEG q75: the chain the targets are set after."""
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (w * 3 // 4, h * 3 // 4), interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape[:2]
+    cropped = small[sh // 10 : sh - sh // 10, sw // 10 : sw - sw // 10]
+    return _pixels(_jpeg(np.ascontiguousarray(cropped)))
 
 
 @pytest.mark.parametrize("name", ["astronaut", "coffee"])
 def test_watermark_survives_jpeg_resize_and_crop(name: str) -> None:
     img = getattr(data, name)()
-    payload = prov.payload_for("abc")
-    marked = prov.embed_watermark(img, payload)
-    assert cv2.PSNR(img, marked) > 38
-    h, w = marked.shape[:2]
-    small = cv2.resize(marked, (w * 3 // 4, h * 3 // 4), interpolation=cv2.INTER_AREA)
-    sh, sw = small.shape[:2]
-    cropped = small[sh // 10 : sh - sh // 10, sw // 10 : sw - sw // 10]
-    attacked = _pixels(_jpeg(np.ascontiguousarray(cropped)))
-    found, got, _ = prov.detect_watermark(attacked)
+    payload = wm.payload_for("abc")
+    marked = wm.embed_watermark(img, payload)
+    assert cv2.PSNR(img, marked) >= 44
+    found, got, _ = wm.detect_watermark(_attacked(marked))
     assert found and got == payload
-    assert not prov.detect_watermark(img)[0]
+    assert not wm.detect_watermark(img)[0]
+
+
+def test_watermark_is_quiet_where_the_eye_looks() -> None:
+    """PSNR floors on an aligned face and a 640x480 frame; on a flat patch (where any
+    pattern shows) a change of at most two levels, in no 4x4 blocks."""
+    face = synth.render(synth.identity_from_seed(1), synth.make_states(1, seed=1)[0], 64).image
+    assert cv2.PSNR(face, wm.embed_watermark(face, b"face")) >= 44
+    yy, xx = np.mgrid[0:480, 0:640]
+    frame = np.clip(60 + 0.2 * xx[..., None] + 0.1 * yy[..., None], 0, 255).astype(np.uint8)
+    frame = np.repeat(frame, 3, axis=2)
+    affine = np.array([[200.0, 0, 220], [0, 200.0, 140]])
+    frame = synth.render_into(frame, synth.identity_from_seed(2), synth.FaceState(), affine).image
+    assert cv2.PSNR(frame, wm.embed_watermark(frame, b"frame")) >= 44
+    flat = np.full((128, 128, 3), 128, np.uint8)
+    delta = wm.embed_watermark(flat, b"flat").astype(int) - 128
+    assert np.abs(delta).max() <= 2 and np.all(delta[..., 0] == delta[..., 2])
+    # A 4x4 block pattern would make each block's pixels equal: most are not.
+    blocks = delta[..., 0].reshape(32, 4, 32, 4)
+    assert (blocks.max(axis=(1, 3)) == blocks.min(axis=(1, 3))).mean() < 0.2
+
+
+def test_watermark_detection_and_false_positives_on_faces() -> None:
+    """Synthetic faces of 256 px: found after the attack chain; unmarked ones (as they are
+    and after JPEG q75) never."""
+    states = synth.make_states(4, seed=5)
+    faces = [synth.render(synth.identity_from_seed(50 + i), states[i], 256).image for i in range(4)]
+    for i, face in enumerate(faces):
+        found, _, z = wm.detect_watermark(_attacked(wm.embed_watermark(face, bytes([i] * 4))))
+        assert found, f"face {i}: z={z:.1f}"
+        for unmarked in (face, _pixels(_jpeg(face))):
+            assert not wm.detect_watermark(unmarked)[0]

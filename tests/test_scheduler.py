@@ -19,10 +19,16 @@ import numpy as np
 import pytest
 from conftest import Models, decode_png, face_image, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument
-from facemux.models.errors import ResourceExhaustedError
+from facemux.models.errors import DeadlineExpiredError, ResourceExhaustedError
 from facemux.models.networks import Decoder
 from facemux.service.runtime import Runtime
-from facemux.service.scheduler import BatchStats, DeadlineExpiredError, Item, Op, Scheduler
+from facemux.service.scheduler import (
+    BatchStats,
+    Item,
+    Op,
+    Scheduler,
+    SystemClock,
+)
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
@@ -191,6 +197,42 @@ def test_concurrent_calls_with_a_bad_one_through_the_server(tmp_path: Path, mode
             want = decode_png(expected[("alice", "bob")[i % 2]]).astype(int)
             # Batched with other calls or not, each gets its own identity's face.
             assert np.abs(decode_png(face).astype(int) - want).max() <= 1
+
+
+class _LateClock(SystemClock):
+    """The system clock an hour ahead: every deadline a caller gives has passed by the time
+    the scheduler looks at its item, while gRPC (on the real clock) still waits for the
+    answer."""
+
+    def monotonic(self) -> float:
+        return super().monotonic() + 3600.0
+
+
+def test_a_swap_whose_deadline_passes_in_the_queue_is_deadline_exceeded(
+    tmp_path: Path, models: Models
+) -> None:
+    make_store(tmp_path / "s", models, ("alice",))
+    settings = Settings(port=0, auth="off", store=tmp_path / "s", provenance="off")
+    request = spb.SwapRequest(
+        identity="alice", faces=spb.FaceBatch(faces=[types_pb2.Image(encoded=png(face_image(1)))])
+    )
+    with (
+        ServerThread(settings) as srv,
+        FacemuxClient(srv.target) as client,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        client.wait_ready(30)
+        stub = swap_service_pb2_grpc.SwapServiceStub(channel)
+        assert stub.Swap(request, timeout=30).faces_swapped == 1
+        assert srv.app is not None
+        srv.app.scheduler.clock = _LateClock()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Swap(request, timeout=30)
+        # The server's own answer (its message), not gRPC's when the deadline really passes.
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "queued" in (err.value.details() or "")
+        # Without a deadline nothing expires: the server goes on serving.
+        assert stub.Swap(request).faces_swapped == 1
 
 
 # -- batch formation under a controlled clock -------------------------------------------------

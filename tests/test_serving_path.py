@@ -15,7 +15,8 @@ import torch
 from conftest import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
+from facemux.service import c2pa
 from facemux.service.runtime import Runtime
 from facemux.service.scheduler import Item, Op, Scheduler
 from facemux.service.server import ServerThread
@@ -106,12 +107,12 @@ def test_batched_watermark_is_the_per_image_one() -> None:
         faces = rng.integers(0, 256, shape, dtype=np.uint8)
         faces[0, :4] = 255  # saturation at both ends, as cv2.add/subtract do
         faces[0, 4:8] = 0
-        payloads = [prov.payload_for(f"req-{i}") for i in range(shape[0])]
+        payloads = [wm.payload_for(f"req-{i}") for i in range(shape[0])]
         one_by_one = np.stack(
-            [prov.embed_watermark(f, p) for f, p in zip(faces, payloads, strict=True)]
+            [wm.embed_watermark(f, p) for f, p in zip(faces, payloads, strict=True)]
         )
-        assert np.array_equal(prov.embed_watermark_batch(faces, payloads), one_by_one)
-        on_device = prov.embed_watermark_batch_t(
+        assert np.array_equal(wm.embed_watermark_batch(faces, payloads), one_by_one)
+        on_device = wm.embed_watermark_batch_t(
             torch.from_numpy(faces).permute(0, 3, 1, 2), payloads
         )
         assert np.array_equal(on_device.permute(0, 2, 3, 1).numpy(), one_by_one)
@@ -120,11 +121,11 @@ def test_batched_watermark_is_the_per_image_one() -> None:
 def test_signer_with_a_key_not_its_certificate_fails_at_start(tmp_path: Path) -> None:
     """Manifests are no longer validated after each signature; a signer that would make
     invalid ones must not get as far as serving."""
-    a = prov.generate_test_signer(tmp_path / "a")
-    b = prov.generate_test_signer(tmp_path / "b")
-    prov.C2paSigner(a)  # a matching pair starts
+    a = c2pa.generate_test_signer(tmp_path / "a")
+    b = c2pa.generate_test_signer(tmp_path / "b")
+    c2pa.C2paSigner(a)  # a matching pair starts
     with pytest.raises(Exception, match=r"(?i)sign|key|certificate|manifest"):
-        prov.C2paSigner(prov.SignerConfig(a.cert_chain_pem, b.key_pem, test_only=True))
+        c2pa.C2paSigner(c2pa.SignerConfig(a.cert_chain_pem, b.key_pem, test_only=True))
 
 
 def test_scheduler_marks_the_batch_as_the_per_image_function(
@@ -140,7 +141,7 @@ def test_scheduler_marks_the_batch_as_the_per_image_function(
     faces = np.stack([face_image(i) for i in range(3)])
     sched = Scheduler(rt, max_batch=64, max_wait_s=0.5)
     try:
-        payloads = [prov.payload_for(f"r{i}") for i in range(2)]
+        payloads = [wm.payload_for(f"r{i}") for i in range(2)]
         marked = Item(Op.SWAP, faces[:2], decoder, None, marks=payloads)
         plain = Item(Op.SWAP, faces[2:], decoder, None)
         futures = [sched.submit(marked), sched.submit(plain)]
@@ -149,6 +150,6 @@ def test_scheduler_marks_the_batch_as_the_per_image_function(
     finally:
         sched.stop()
     assert bare.faces is not None and got[0].faces is not None and got[1].faces is not None
-    expected = prov.embed_watermark_batch(bare.faces[:2], payloads)
+    expected = wm.embed_watermark_batch(bare.faces[:2], payloads)
     assert np.array_equal(got[0].faces, expected)
     assert np.array_equal(got[1].faces, bare.faces[2:])

@@ -20,7 +20,7 @@ from conftest import Models, decode_png, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.cli import main as cli_main
 from facemux.client.torchserve import TorchServeItemError, prediction_image
-from facemux.models import provenance as prov
+from facemux.models import watermark as wm
 from facemux.models.errors import PreconditionError
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
@@ -108,7 +108,7 @@ def test_rest_and_grpc_draw_facemuxs_pixels(served: dict) -> None:
     assert float(np.abs(via_rest.astype(int) - ours.astype(int)).mean()) < 2.0
     # The archive's outputs carry facemux's watermark (a 64 px crop rarely yields its
     # payload: README, Provenance).
-    found, _, _ = prov.detect_watermark(theirs)
+    found, _, _ = wm.detect_watermark(theirs)
     assert found
     # Raw pixels work too, and so does the other identity in the same archive.
     raw = _grpc(served, data=crop.tobytes(), width=b"64", height=b"64", identity=b"alice")

@@ -69,9 +69,12 @@ def test_upload_train_watch_swap(trainer_server: FacemuxClient) -> None:
     c = trainer_server
     imgs = faces(7)
     up = c.upload_dataset("dave", [png(i) for i in imgs] + [png(imgs[0]), b"junk"], aligned=True)
+    # Each image counted once: the duplicate apart from the rejections.
     assert up.accepted == len(imgs) and up.duplicates == 1
-    assert [r.index for r in up.rejected] == [len(imgs), len(imgs) + 1]
-    assert "duplicate" in up.rejected[0].reason and "PNG" in up.rejected[1].reason
+    assert list(up.duplicate_indices) == [len(imgs)]
+    assert [r.index for r in up.rejected] == [len(imgs) + 1]
+    assert "PNG" in up.rejected[0].reason
+    assert up.accepted + up.duplicates + len(up.rejected) == len(imgs) + 2
     assert up.dataset.faces == len(imgs) and up.dataset.resolution == 64
     # The content hash does not depend on upload order.
     again = c.upload_dataset("dave2", [png(i) for i in reversed(imgs)], aligned=True)
@@ -292,15 +295,17 @@ def test_cli_datasets_train_jobs(
         files.append(tmp_path / f"f{i}.png")
         files[-1].write_bytes(png(img))
     assert main(["datasets", "upload", "ivy", *map(str, files), "--aligned", *target]) == 0
-    assert "4 added" in capsys.readouterr().out
+    seen = capsys.readouterr()
+    assert "4 added" in seen.out and "%|" not in seen.err
     assert main(["datasets", "list", *target]) == 0
     assert "ivy\t4 faces\t64px" in capsys.readouterr().out
     consent = json.dumps(CONSENT)
     argv = ["train", "ivy", "--identity", "ivy", "--steps", "6", "--batch-size", "2"]
     argv += ["--lr", "0.001", "--consent", consent, "--watch", *target]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "step 6/6" in out and "job succeeded" in out
+    seen = capsys.readouterr()
+    assert "step 6/6" in seen.out and "job succeeded" in seen.out
+    assert "%|" not in seen.err and "\r" not in seen.err  # not a terminal: no bar
     assert main(["jobs", "list", *target]) == 0
     assert "\tsucceeded\tidentity\tivy\tstep 6/6\tv1" in capsys.readouterr().out
     job_id = trainer_server.list_jobs()[0].id
@@ -313,6 +318,21 @@ def test_cli_datasets_train_jobs(
     replayed = capsys.readouterr().out
     assert "started: identity" in replayed and "step 6/6" in replayed
     assert main(["datasets", "delete", "ivy", *target]) == 0
+
+
+def test_cli_watch_draws_steps_and_loss_on_a_terminal(
+    trainer_server: FacemuxClient,
+) -> None:
+    from test_progress import FACEMUX, _on_a_terminal
+
+    c = trainer_server
+    c.upload_dataset("kim", [png(i) for i in faces(21, 4)], aligned=True)
+    argv = [FACEMUX, "train", "kim", "--identity", "kim", "--steps", "10", "--batch-size", "2"]
+    argv += ["--consent", json.dumps(CONSENT), "--watch", "--target", c.target]
+    rc, shown = _on_a_terminal(argv)
+    assert rc == 0, shown
+    # Steps done of planned, the loss, and tqdm's elapsed<remaining.
+    assert "10/10" in shown and "loss=" in shown and "<" in shown, shown
 
 
 def test_two_replicas_on_one_store_share_the_jobs(tmp_path: Path, models: Models) -> None:

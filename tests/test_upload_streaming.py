@@ -13,8 +13,8 @@ import grpc
 import pytest
 from conftest import CONSENT, Models
 from facemux.client import FacemuxClient
+from facemux.client.client import consent_record
 from facemux.v1 import identity_service_pb2 as ipb
-from facemux.v1 import types_pb2 as tpb
 
 MIB = 1024 * 1024
 CHUNKS = 64  # a 64 MiB upload, in 1 MiB messages (the test server takes up to 4 MiB)
@@ -22,7 +22,7 @@ CHUNKS = 64  # a 64 MiB upload, in 1 MiB messages (the test server takes up to 4
 
 def _meta(name: str = "bogus") -> ipb.RegisterIdentityRequest:
     return ipb.RegisterIdentityRequest(
-        metadata=ipb.RegisterIdentityMetadata(name=name, consent=tpb.ConsentRecord(**CONSENT))
+        metadata=ipb.RegisterIdentityMetadata(name=name, consent=consent_record(CONSENT))
     )
 
 

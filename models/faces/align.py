@@ -1,10 +1,11 @@
 """Alignment: the mean-face template, similarity fits, aligned crops and their inverse.
 
-The template is derived from :mod:`facemux.models.synth`, whose crops the models are trained
-on: it is the mean of the 68 landmarks of many synthetic identities at
-``FaceState.neutral()``, in *unit crop coordinates* (0..1 across the crop; pixel ``i`` of a
-``size`` crop has its centre at ``u = (i + 0.5) / size``, synth's convention). Aligning a
-frame face onto it therefore frames the face the way the training crops are framed.
+The template (:mod:`facemux.models.face_template`) is the mean face of the crops a model is
+trained on, in *unit crop coordinates* (0..1 across the crop; pixel ``i`` of a ``size`` crop
+has its centre at ``u = (i + 0.5) / size``). Aligning a frame face onto it therefore frames
+the face the way the training crops are framed. Functions that place faces take the model's
+own template (``face_template``, from its encoder checkpoint); without one they use the
+default every model so far was trained with.
 
 Matrices are OpenCV 2x3 affines acting on pixel coordinates (pixel centres at integers).
 """
@@ -12,13 +13,12 @@ Matrices are OpenCV 2x3 affines acting on pixel coordinates (pixel centres at in
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import cv2
 import numpy as np
-from facemux.models import synth
 from facemux.models.errors import InvalidInputError
-from numpy.typing import NDArray
+from facemux.models.face_template import default_template, points_of
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "ALIGN_POINTS_68",
@@ -37,9 +37,6 @@ __all__ = [
 F32 = NDArray[np.float32]
 F64 = NDArray[np.float64]
 
-# Identities averaged into the template. The mean moves by < 0.002 crop units beyond ~50.
-_TEMPLATE_IDENTITIES = 64
-
 # With 68 points the fit ignores the jaw (0-16): its shape varies most between people and
 # with the mouth opening, while brows, eyes, nose and mouth pin down position, scale and roll.
 ALIGN_POINTS_68: tuple[int, ...] = tuple(range(17, 68))
@@ -53,27 +50,11 @@ _DLIB_BOX_CENTER = (0.5, 0.53)
 _DLIB_BOX_SIDE = 0.62
 
 
-@lru_cache(maxsize=1)
-def _template68() -> F64:
-    # Landmarks do not depend on the render size; 8 px keeps the renders nearly free.
-    size = 8
-    total = np.zeros((68, 2), dtype=np.float64)
-    for seed in range(_TEMPLATE_IDENTITIES):
-        face = synth.render(synth.identity_from_seed(seed), synth.FaceState.neutral(), size)
-        total += (face.landmarks68.astype(np.float64) + 0.5) / size
-    out = total / _TEMPLATE_IDENTITIES
-    out.flags.writeable = False
-    return out
-
-
-def template(points: int = 68) -> F64:
-    """The mean face in unit crop coordinates: (68, 2), or (5, 2) in dlib's 5-point order."""
-    t68 = _template68()
-    if points == 68:
-        return t68.copy()
-    if points == 5:
-        return t68[list(synth.LANDMARKS5_FROM_68)].copy()
-    raise InvalidInputError(f"landmarks must have 5 or 68 points, got {points}")
+def template(points: int = 68, face_template: ArrayLike | None = None) -> F64:
+    """The mean face in unit crop coordinates: (68, 2), or (5, 2) in dlib's 5-point order.
+    ``face_template``: a model's (68, 2) template; None, the default."""
+    base = default_template() if face_template is None else np.asarray(face_template, np.float64)
+    return points_of(base, points)
 
 
 def _unit_to_crop(size: int, coverage: float, y_offset: float) -> F64:
@@ -92,11 +73,15 @@ def _unit_to_crop(size: int, coverage: float, y_offset: float) -> F64:
 
 
 def template_landmarks(
-    size: int, points: int = 68, coverage: float = 1.0, y_offset: float = 0.0
+    size: int,
+    points: int = 68,
+    coverage: float = 1.0,
+    y_offset: float = 0.0,
+    face_template: ArrayLike | None = None,
 ) -> F32:
     """The template in pixel coordinates of a ``size`` crop with the given framing."""
     a = _unit_to_crop(size, coverage, y_offset)
-    return (template(points) @ a[:, :2].T + a[:, 2]).astype(np.float32)
+    return (template(points, face_template) @ a[:, :2].T + a[:, 2]).astype(np.float32)
 
 
 def umeyama(src: NDArray[np.floating], dst: NDArray[np.floating]) -> F64:
@@ -121,11 +106,13 @@ def umeyama(src: NDArray[np.floating], dst: NDArray[np.floating]) -> F64:
     return np.hstack([scale * rot, t[:, None]])
 
 
-def _fit_points(landmarks: NDArray[np.floating]) -> tuple[F64, F64]:
+def _fit_points(
+    landmarks: NDArray[np.floating], face_template: ArrayLike | None = None
+) -> tuple[F64, F64]:
     lm = np.asarray(landmarks, dtype=np.float64)
     if lm.ndim != 2 or lm.shape[1] != 2 or lm.shape[0] not in (5, 68):
         raise InvalidInputError(f"landmarks must be (5, 2) or (68, 2), got {lm.shape}")
-    tmpl = template(lm.shape[0])
+    tmpl = template(lm.shape[0], face_template)
     if lm.shape[0] == 68:
         idx = list(ALIGN_POINTS_68)
         return lm[idx], tmpl[idx]
@@ -133,7 +120,11 @@ def _fit_points(landmarks: NDArray[np.floating]) -> tuple[F64, F64]:
 
 
 def align_matrix(
-    landmarks: NDArray[np.floating], size: int, coverage: float = 1.0, y_offset: float = 0.0
+    landmarks: NDArray[np.floating],
+    size: int,
+    coverage: float = 1.0,
+    y_offset: float = 0.0,
+    face_template: ArrayLike | None = None,
 ) -> F64:
     """2x3 frame -> crop matrix that puts ``landmarks`` (5 or 68 points, frame pixels) onto the
     template in a ``size`` x ``size`` crop.
@@ -141,8 +132,9 @@ def align_matrix(
     ``coverage`` is the fraction of the template's extent the crop shows: 1.0 reproduces the
     synthetic training crops, < 1 zooms in (less forehead and background), > 1 zooms out.
     ``y_offset`` moves the crop window down by that fraction of the template's height
-    (the face moves up in the crop), as faceswap's vertical centering does."""
-    src, tmpl = _fit_points(landmarks)
+    (the face moves up in the crop), as faceswap's vertical centering does.
+    ``face_template``: the model's mean face (see :func:`template`)."""
+    src, tmpl = _fit_points(landmarks, face_template)
     a = _unit_to_crop(size, coverage, y_offset)
     return umeyama(src, tmpl @ a[:, :2].T + a[:, 2])
 

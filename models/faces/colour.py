@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from facemux.models.errors import InvalidInputError
+from facemux.models.pixels import to_uint8, to_unit
 from numpy.typing import NDArray
 
 from .mask import as_float_mask
@@ -55,8 +56,7 @@ def correct_colour(
         )
     if float(w.sum()) < 1.0:
         return face  # no face pixels to take statistics from
-    f = face.astype(np.float32) * np.float32(1.0 / 255.0)
-    t = target.astype(np.float32) * np.float32(1.0 / 255.0)
+    f, t = to_unit(face), to_unit(target)
     if method == "average":
         mf, _ = _weighted_stats(f, w)
         mt, _ = _weighted_stats(t, w)
@@ -70,4 +70,4 @@ def correct_colour(
         gain = np.minimum(st / np.maximum(sf, 1e-3), 4.0)
         lab = (lf - mf.astype(np.float32)) * gain.astype(np.float32) + mt.astype(np.float32)
         out = np.asarray(cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB), np.float32)
-    return np.clip(out * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+    return to_uint8(out)

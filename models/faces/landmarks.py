@@ -61,7 +61,7 @@ class LandmarkPredictor:
     """dlib's ensemble-of-regression-trees landmark predictor: 5 points (default; eye
     corners and the base of the nose, CC0 licensed) or 68 points (iBUG 300-W order;
     **its training data excludes commercial use**: do not enable it in a commercial product).
-    Points come in dlib's order, which ``synth.LANDMARKS5_FROM_68`` relates to the 68.
+    Points come in dlib's order, which ``face_template.LANDMARKS5_FROM_68`` relates to the 68.
 
     Each instance loads its own model (about 9 MB for 5 points, 100 MB for 68) once, at
     construction. ``predict`` is serialised by a per-instance lock, so sharing one instance

@@ -11,7 +11,8 @@ import math
 import cv2
 import numpy as np
 from facemux.models.errors import InvalidInputError
-from numpy.typing import NDArray
+from facemux.models.pixels import to_unit
+from numpy.typing import ArrayLike, NDArray
 
 from .align import template_landmarks
 
@@ -32,7 +33,7 @@ def as_float_mask(mask: NDArray[np.generic]) -> F32:
     if m.ndim != 2:
         raise InvalidInputError(f"mask must be (H, W) or (H, W, 1), got {m.shape}")
     if m.dtype == np.uint8:
-        return m.astype(np.float32) * np.float32(1.0 / 255.0)
+        return to_unit(m)
     return np.clip(np.nan_to_num(m.astype(np.float32)), 0.0, 1.0)
 
 
@@ -54,12 +55,19 @@ def landmark_mask(landmarks68_crop: NDArray[np.floating], size: int) -> F32:
     mask = np.zeros((size, size), dtype=np.uint8)
     # 4 fractional bits: the outline lands where the landmarks say, not on whole pixels.
     cv2.fillConvexPoly(mask, hull, 255, cv2.LINE_AA, 4)
-    return mask.astype(np.float32) * np.float32(1.0 / 255.0)
+    return to_unit(mask)
 
 
-def template_mask(size: int, coverage: float = 1.0, y_offset: float = 0.0) -> F32:
-    """An ellipse around the mean face's outline, for faces with only 5 landmarks."""
-    pts = _face_outline(template_landmarks(size, 68, coverage, y_offset)).astype(np.float32)
+def template_mask(
+    size: int,
+    coverage: float = 1.0,
+    y_offset: float = 0.0,
+    face_template: ArrayLike | None = None,
+) -> F32:
+    """An ellipse around the mean face's outline (the model's ``face_template``, else the
+    default), for faces with only 5 landmarks."""
+    lm = template_landmarks(size, 68, coverage, y_offset, face_template)
+    pts = _face_outline(lm).astype(np.float32)
     (cx, cy), (w, h), angle = cv2.fitEllipse(pts)
     mask = np.zeros((size, size), dtype=np.uint8)
     cv2.ellipse(
@@ -74,7 +82,7 @@ def template_mask(size: int, coverage: float = 1.0, y_offset: float = 0.0) -> F3
         cv2.LINE_AA,
         4,
     )
-    return mask.astype(np.float32) * np.float32(1.0 / 255.0)
+    return to_unit(mask)
 
 
 def refine_mask(mask: NDArray[np.generic], erosion: float = 0.02, blur: float = 0.05) -> F32:

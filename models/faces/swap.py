@@ -6,12 +6,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 import torch
 from facemux.models.errors import InvalidInputError
+from facemux.models.pixels import to_unit
 from numpy.typing import NDArray
 
 from .align import align_matrix, box_from_landmarks, compose_affine, crop_landmarks, warp_crop
@@ -37,6 +38,7 @@ __all__ = [
 
 F32 = NDArray[np.float32]
 U8 = NDArray[np.uint8]
+P = TypeVar("P")  # a face's pixels: a uint8 array on the OpenCV path, a tensor on the other
 
 # The model: aligned crops in, swapped crops (and, if its decoder has a mask head, masks)
 # out, in the same order. The service batches the list into one forward pass.
@@ -63,8 +65,9 @@ class SwapOptions:
     ("auto": the decoder's mask if it predicts one, else from 68 landmarks, else the
     template ellipse), ``mask_erosion`` and ``mask_blur`` as fractions of the crop size
     (see refine_mask), and the crop framing ``coverage``/``y_offset`` (see align_matrix),
-    which must match what the model was trained on. ``crop_size`` is the side of the crops
-    handed to the model."""
+    which must match what the model was trained on, as must ``face_template``, the mean face
+    its training crops were aligned to (from its encoder checkpoint; None: the default).
+    ``crop_size`` is the side of the crops handed to the model."""
 
     select: str = "all"
     indices: Sequence[int] | None = None
@@ -77,6 +80,7 @@ class SwapOptions:
     crop_size: int = 64
     coverage: float = 1.0
     y_offset: float = 0.0
+    face_template: NDArray[np.float64] | None = None
 
     def validate(self) -> None:
         def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -115,6 +119,9 @@ class FaceResult:
     swapped: bool
     skip_reason: str | None = None  # "not_selected" or "over_limit" when not swapped
     track_id: int | None = None
+    # Swapped faces: x0, y0, x1, y1 (end exclusive) of the aligned crop in the frame, the only
+    # pixels the swap may redraw (and where the watermark goes).
+    region: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -125,6 +132,22 @@ class SwapResult:
     # The tensor path's result, RGB uint8 (3, H, W) still on the device: a GPU encoder
     # takes it from there without another upload.
     device_frame: torch.Tensor | None = None
+
+
+def crop_region(
+    m: NDArray[np.float64], size: int, frame_hw: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The frame box (x0, y0, x1, y1, clipped, end exclusive) covered by a size x size crop
+    taken with frame -> crop matrix ``m``, with a pixel of slack for bilinear sampling."""
+    inv = cv2.invertAffineTransform(np.asarray(m, np.float64))
+    corners = np.array([[0.0, 0.0], [size, 0.0], [0.0, size], [size, size]])
+    frame = corners @ inv[:, :2].T + inv[:, 2]
+    h, w = frame_hw
+    x0 = max(0, math.floor(frame[:, 0].min()) - 1)
+    y0 = max(0, math.floor(frame[:, 1].min()) - 1)
+    x1 = min(w, math.ceil(frame[:, 0].max()) + 2)
+    y1 = min(h, math.ceil(frame[:, 1].max()) + 2)
+    return x0, y0, max(x0, x1), max(y0, y1)
 
 
 def _as_points(value: Any, what: str) -> NDArray[np.float64]:
@@ -241,35 +264,34 @@ class FaceSwapper:
         if frame_t is None:
             frame_t = T.from_uint8(rgb, self.device)
         else:
-            frame_t = frame_t.to(self.device).float().div_(255.0)
+            frame_t = to_unit(frame_t.to(self.device))
+        device = self.device
         crops_t = [T.warp_crop_t(frame_t, m, size) for m in matrices]
         crops = [T.to_uint8(c) for c in crops_t]
         clock.lap("align")
         out_faces, out_masks = swap_crops(crops)
         out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
         clock.lap("model")
-        pastes = []
-        for j, r in enumerate(chosen):
-            face = out_faces[j]
-            k = face.shape[0] / size
-            m = matrices[j] if k == 1.0 else _resize_affine(matrices[j], k)
-            hard = self._mask(r.landmarks, m, face.shape[0], opts, out_masks, j)
-            original = crops_t[j]
-            if face.shape[0] != size:
-                original = T.warp_crop_t(frame_t, m, face.shape[0])
-            face_t = T.from_uint8(face, self.device)
-            hard_t = torch.from_numpy(np.ascontiguousarray(hard)).to(self.device)[None]
-            face_t = T.correct_colour_t(face_t, original, hard_t, opts.colour)
-            soft = refine_mask(hard, opts.mask_erosion, opts.mask_blur)
-            pastes.append((face_t, torch.from_numpy(soft).to(self.device)[None], m))
+
+        source: torch.Tensor = frame_t  # the frame before any face is pasted into it
+
+        def original(j: int, m: NDArray[np.float64], side: int) -> torch.Tensor:
+            return crops_t[j] if side == size else T.warp_crop_t(source, m, side)
+
+        def colour(face: U8, orig: torch.Tensor, hard: F32) -> torch.Tensor:
+            hard_t = torch.from_numpy(np.ascontiguousarray(hard)).to(device)[None]
+            return T.correct_colour_t(T.from_uint8(face, device), orig, hard_t, opts.colour)
+
+        pastes = self._pastes(chosen, matrices, out_faces, out_masks, opts, original, colour)
         clock.lap("mask_colour")
-        for face_t, soft_t, m in pastes:
-            frame_t = T.paste_face_t(frame_t, face_t, soft_t, m)
+        for face_t, soft, m in pastes:
+            frame_t = T.paste_face_t(frame_t, face_t, torch.from_numpy(soft).to(device)[None], m)
         out_t = T.to_uint8_t(frame_t)
         out = frame.copy()
         out[..., :3] = out_t.permute(1, 2, 0).contiguous().cpu().numpy()
-        for r in chosen:
+        for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
+            r.region = crop_region(m, size, frame.shape[:2])
         clock.lap("blend")
         return SwapResult(out, results, clock.t, device_frame=out_t)
 
@@ -345,7 +367,10 @@ class FaceSwapper:
             return SwapResult(frame.copy(), results, clock.t)
 
         size = opts.crop_size
-        matrices = [align_matrix(r.landmarks, size, opts.coverage, opts.y_offset) for r in chosen]
+        matrices = [
+            align_matrix(r.landmarks, size, opts.coverage, opts.y_offset, opts.face_template)
+            for r in chosen
+        ]
         if self.device is not None and opts.blend == "feather":
             return self._swap_tensor(
                 frame, rgb, chosen, matrices, swap_crops, opts, results, clock, frame_t
@@ -357,30 +382,54 @@ class FaceSwapper:
         out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
         clock.lap("model")
 
-        pastes = []
-        for j, r in enumerate(chosen):
-            face = out_faces[j]
-            k = face.shape[0] / size
-            m = matrices[j] if k == 1.0 else _resize_affine(matrices[j], k)
-            hard = self._mask(r.landmarks, m, face.shape[0], opts, out_masks, j)
-            original = crops[j]
-            if original.shape != face.shape:
-                original = np.asarray(
-                    cv2.resize(original, face.shape[1::-1], interpolation=cv2.INTER_LINEAR),
-                    np.uint8,
-                )
-            face = correct_colour(face, original, hard, opts.colour)
-            soft = refine_mask(hard, opts.mask_erosion, opts.mask_blur)
-            pastes.append((face, soft, m))
+        def original(j: int, m: NDArray[np.float64], side: int) -> U8:
+            if side == size:
+                return crops[j]
+            resized = cv2.resize(crops[j], (side, side), interpolation=cv2.INTER_LINEAR)
+            return np.asarray(resized, np.uint8)
+
+        def colour(face: U8, orig: U8, hard: F32) -> U8:
+            return correct_colour(face, orig, hard, opts.colour)
+
+        pastes = self._pastes(chosen, matrices, out_faces, out_masks, opts, original, colour)
         clock.lap("mask_colour")
 
         out = frame.copy()
         for face, soft, m in pastes:
             paste_into(out, face, soft, m, opts.blend)
-        for r in chosen:
+        for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
+            r.region = crop_region(m, size, frame.shape[:2])
         clock.lap("blend")
         return SwapResult(out, results, clock.t)
+
+    def _pastes(
+        self,
+        chosen: list[FaceResult],
+        matrices: list[NDArray[np.float64]],
+        out_faces: list[U8],
+        out_masks: list[F32] | None,
+        opts: SwapOptions,
+        original: Callable[[int, NDArray[np.float64], int], P],
+        colour: Callable[[U8, P, F32], P],
+    ) -> list[tuple[P, F32, NDArray[np.float64]]]:
+        """Per swapped face, what is pasted back: its colour-corrected face, soft mask and
+        frame -> crop matrix at the model's output size. The OpenCV and tensor paths differ
+        only in their pixels: ``original(j, m, side)`` is face j's frame crop under ``m`` at
+        ``side`` px, ``colour(face, original, hard_mask)`` matches the face's colours to it."""
+        pastes = []
+        for j, r in enumerate(chosen):
+            face = out_faces[j]
+            side = face.shape[0]
+            m = (
+                matrices[j]
+                if side == opts.crop_size
+                else _resize_affine(matrices[j], side / opts.crop_size)
+            )
+            hard = self._mask(r.landmarks, m, side, opts, out_masks, j)
+            corrected = colour(face, original(j, m, side), hard)
+            pastes.append((corrected, refine_mask(hard, opts.mask_erosion, opts.mask_blur), m))
+        return pastes
 
     @staticmethod
     def _mask(
@@ -400,7 +449,7 @@ class FaceSwapper:
             return mask
         if opts.mask in ("auto", "landmarks") and len(landmarks) == 68:
             return landmark_mask(crop_landmarks(landmarks, m), size)
-        return template_mask(size, opts.coverage, opts.y_offset)
+        return template_mask(size, opts.coverage, opts.y_offset, opts.face_template)
 
 
 def _landmarks_of(face: DetectedFace) -> F32:

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from facemux.models import pixels
 from facemux.models.errors import InvalidInputError
 from numpy.typing import NDArray
 from torch import Tensor
@@ -35,12 +36,12 @@ __all__ = [
 def from_uint8(rgb: NDArray[np.uint8], device: torch.device | str = "cpu") -> Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float in [0, 1] on `device` (the copy moves uint8)."""
     t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
-    return t.permute(2, 0, 1).float().div_(255.0)
+    return pixels.to_unit(t.permute(2, 0, 1))
 
 
 def to_uint8_t(t: Tensor) -> Tensor:
     """(3, H, W) float in [0, 1] -> (3, H, W) uint8, rounded, on the same device."""
-    return t.clamp(0, 1).mul(255.0).add_(0.5).floor_().to(torch.uint8)
+    return pixels.to_uint8(t)
 
 
 def to_uint8(t: Tensor) -> NDArray[np.uint8]:

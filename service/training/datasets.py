@@ -19,7 +19,6 @@ all: a refused, failed or cancelled upload leaves the dataset as it was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +26,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from facemux.models.errors import (
     PreconditionError,
     ResourceExhaustedError,
 )
+from facemux.models.filelock import file_lock
 from facemux.models.imageio import resize_square
 from facemux.service.frames import build_swapper
 from facemux.service.settings import Settings
@@ -50,7 +49,6 @@ STAGING_PREFIX = ".upload-"
 # A staging directory untouched this long was left by a crashed server. (Not every one
 # found at start: replicas share the store, and another may be uploading right now.)
 STAGING_MAX_AGE_S = 3600.0
-DUPLICATE = "duplicate of a face already in the dataset"
 
 
 @dataclass
@@ -66,8 +64,13 @@ class DatasetInfo:
 class UploadResult:
     dataset: DatasetInfo
     accepted: int = 0
-    duplicates: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    # Images whose face the dataset already holds: not rejections, counted apart.
+    duplicate_indices: list[int] = field(default_factory=list)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.duplicate_indices)
 
 
 def face_hash(crop: np.ndarray) -> str:
@@ -93,14 +96,8 @@ class DatasetStore:
             ):
                 shutil.rmtree(p, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / ".lock")
 
     def _dir(self, name: str) -> Path:
         return self.root / validate_name(name, "dataset")
@@ -249,12 +246,11 @@ class DatasetStore:
             known = set(hashes)
             result = UploadResult(dataset=DatasetInfo(upload.name, 0, "", res, ""))
             result.rejected = list(upload.rejected)
-            result.duplicates = upload.duplicates
+            result.duplicate_indices = list(upload.duplicate_indices)
             new: list[str] = []
             for h, index in upload.staged.items():
                 if h in known:  # added by an upload that finished while this one streamed
-                    result.duplicates += 1
-                    result.rejected.append((index, DUPLICATE))
+                    result.duplicate_indices.append(index)
                 else:
                     new.append(h)
             self._check_faces(upload.name, len(hashes), len(new))
@@ -326,7 +322,7 @@ class Upload:
         self.landmarks_path = staging / "landmarks.jsonl"
         self.staged: dict[str, int] = {}  # face hash -> index of the image it came from
         self.rejected: list[tuple[int, str]] = []
-        self.duplicates = 0
+        self.duplicate_indices: list[int] = []
         self.images = 0
         self._lock = threading.Lock()
 
@@ -344,8 +340,7 @@ class Upload:
             crop = resize_square(crop, self.resolution)[0]
             h = face_hash(crop)
             if h in self.stored or h in self.staged:
-                self.duplicates += 1
-                self.rejected.append((index, DUPLICATE))
+                self.duplicate_indices.append(index)
                 return
             self.store._check_faces(self.name, len(self.stored), len(self.staged) + 1)
             ok, buf = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))

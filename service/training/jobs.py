@@ -3,7 +3,7 @@
 Layout::
 
     <store>/jobs/<id>/job.json    the record below, replaced atomically on every change
-    <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain)
+    <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain.workdir)
 
 Each job runs `facemux.models.pretrain.run_job` in its own process started with the
 multiprocessing *spawn* method: forking a process that runs gRPC's threads is unsafe, and a
@@ -80,6 +80,8 @@ class JobRecord:
     identities_at_submit: dict[str, str] | None = None
     # Who submitted it (for the audit line of what it registers).
     submitted_by: str = ""
+    # The request id of the Train call that submitted it, for the audit trail.
+    request_id: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRecord:
@@ -414,6 +416,7 @@ class JobManager:
         landmarks: dict[str, list[Any]] | None = None,
         identities_at_submit: dict[str, str] | None = None,
         submitted_by: str = "",
+        request_id: str = "",
     ) -> JobRecord:
         with self._lock:
             if len(self._queue) >= self.max_queued:
@@ -447,6 +450,7 @@ class JobManager:
             dataset_hashes=dataset_hashes,
             identities_at_submit=identities_at_submit,
             submitted_by=submitted_by,
+            request_id=request_id,
         )
         atomic_write(staging / "job.json", json.dumps(asdict(rec), indent=1).encode())
         self.claims.claim(staging)  # in place before the directory appears: no one else runs it

@@ -27,16 +27,25 @@ from facemux.models.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from facemux.models.pretrain import DEFAULT_LR, JobSpec, validate_hyper_parameters
+from facemux.models.pretrain import (
+    DEFAULT_BATCH,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_LR,
+    DEFAULT_PRESET,
+    DEFAULT_STEPS,
+    JobSpec,
+    validate_hyper_parameters,
+)
 from facemux.service import convert
 from facemux.service.audit import AuditLog
 from facemux.service.auth import current_caller
+from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
-from facemux.service.consent import CONSENT_FIELDS, consent_for_upload
+from facemux.service.consent import consent_for_upload, consent_from_proto
 from facemux.service.errors import status_for
 from facemux.service.metrics import Metrics
+from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import Runtime
-from facemux.service.servicer import _deadline, streaming, unary
 from facemux.service.settings import Settings
 from facemux.service.store import Store, VersionRecord, validate_name
 from facemux.service.training.datasets import (
@@ -61,10 +70,8 @@ _STATES = {
     "cancelled": tpb.JOB_STATE_CANCELLED,
 }
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
-# Server defaults for zero-valued hyper-parameters.
-DEFAULT_STEPS = 2000
-DEFAULT_BATCH = 16
-DEFAULT_CHECKPOINT_EVERY = 100
+# Unset checkpoint_every: also at most one checkpoint per this much training (the other
+# defaults for zero-valued hyper-parameters are the jobs' own, facemux.models.pretrain).
 DEFAULT_CHECKPOINT_SECONDS = 10.0
 DEFAULT_RESOLUTION = 64  # datasets uploaded before any encoder is served
 CANCEL_GRACE_S = 0.02
@@ -77,7 +84,7 @@ def dataset_to_proto(d: DatasetInfo) -> tpb.Dataset:
         faces=d.faces,
         content_hash=d.content_hash,
         resolution=d.resolution,
-        updated_at=d.updated_at,
+        updated_at=convert.timestamp(d.updated_at),
     )
 
 
@@ -91,8 +98,8 @@ def job_to_proto(rec: JobRecord) -> tpb.Job:
         step=rec.step,
         steps=rec.steps,
         error=rec.error,
-        created_at=rec.created_at,
-        updated_at=rec.updated_at,
+        created_at=convert.timestamp(rec.created_at),
+        updated_at=convert.timestamp(rec.updated_at),
         result_version=rec.result_version,
         encoder_fingerprint=rec.encoder_fingerprint,
     )
@@ -217,7 +224,8 @@ class Training:
                     name,
                     vrec.version if code == grpc.StatusCode.OK else 0,
                     code,
-                    request_id=rec.id,
+                    # The Train call's id (older records have none: the job id).
+                    request_id=rec.request_id or rec.id,
                     duration_s=time.perf_counter() - t0,
                     job_id=rec.id,
                 )
@@ -243,6 +251,8 @@ class Training:
         # Unset: also at most every DEFAULT_CHECKPOINT_SECONDS of training, so a fast GPU
         # does not spend its time writing checkpoints. Set: exactly every N steps.
         min_seconds = 0.0 if hp.checkpoint_every else DEFAULT_CHECKPOINT_SECONDS
+        # Checked before any dataset is read or consent looked up; the whole spec is checked
+        # once more as the job's work directory is laid out (JobManager.submit).
         validate_hyper_parameters(steps, batch, lr, enc_lr, every)
         names = list(request.datasets)
         if not names:
@@ -275,9 +285,8 @@ class Training:
                 raise InvalidInputError(
                     "pretrain mode names identities by dataset; leave `identity` empty"
                 )
-            preset = request.preset or "tiny"
-            given = {f: getattr(request.consent, f) for f in CONSENT_FIELDS}
-            consent = {k: v for k, v in given.items() if v}
+            preset = request.preset or DEFAULT_PRESET
+            consent = consent_from_proto(request.consent)
             for n in names:  # each dataset becomes an identity: each needs consent
                 admitted = consent_for_upload(self.store, validate_name(n), request.consent)
                 at_submit[n] = admitted.expect
@@ -309,7 +318,6 @@ class Training:
             device=self.settings.device,
             threads=self.settings.training_threads,
         )
-        spec.validate()
         return self.jobs.submit(
             spec,
             data,
@@ -321,6 +329,7 @@ class Training:
             landmarks,
             identities_at_submit=at_submit,
             submitted_by=current_caller.get(),
+            request_id=current_request_id.get(),
         )
 
 
@@ -368,7 +377,7 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
                         )
                     await self.budget.run(
                         await asyncio.to_thread(self._pixels, part.image),
-                        _deadline(context),
+                        call_deadline(context),
                         "dataset image",
                         self._stage,
                         upload,
@@ -396,14 +405,15 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
             "dataset %s: %d added, %d duplicates, %d rejected",
             meta.name,
             result.accepted,
-            result.duplicates,
+            len(result.duplicate_indices),
             len(result.rejected),
         )
         return tpb.UploadDatasetResponse(
             dataset=dataset_to_proto(result.dataset),
             accepted=result.accepted,
-            duplicates=result.duplicates,
+            duplicates=len(result.duplicate_indices),
             rejected=[tpb.RejectedImage(index=i, reason=r) for i, r in result.rejected],
+            duplicate_indices=sorted(result.duplicate_indices),
         )
 
     def _begin_upload(self, name: str) -> Upload:

@@ -1,5 +1,6 @@
-"""Pretraining straight into a store, without a server: what the k8s pretraining Job runs
-(`torchrun ... -m facemux.models.pretrain --store DIR --preset P`).
+"""Pretraining straight into a store, without a server: what the k8s pretraining Job runs::
+
+    torchrun --nproc-per-node=4 -m facemux.service.training.standalone --store DIR --preset P
 
 The work directory lives in the store (``<store>/pretrain/<preset>``) so a Job restarted by
 Kubernetes resumes from its checkpoint. Rank 0 publishes the encoder when it is done; the
@@ -8,12 +9,14 @@ servers waiting on an empty store pick it up. No grpc here.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from facemux.models.errors import NotFoundError
-from facemux.models.pretrain import JobSpec, prepare_work_dir, run_job
+from facemux.models.pretrain import DEFAULT_LR, JobSpec, prepare_work_dir, run_job
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore
 from facemux.service.training.datasets import DatasetStore
@@ -61,3 +64,32 @@ def pretrain_into_store(
         data = (work / result["encoder"]).read_bytes()
         store.put_encoder(data, result["encoder_fingerprint"], make_default=True)
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m facemux.service.training.standalone",
+        description="Pretrain on a store's datasets and publish the encoder there "
+        "(torchrun-ready; resumes from <store>/pretrain/<preset>).",
+    )
+    p.add_argument("--store", required=True, help="the servers' store directory")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--datasets", default="", help="comma-separated; default: all datasets")
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    args = p.parse_args(argv)
+    result = pretrain_into_store(
+        Path(args.store),
+        args.preset,
+        [d for d in args.datasets.split(",") if d],
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "summary"}, sort_keys=True))
+    return 0 if result.get("status") in ("succeeded", "paused", "cancelled") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

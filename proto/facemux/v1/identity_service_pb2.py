@@ -23,51 +23,52 @@ _sym_db = _symbol_database.Default()
 
 
 from facemux.v1 import types_pb2 as facemux_dot_v1_dot_types__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!facemux/v1/identity_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\"\xf9\x01\n\x0fIdentityVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x63oder_fingerprint\x18\x03 \x01(\t\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x04 \x01(\t\x12\x0e\n\x06preset\x18\x05 \x01(\t\x12\x12\n\nresolution\x18\x06 \x01(\r\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12)\n\x06source\x18\x08 \x01(\x0e\x32\x19.facemux.v1.VersionSource\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\x14\n\x0csummary_json\x18\n \x01(\t\"\xea\x01\n\x08Identity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\r\x12-\n\x08versions\x18\x04 \x03(\x0b\x32\x1b.facemux.v1.IdentityVersion\x12*\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x32\n\x0f\x63onsent_history\x18\x07 \x03(\x0b\x32\x19.facemux.v1.ConsentRecord\"\xa4\x01\n\x18RegisterIdentityMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12*\n\x07\x63onsent\x18\x06 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\"l\n\x17RegisterIdentityRequest\x12\x38\n\x08metadata\x18\x01 \x01(\x0b\x32$.facemux.v1.RegisterIdentityMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"S\n\x18RegisterIdentityResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\x12\x0f\n\x07version\x18\x02 \x01(\r\">\n\x15ListIdentitiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x16ListIdentitiesResponse\x12(\n\nidentities\x18\x01 \x03(\x0b\x32\x14.facemux.v1.Identity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12GetIdentityRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x13GetIdentityResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\"6\n\x15\x44\x65leteIdentityRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"L\n\x16\x44\x65leteIdentityResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\r\x12\x18\n\x10identity_deleted\x18\x02 \x01(\x08\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"C\n\x19SetDefaultVersionResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\"4\n\x14RevokeConsentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x15RevokeConsentResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\"P\n\x14RecordConsentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x63onsent\x18\x02 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\"?\n\x15RecordConsentResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity*h\n\rVersionSource\x12\x1e\n\x1aVERSION_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_SOURCE_UPLOADED\x10\x01\x12\x1a\n\x16VERSION_SOURCE_TRAINED\x10\x02\x32\x82\x05\n\x0fIdentityService\x12_\n\x10RegisterIdentity\x12#.facemux.v1.RegisterIdentityRequest\x1a$.facemux.v1.RegisterIdentityResponse(\x01\x12W\n\x0eListIdentities\x12!.facemux.v1.ListIdentitiesRequest\x1a\".facemux.v1.ListIdentitiesResponse\x12N\n\x0bGetIdentity\x12\x1e.facemux.v1.GetIdentityRequest\x1a\x1f.facemux.v1.GetIdentityResponse\x12W\n\x0e\x44\x65leteIdentity\x12!.facemux.v1.DeleteIdentityRequest\x1a\".facemux.v1.DeleteIdentityResponse\x12`\n\x11SetDefaultVersion\x12$.facemux.v1.SetDefaultVersionRequest\x1a%.facemux.v1.SetDefaultVersionResponse\x12T\n\rRevokeConsent\x12 .facemux.v1.RevokeConsentRequest\x1a!.facemux.v1.RevokeConsentResponse\x12T\n\rRecordConsent\x12 .facemux.v1.RecordConsentRequest\x1a!.facemux.v1.RecordConsentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!facemux/v1/identity_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x02\n\x0fIdentityVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x64\x65\x63oder_fingerprint\x18\x03 \x01(\t\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x04 \x01(\t\x12\x0e\n\x06preset\x18\x05 \x01(\t\x12\x12\n\nresolution\x18\x06 \x01(\r\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12)\n\x06source\x18\x08 \x01(\x0e\x32\x19.facemux.v1.VersionSource\x12\x0e\n\x06job_id\x18\t \x01(\t\x12\x14\n\x0csummary_json\x18\n \x01(\t\"\x86\x02\n\x08Identity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\r\x12-\n\x08versions\x18\x04 \x03(\x0b\x32\x1b.facemux.v1.IdentityVersion\x12*\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0f\x63onsent_history\x18\x07 \x03(\x0b\x32\x19.facemux.v1.ConsentRecord\"\xa4\x01\n\x18RegisterIdentityMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cmake_default\x18\x03 \x01(\x08\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12*\n\x07\x63onsent\x18\x06 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\"l\n\x17RegisterIdentityRequest\x12\x38\n\x08metadata\x18\x01 \x01(\x0b\x32$.facemux.v1.RegisterIdentityMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"S\n\x18RegisterIdentityResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\x12\x0f\n\x07version\x18\x02 \x01(\r\">\n\x15ListIdentitiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x16ListIdentitiesResponse\x12(\n\nidentities\x18\x01 \x03(\x0b\x32\x14.facemux.v1.Identity\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x12GetIdentityRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x13GetIdentityResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\"6\n\x15\x44\x65leteIdentityRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"L\n\x16\x44\x65leteIdentityResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x03(\r\x12\x18\n\x10identity_deleted\x18\x02 \x01(\x08\"9\n\x18SetDefaultVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"C\n\x19SetDefaultVersionResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\"4\n\x14RevokeConsentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x15RevokeConsentResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity\"P\n\x14RecordConsentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x63onsent\x18\x02 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\"?\n\x15RecordConsentResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.facemux.v1.Identity*h\n\rVersionSource\x12\x1e\n\x1aVERSION_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_SOURCE_UPLOADED\x10\x01\x12\x1a\n\x16VERSION_SOURCE_TRAINED\x10\x02\x32\x82\x05\n\x0fIdentityService\x12_\n\x10RegisterIdentity\x12#.facemux.v1.RegisterIdentityRequest\x1a$.facemux.v1.RegisterIdentityResponse(\x01\x12W\n\x0eListIdentities\x12!.facemux.v1.ListIdentitiesRequest\x1a\".facemux.v1.ListIdentitiesResponse\x12N\n\x0bGetIdentity\x12\x1e.facemux.v1.GetIdentityRequest\x1a\x1f.facemux.v1.GetIdentityResponse\x12W\n\x0e\x44\x65leteIdentity\x12!.facemux.v1.DeleteIdentityRequest\x1a\".facemux.v1.DeleteIdentityResponse\x12`\n\x11SetDefaultVersion\x12$.facemux.v1.SetDefaultVersionRequest\x1a%.facemux.v1.SetDefaultVersionResponse\x12T\n\rRevokeConsent\x12 .facemux.v1.RevokeConsentRequest\x1a!.facemux.v1.RevokeConsentResponse\x12T\n\rRecordConsent\x12 .facemux.v1.RecordConsentRequest\x1a!.facemux.v1.RecordConsentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facemux.v1.identity_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSOURCE']._serialized_start=1708
-  _globals['_VERSIONSOURCE']._serialized_end=1812
-  _globals['_IDENTITYVERSION']._serialized_start=74
-  _globals['_IDENTITYVERSION']._serialized_end=323
-  _globals['_IDENTITY']._serialized_start=326
-  _globals['_IDENTITY']._serialized_end=560
-  _globals['_REGISTERIDENTITYMETADATA']._serialized_start=563
-  _globals['_REGISTERIDENTITYMETADATA']._serialized_end=727
-  _globals['_REGISTERIDENTITYREQUEST']._serialized_start=729
-  _globals['_REGISTERIDENTITYREQUEST']._serialized_end=837
-  _globals['_REGISTERIDENTITYRESPONSE']._serialized_start=839
-  _globals['_REGISTERIDENTITYRESPONSE']._serialized_end=922
-  _globals['_LISTIDENTITIESREQUEST']._serialized_start=924
-  _globals['_LISTIDENTITIESREQUEST']._serialized_end=986
-  _globals['_LISTIDENTITIESRESPONSE']._serialized_start=988
-  _globals['_LISTIDENTITIESRESPONSE']._serialized_end=1079
-  _globals['_GETIDENTITYREQUEST']._serialized_start=1081
-  _globals['_GETIDENTITYREQUEST']._serialized_end=1115
-  _globals['_GETIDENTITYRESPONSE']._serialized_start=1117
-  _globals['_GETIDENTITYRESPONSE']._serialized_end=1178
-  _globals['_DELETEIDENTITYREQUEST']._serialized_start=1180
-  _globals['_DELETEIDENTITYREQUEST']._serialized_end=1234
-  _globals['_DELETEIDENTITYRESPONSE']._serialized_start=1236
-  _globals['_DELETEIDENTITYRESPONSE']._serialized_end=1312
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=1314
-  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1371
-  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=1373
-  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=1440
-  _globals['_REVOKECONSENTREQUEST']._serialized_start=1442
-  _globals['_REVOKECONSENTREQUEST']._serialized_end=1494
-  _globals['_REVOKECONSENTRESPONSE']._serialized_start=1496
-  _globals['_REVOKECONSENTRESPONSE']._serialized_end=1559
-  _globals['_RECORDCONSENTREQUEST']._serialized_start=1561
-  _globals['_RECORDCONSENTREQUEST']._serialized_end=1641
-  _globals['_RECORDCONSENTRESPONSE']._serialized_start=1643
-  _globals['_RECORDCONSENTRESPONSE']._serialized_end=1706
-  _globals['_IDENTITYSERVICE']._serialized_start=1815
-  _globals['_IDENTITYSERVICE']._serialized_end=2457
+  _globals['_VERSIONSOURCE']._serialized_start=1797
+  _globals['_VERSIONSOURCE']._serialized_end=1901
+  _globals['_IDENTITYVERSION']._serialized_start=107
+  _globals['_IDENTITYVERSION']._serialized_end=384
+  _globals['_IDENTITY']._serialized_start=387
+  _globals['_IDENTITY']._serialized_end=649
+  _globals['_REGISTERIDENTITYMETADATA']._serialized_start=652
+  _globals['_REGISTERIDENTITYMETADATA']._serialized_end=816
+  _globals['_REGISTERIDENTITYREQUEST']._serialized_start=818
+  _globals['_REGISTERIDENTITYREQUEST']._serialized_end=926
+  _globals['_REGISTERIDENTITYRESPONSE']._serialized_start=928
+  _globals['_REGISTERIDENTITYRESPONSE']._serialized_end=1011
+  _globals['_LISTIDENTITIESREQUEST']._serialized_start=1013
+  _globals['_LISTIDENTITIESREQUEST']._serialized_end=1075
+  _globals['_LISTIDENTITIESRESPONSE']._serialized_start=1077
+  _globals['_LISTIDENTITIESRESPONSE']._serialized_end=1168
+  _globals['_GETIDENTITYREQUEST']._serialized_start=1170
+  _globals['_GETIDENTITYREQUEST']._serialized_end=1204
+  _globals['_GETIDENTITYRESPONSE']._serialized_start=1206
+  _globals['_GETIDENTITYRESPONSE']._serialized_end=1267
+  _globals['_DELETEIDENTITYREQUEST']._serialized_start=1269
+  _globals['_DELETEIDENTITYREQUEST']._serialized_end=1323
+  _globals['_DELETEIDENTITYRESPONSE']._serialized_start=1325
+  _globals['_DELETEIDENTITYRESPONSE']._serialized_end=1401
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_start=1403
+  _globals['_SETDEFAULTVERSIONREQUEST']._serialized_end=1460
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_start=1462
+  _globals['_SETDEFAULTVERSIONRESPONSE']._serialized_end=1529
+  _globals['_REVOKECONSENTREQUEST']._serialized_start=1531
+  _globals['_REVOKECONSENTREQUEST']._serialized_end=1583
+  _globals['_REVOKECONSENTRESPONSE']._serialized_start=1585
+  _globals['_REVOKECONSENTRESPONSE']._serialized_end=1648
+  _globals['_RECORDCONSENTREQUEST']._serialized_start=1650
+  _globals['_RECORDCONSENTREQUEST']._serialized_end=1730
+  _globals['_RECORDCONSENTRESPONSE']._serialized_start=1732
+  _globals['_RECORDCONSENTRESPONSE']._serialized_end=1795
+  _globals['_IDENTITYSERVICE']._serialized_start=1904
+  _globals['_IDENTITYSERVICE']._serialized_end=2546
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,7 @@
+import datetime
+
 from facemux.v1 import types_pb2 as _types_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -30,7 +33,7 @@ class IdentityVersion(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
     version: int
-    created_at: str
+    created_at: _timestamp_pb2.Timestamp
     decoder_fingerprint: str
     encoder_fingerprint: str
     preset: str
@@ -39,7 +42,7 @@ class IdentityVersion(_message.Message):
     source: VersionSource
     job_id: str
     summary_json: str
-    def __init__(self, version: _Optional[int] = ..., created_at: _Optional[str] = ..., decoder_fingerprint: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., preset: _Optional[str] = ..., resolution: _Optional[int] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[VersionSource, str]] = ..., job_id: _Optional[str] = ..., summary_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decoder_fingerprint: _Optional[str] = ..., encoder_fingerprint: _Optional[str] = ..., preset: _Optional[str] = ..., resolution: _Optional[int] = ..., size_bytes: _Optional[int] = ..., source: _Optional[_Union[VersionSource, str]] = ..., job_id: _Optional[str] = ..., summary_json: _Optional[str] = ...) -> None: ...
 
 class Identity(_message.Message):
     __slots__ = ("name", "display_name", "default_version", "versions", "consent", "created_at", "consent_history")
@@ -55,9 +58,9 @@ class Identity(_message.Message):
     default_version: int
     versions: _containers.RepeatedCompositeFieldContainer[IdentityVersion]
     consent: _types_pb2.ConsentRecord
-    created_at: str
+    created_at: _timestamp_pb2.Timestamp
     consent_history: _containers.RepeatedCompositeFieldContainer[_types_pb2.ConsentRecord]
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[IdentityVersion, _Mapping]]] = ..., consent: _Optional[_Union[_types_pb2.ConsentRecord, _Mapping]] = ..., created_at: _Optional[str] = ..., consent_history: _Optional[_Iterable[_Union[_types_pb2.ConsentRecord, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[IdentityVersion, _Mapping]]] = ..., consent: _Optional[_Union[_types_pb2.ConsentRecord, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consent_history: _Optional[_Iterable[_Union[_types_pb2.ConsentRecord, _Mapping]]] = ...) -> None: ...
 
 class RegisterIdentityMetadata(_message.Message):
     __slots__ = ("name", "display_name", "make_default", "size_bytes", "sha256", "consent")

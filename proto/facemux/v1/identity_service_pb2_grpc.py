@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class IdentityServiceStub:
     """Manages identities: the per-person decoders and their versions.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def __init__(self, channel):
@@ -74,12 +77,29 @@ class IdentityServiceStub:
 
 class IdentityServiceServicer:
     """Manages identities: the per-person decoders and their versions.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def RegisterIdentity(self, request_iterator, context):
         """Uploads a decoder checkpoint (safetensors) as a new version of an identity.
         The first message carries the metadata, the following ones the file in chunks.
         Nothing is stored unless the whole checkpoint validates.
+
+        Role: admin
+        Errors:
+        INVALID_ARGUMENT: the metadata is missing, not first or sent twice; a message with
+        neither metadata nor chunk; name is not valid; a new identity without a complete, well-formed consent record; no bytes,
+        not a safetensors decoder, truncated, longer than its header, or a size or sha256
+        that does not match the metadata; a decoder for another resolution or latent shape.
+        FAILED_PRECONDITION: the identity's consent is revoked or expired, or the request
+        carries a different record than the one in force (RecordConsent replaces it); the
+        consent sent is already expired; the decoder was trained for another shared
+        encoder; the identity was deleted or created during the upload.
+        RESOURCE_EXHAUSTED: the checkpoint (declared, described by its header, or as sent)
+        is over max_checkpoint_bytes; the store is out of disk space.
+        UNAVAILABLE: the model is still loading (a decoder is checked against it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +107,10 @@ class IdentityServiceServicer:
 
     def ListIdentities(self, request, context):
         """Lists identities, ordered by name.
+
+        Role: any
+        Errors:
+        INVALID_ARGUMENT: page_token is not one this server issued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +118,11 @@ class IdentityServiceServicer:
 
     def GetIdentity(self, request, context):
         """Describes one identity and all its versions.
+
+        Role: any
+        Errors:
+        INVALID_ARGUMENT: name is not a valid identity name.
+        NOT_FOUND: no identity has that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +130,12 @@ class IdentityServiceServicer:
 
     def DeleteIdentity(self, request, context):
         """Deletes one version, or the whole identity.
+
+        Role: admin
+        Errors:
+        INVALID_ARGUMENT: name is not a valid identity name.
+        NOT_FOUND: no identity has that name, or it has no such version.
+        FAILED_PRECONDITION: the version is the default of an identity with other versions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +143,11 @@ class IdentityServiceServicer:
 
     def SetDefaultVersion(self, request, context):
         """Makes a version the one used when a request names version 0 (rollback).
+
+        Role: admin
+        Errors:
+        INVALID_ARGUMENT: name is not a valid identity name, or version is 0.
+        NOT_FOUND: no identity has that name, or it has no such version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +155,13 @@ class IdentityServiceServicer:
 
     def RevokeConsent(self, request, context):
         """Revokes an identity's consent: it stops swapping at once, and takes no new version
-        (uploaded or trained) until RecordConsent records new consent.
+        (uploaded or trained) until RecordConsent records new consent. Revoking again keeps
+        the first revocation.
+
+        Role: admin
+        Errors:
+        INVALID_ARGUMENT: name is not a valid identity name.
+        NOT_FOUND: no identity has that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +171,15 @@ class IdentityServiceServicer:
         """Records a new consent record for an identity: it replaces the one in force (kept in
         consent_history) and lifts a revocation. The only call that changes an existing
         identity's consent; RegisterIdentity and Train never do.
+
+        Role: admin
+        Errors:
+        INVALID_ARGUMENT: name is not a valid identity name; the record lacks attested_by,
+        evidence_ref or granted_at, has a field over 1000 characters or with control
+        characters, expires_at not after granted_at, or sets revoked_at or
+        revocation_reason (the server's).
+        NOT_FOUND: no identity has that name.
+        FAILED_PRECONDITION: the record's expires_at has already passed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,6 +233,9 @@ def add_IdentityServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class IdentityService:
     """Manages identities: the per-person decoders and their versions.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     @staticmethod

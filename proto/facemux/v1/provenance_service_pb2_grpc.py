@@ -28,6 +28,9 @@ if _version_not_supported:
 class ProvenanceServiceStub:
     """Checks images for facemux's provenance marks: a signed C2PA manifest and the
     invisible watermark that every generated output carries.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def __init__(self, channel):
@@ -46,11 +49,19 @@ class ProvenanceServiceStub:
 class ProvenanceServiceServicer:
     """Checks images for facemux's provenance marks: a signed C2PA manifest and the
     invisible watermark that every generated output carries.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def Verify(self, request, context):
         """Reports whether an image carries a valid C2PA manifest (and who signed it) and
         whether the facemux watermark is present in its pixels.
+
+        Role: any
+        Errors:
+        INVALID_ARGUMENT: the image is empty, raw pixels, not PNG, JPEG or WebP, cannot be
+        decoded, or is over max_verify_pixels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,6 +86,9 @@ def add_ProvenanceServiceServicer_to_server(servicer, server):
 class ProvenanceService:
     """Checks images for facemux's provenance marks: a signed C2PA manifest and the
     invisible watermark that every generated output carries.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     @staticmethod

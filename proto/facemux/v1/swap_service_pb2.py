@@ -25,51 +25,51 @@ _sym_db = _symbol_database.Default()
 from facemux.v1 import types_pb2 as facemux_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61\x63\x65mux/v1/swap_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\"N\n\x08\x46\x61\x63\x65Hint\x12\x1c\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Box\x12$\n\tlandmarks\x18\x02 \x03(\x0b\x32\x11.facemux.v1.Point\"\xe5\x02\n\x0bSwapOptions\x12,\n\tselection\x18\x01 \x01(\x0e\x32\x19.facemux.v1.FaceSelection\x12\x14\n\x0c\x66\x61\x63\x65_indices\x18\x02 \x03(\r\x12#\n\nface_boxes\x18\x03 \x03(\x0b\x32\x0f.facemux.v1.Box\x12#\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x14.facemux.v1.FaceHint\x12\x14\n\x0crequire_face\x18\x05 \x01(\x08\x12\x35\n\x10\x63olor_correction\x18\x06 \x01(\x0e\x32\x1b.facemux.v1.ColorCorrection\x12)\n\nblend_mode\x18\x07 \x01(\x0e\x32\x15.facemux.v1.BlendMode\x12\x14\n\x0cmask_erosion\x18\x08 \x01(\x02\x12\x11\n\tmask_blur\x18\t \x01(\x02\x12\x14\n\x0creturn_masks\x18\n \x01(\x08\x12\x11\n\tmax_faces\x18\x0b \x01(\r\"\xf7\x01\n\x0bSwapRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x18\n\x10identity_version\x18\x02 \x01(\r\x12\"\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x11.facemux.v1.ImageH\x00\x12&\n\x05\x66\x61\x63\x65s\x18\x04 \x01(\x0b\x32\x15.facemux.v1.FaceBatchH\x00\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.facemux.v1.SwapOptions\x12)\n\x06output\x18\x06 \x01(\x0b\x32\x19.facemux.v1.OutputOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x07\n\x05input\"-\n\tFaceBatch\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facemux.v1.Image\"\xed\x01\n\nFaceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1c\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0f.facemux.v1.Box\x12$\n\tlandmarks\x18\x03 \x03(\x0b\x32\x11.facemux.v1.Point\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0f\n\x07swapped\x18\x05 \x01(\x08\x12+\n\x0bskip_reason\x18\x06 \x01(\x0e\x32\x16.facemux.v1.SkipReason\x12\x0f\n\x07resized\x18\x07 \x01(\x08\x12\x13\n\x0binput_width\x18\x08 \x01(\r\x12\x14\n\x0cinput_height\x18\t \x01(\r\"\x9d\x02\n\x0cSwapResponse\x12 \n\x05\x66rame\x18\x01 \x01(\x0b\x32\x11.facemux.v1.Image\x12 \n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x11.facemux.v1.Image\x12 \n\x05masks\x18\x03 \x03(\x0b\x32\x11.facemux.v1.Image\x12\'\n\x07results\x18\x04 \x03(\x0b\x32\x16.facemux.v1.FaceResult\x12\x15\n\rfaces_swapped\x18\x05 \x01(\r\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x18\n\x10identity_version\x18\x07 \x01(\r\x12\x18\n\x10model_resolution\x18\x08 \x01(\r\x12\r\n\x05notes\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\"\xf2\x01\n\x11SwapStreamRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x18\n\x10identity_version\x18\x02 \x01(\r\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\x04\x12 \n\x05\x66rame\x18\x04 \x01(\x0b\x32\x11.facemux.v1.Image\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.facemux.v1.SwapOptions\x12)\n\x06output\x18\x06 \x01(\x0b\x32\x19.facemux.v1.OutputOptions\x12\x0f\n\x07\x61ligned\x18\x07 \x01(\x08\x12\x14\n\x0c\x64\x65tect_every\x18\x08 \x01(\r\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc6\x01\n\x12SwapStreamResponse\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x11.facemux.v1.Image\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.facemux.v1.FaceResult\x12\x15\n\rfaces_swapped\x18\x04 \x01(\r\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.facemux.v1.FrameError\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"Y\n\rEncodeRequest\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facemux.v1.Image\x12&\n\x05\x64type\x18\x02 \x01(\x0e\x32\x17.facemux.v1.LatentDType\"}\n\x0e\x45ncodeResponse\x12#\n\x07latents\x18\x01 \x03(\x0b\x32\x12.facemux.v1.Latent\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07resized\x18\x03 \x03(\x08\x12\x18\n\x10model_resolution\x18\x04 \x01(\r\"\xa1\x01\n\rDecodeRequest\x12#\n\x07latents\x18\x01 \x03(\x0b\x32\x12.facemux.v1.Latent\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x18\n\x10identity_version\x18\x03 \x01(\r\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.facemux.v1.OutputOptions\x12\x14\n\x0creturn_masks\x18\x05 \x01(\x08\"\xa3\x01\n\x0e\x44\x65\x63odeResponse\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facemux.v1.Image\x12 \n\x05masks\x18\x02 \x03(\x0b\x32\x11.facemux.v1.Image\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x18\n\x10identity_version\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05notes\x18\x06 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa7\x01\n\x14GetModelInfoResponse\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x01 \x01(\t\x12\x0e\n\x06preset\x18\x02 \x01(\t\x12\x12\n\nresolution\x18\x03 \x01(\r\x12\x14\n\x0clatent_shape\x18\x04 \x03(\r\x12\x10\n\x08has_mask\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0eserver_version\x18\x07 \x01(\t*~\n\rFaceSelection\x12\x1e\n\x1a\x46\x41\x43\x45_SELECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41\x43\x45_SELECTION_ALL\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_SELECTION_LARGEST\x10\x02\x12\x19\n\x15\x46\x41\x43\x45_SELECTION_LISTED\x10\x03*\x8b\x01\n\x0f\x43olorCorrection\x12 \n\x1c\x43OLOR_CORRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OLOR_CORRECTION_NONE\x10\x01\x12\x1c\n\x18\x43OLOR_CORRECTION_AVERAGE\x10\x02\x12\x1d\n\x19\x43OLOR_CORRECTION_REINHARD\x10\x03*X\n\tBlendMode\x12\x1a\n\x16\x42LEND_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42LEND_MODE_FEATHER\x10\x01\x12\x17\n\x13\x42LEND_MODE_SEAMLESS\x10\x02*~\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18SKIP_REASON_NOT_SELECTED\x10\x01\x12\x1a\n\x16SKIP_REASON_OVER_LIMIT\x10\x02\x12\x19\n\x15SKIP_REASON_TOO_SMALL\x10\x03\x32\xee\x02\n\x0bSwapService\x12\x39\n\x04Swap\x12\x17.facemux.v1.SwapRequest\x1a\x18.facemux.v1.SwapResponse\x12O\n\nSwapStream\x12\x1d.facemux.v1.SwapStreamRequest\x1a\x1e.facemux.v1.SwapStreamResponse(\x01\x30\x01\x12?\n\x06\x45ncode\x12\x19.facemux.v1.EncodeRequest\x1a\x1a.facemux.v1.EncodeResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.facemux.v1.DecodeRequest\x1a\x1a.facemux.v1.DecodeResponse\x12Q\n\x0cGetModelInfo\x12\x1f.facemux.v1.GetModelInfoRequest\x1a .facemux.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61\x63\x65mux/v1/swap_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\"N\n\x08\x46\x61\x63\x65Hint\x12\x1c\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Box\x12$\n\tlandmarks\x18\x02 \x03(\x0b\x32\x11.facemux.v1.Point\"\xe5\x02\n\x0bSwapOptions\x12,\n\tselection\x18\x01 \x01(\x0e\x32\x19.facemux.v1.FaceSelection\x12\x14\n\x0c\x66\x61\x63\x65_indices\x18\x02 \x03(\r\x12#\n\nface_boxes\x18\x03 \x03(\x0b\x32\x0f.facemux.v1.Box\x12#\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x14.facemux.v1.FaceHint\x12\x14\n\x0crequire_face\x18\x05 \x01(\x08\x12\x35\n\x10\x63olor_correction\x18\x06 \x01(\x0e\x32\x1b.facemux.v1.ColorCorrection\x12)\n\nblend_mode\x18\x07 \x01(\x0e\x32\x15.facemux.v1.BlendMode\x12\x14\n\x0cmask_erosion\x18\x08 \x01(\x02\x12\x11\n\tmask_blur\x18\t \x01(\x02\x12\x14\n\x0creturn_masks\x18\n \x01(\x08\x12\x11\n\tmax_faces\x18\x0b \x01(\r\"\xf5\x01\n\x0bSwapRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x18\n\x10identity_version\x18\x02 \x01(\r\x12\"\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x11.facemux.v1.ImageH\x00\x12&\n\x05\x66\x61\x63\x65s\x18\x04 \x01(\x0b\x32\x15.facemux.v1.FaceBatchH\x00\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.facemux.v1.SwapOptions\x12)\n\x06output\x18\x06 \x01(\x0b\x32\x19.facemux.v1.OutputOptionsB\x07\n\x05inputJ\x04\x08\x07\x10\x08R\nrequest_id\"-\n\tFaceBatch\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facemux.v1.Image\"\xed\x01\n\nFaceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1c\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0f.facemux.v1.Box\x12$\n\tlandmarks\x18\x03 \x03(\x0b\x32\x11.facemux.v1.Point\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0f\n\x07swapped\x18\x05 \x01(\x08\x12+\n\x0bskip_reason\x18\x06 \x01(\x0e\x32\x16.facemux.v1.SkipReason\x12\x0f\n\x07resized\x18\x07 \x01(\x08\x12\x13\n\x0binput_width\x18\x08 \x01(\r\x12\x14\n\x0cinput_height\x18\t \x01(\r\"\x9d\x02\n\x0cSwapResponse\x12 \n\x05\x66rame\x18\x01 \x01(\x0b\x32\x11.facemux.v1.Image\x12 \n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x11.facemux.v1.Image\x12 \n\x05masks\x18\x03 \x03(\x0b\x32\x11.facemux.v1.Image\x12\'\n\x07results\x18\x04 \x03(\x0b\x32\x16.facemux.v1.FaceResult\x12\x15\n\rfaces_swapped\x18\x05 \x01(\r\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x18\n\x10identity_version\x18\x07 \x01(\r\x12\x18\n\x10model_resolution\x18\x08 \x01(\r\x12\r\n\x05notes\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\"\xc5\x02\n\x11SwapStreamRequest\x12\x15\n\x08identity\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1d\n\x10identity_version\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\x04\x12 \n\x05\x66rame\x18\x04 \x01(\x0b\x32\x11.facemux.v1.Image\x12(\n\x07options\x18\x05 \x01(\x0b\x32\x17.facemux.v1.SwapOptions\x12)\n\x06output\x18\x06 \x01(\x0b\x32\x19.facemux.v1.OutputOptions\x12\x14\n\x07\x61ligned\x18\x07 \x01(\x08H\x02\x88\x01\x01\x12\x19\n\x0c\x64\x65tect_every\x18\x08 \x01(\rH\x03\x88\x01\x01\x42\x0b\n\t_identityB\x13\n\x11_identity_versionB\n\n\x08_alignedB\x0f\n\r_detect_every\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf2\x01\n\x12SwapStreamResponse\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12 \n\x05\x66rame\x18\x02 \x01(\x0b\x32\x11.facemux.v1.Image\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.facemux.v1.FaceResult\x12\x15\n\rfaces_swapped\x18\x04 \x01(\r\x12%\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x16.facemux.v1.FrameError\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08identity\x18\x07 \x01(\t\x12\x18\n\x10identity_version\x18\x08 \x01(\r\"[\n\rEncodeRequest\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facemux.v1.Image\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.facemux.v1.LatentFormat\"}\n\x0e\x45ncodeResponse\x12#\n\x07latents\x18\x01 \x03(\x0b\x32\x12.facemux.v1.Latent\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07resized\x18\x03 \x03(\x08\x12\x18\n\x10model_resolution\x18\x04 \x01(\r\"\xa1\x01\n\rDecodeRequest\x12#\n\x07latents\x18\x01 \x03(\x0b\x32\x12.facemux.v1.Latent\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x18\n\x10identity_version\x18\x03 \x01(\r\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.facemux.v1.OutputOptions\x12\x14\n\x0creturn_masks\x18\x05 \x01(\x08\"\xa3\x01\n\x0e\x44\x65\x63odeResponse\x12 \n\x05\x66\x61\x63\x65s\x18\x01 \x03(\x0b\x32\x11.facemux.v1.Image\x12 \n\x05masks\x18\x02 \x03(\x0b\x32\x11.facemux.v1.Image\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x18\n\x10identity_version\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05notes\x18\x06 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa7\x01\n\x14GetModelInfoResponse\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x01 \x01(\t\x12\x0e\n\x06preset\x18\x02 \x01(\t\x12\x12\n\nresolution\x18\x03 \x01(\r\x12\x14\n\x0clatent_shape\x18\x04 \x03(\r\x12\x10\n\x08has_mask\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x16\n\x0eserver_version\x18\x07 \x01(\t*~\n\rFaceSelection\x12\x1e\n\x1a\x46\x41\x43\x45_SELECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41\x43\x45_SELECTION_ALL\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_SELECTION_LARGEST\x10\x02\x12\x19\n\x15\x46\x41\x43\x45_SELECTION_LISTED\x10\x03*\x8b\x01\n\x0f\x43olorCorrection\x12 \n\x1c\x43OLOR_CORRECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43OLOR_CORRECTION_NONE\x10\x01\x12\x1c\n\x18\x43OLOR_CORRECTION_AVERAGE\x10\x02\x12\x1d\n\x19\x43OLOR_CORRECTION_REINHARD\x10\x03*X\n\tBlendMode\x12\x1a\n\x16\x42LEND_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42LEND_MODE_FEATHER\x10\x01\x12\x17\n\x13\x42LEND_MODE_SEAMLESS\x10\x02*~\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18SKIP_REASON_NOT_SELECTED\x10\x01\x12\x1a\n\x16SKIP_REASON_OVER_LIMIT\x10\x02\x12\x19\n\x15SKIP_REASON_TOO_SMALL\x10\x03\x32\xee\x02\n\x0bSwapService\x12\x39\n\x04Swap\x12\x17.facemux.v1.SwapRequest\x1a\x18.facemux.v1.SwapResponse\x12O\n\nSwapStream\x12\x1d.facemux.v1.SwapStreamRequest\x1a\x1e.facemux.v1.SwapStreamResponse(\x01\x30\x01\x12?\n\x06\x45ncode\x12\x19.facemux.v1.EncodeRequest\x1a\x1a.facemux.v1.EncodeResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.facemux.v1.DecodeRequest\x1a\x1a.facemux.v1.DecodeResponse\x12Q\n\x0cGetModelInfo\x12\x1f.facemux.v1.GetModelInfoRequest\x1a .facemux.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facemux.v1.swap_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FACESELECTION']._serialized_start=2566
-  _globals['_FACESELECTION']._serialized_end=2692
-  _globals['_COLORCORRECTION']._serialized_start=2695
-  _globals['_COLORCORRECTION']._serialized_end=2834
-  _globals['_BLENDMODE']._serialized_start=2836
-  _globals['_BLENDMODE']._serialized_end=2924
-  _globals['_SKIPREASON']._serialized_start=2926
-  _globals['_SKIPREASON']._serialized_end=3052
+  _globals['_FACESELECTION']._serialized_start=2693
+  _globals['_FACESELECTION']._serialized_end=2819
+  _globals['_COLORCORRECTION']._serialized_start=2822
+  _globals['_COLORCORRECTION']._serialized_end=2961
+  _globals['_BLENDMODE']._serialized_start=2963
+  _globals['_BLENDMODE']._serialized_end=3051
+  _globals['_SKIPREASON']._serialized_start=3053
+  _globals['_SKIPREASON']._serialized_end=3179
   _globals['_FACEHINT']._serialized_start=69
   _globals['_FACEHINT']._serialized_end=147
   _globals['_SWAPOPTIONS']._serialized_start=150
   _globals['_SWAPOPTIONS']._serialized_end=507
   _globals['_SWAPREQUEST']._serialized_start=510
-  _globals['_SWAPREQUEST']._serialized_end=757
-  _globals['_FACEBATCH']._serialized_start=759
-  _globals['_FACEBATCH']._serialized_end=804
-  _globals['_FACERESULT']._serialized_start=807
-  _globals['_FACERESULT']._serialized_end=1044
-  _globals['_SWAPRESPONSE']._serialized_start=1047
-  _globals['_SWAPRESPONSE']._serialized_end=1332
-  _globals['_SWAPSTREAMREQUEST']._serialized_start=1335
-  _globals['_SWAPSTREAMREQUEST']._serialized_end=1577
-  _globals['_FRAMEERROR']._serialized_start=1579
-  _globals['_FRAMEERROR']._serialized_end=1622
-  _globals['_SWAPSTREAMRESPONSE']._serialized_start=1625
-  _globals['_SWAPSTREAMRESPONSE']._serialized_end=1823
-  _globals['_ENCODEREQUEST']._serialized_start=1825
-  _globals['_ENCODEREQUEST']._serialized_end=1914
-  _globals['_ENCODERESPONSE']._serialized_start=1916
-  _globals['_ENCODERESPONSE']._serialized_end=2041
-  _globals['_DECODEREQUEST']._serialized_start=2044
-  _globals['_DECODEREQUEST']._serialized_end=2205
-  _globals['_DECODERESPONSE']._serialized_start=2208
-  _globals['_DECODERESPONSE']._serialized_end=2371
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2373
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2394
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2397
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2564
-  _globals['_SWAPSERVICE']._serialized_start=3055
-  _globals['_SWAPSERVICE']._serialized_end=3421
+  _globals['_SWAPREQUEST']._serialized_end=755
+  _globals['_FACEBATCH']._serialized_start=757
+  _globals['_FACEBATCH']._serialized_end=802
+  _globals['_FACERESULT']._serialized_start=805
+  _globals['_FACERESULT']._serialized_end=1042
+  _globals['_SWAPRESPONSE']._serialized_start=1045
+  _globals['_SWAPRESPONSE']._serialized_end=1330
+  _globals['_SWAPSTREAMREQUEST']._serialized_start=1333
+  _globals['_SWAPSTREAMREQUEST']._serialized_end=1658
+  _globals['_FRAMEERROR']._serialized_start=1660
+  _globals['_FRAMEERROR']._serialized_end=1703
+  _globals['_SWAPSTREAMRESPONSE']._serialized_start=1706
+  _globals['_SWAPSTREAMRESPONSE']._serialized_end=1948
+  _globals['_ENCODEREQUEST']._serialized_start=1950
+  _globals['_ENCODEREQUEST']._serialized_end=2041
+  _globals['_ENCODERESPONSE']._serialized_start=2043
+  _globals['_ENCODERESPONSE']._serialized_end=2168
+  _globals['_DECODEREQUEST']._serialized_start=2171
+  _globals['_DECODEREQUEST']._serialized_end=2332
+  _globals['_DECODERESPONSE']._serialized_start=2335
+  _globals['_DECODERESPONSE']._serialized_end=2498
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2500
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2521
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2524
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2691
+  _globals['_SWAPSERVICE']._serialized_start=3182
+  _globals['_SWAPSERVICE']._serialized_end=3548
 # @@protoc_insertion_point(module_scope)

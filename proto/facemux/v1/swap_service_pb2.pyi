@@ -85,22 +85,20 @@ class SwapOptions(_message.Message):
     def __init__(self, selection: _Optional[_Union[FaceSelection, str]] = ..., face_indices: _Optional[_Iterable[int]] = ..., face_boxes: _Optional[_Iterable[_Union[_types_pb2.Box, _Mapping]]] = ..., faces: _Optional[_Iterable[_Union[FaceHint, _Mapping]]] = ..., require_face: _Optional[bool] = ..., color_correction: _Optional[_Union[ColorCorrection, str]] = ..., blend_mode: _Optional[_Union[BlendMode, str]] = ..., mask_erosion: _Optional[float] = ..., mask_blur: _Optional[float] = ..., return_masks: _Optional[bool] = ..., max_faces: _Optional[int] = ...) -> None: ...
 
 class SwapRequest(_message.Message):
-    __slots__ = ("identity", "identity_version", "frame", "faces", "options", "output", "request_id")
+    __slots__ = ("identity", "identity_version", "frame", "faces", "options", "output")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     FACES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     identity: str
     identity_version: int
     frame: _types_pb2.Image
     faces: FaceBatch
     options: SwapOptions
     output: _types_pb2.OutputOptions
-    request_id: str
-    def __init__(self, identity: _Optional[str] = ..., identity_version: _Optional[int] = ..., frame: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., faces: _Optional[_Union[FaceBatch, _Mapping]] = ..., options: _Optional[_Union[SwapOptions, _Mapping]] = ..., output: _Optional[_Union[_types_pb2.OutputOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, identity: _Optional[str] = ..., identity_version: _Optional[int] = ..., frame: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., faces: _Optional[_Union[FaceBatch, _Mapping]] = ..., options: _Optional[_Union[SwapOptions, _Mapping]] = ..., output: _Optional[_Union[_types_pb2.OutputOptions, _Mapping]] = ...) -> None: ...
 
 class FaceBatch(_message.Message):
     __slots__ = ("faces",)
@@ -183,28 +181,32 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SwapStreamResponse(_message.Message):
-    __slots__ = ("frame_index", "frame", "results", "faces_swapped", "error", "request_id")
+    __slots__ = ("frame_index", "frame", "results", "faces_swapped", "error", "request_id", "identity", "identity_version")
     FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     FACES_SWAPPED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     frame_index: int
     frame: _types_pb2.Image
     results: _containers.RepeatedCompositeFieldContainer[FaceResult]
     faces_swapped: int
     error: FrameError
     request_id: str
-    def __init__(self, frame_index: _Optional[int] = ..., frame: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., results: _Optional[_Iterable[_Union[FaceResult, _Mapping]]] = ..., faces_swapped: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    identity: str
+    identity_version: int
+    def __init__(self, frame_index: _Optional[int] = ..., frame: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., results: _Optional[_Iterable[_Union[FaceResult, _Mapping]]] = ..., faces_swapped: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., request_id: _Optional[str] = ..., identity: _Optional[str] = ..., identity_version: _Optional[int] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("faces", "dtype")
+    __slots__ = ("faces", "format")
     FACES_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     faces: _containers.RepeatedCompositeFieldContainer[_types_pb2.Image]
-    dtype: _types_pb2.LatentDType
-    def __init__(self, faces: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., dtype: _Optional[_Union[_types_pb2.LatentDType, str]] = ...) -> None: ...
+    format: _types_pb2.LatentFormat
+    def __init__(self, faces: _Optional[_Iterable[_Union[_types_pb2.Image, _Mapping]]] = ..., format: _Optional[_Union[_types_pb2.LatentFormat, str]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("latents", "encoder_fingerprint", "resized", "model_resolution")

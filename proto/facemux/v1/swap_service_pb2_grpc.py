@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class SwapServiceStub:
     """Runs the model: swap faces, or work with latents directly.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def __init__(self, channel):
@@ -64,11 +67,27 @@ class SwapServiceStub:
 
 class SwapServiceServicer:
     """Runs the model: swap faces, or work with latents directly.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def Swap(self, request, context):
         """Swaps faces to the requested identity: either one full frame (faces are
         detected, aligned, swapped and pasted back) or a batch of aligned face crops.
+
+        Role: swap
+        Errors:
+        INVALID_ARGUMENT: the request has neither a frame nor faces; identity is empty or
+        not a valid name; an image is empty, cannot be decoded or is over max_image_pixels;
+        no crops, more than max_faces_per_request, or crops over max_request_pixels
+        together; malformed options (face hints, indices) or output (quality not 1-100).
+        NOT_FOUND: the identity or the requested version does not exist; or
+        options.require_face is set and the frame shows no face.
+        FAILED_PRECONDITION: the identity's consent is revoked or expired; or the version was
+        trained for another shared encoder than the one served.
+        UNAVAILABLE: the model is still loading (the server starts answering it within
+        seconds; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +95,21 @@ class SwapServiceServicer:
 
     def SwapStream(self, request_iterator, context):
         """Swaps a sequence of frames, e.g. a video. Responses come back in request order,
-        one per request; a frame that fails carries its error and the stream goes on.
+        one per request; a frame that fails carries its error (SwapStreamResponse.error) and
+        the stream goes on. See SwapStreamRequest for which settings persist.
+
+        Role: swap
+        Errors:
+        INVALID_ARGUMENT: a message before any identity was named (the first message must
+        carry one).
+        UNAVAILABLE: the model is still loading.
+        Frame errors:
+        INVALID_ARGUMENT: the frame is empty, cannot be decoded or is over max_image_pixels;
+        the identity is not a valid name; malformed options or output.
+        NOT_FOUND: the identity or version does not exist; or options.require_face is set
+        and the frame shows no face.
+        FAILED_PRECONDITION: the identity's consent is revoked or expired; or the version was
+        trained for another shared encoder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +117,13 @@ class SwapServiceServicer:
 
     def Encode(self, request, context):
         """Runs the shared encoder over aligned face crops and returns their latents.
+
+        Role: swap
+        Errors:
+        INVALID_ARGUMENT: no crops, more than max_faces_per_request, or over
+        max_request_pixels together; a crop is empty, cannot be decoded or is over
+        max_image_pixels; format is not a LatentFormat.
+        UNAVAILABLE: the model is still loading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +131,18 @@ class SwapServiceServicer:
 
     def Decode(self, request, context):
         """Runs an identity's decoder over latents and returns faces (and masks).
+
+        Role: swap
+        Errors:
+        INVALID_ARGUMENT: no latents or more than max_faces_per_request; a latent whose
+        shape is not the encoder's, whose format is unspecified or unknown, whose data has
+        the wrong length or non-finite values, or without encoder_fingerprint; identity
+        empty or not a valid name; output quality not 1-100.
+        NOT_FOUND: the identity or the requested version does not exist.
+        FAILED_PRECONDITION: a latent was made by another encoder (encoder_fingerprint);
+        the identity's consent is revoked or expired; or the version was trained for
+        another encoder.
+        UNAVAILABLE: the model is still loading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +150,10 @@ class SwapServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Describes the loaded model: encoder fingerprint, resolution, latent shape, device.
+
+        Role: any
+        Errors:
+        UNAVAILABLE: the model is still loading (or no encoder is stored yet).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +197,9 @@ def add_SwapServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SwapService:
     """Runs the model: swap faces, or work with latents directly.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     @staticmethod

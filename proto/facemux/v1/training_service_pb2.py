@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from facemux.v1 import types_pb2 as facemux_dot_v1_dot_types__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!facemux/v1/training_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\"6\n\x15UploadDatasetMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ligned\x18\x02 \x01(\x08\"y\n\x14UploadDatasetRequest\x12\x35\n\x08metadata\x18\x01 \x01(\x0b\x32!.facemux.v1.UploadDatasetMetadataH\x00\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x11.facemux.v1.ImageH\x00\x42\x06\n\x04part\".\n\rRejectedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63\x65s\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x12\n\nresolution\x18\x04 \x01(\r\x12\x12\n\nupdated_at\x18\x05 \x01(\t\"\x90\x01\n\x15UploadDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.facemux.v1.Dataset\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12+\n\x08rejected\x18\x04 \x03(\x0b\x32\x19.facemux.v1.RejectedImage\"\x15\n\x13ListDatasetsRequest\"=\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.facemux.v1.Dataset\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"\x97\x01\n\x14TrainHyperParameters\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x1d\n\x15\x65ncoder_learning_rate\x18\x04 \x01(\x02\x12\x18\n\x10\x63heckpoint_every\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xcf\x01\n\x0cTrainRequest\x12#\n\x04mode\x18\x01 \x01(\x0e\x32\x15.facemux.v1.TrainMode\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x03 \x03(\t\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12:\n\x10hyper_parameters\x18\x05 \x01(\x0b\x32 .facemux.v1.TrainHyperParameters\x12*\n\x07\x63onsent\x18\x06 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\"-\n\rTrainResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job\"\x88\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.facemux.v1.TrainMode\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.facemux.v1.JobState\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x05 \x03(\t\x12\x0c\n\x04step\x18\x06 \x01(\r\x12\r\n\x05steps\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\x12\x16\n\x0eresult_version\x18\x0b \x01(\r\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x0c \x01(\t\"-\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\"\x80\x02\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job\x12\x38\n\x06losses\x18\x02 \x03(\x0b\x32(.facemux.v1.WatchJobResponse.LossesEntry\x12\x1b\n\x13\x65xamples_per_second\x18\x03 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x04 \x01(\x02\x12\"\n\x07preview\x18\x05 \x01(\x0b\x32\x11.facemux.v1.Image\x12\x0f\n\x07message\x18\x06 \x01(\t\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job\"7\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.facemux.v1.JobState\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.facemux.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job*Y\n\tTrainMode\x12\x1a\n\x16TRAIN_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRAIN_MODE_IDENTITY\x10\x01\x12\x17\n\x13TRAIN_MODE_PRETRAIN\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xeb\x04\n\x0fTrainingService\x12V\n\rUploadDataset\x12 .facemux.v1.UploadDatasetRequest\x1a!.facemux.v1.UploadDatasetResponse(\x01\x12Q\n\x0cListDatasets\x12\x1f.facemux.v1.ListDatasetsRequest\x1a .facemux.v1.ListDatasetsResponse\x12T\n\rDeleteDataset\x12 .facemux.v1.DeleteDatasetRequest\x1a!.facemux.v1.DeleteDatasetResponse\x12<\n\x05Train\x12\x18.facemux.v1.TrainRequest\x1a\x19.facemux.v1.TrainResponse\x12G\n\x08WatchJob\x12\x1b.facemux.v1.WatchJobRequest\x1a\x1c.facemux.v1.WatchJobResponse0\x01\x12?\n\x06GetJob\x12\x19.facemux.v1.GetJobRequest\x1a\x1a.facemux.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.facemux.v1.ListJobsRequest\x1a\x1c.facemux.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.facemux.v1.CancelJobRequest\x1a\x1d.facemux.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!facemux/v1/training_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x15UploadDatasetMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61ligned\x18\x02 \x01(\x08\"y\n\x14UploadDatasetRequest\x12\x35\n\x08metadata\x18\x01 \x01(\x0b\x32!.facemux.v1.UploadDatasetMetadataH\x00\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x11.facemux.v1.ImageH\x00\x42\x06\n\x04part\".\n\rRejectedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x80\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66\x61\x63\x65s\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x12\n\nresolution\x18\x04 \x01(\r\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xab\x01\n\x15UploadDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.facemux.v1.Dataset\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12+\n\x08rejected\x18\x04 \x03(\x0b\x32\x19.facemux.v1.RejectedImage\x12\x19\n\x11\x64uplicate_indices\x18\x05 \x03(\r\"\x15\n\x13ListDatasetsRequest\"=\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.facemux.v1.Dataset\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"\x97\x01\n\x14TrainHyperParameters\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x1d\n\x15\x65ncoder_learning_rate\x18\x04 \x01(\x02\x12\x18\n\x10\x63heckpoint_every\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\xcf\x01\n\x0cTrainRequest\x12#\n\x04mode\x18\x01 \x01(\x0e\x32\x15.facemux.v1.TrainMode\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x03 \x03(\t\x12\x0e\n\x06preset\x18\x04 \x01(\t\x12:\n\x10hyper_parameters\x18\x05 \x01(\x0b\x32 .facemux.v1.TrainHyperParameters\x12*\n\x07\x63onsent\x18\x06 \x01(\x0b\x32\x19.facemux.v1.ConsentRecord\"-\n\rTrainResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job\"\xc0\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.facemux.v1.TrainMode\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.facemux.v1.JobState\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x05 \x03(\t\x12\x0c\n\x04step\x18\x06 \x01(\r\x12\r\n\x05steps\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eresult_version\x18\x0b \x01(\r\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x0c \x01(\t\"-\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06replay\x18\x02 \x01(\x08\"\x80\x02\n\x10WatchJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job\x12\x38\n\x06losses\x18\x02 \x03(\x0b\x32(.facemux.v1.WatchJobResponse.LossesEntry\x12\x1b\n\x13\x65xamples_per_second\x18\x03 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x04 \x01(\x02\x12\"\n\x07preview\x18\x05 \x01(\x0b\x32\x11.facemux.v1.Image\x12\x0f\n\x07message\x18\x06 \x01(\t\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job\"7\n\x0fListJobsRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.facemux.v1.JobState\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.facemux.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.facemux.v1.Job*Y\n\tTrainMode\x12\x1a\n\x16TRAIN_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13TRAIN_MODE_IDENTITY\x10\x01\x12\x17\n\x13TRAIN_MODE_PRETRAIN\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xeb\x04\n\x0fTrainingService\x12V\n\rUploadDataset\x12 .facemux.v1.UploadDatasetRequest\x1a!.facemux.v1.UploadDatasetResponse(\x01\x12Q\n\x0cListDatasets\x12\x1f.facemux.v1.ListDatasetsRequest\x1a .facemux.v1.ListDatasetsResponse\x12T\n\rDeleteDataset\x12 .facemux.v1.DeleteDatasetRequest\x1a!.facemux.v1.DeleteDatasetResponse\x12<\n\x05Train\x12\x18.facemux.v1.TrainRequest\x1a\x19.facemux.v1.TrainResponse\x12G\n\x08WatchJob\x12\x1b.facemux.v1.WatchJobRequest\x1a\x1c.facemux.v1.WatchJobResponse0\x01\x12?\n\x06GetJob\x12\x19.facemux.v1.GetJobRequest\x1a\x1a.facemux.v1.GetJobResponse\x12\x45\n\x08ListJobs\x12\x1b.facemux.v1.ListJobsRequest\x1a\x1c.facemux.v1.ListJobsResponse\x12H\n\tCancelJob\x12\x1c.facemux.v1.CancelJobRequest\x1a\x1d.facemux.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,54 +35,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WATCHJOBRESPONSE_LOSSESENTRY']._loaded_options = None
   _globals['_WATCHJOBRESPONSE_LOSSESENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINMODE']._serialized_start=1950
-  _globals['_TRAINMODE']._serialized_end=2039
-  _globals['_JOBSTATE']._serialized_start=2042
-  _globals['_JOBSTATE']._serialized_end=2196
-  _globals['_UPLOADDATASETMETADATA']._serialized_start=73
-  _globals['_UPLOADDATASETMETADATA']._serialized_end=127
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=129
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=250
-  _globals['_REJECTEDIMAGE']._serialized_start=252
-  _globals['_REJECTEDIMAGE']._serialized_end=298
-  _globals['_DATASET']._serialized_start=300
-  _globals['_DATASET']._serialized_end=400
-  _globals['_UPLOADDATASETRESPONSE']._serialized_start=403
-  _globals['_UPLOADDATASETRESPONSE']._serialized_end=547
-  _globals['_LISTDATASETSREQUEST']._serialized_start=549
-  _globals['_LISTDATASETSREQUEST']._serialized_end=570
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=572
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=633
-  _globals['_DELETEDATASETREQUEST']._serialized_start=635
-  _globals['_DELETEDATASETREQUEST']._serialized_end=671
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=673
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=696
-  _globals['_TRAINHYPERPARAMETERS']._serialized_start=699
-  _globals['_TRAINHYPERPARAMETERS']._serialized_end=850
-  _globals['_TRAINREQUEST']._serialized_start=853
-  _globals['_TRAINREQUEST']._serialized_end=1060
-  _globals['_TRAINRESPONSE']._serialized_start=1062
-  _globals['_TRAINRESPONSE']._serialized_end=1107
-  _globals['_JOB']._serialized_start=1110
-  _globals['_JOB']._serialized_end=1374
-  _globals['_WATCHJOBREQUEST']._serialized_start=1376
-  _globals['_WATCHJOBREQUEST']._serialized_end=1421
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1424
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1680
-  _globals['_WATCHJOBRESPONSE_LOSSESENTRY']._serialized_start=1635
-  _globals['_WATCHJOBRESPONSE_LOSSESENTRY']._serialized_end=1680
-  _globals['_GETJOBREQUEST']._serialized_start=1682
-  _globals['_GETJOBREQUEST']._serialized_end=1709
-  _globals['_GETJOBRESPONSE']._serialized_start=1711
-  _globals['_GETJOBRESPONSE']._serialized_end=1757
-  _globals['_LISTJOBSREQUEST']._serialized_start=1759
-  _globals['_LISTJOBSREQUEST']._serialized_end=1814
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1816
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1865
-  _globals['_CANCELJOBREQUEST']._serialized_start=1867
-  _globals['_CANCELJOBREQUEST']._serialized_end=1897
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1899
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1948
-  _globals['_TRAININGSERVICE']._serialized_start=2199
-  _globals['_TRAININGSERVICE']._serialized_end=2818
+  _globals['_TRAINMODE']._serialized_start=2095
+  _globals['_TRAINMODE']._serialized_end=2184
+  _globals['_JOBSTATE']._serialized_start=2187
+  _globals['_JOBSTATE']._serialized_end=2341
+  _globals['_UPLOADDATASETMETADATA']._serialized_start=106
+  _globals['_UPLOADDATASETMETADATA']._serialized_end=160
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=162
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=283
+  _globals['_REJECTEDIMAGE']._serialized_start=285
+  _globals['_REJECTEDIMAGE']._serialized_end=331
+  _globals['_DATASET']._serialized_start=334
+  _globals['_DATASET']._serialized_end=462
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=465
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=636
+  _globals['_LISTDATASETSREQUEST']._serialized_start=638
+  _globals['_LISTDATASETSREQUEST']._serialized_end=659
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=661
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=722
+  _globals['_DELETEDATASETREQUEST']._serialized_start=724
+  _globals['_DELETEDATASETREQUEST']._serialized_end=760
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=762
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=785
+  _globals['_TRAINHYPERPARAMETERS']._serialized_start=788
+  _globals['_TRAINHYPERPARAMETERS']._serialized_end=939
+  _globals['_TRAINREQUEST']._serialized_start=942
+  _globals['_TRAINREQUEST']._serialized_end=1149
+  _globals['_TRAINRESPONSE']._serialized_start=1151
+  _globals['_TRAINRESPONSE']._serialized_end=1196
+  _globals['_JOB']._serialized_start=1199
+  _globals['_JOB']._serialized_end=1519
+  _globals['_WATCHJOBREQUEST']._serialized_start=1521
+  _globals['_WATCHJOBREQUEST']._serialized_end=1566
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1569
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1825
+  _globals['_WATCHJOBRESPONSE_LOSSESENTRY']._serialized_start=1780
+  _globals['_WATCHJOBRESPONSE_LOSSESENTRY']._serialized_end=1825
+  _globals['_GETJOBREQUEST']._serialized_start=1827
+  _globals['_GETJOBREQUEST']._serialized_end=1854
+  _globals['_GETJOBRESPONSE']._serialized_start=1856
+  _globals['_GETJOBRESPONSE']._serialized_end=1902
+  _globals['_LISTJOBSREQUEST']._serialized_start=1904
+  _globals['_LISTJOBSREQUEST']._serialized_end=1959
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1961
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2010
+  _globals['_CANCELJOBREQUEST']._serialized_start=2012
+  _globals['_CANCELJOBREQUEST']._serialized_end=2042
+  _globals['_CANCELJOBRESPONSE']._serialized_start=2044
+  _globals['_CANCELJOBRESPONSE']._serialized_end=2093
+  _globals['_TRAININGSERVICE']._serialized_start=2344
+  _globals['_TRAININGSERVICE']._serialized_end=2963
 # @@protoc_insertion_point(module_scope)

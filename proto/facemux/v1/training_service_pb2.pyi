@@ -1,4 +1,7 @@
+import datetime
+
 from facemux.v1 import types_pb2 as _types_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -67,20 +70,22 @@ class Dataset(_message.Message):
     faces: int
     content_hash: str
     resolution: int
-    updated_at: str
-    def __init__(self, name: _Optional[str] = ..., faces: _Optional[int] = ..., content_hash: _Optional[str] = ..., resolution: _Optional[int] = ..., updated_at: _Optional[str] = ...) -> None: ...
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., faces: _Optional[int] = ..., content_hash: _Optional[str] = ..., resolution: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UploadDatasetResponse(_message.Message):
-    __slots__ = ("dataset", "accepted", "duplicates", "rejected")
+    __slots__ = ("dataset", "accepted", "duplicates", "rejected", "duplicate_indices")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_INDICES_FIELD_NUMBER: _ClassVar[int]
     dataset: Dataset
     accepted: int
     duplicates: int
     rejected: _containers.RepeatedCompositeFieldContainer[RejectedImage]
-    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedImage, _Mapping]]] = ...) -> None: ...
+    duplicate_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ..., accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedImage, _Mapping]]] = ..., duplicate_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
@@ -162,11 +167,11 @@ class Job(_message.Message):
     step: int
     steps: int
     error: str
-    created_at: str
-    updated_at: str
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
     result_version: int
     encoder_fingerprint: str
-    def __init__(self, id: _Optional[str] = ..., mode: _Optional[_Union[TrainMode, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., identity: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., result_version: _Optional[int] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., mode: _Optional[_Union[TrainMode, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., identity: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result_version: _Optional[int] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
     __slots__ = ("id", "replay")

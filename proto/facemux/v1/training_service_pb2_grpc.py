@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class TrainingServiceStub:
     """Datasets of faces and the training jobs that turn them into decoders.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def __init__(self, channel):
@@ -79,11 +82,25 @@ class TrainingServiceStub:
 
 class TrainingServiceServicer:
     """Datasets of faces and the training jobs that turn them into decoders.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     def UploadDataset(self, request_iterator, context):
         """Uploads face images into a named dataset. Photos are detected and aligned
-        server-side; aligned crops are kept as they are; duplicates are skipped.
+        server-side; aligned crops are kept as they are; duplicates are skipped. An image
+        that cannot be used is rejected alone (UploadDatasetResponse.rejected); the errors
+        below refuse the whole upload, and then nothing is added.
+
+        Role: train
+        Errors:
+        INVALID_ARGUMENT: the metadata is missing, not first or sent twice; a message with
+        neither metadata nor image; name is not a valid dataset name; no images were sent.
+        RESOURCE_EXHAUSTED: the upload is over max_upload_bytes, sends more images than
+        max_dataset_faces, or would take the dataset past max_dataset_faces faces.
+        FAILED_PRECONDITION: another upload created the dataset at another resolution while
+        this one streamed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +108,9 @@ class TrainingServiceServicer:
 
     def ListDatasets(self, request, context):
         """Lists datasets.
+
+        Role: train
+        Errors: none of its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,13 +118,32 @@ class TrainingServiceServicer:
 
     def DeleteDataset(self, request, context):
         """Deletes a dataset (jobs already started keep their copy).
+
+        Role: train
+        Errors:
+        INVALID_ARGUMENT: name is not a valid dataset name.
+        NOT_FOUND: no dataset has that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Train(self, request, context):
-        """Starts a training job; it runs in a worker process and survives restarts.
+        """Starts a training job; it runs in a worker process and survives restarts. The request
+        is checked completely first: a refused one leaves no job behind.
+
+        Role: train
+        Errors:
+        INVALID_ARGUMENT: mode unspecified; hyper-parameters out of range or not finite; no
+        datasets, a dataset named twice or with an invalid name, an empty dataset; identity
+        mode without exactly one dataset or a valid identity; pretrain mode with identity
+        set or an unknown preset; a new identity without a complete, well-formed consent
+        record.
+        NOT_FOUND: a named dataset does not exist.
+        FAILED_PRECONDITION: the identity's consent is revoked or expired, or the request
+        carries a different record than the one in force; the consent sent is already
+        expired.
+        UNAVAILABLE: identity mode while the model is still loading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +151,10 @@ class TrainingServiceServicer:
 
     def WatchJob(self, request, context):
         """Streams a job's progress until it ends; re-attach any time.
+
+        Role: train
+        Errors:
+        NOT_FOUND: no job has that id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +162,10 @@ class TrainingServiceServicer:
 
     def GetJob(self, request, context):
         """Describes one job.
+
+        Role: train
+        Errors:
+        NOT_FOUND: no job has that id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,13 +173,21 @@ class TrainingServiceServicer:
 
     def ListJobs(self, request, context):
         """Lists jobs, newest first.
+
+        Role: train
+        Errors: none of its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Cancels a job; it checkpoints and stops.
+        """Cancels a job; it checkpoints and stops. Cancelling a job that has ended changes
+        nothing and returns it as it is.
+
+        Role: train
+        Errors:
+        NOT_FOUND: no job has that id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +246,9 @@ def add_TrainingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrainingService:
     """Datasets of faces and the training jobs that turn them into decoders.
+
+    Besides the errors listed per RPC, any call may end with the statuses listed under
+    "Errors of every RPC" in types.proto (credentials, roles, limits, request ids).
     """
 
     @staticmethod

@@ -22,33 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x63\x65mux/v1/types.proto\x12\nfacemux.v1\"`\n\x08RawImage\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.facemux.v1.PixelLayout\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.facemux.v1.RawImageH\x00\x42\x08\n\x06source\"v\n\rOutputOptions\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.facemux.v1.ImageFormat\x12\x0f\n\x07quality\x18\x02 \x01(\r\x12+\n\nraw_layout\x18\x03 \x01(\x0e\x32\x17.facemux.v1.PixelLayout\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"j\n\x06Latent\x12\r\n\x05shape\x18\x01 \x03(\r\x12&\n\x05\x64type\x18\x02 \x01(\x0e\x32\x17.facemux.v1.LatentDType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x04 \x01(\t\"\xa0\x01\n\rConsentRecord\x12\x13\n\x0b\x61ttested_by\x18\x01 \x01(\t\x12\x14\n\x0c\x65vidence_ref\x18\x02 \x01(\t\x12\x12\n\ngranted_at\x18\x03 \x01(\t\x12\r\n\x05scope\x18\x04 \x01(\t\x12\x12\n\nexpires_at\x18\x05 \x01(\t\x12\x12\n\nrevoked_at\x18\x06 \x01(\t\x12\x19\n\x11revocation_reason\x18\x07 \x01(\t*\x85\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x12\x14\n\x10IMAGE_FORMAT_RAW\x10\x04*\xa1\x01\n\x0bPixelLayout\x12\x1c\n\x18PIXEL_LAYOUT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_LAYOUT_RGB8\x10\x01\x12\x15\n\x11PIXEL_LAYOUT_BGR8\x10\x02\x12\x16\n\x12PIXEL_LAYOUT_RGBA8\x10\x03\x12\x16\n\x12PIXEL_LAYOUT_BGRA8\x10\x04\x12\x16\n\x12PIXEL_LAYOUT_GRAY8\x10\x05*b\n\x0bLatentDType\x12\x1d\n\x19LATENT_D_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15LATENT_D_TYPE_FLOAT32\x10\x01\x12\x19\n\x15LATENT_D_TYPE_FLOAT16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61\x63\x65mux/v1/types.proto\x12\nfacemux.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x08RawImage\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\'\n\x06layout\x18\x03 \x01(\x0e\x32\x17.facemux.v1.PixelLayout\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.facemux.v1.RawImageH\x00\x42\x08\n\x06source\"v\n\rOutputOptions\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.facemux.v1.ImageFormat\x12\x0f\n\x07quality\x18\x02 \x01(\r\x12+\n\nraw_layout\x18\x03 \x01(\x0e\x32\x17.facemux.v1.PixelLayout\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"l\n\x06Latent\x12\r\n\x05shape\x18\x01 \x03(\r\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.facemux.v1.LatentFormat\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x1b\n\x13\x65ncoder_fingerprint\x18\x04 \x01(\t\"\xf4\x01\n\rConsentRecord\x12\x13\n\x0b\x61ttested_by\x18\x01 \x01(\t\x12\x14\n\x0c\x65vidence_ref\x18\x02 \x01(\t\x12.\n\ngranted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05scope\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11revocation_reason\x18\x07 \x01(\t*\x85\x01\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x12\x14\n\x10IMAGE_FORMAT_RAW\x10\x04*\xa1\x01\n\x0bPixelLayout\x12\x1c\n\x18PIXEL_LAYOUT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_LAYOUT_RGB8\x10\x01\x12\x15\n\x11PIXEL_LAYOUT_BGR8\x10\x02\x12\x16\n\x12PIXEL_LAYOUT_RGBA8\x10\x03\x12\x16\n\x12PIXEL_LAYOUT_BGRA8\x10\x04\x12\x16\n\x12PIXEL_LAYOUT_GRAY8\x10\x05*c\n\x0cLatentFormat\x12\x1d\n\x19LATENT_FORMAT_UNSPECIFIED\x10\x00\x12\x19\n\x15LATENT_FORMAT_FLOAT32\x10\x01\x12\x19\n\x15LATENT_FORMAT_FLOAT16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facemux.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEFORMAT']._serialized_start=701
-  _globals['_IMAGEFORMAT']._serialized_end=834
-  _globals['_PIXELLAYOUT']._serialized_start=837
-  _globals['_PIXELLAYOUT']._serialized_end=998
-  _globals['_LATENTDTYPE']._serialized_start=1000
-  _globals['_LATENTDTYPE']._serialized_end=1098
-  _globals['_RAWIMAGE']._serialized_start=38
-  _globals['_RAWIMAGE']._serialized_end=134
-  _globals['_IMAGE']._serialized_start=136
-  _globals['_IMAGE']._serialized_end=209
-  _globals['_OUTPUTOPTIONS']._serialized_start=211
-  _globals['_OUTPUTOPTIONS']._serialized_end=329
-  _globals['_POINT']._serialized_start=331
-  _globals['_POINT']._serialized_end=360
-  _globals['_BOX']._serialized_start=362
-  _globals['_BOX']._serialized_end=427
-  _globals['_LATENT']._serialized_start=429
-  _globals['_LATENT']._serialized_end=535
-  _globals['_CONSENTRECORD']._serialized_start=538
-  _globals['_CONSENTRECORD']._serialized_end=698
+  _globals['_IMAGEFORMAT']._serialized_start=820
+  _globals['_IMAGEFORMAT']._serialized_end=953
+  _globals['_PIXELLAYOUT']._serialized_start=956
+  _globals['_PIXELLAYOUT']._serialized_end=1117
+  _globals['_LATENTFORMAT']._serialized_start=1119
+  _globals['_LATENTFORMAT']._serialized_end=1218
+  _globals['_RAWIMAGE']._serialized_start=71
+  _globals['_RAWIMAGE']._serialized_end=167
+  _globals['_IMAGE']._serialized_start=169
+  _globals['_IMAGE']._serialized_end=242
+  _globals['_OUTPUTOPTIONS']._serialized_start=244
+  _globals['_OUTPUTOPTIONS']._serialized_end=362
+  _globals['_POINT']._serialized_start=364
+  _globals['_POINT']._serialized_end=393
+  _globals['_BOX']._serialized_start=395
+  _globals['_BOX']._serialized_end=460
+  _globals['_LATENT']._serialized_start=462
+  _globals['_LATENT']._serialized_end=570
+  _globals['_CONSENTRECORD']._serialized_start=573
+  _globals['_CONSENTRECORD']._serialized_end=817
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -24,11 +27,11 @@ class PixelLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIXEL_LAYOUT_BGRA8: _ClassVar[PixelLayout]
     PIXEL_LAYOUT_GRAY8: _ClassVar[PixelLayout]
 
-class LatentDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class LatentFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    LATENT_D_TYPE_UNSPECIFIED: _ClassVar[LatentDType]
-    LATENT_D_TYPE_FLOAT32: _ClassVar[LatentDType]
-    LATENT_D_TYPE_FLOAT16: _ClassVar[LatentDType]
+    LATENT_FORMAT_UNSPECIFIED: _ClassVar[LatentFormat]
+    LATENT_FORMAT_FLOAT32: _ClassVar[LatentFormat]
+    LATENT_FORMAT_FLOAT16: _ClassVar[LatentFormat]
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
@@ -40,9 +43,9 @@ PIXEL_LAYOUT_BGR8: PixelLayout
 PIXEL_LAYOUT_RGBA8: PixelLayout
 PIXEL_LAYOUT_BGRA8: PixelLayout
 PIXEL_LAYOUT_GRAY8: PixelLayout
-LATENT_D_TYPE_UNSPECIFIED: LatentDType
-LATENT_D_TYPE_FLOAT32: LatentDType
-LATENT_D_TYPE_FLOAT16: LatentDType
+LATENT_FORMAT_UNSPECIFIED: LatentFormat
+LATENT_FORMAT_FLOAT32: LatentFormat
+LATENT_FORMAT_FLOAT16: LatentFormat
 
 class RawImage(_message.Message):
     __slots__ = ("width", "height", "layout", "data")
@@ -95,16 +98,16 @@ class Box(_message.Message):
     def __init__(self, x_min: _Optional[float] = ..., y_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_max: _Optional[float] = ...) -> None: ...
 
 class Latent(_message.Message):
-    __slots__ = ("shape", "dtype", "data", "encoder_fingerprint")
+    __slots__ = ("shape", "format", "data", "encoder_fingerprint")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
-    dtype: LatentDType
+    format: LatentFormat
     data: bytes
     encoder_fingerprint: str
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[LatentDType, str]] = ..., data: _Optional[bytes] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., format: _Optional[_Union[LatentFormat, str]] = ..., data: _Optional[bytes] = ..., encoder_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ConsentRecord(_message.Message):
     __slots__ = ("attested_by", "evidence_ref", "granted_at", "scope", "expires_at", "revoked_at", "revocation_reason")
@@ -117,9 +120,9 @@ class ConsentRecord(_message.Message):
     REVOCATION_REASON_FIELD_NUMBER: _ClassVar[int]
     attested_by: str
     evidence_ref: str
-    granted_at: str
+    granted_at: _timestamp_pb2.Timestamp
     scope: str
-    expires_at: str
-    revoked_at: str
+    expires_at: _timestamp_pb2.Timestamp
+    revoked_at: _timestamp_pb2.Timestamp
     revocation_reason: str
-    def __init__(self, attested_by: _Optional[str] = ..., evidence_ref: _Optional[str] = ..., granted_at: _Optional[str] = ..., scope: _Optional[str] = ..., expires_at: _Optional[str] = ..., revoked_at: _Optional[str] = ..., revocation_reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, attested_by: _Optional[str] = ..., evidence_ref: _Optional[str] = ..., granted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scope: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revocation_reason: _Optional[str] = ...) -> None: ...

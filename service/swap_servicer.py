@@ -1,115 +1,40 @@
-"""gRPC servicers: validate requests, call the runtime and store, build responses."""
+"""SwapService: validate a request, resolve the identity, run the model through the
+scheduler and answer with marked outputs."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
-import json
-import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 from facemux.models import imageio
-from facemux.models import provenance as prov
-from facemux.models.errors import (
-    FacemuxError,
-    InvalidInputError,
-    PreconditionError,
-)
+from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
 from facemux.models.faces import FaceTracker
 from facemux.service import convert
+from facemux.service import provenance as prov
+from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
-from facemux.service.consent import (
-    CONSENT_FIELDS,
-    Admission,
-    check_usable,
-    consent_for_upload,
-    validate_consent,
-)
+from facemux.service.consent import check_usable
 from facemux.service.errors import status_for
 from facemux.service.frames import FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
 from facemux.service.provenance import Provenance
+from facemux.service.request_ids import current_request_id
 from facemux.service.runtime import ResidentDecoder, Runtime
 from facemux.service.scheduler import Item, Op, Result, Scheduler
 from facemux.service.settings import Settings
-from facemux.service.store import IdentityRecord, Store, VersionRecord, validate_name
-from facemux.service.uploads import UploadCheck
-from facemux.v1 import (
-    identity_service_pb2 as ipb,
-)
-from facemux.v1 import (
-    identity_service_pb2_grpc as igrpc,
-)
-from facemux.v1 import (
-    swap_service_pb2 as spb,
-)
-from facemux.v1 import (
-    swap_service_pb2_grpc as sgrpc,
-)
-from facemux.v1 import (
-    types_pb2,
-)
+from facemux.service.store import IdentityRecord, Store, validate_name
+from facemux.v1 import swap_service_pb2 as spb
+from facemux.v1 import swap_service_pb2_grpc as sgrpc
+from facemux.v1 import types_pb2
 
-log = logging.getLogger(__name__)
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Self = TypeVar("Self")
 InputCrop = tuple[int, int, str]  # (width, height, format) of an aligned crop as sent
-
-
-async def _fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    if isinstance(exc, FacemuxError):
-        retry_after = getattr(exc, "retry_after", None)
-        hint = () if retry_after is None else (("retry-after", f"{retry_after:g}"),)
-        await context.abort(status_for(exc), str(exc), hint)
-    ref = uuid.uuid4().hex[:12]
-    log.exception("internal error, reference %s", ref, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {ref})")
-
-
-def unary(
-    method: Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Self, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    """Turn domain errors into statuses; anything unexpected becomes INTERNAL, logged."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def streaming(
-    method: Callable[[Self, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
-) -> Callable[[Self, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
-    @functools.wraps(method)
-    async def wrapper(
-        self: Self, request: Req, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Resp]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await _fail(context, exc)
-
-    return wrapper
 
 
 @dataclass
@@ -135,11 +60,6 @@ class IdentityMemo:
 
 # Identities whose records unary calls reuse at once; more are read from the store each time.
 MAX_SHARED_MEMOS = 1024
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    left = context.time_remaining()
-    return None if left is None else time.monotonic() + left
 
 
 class SwapServicer(sgrpc.SwapServiceServicer):
@@ -403,6 +323,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 "mark_id": mark_id or request_id,
                 "request_id": request_id,
                 "source_type": prov.COMPOSITE,
+                "regions": out.regions,  # the mark stays on the swapped faces
             }
             encoded = None
             if (
@@ -443,10 +364,10 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.SwapRequest, context: grpc.aio.ServicerContext
     ) -> spb.SwapResponse:
         kind = request.WhichOneof("input")
-        # Made up front: the watermark payload and the C2PA manifest carry it.
-        request_id = request.request_id or uuid.uuid4().hex
+        # The call's id (metadata x-request-id): the watermark payload and manifest carry it.
+        request_id = current_request_id.get() or uuid.uuid4().hex
         if kind == "frame":
-            deadline = _deadline(context)
+            deadline = call_deadline(context)
             img, out, resident = await self.budget.run(
                 await self._frame_pixels(request.frame),
                 deadline,
@@ -479,7 +400,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             request.faces.faces,
             request.options,
             request.output,
-            _deadline(context),
+            call_deadline(context),
             request_id,
         )
         resp.request_id = request_id
@@ -491,44 +412,50 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         request_iterator: AsyncIterator[spb.SwapStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[spb.SwapStreamResponse]:
-        identity, version = "", 0
+        identity, version, aligned = "", 0, False
         options, output = spb.SwapOptions(), types_pb2.OutputOptions()
         tracker: FaceTracker | None = None  # per stream: tracks faces between detections
         detect_every = 0
-        # Each frame's provenance marks carry "<stream id>:<frame index>".
-        stream_id = uuid.uuid4().hex[:16]
+        # Each frame's provenance marks carry "<the call's request id>:<frame index>".
+        stream_id = current_request_id.get() or uuid.uuid4().hex[:16]
         memo = IdentityMemo()  # the identity's record is read again only when it changes
         async for req in request_iterator:
-            if req.identity:
-                identity, version = req.identity, req.identity_version
+            # Settings persist until a message carries them again (field presence).
+            if req.HasField("identity"):
+                identity, version = req.identity, 0
+            if req.HasField("identity_version"):
+                version = req.identity_version
+            if req.HasField("aligned"):
+                aligned = req.aligned
             if req.HasField("options"):
                 options = req.options
             if req.HasField("output"):
                 output = req.output
-            if req.detect_every:
-                detect_every = req.detect_every
+            if req.HasField("detect_every") and req.detect_every != detect_every:
+                detect_every, tracker = req.detect_every, None
             if not identity:
                 raise InvalidInputError("the first SwapStream message must name the identity")
             mark = f"{stream_id}:{req.frame_index}"
             try:
-                if req.aligned:
+                if aligned:
                     r = await self._swap_faces(
                         identity,
                         version,
                         [req.frame],
                         options,
                         output,
-                        _deadline(context),
+                        call_deadline(context),
                         mark,
                         memo=memo,
                     )
                     self.metrics.frames_swapped()
                     frame, results, n = r.faces[0], list(r.results), r.faces_swapped
+                    used = r.identity_version
                 else:
                     if tracker is None:
                         tracker = await asyncio.to_thread(self.frames.tracker, detect_every)
-                    deadline = _deadline(context)
-                    frame, out, _ = await self.budget.run(
+                    deadline = call_deadline(context)
+                    frame, out, resident = await self.budget.run(
                         await self._frame_pixels(req.frame),
                         deadline,
                         "frame",
@@ -545,11 +472,14 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         memo,
                     )
                     results, n = out.results, out.faces_swapped
-            except (InvalidInputError, PreconditionError) as exc:
-                # A bad frame fails alone; the stream goes on.
+                    used = resident.version.version
+            except (InvalidInputError, NotFoundError, PreconditionError) as exc:
+                # A bad frame (or an identity that cannot be drawn now) fails alone; the
+                # stream goes on, and a later message may name another identity.
                 yield spb.SwapStreamResponse(
                     frame_index=req.frame_index,
                     error=spb.FrameError(code=status_for(exc).value[0], message=str(exc)),
+                    identity=identity,
                 )
                 continue
             yield spb.SwapStreamResponse(
@@ -558,24 +488,26 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                 results=results,
                 faces_swapped=n,
                 request_id=mark,
+                identity=identity,
+                identity_version=used,
             )
 
     def _prepare_encode(self, request: spb.EncodeRequest) -> list[int]:
         self.runtime.encoder()  # UNAVAILABLE while loading
         self._count(len(request.faces), "faces")
-        if request.dtype not in (
-            types_pb2.LATENT_D_TYPE_UNSPECIFIED,
-            types_pb2.LATENT_D_TYPE_FLOAT32,
-            types_pb2.LATENT_D_TYPE_FLOAT16,
+        if request.format not in (
+            types_pb2.LATENT_FORMAT_UNSPECIFIED,
+            types_pb2.LATENT_FORMAT_FLOAT32,
+            types_pb2.LATENT_FORMAT_FLOAT16,
         ):
-            raise InvalidInputError("dtype must be FLOAT32 or FLOAT16")
+            raise InvalidInputError("format must be LATENT_FORMAT_FLOAT32 or LATENT_FORMAT_FLOAT16")
         return self._face_pixels(request.faces)
 
     @unary
     async def Encode(
         self, request: spb.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> spb.EncodeResponse:
-        deadline = _deadline(context)
+        deadline = call_deadline(context)
         with self.scheduler.expect(len(request.faces)):
             sizes = await asyncio.to_thread(self._prepare_encode, request)
             batch, resized, _ = await self._decode_faces(request.faces, sizes, deadline)
@@ -583,7 +515,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         assert result.latents is not None
         fp = self.runtime.fingerprint
         return spb.EncodeResponse(
-            latents=[convert.latent_to_proto(z, request.dtype, fp) for z in result.latents],
+            latents=[convert.latent_to_proto(z, request.format, fp) for z in result.latents],
             encoder_fingerprint=fp,
             resized=resized,
             model_resolution=self.runtime.model_config().resolution,
@@ -606,7 +538,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self, request: spb.DecodeRequest, resident: ResidentDecoder, result: Result
     ) -> spb.DecodeResponse:
         assert result.faces is not None
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id.get() or uuid.uuid4().hex
         resp = spb.DecodeResponse(
             identity=request.identity,
             identity_version=resident.version.version,
@@ -637,7 +569,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         with self.scheduler.expect(len(request.latents)):
             z, resident = await asyncio.to_thread(self._prepare_decode, request)
             result = await self.scheduler.run(
-                Item(Op.DECODE, z, resident.decoder, _deadline(context))
+                Item(Op.DECODE, z, resident.decoder, call_deadline(context))
             )
         resp = await asyncio.to_thread(self._decode_response, request, resident, result)
         self.metrics.faces_swapped(request.identity, len(resp.faces))
@@ -659,177 +591,3 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             device=str(self.runtime.device),
             server_version=__version__,
         )
-
-
-def identity_to_proto(rec: IdentityRecord) -> ipb.Identity:
-    def version(v: VersionRecord) -> ipb.IdentityVersion:
-        return ipb.IdentityVersion(
-            version=v.version,
-            created_at=v.created_at,
-            decoder_fingerprint=v.decoder_fingerprint,
-            encoder_fingerprint=v.encoder_fingerprint,
-            preset=v.preset,
-            resolution=v.resolution,
-            size_bytes=v.size_bytes,
-            source=ipb.VERSION_SOURCE_TRAINED
-            if v.source == "trained"
-            else ipb.VERSION_SOURCE_UPLOADED,
-            job_id=v.job_id,
-            summary_json=json.dumps(v.summary, sort_keys=True) if v.summary else "",
-        )
-
-    return ipb.Identity(
-        name=rec.name,
-        display_name=rec.display_name,
-        default_version=rec.default_version,
-        versions=[version(v) for v in rec.versions],
-        consent=consent_to_proto(rec.consent),
-        created_at=rec.created_at,
-        consent_history=[consent_to_proto(c) for c in rec.consent_history],
-    )
-
-
-def consent_to_proto(consent: dict[str, str]) -> types_pb2.ConsentRecord:
-    # Stored records may carry keys the message has not (a history entry's replaced_at).
-    known = types_pb2.ConsentRecord.DESCRIPTOR.fields_by_name
-    return types_pb2.ConsentRecord(**{k: v for k, v in consent.items() if k in known})
-
-
-class IdentityServicer(igrpc.IdentityServiceServicer):
-    def __init__(self, settings: Settings, runtime: Runtime, store: Store) -> None:
-        self.settings = settings
-        self.runtime = runtime
-        self.store = store
-
-    @unary
-    async def RegisterIdentity(
-        self,
-        request_iterator: AsyncIterator[ipb.RegisterIdentityRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> ipb.RegisterIdentityResponse:
-        meta: ipb.RegisterIdentityMetadata | None = None
-        admitted: Admission | None = None
-        # Streamed into a staging file of the store, never held in memory; the file goes
-        # when the upload fails or the caller goes away (the with block's exit).
-        with self.store.new_upload() as upload:
-            check = UploadCheck(self.settings.max_checkpoint_bytes)
-            async for part in request_iterator:
-                kind = part.WhichOneof("part")
-                if kind == "metadata":
-                    if meta is not None:
-                        raise InvalidInputError("metadata was sent twice; send it once, first")
-                    meta = part.metadata
-                    validate_name(meta.name)
-                    # Before any bytes arrive: no consent, no upload.
-                    admitted = await asyncio.to_thread(
-                        consent_for_upload, self.store, meta.name, meta.consent
-                    )
-                    check.declared(meta.size_bytes)
-                elif kind == "chunk":
-                    if meta is None:
-                        raise InvalidInputError("the first message must carry the metadata")
-                    check.chunk(part.chunk)
-                    await asyncio.to_thread(upload.write, part.chunk)
-                else:
-                    raise InvalidInputError("empty RegisterIdentity message")
-            if meta is None or admitted is None:
-                raise InvalidInputError("RegisterIdentity stream had no metadata")
-            check.complete()
-            if meta.sha256 and upload.sha256 != meta.sha256.lower():
-                raise InvalidInputError(
-                    "checkpoint sha256 does not match metadata.sha256: upload corrupted"
-                )
-
-            def register() -> tuple[IdentityRecord, int]:
-                assert meta is not None and admitted is not None
-                dmeta = self.runtime.validate_decoder_upload(upload.path)
-                record = VersionRecord.for_decoder(dmeta)
-                rec = self.store.add_version(
-                    meta.name,
-                    upload,
-                    record,
-                    display_name=meta.display_name,
-                    make_default=meta.make_default,
-                    # Checked again under the store's lock: a revocation, deletion or
-                    # creation of the identity during the upload refuses the version.
-                    consent=admitted.new_identity_consent,
-                    expect=admitted.expect,
-                )
-                return rec, record.version
-
-            rec, version = await asyncio.to_thread(register)
-        log.info("registered identity %s v%d", rec.name, version)
-        return ipb.RegisterIdentityResponse(identity=identity_to_proto(rec), version=version)
-
-    @unary
-    async def ListIdentities(
-        self, request: ipb.ListIdentitiesRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.ListIdentitiesResponse:
-        size = request.page_size or 100
-        after = ""
-        if request.page_token:
-            try:
-                after = base64.b64decode(request.page_token, altchars=b"-_", validate=True).decode()
-            except ValueError:
-                raise InvalidInputError("page_token is not one this server issued") from None
-        records = [r for r in await asyncio.to_thread(self.store.list_identities) if r.name > after]
-        page = records[:size]
-        token = ""
-        if len(records) > size:
-            token = base64.urlsafe_b64encode(page[-1].name.encode()).decode()
-        return ipb.ListIdentitiesResponse(
-            identities=[identity_to_proto(r) for r in page], next_page_token=token
-        )
-
-    @unary
-    async def GetIdentity(
-        self, request: ipb.GetIdentityRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.GetIdentityResponse:
-        validate_name(request.name)
-        rec = await asyncio.to_thread(self.store.get, request.name)
-        return ipb.GetIdentityResponse(identity=identity_to_proto(rec))
-
-    @unary
-    async def DeleteIdentity(
-        self, request: ipb.DeleteIdentityRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.DeleteIdentityResponse:
-        validate_name(request.name)
-        deleted, gone = await asyncio.to_thread(self.store.delete, request.name, request.version)
-        self.runtime.cache.evict(request.name, 0 if gone else request.version)
-        log.info("deleted identity %s versions %s", request.name, deleted)
-        return ipb.DeleteIdentityResponse(deleted_versions=deleted, identity_deleted=gone)
-
-    @unary
-    async def SetDefaultVersion(
-        self, request: ipb.SetDefaultVersionRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.SetDefaultVersionResponse:
-        validate_name(request.name)
-        if request.version == 0:
-            raise InvalidInputError("version must be a stored version number (1 or more)")
-        rec = await asyncio.to_thread(self.store.set_default, request.name, request.version)
-        return ipb.SetDefaultVersionResponse(identity=identity_to_proto(rec))
-
-    @unary
-    async def RevokeConsent(
-        self, request: ipb.RevokeConsentRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.RevokeConsentResponse:
-        validate_name(request.name)
-        rec = await asyncio.to_thread(self.store.revoke_consent, request.name, request.reason[:500])
-        self.runtime.cache.evict(request.name)
-        return ipb.RevokeConsentResponse(identity=identity_to_proto(rec))
-
-    @unary
-    async def RecordConsent(
-        self, request: ipb.RecordConsentRequest, context: grpc.aio.ServicerContext
-    ) -> ipb.RecordConsentResponse:
-        validate_name(request.name)
-        given = request.consent
-        if given.revoked_at or given.revocation_reason:
-            raise InvalidInputError(
-                "consent.revoked_at and consent.revocation_reason are set by the server "
-                "(RevokeConsent); leave them empty"
-            )
-        record = validate_consent({f: getattr(given, f) for f in CONSENT_FIELDS})
-        rec = await asyncio.to_thread(self.store.record_consent, request.name, record)
-        log.info("new consent recorded for identity %s", rec.name)
-        return ipb.RecordConsentResponse(identity=identity_to_proto(rec))

@@ -1,0 +1,542 @@
+"""The invisible watermark on generated images (the pixel half of facemux's provenance marks).
+
+The EU AI Act (Article 50) asks providers of systems that generate synthetic images to mark
+outputs in a machine-readable way. facemux does it twice, because each mark fails where the
+other holds: a signed C2PA manifest (service/c2pa.py) is exact and attributable but lives in
+metadata, so stripping metadata or re-encoding removes it; this watermark, in the pixels,
+survives metadata stripping, JPEG re-encoding and modest resizing or cropping, but only says
+"facemux made this" plus a short payload.
+
+Scheme (our own; `invisible-watermark`'s dwtDct does not survive resizing): a keyed, periodic
+spread-spectrum pattern added to luminance. One tile of TILE x TILE pixels is a grid of
+CHIP x CHIP chips; half the chips carry a fixed pseudo-random sync pattern (the "facemux"
+marker), the other half the payload bits (48 bits: 32 payload + CRC-16), each bit spread
+over several chips with pseudo-random signs. The chips are rounded off (a circular Gaussian
+blur), so the pattern has no hard block edges.
+
+How strong it is where is a perceptual mask (``strength_map``): about one level on flat,
+bright areas, where any pattern shows, up to a few levels in texture and dark areas, where
+the eye does not see it. Rounding to 8 bits goes through a keyed dither, so a fraction of a
+level still adds up in the detector. On the 64 px synthetic faces the PSNR against the
+unmarked image is ~44 dB (the previous uniform +-3 levels: 38.6 dB).
+
+The tile repeats over the image, so the detector can:
+
+1. estimate a resize from the autocorrelation of the noise residual (the repetition period),
+2. undo it, fold the residual into one tile (summing every repetition: this is where the
+   gain comes from on large images),
+3. find the crop offset by circular cross-correlation with the sync pattern (FFT), and
+4. read the bits at that offset (each bit's matched filter) and check the CRC.
+
+A frame is marked only in its swapped face regions (``regions``), on the frame's own tile
+grid: the rest of the frame is the caller's, returned bit for bit. The detector needs no
+face finder for that: whitening gives the unmarked flat background almost no weight, and
+the mark in the face region folds as on a face crop.
+
+The key is public (derived from a constant seed): this is a disclosure mark, not a secret.
+Small images are the weak spot (bench/watermark.py has the rates): a 64 px crop is a single
+tile with nothing to fold. The detector reports the payload only when its CRC matches.
+
+This module imports no grpc (models layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+TILE = 64  # pixels per tile side at scale 1
+CHIP = 4  # pixels per chip side before smoothing: survives JPEG q75 and a 0.75x resize
+GRID = TILE // CHIP  # chips per tile side
+PAYLOAD_BYTES = 4  # 32 payload bits ...
+CRC_BITS = 16  # ... plus a CRC-16 = 48 coded bits
+CHASE_BITS = 6  # the decoder also tries flipping the 6 least reliable bits (64 CRC checks)
+N_BITS = PAYLOAD_BYTES * 8 + CRC_BITS
+
+# The carrier: the chip pattern blurred circularly (the tile still repeats seamlessly) by a
+# Gaussian of CARRIER_SIGMA pixels. Hard 4x4 block edges were what the eye saw on smooth
+# skin, and JPEG and resizing removed their high frequencies anyway.
+CARRIER_SIGMA = 0.6
+# The payload needs more energy than the marker (48 bits to read against one pattern to
+# find, and a marker whose payload reads counts as found, see CONFIRM_Z), so its chips are
+# the stronger ones.
+SYNC_WEIGHT = 0.9
+DATA_WEIGHT = 1.1
+CARRIER_CLIP = 1.5  # the carrier is clipped at this many RMS, then scaled to a peak of 1
+
+# Perceptual mask: the peak change of a pixel, in 8-bit levels, follows the local texture and
+# brightness, as just-noticeable-difference models have it: FLAT_LEVEL on flat areas, rising
+# by TEXTURE_GAIN per level of local mean absolute deviation up to TEXTURE_MAX where texture
+# hides it, and up to DARK_GAIN times more in dark areas (below DARK_LEVEL), where the eye's
+# contrast threshold rises.
+FLAT_LEVEL = 1.5
+TEXTURE_GAIN = 0.5
+TEXTURE_MAX = 2.25
+DARK_GAIN = 0.5
+DARK_LEVEL = 48.0
+
+# Sync z-score (peak of the normalised cross-correlation over all offsets and candidate
+# scales) above which the marker counts as present (bench/watermark.py prints the highest
+# unmarked score beside it).
+DETECT_Z = 6.0
+# Below DETECT_Z, a marker whose payload also reads (its CRC-16 matching, at most 64 tries)
+# counts as found from CONFIRM_Z up: on unmarked images that happens about once in a
+# thousand reads.
+CONFIRM_Z = 4.0
+
+# Detection reads at most a DETECT_WINDOW-square window from the image's centre. The mark
+# repeats every tile, so a window of 16 x 16 tiles already folds enough repetitions to find
+# it (and tolerates resizes up to 3x), while the residual and its FFTs, about 40 bytes per
+# pixel, no longer grow with the image: on a 6000 x 6000 image detection took seconds and
+# over a gigabyte.
+DETECT_WINDOW = 1024
+
+# The detector's high-pass (Gaussian sigma, pixels) and whitening constant (about the mark's
+# own residual variance).
+RESIDUAL_SIGMA = 1.5
+WHITEN_C = 2.0
+
+_SEED = int.from_bytes(hashlib.sha256(b"facemux-watermark-v1").digest()[:8], "little")
+
+
+def _patterns() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sync chip signs, bit index per chip (-1 = sync chip), data chip signs), GRID x GRID."""
+    rng = np.random.default_rng(_SEED)
+    n = GRID * GRID
+    order = rng.permutation(n)
+    is_sync = np.zeros(n, bool)
+    is_sync[order[: n // 2]] = True
+    bit_of = np.full(n, -1, np.int64)
+    data_chips = order[n // 2 :]
+    bit_of[data_chips] = np.arange(len(data_chips)) % N_BITS
+    sign = rng.choice(np.array([-1.0, 1.0]), size=n)
+    sync = np.where(is_sync, sign, 0.0)
+    data_sign = np.where(is_sync, 0.0, sign)
+    return sync.reshape(GRID, GRID), bit_of.reshape(GRID, GRID), data_sign.reshape(GRID, GRID)
+
+
+def _up(chips: np.ndarray) -> np.ndarray:
+    """Chip grid -> pixel tile (each chip a CHIP x CHIP block)."""
+    return np.kron(chips, np.ones((CHIP, CHIP)))
+
+
+def _gauss_response(sigma: float) -> np.ndarray:
+    """The (TILE, TILE) frequency response of a Gaussian blur, for circular filtering."""
+    f = np.fft.fftfreq(TILE)
+    g = np.exp(-2 * (np.pi * sigma * f) ** 2)
+    return np.outer(g, g)
+
+
+def _circular(tile: np.ndarray, response: np.ndarray) -> np.ndarray:
+    return np.fft.ifft2(np.fft.fft2(tile) * response).real
+
+
+_SYNC_CHIPS, _BIT_OF, _DATA_SIGN = _patterns()
+_BIT_TILE = _up(_BIT_OF.astype(np.float64)).astype(np.int64)
+_SMOOTH = _gauss_response(CARRIER_SIGMA)
+_SYNC_CARRIER = _circular(_up(_SYNC_CHIPS), _SMOOTH)
+_SYNC_BLOCKS = _up(_SYNC_CHIPS) * SYNC_WEIGHT
+_DATA_BLOCKS = _up(_DATA_SIGN) * DATA_WEIGHT
+_BIT_INDEX = np.maximum(_BIT_TILE, 0)
+# One smoothed carrier per coded bit: the tile for a payload is the sync carrier plus the
+# bits (+-1) times these, a (N, N_BITS) x (N_BITS, TILE * TILE) product for a batch.
+_BIT_CARRIERS = np.stack(
+    [
+        _circular(_up(np.where(np.equal(_BIT_OF, b), _DATA_SIGN, 0.0)), _SMOOTH)
+        for b in range(N_BITS)
+    ]
+)
+_CARRIER_RMS = float(
+    np.sqrt(
+        SYNC_WEIGHT**2 * (_SYNC_CARRIER**2).mean()
+        + DATA_WEIGHT**2 * (_BIT_CARRIERS.sum(0) ** 2).mean()
+    )
+)
+# The detector's matched filters: the carriers as its high-pass sees them.
+_HIGH_PASS = 1.0 - _gauss_response(RESIDUAL_SIGMA)
+_SYNC_FFT_CONJ = np.conj(np.fft.fft2(_SYNC_CARRIER) * _HIGH_PASS)
+_BIT_FILTERS = np.stack([_circular(c, _HIGH_PASS) for c in _BIT_CARRIERS]).reshape(N_BITS, -1)
+# A keyed dither in [0, 1): a change of 0.3 level becomes +1 on 30 % of the pixels rather than
+# nothing, so the weak mark of flat areas survives rounding to 8 bits on average.
+_DITHER = np.random.default_rng(_SEED + 1).random((TILE, TILE)).astype(np.float32)
+
+
+def _crc16(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE: tells a real payload from bits read out of noise."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def _coded_bits(payload: bytes) -> np.ndarray:
+    body = payload[:PAYLOAD_BYTES].ljust(PAYLOAD_BYTES, b"\0")
+    coded = body + _crc16(body).to_bytes(2, "big")
+    return np.unpackbits(np.frombuffer(coded, np.uint8)).astype(np.float32) * 2 - 1
+
+
+def payload_for(request_id: str) -> bytes:
+    """The 32-bit payload facemux embeds for a request id (a hash: ids are longer)."""
+    return hashlib.sha256(request_id.encode()).digest()[:PAYLOAD_BYTES]
+
+
+def _carriers(payloads: Sequence[bytes]) -> np.ndarray:
+    """(N, TILE, TILE) float32 carriers, peak 1, one per payload."""
+    bits = np.stack([_coded_bits(p) for p in payloads]).astype(np.float64)
+    # The chips as blocks, then rounded off (the smoothing is linear, so this is the sync
+    # carrier plus each bit's carrier; a batch of FFTs costs less than that product).
+    blocks = _SYNC_BLOCKS + bits[:, _BIT_INDEX] * _DATA_BLOCKS
+    tiles = np.fft.irfft2(np.fft.rfft2(blocks) * _SMOOTH[:, : TILE // 2 + 1], s=(TILE, TILE))
+    tiles = np.clip(tiles / (_CARRIER_RMS * CARRIER_CLIP), -1.0, 1.0)
+    return tiles.astype(np.float32)
+
+
+# -- embedding -------------------------------------------------------------------------------
+#
+# One description of the change (``_delta``), run by numpy on the host and by torch on the
+# model's device. It uses element-wise operations only (the blurs are sums of shifted slices,
+# each add and multiply its own IEEE operation, in a fixed order), so numpy, torch on the CPU
+# and torch on a GPU give the same pixels, and a batch the same pixels as its images one by
+# one.
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """The few array operations the change needs, from numpy (host paths: single-threaded,
+    no dispatch cost on small images) or torch (the model's device)."""
+
+    pad: Callable[[Any, int, int, int, str], Any]  # (N, H, W), before/after rows, after cols
+    floor: Callable[[Any], Any]
+    clamp: Callable[[Any, float, float], Any]
+    double: Callable[[Any, int], Any]  # nearest-neighbour 2x along an axis
+    tile: Callable[[Any, tuple[int, ...]], Any]
+
+
+def _np_pad(x: np.ndarray, before: int, after_y: int, after_x: int, mode: str) -> np.ndarray:
+    width = ((0, 0), (before, after_y), (before, after_x))
+    if mode == "reflect":
+        return np.pad(x, width, mode="reflect")
+    return np.pad(x, width, mode="edge")
+
+
+def _t_pad(x: Tensor, before: int, after_y: int, after_x: int, mode: str) -> Tensor:
+    return torch.nn.functional.pad(x[:, None], (before, after_x, before, after_y), mode=mode)[:, 0]
+
+
+_NUMPY = _Backend(
+    pad=_np_pad,
+    floor=np.floor,
+    clamp=np.clip,
+    double=lambda x, axis: np.repeat(x, 2, axis=axis),
+    tile=np.tile,
+)
+_TORCH = _Backend(
+    pad=_t_pad,
+    floor=torch.floor,
+    clamp=torch.clamp,
+    double=lambda x, axis: torch.repeat_interleave(x, 2, dim=axis),
+    tile=lambda x, reps: x.repeat(*reps),
+)
+
+
+def _blur(x: Any, ops: _Backend) -> Any:
+    """5-tap binomial blur (~ Gaussian, sigma 1) of (N, H, W), edges reflected, times 256:
+    [1, 2, 1] twice per axis, additions only."""
+    h, w = x.shape[-2:]
+    p = ops.pad(x, 2, 2, 2, "reflect" if min(h, w) > 2 else "replicate")
+    for _ in range(2):
+        mid = p[:, :, 1:-1]
+        p = p[:, :, :-2] + mid + mid + p[:, :, 2:]
+    for _ in range(2):
+        mid = p[:, 1:-1]
+        p = p[:, :-2] + mid + mid + p[:, 2:]
+    return p
+
+
+def _strength(y3: Any, ops: _Backend) -> Any:
+    """Peak change allowed per pixel (8-bit levels), the perceptual mask, from float32
+    (N, H, W) R + G + B: FLAT_LEVEL on flat, bright areas, more in texture and darkness.
+    Measured on a half-resolution copy (a quarter of the work; the mask is smooth anyway)."""
+    h, w = y3.shape[-2:]
+    if h % 2 or w % 2:
+        y3 = ops.pad(y3, 0, h % 2, w % 2, "replicate")
+    half = y3[:, 0::2, 0::2] + y3[:, 1::2, 0::2] + y3[:, 0::2, 1::2] + y3[:, 1::2, 1::2]
+    mean = _blur(half, ops)  # 3072 times the local mean luminance
+    texture = _blur(abs(half * 256.0 - mean), ops)  # 786432 times the mean abs. deviation
+    level = ops.clamp(texture * (TEXTURE_GAIN / 786432) + FLAT_LEVEL, 0.0, TEXTURE_MAX)
+    dark = ops.clamp(mean * (-1.0 / (3072 * DARK_LEVEL)) + 1.0, 0.0, 1.0)
+    level = level * (dark * DARK_GAIN + 1.0)
+    return ops.double(ops.double(level, 1), 2)[:, :h, :w]
+
+
+def _tiled(tile: Any, h: int, w: int, oy: int, ox: int, ops: _Backend) -> Any:
+    """(N, TILE, TILE) repeated over an (h, w) area whose top-left pixel is tile pixel
+    (oy, ox)."""
+    reps = (1, -(-(h + oy) // TILE), -(-(w + ox) // TILE))
+    return ops.tile(tile, reps)[:, oy : oy + h, ox : ox + w]
+
+
+def _delta(y3: Any, carriers: Any, dither: Any, origin: tuple[int, int], ops: _Backend) -> Any:
+    """The change, whole levels as float32 (N, H, W), for an area with R + G + B ``y3``;
+    carriers (N, TILE, TILE) and dither (1, TILE, TILE) alike; origin: where (y, x) the area
+    sits in the image whose tile grid it follows."""
+    h, w = y3.shape[-2:]
+    oy, ox = origin[0] % TILE, origin[1] % TILE
+    change = _strength(y3, ops) * _tiled(carriers, h, w, oy, ox, ops)
+    return ops.floor(change + _tiled(dither, h, w, oy, ox, ops))
+
+
+def _embed_t(rgb: Tensor, carriers: Tensor, origin: tuple[int, int] = (0, 0)) -> Tensor:
+    """The marked copy of uint8 (N, 3, H, W)."""
+    x = rgb.to(torch.int16)
+    y3 = (x[:, 0] + x[:, 1] + x[:, 2]).to(torch.float32)
+    dither = torch.from_numpy(_DITHER[None]).to(rgb.device)
+    delta = _delta(y3, carriers, dither, origin, _TORCH).to(torch.int16)
+    return (x + delta[:, None]).clamp_(0, 255).to(torch.uint8)
+
+
+def _embed_np(
+    rgb: np.ndarray, carriers: np.ndarray, origin: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """The marked copy of uint8 (N, H, W, 3): the same operations as ``_embed_t``, so the
+    same pixels."""
+    x = rgb.astype(np.int16)
+    y3 = (x[..., 0] + x[..., 1] + x[..., 2]).astype(np.float32)
+    x += _delta(y3, carriers, _DITHER[None], origin, _NUMPY).astype(np.int16)[..., None]
+    return np.clip(x, 0, 255, out=x).astype(np.uint8)
+
+
+Region = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, end exclusive
+
+
+def _merge(regions: Sequence[Region], h: int, w: int) -> list[Region]:
+    """Clipped to the image, overlapping regions merged (each pixel is marked once)."""
+    boxes = [(max(0, x0), max(0, y0), min(w, x1), min(h, y1)) for x0, y0, x1, y1 in regions]
+    boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    boxes[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes
+
+
+def embed_watermark_t(
+    rgb: Tensor, payload: bytes, regions: Sequence[Region] | None = None
+) -> Tensor:
+    """``embed_watermark`` for a uint8 (3, H, W) tensor on any device (a frame that stays on
+    the GPU between nvjpeg decode and encode); the same pixels as the array version."""
+    carrier = torch.from_numpy(_carriers([payload])).to(rgb.device)
+    if regions is None:
+        return _embed_t(rgb[None], carrier)[0]
+    out = rgb.clone()
+    for x0, y0, x1, y1 in _merge(regions, *rgb.shape[-2:]):
+        out[:, y0:y1, x0:x1] = _embed_t(rgb[None, :, y0:y1, x0:x1], carrier, (y0, x0))[0]
+    return out
+
+
+def embed_watermark(
+    rgb: np.ndarray, payload: bytes, regions: Sequence[Region] | None = None
+) -> np.ndarray:
+    """The marked copy of an (H, W, 3) uint8 RGB image.
+
+    The change is the same on R, G and B (luminance), so colour is untouched and JPEG's
+    full-resolution luma channel carries it. ``regions`` (x0, y0, x1, y1: a frame's swapped
+    faces) confine it: every other pixel is returned as it was, and the marked areas keep
+    the whole image's tile grid, so the detector sees one mark. Nothing is cached: every
+    request (and every stream frame) has its own payload."""
+    carrier = _carriers([payload])
+    if regions is None:
+        return _embed_np(rgb[None], carrier)[0]
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    for x0, y0, x1, y1 in _merge(regions, *rgb.shape[:2]):
+        out[y0:y1, x0:x1] = _embed_np(rgb[None, y0:y1, x0:x1], carrier, (y0, x0))[0]
+    return out
+
+
+def embed_watermark_batch_t(rgb: Tensor, payloads: list[bytes]) -> Tensor:
+    """``embed_watermark_t`` over a uint8 (N, 3, H, W) batch, one payload per image, in one
+    pass: the faces are marked where the model left them (on the GPU, before they come back
+    to the host)."""
+    if len(payloads) != rgb.shape[0]:
+        raise ValueError(f"{rgb.shape[0]} images but {len(payloads)} payloads")
+    return _embed_t(rgb, torch.from_numpy(_carriers(payloads)).to(rgb.device))
+
+
+def embed_watermark_batch(rgb: np.ndarray, payloads: list[bytes]) -> np.ndarray:
+    """``embed_watermark`` over a batch (N, H, W, 3) uint8, one payload per image, in one
+    vectorised pass: the same pixels as calling it image by image."""
+    if len(payloads) != rgb.shape[0]:
+        raise ValueError(f"{rgb.shape[0]} images but {len(payloads)} payloads")
+    return _embed_np(rgb, _carriers(payloads))
+
+
+# -- detection -------------------------------------------------------------------------------
+
+
+@dataclass
+class WatermarkResult:
+    found: bool  # the facemux marker is present
+    payload: bytes | None  # the 32-bit payload, only when its CRC matched
+    confidence: float  # sync z-score (see DETECT_Z)
+    scale: float = 1.0  # estimated resize factor of the image relative to the marked one
+
+
+def _residual(rgb: np.ndarray) -> np.ndarray:
+    """High-pass luminance, locally normalised: the watermark stands out, content does not."""
+    y = rgb.astype(np.float32) if rgb.ndim == 2 else rgb.astype(np.float32).mean(axis=2)
+    r = y - cv2.GaussianBlur(y, (0, 0), RESIDUAL_SIGMA)
+    # Weight each pixel by the inverse of its local residual variance (a Wiener-style
+    # whitening): edges and texture, where content dwarfs the mark, count little; flat skin
+    # and background, where the mark is most of the residual, count most.
+    return r / (cv2.GaussianBlur(r * r, (0, 0), 1.5) + WHITEN_C)
+
+
+def _period_candidates(res: np.ndarray) -> list[float]:
+    """Repetition periods (pixels, per axis averaged) suggested by the autocorrelation."""
+    h, w = res.shape
+    if min(h, w) < 2 * TILE * 0.5:
+        return []
+    f = np.fft.rfft2(res - res.mean())
+    ac = np.fft.irfft2(np.abs(f) ** 2, s=res.shape)
+    ac /= ac[0, 0] + 1e-9
+    lo, hi = int(TILE * 0.45), min(int(TILE * 2.2), h // 2, w // 2)
+    if hi <= lo + 2:
+        return []
+    # Sum the horizontal and vertical axes (isotropic resize); a small band around each axis
+    # keeps the peak when the period is not an integer.
+    prof = ac[0, lo:hi] + ac[lo:hi, 0] + 0.5 * (ac[1, lo:hi] + ac[lo:hi, 1])
+    cands: list[float] = []
+    for i in np.argsort(prof)[::-1][:3]:
+        p = lo + float(i)
+        if 0 < i < len(prof) - 1:  # parabolic sub-pixel refinement
+            a, b, c = prof[i - 1], prof[i], prof[i + 1]
+            den = a - 2 * b + c
+            if den < 0:
+                p += 0.5 * (a - c) / den
+        cands += [p, p / 2]
+    return cands
+
+
+def _fold(res: np.ndarray) -> np.ndarray:
+    h, w = res.shape
+    ph, pw = -(-h // TILE) * TILE, -(-w // TILE) * TILE
+    padded = np.zeros((ph, pw), np.float32)
+    padded[:h, :w] = res
+    return padded.reshape(ph // TILE, TILE, pw // TILE, TILE).sum(axis=(0, 2))
+
+
+def _try_scale(
+    res_full: np.ndarray, scale: float, template_conj: np.ndarray = _SYNC_FFT_CONJ
+) -> tuple[float, np.ndarray, tuple[int, int]]:
+    """Undo a resize by `scale`, fold, locate the template (the sync pattern unless told):
+    (z, folded tile, offset)."""
+    if abs(scale - 1.0) > 1e-3:
+        h, w = res_full.shape
+        size = (max(1, round(w / scale)), max(1, round(h / scale)))
+        res = cv2.resize(res_full, size, interpolation=cv2.INTER_LINEAR)
+    else:
+        res = res_full
+    folded = _fold(res)
+    corr = np.fft.ifft2(np.fft.fft2(folded) * template_conj).real
+    std = corr.std() + 1e-9
+    idx = int(np.argmax(corr))
+    z = float((corr.flat[idx] - corr.mean()) / std)
+    dy, dx = divmod(idx, TILE)
+    return z, folded, (dy, dx)
+
+
+def detect_watermark(rgb: np.ndarray) -> tuple[bool, bytes | None, float]:
+    """(marker found, payload or None, confidence z-score) for an RGB (or gray) uint8 image."""
+    r = detect_watermark_full(rgb)
+    return r.found, r.payload, r.confidence
+
+
+def detect_watermark_full(rgb: np.ndarray) -> WatermarkResult:
+    h, w = rgb.shape[:2]
+    y0, x0 = max(0, (h - DETECT_WINDOW) // 2), max(0, (w - DETECT_WINDOW) // 2)
+    return _detect(_residual(rgb[y0 : y0 + DETECT_WINDOW, x0 : x0 + DETECT_WINDOW]))
+
+
+def _scales(res: np.ndarray) -> list[float]:
+    """Scale 1 always; the autocorrelation's periods otherwise. A few fixed scales cover
+    images too small for the autocorrelation (a resized single tile)."""
+    scales = [1.0] + [p / TILE for p in _period_candidates(res)]
+    if min(res.shape) < 2 * TILE:
+        scales += [0.75, 0.5, 1.25, 1.5, 2.0]
+    out: list[float] = []
+    for s in scales:
+        if 0.3 <= s <= 3.0 and all(abs(s - t) >= 0.002 for t in out):
+            out.append(s)
+    return out
+
+
+def _best(
+    res: np.ndarray, template_conj: np.ndarray = _SYNC_FFT_CONJ
+) -> tuple[float, np.ndarray, tuple[int, int], float]:
+    best: tuple[float, np.ndarray, tuple[int, int], float] | None = None
+    for s in _scales(res):
+        z, folded, off = _try_scale(res, s, template_conj)
+        if best is None or z > best[0]:
+            best = (z, folded, off, s)
+    assert best is not None
+    return best
+
+
+def match_watermark(rgb: np.ndarray, payload: bytes) -> float:
+    """How strongly an image carries one known payload's mark (the z-score of the whole
+    pattern, marker and payload chips together, at its best offset and scale; present from
+    DETECT_Z up). Reading an unknown payload needs more signal than recognising a known one,
+    so this answers "did request X make this image?" for images too small, or too degraded,
+    for ``detect_watermark`` to read the payload."""
+    h, w = rgb.shape[:2]
+    y0, x0 = max(0, (h - DETECT_WINDOW) // 2), max(0, (w - DETECT_WINDOW) // 2)
+    res = _residual(rgb[y0 : y0 + DETECT_WINDOW, x0 : x0 + DETECT_WINDOW])
+    template = np.conj(np.fft.fft2(_carriers([payload])[0]) * _HIGH_PASS)
+    return _best(res, template)[0]
+
+
+def _detect(res: np.ndarray) -> WatermarkResult:
+    z, folded, (dy, dx), scale = _best(res)
+    payload = _read_payload(folded, dy, dx) if z >= CONFIRM_Z else None
+    return WatermarkResult(z >= DETECT_Z or payload is not None, payload, z, scale)
+
+
+def _read_payload(folded: np.ndarray, dy: int, dx: int) -> bytes | None:
+    aligned = np.roll(folded, (-dy, -dx), axis=(0, 1)).reshape(-1)
+    soft = _BIT_FILTERS @ aligned.astype(np.float64)  # each bit's matched filter
+    hard = (soft > 0).astype(np.uint8)
+    # Chase decoding: a bit read from few chips is the one most likely wrong, so try the
+    # combinations of flips of the least reliable ones; the CRC picks the real payload.
+    weak = np.argsort(np.abs(soft))[:CHASE_BITS]
+    for combo in range(1 << CHASE_BITS):
+        bits = hard.copy()
+        for j, pos in enumerate(weak):
+            if combo >> j & 1:
+                bits[pos] ^= 1
+        coded = np.packbits(bits).tobytes()
+        body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
+        if _crc16(body) == crc:
+            return body
+    return None
