@@ -1,6 +1,7 @@
 """Real-photo face pipeline: detect, landmark, align, mask, colour-correct, paste back, track.
 
-No gRPC here: numpy, OpenCV, dlib. The model is a callback (``SwapCrops``) so this package
+No gRPC here: numpy, OpenCV and dlib on the host, torch for the same pixel work on a device
+(:mod:`.tensor`). The model is a callback (``SwapCrops``) so this package
 does not care how crops are batched or on which device they run.
 
     detector = make_detector("hog")
