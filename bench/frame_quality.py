@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from facemux.client import FacemuxClient
-from facemux.models import faces as fp
+from facemux.models import faces as facelib
 from facemux.models import synth
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
@@ -63,7 +63,7 @@ def astronaut(client: FacemuxClient, identity: str) -> None:
     box = np.array([face.box.x_min, face.box.y_min, face.box.x_max, face.box.y_max])
     changed = np.any(out != img, axis=2)
     ys, xs = np.nonzero(changed)
-    detector, landmarks = fp.HogDetector(), fp.LandmarkPredictor(5)
+    detector, landmarks = facelib.HogDetector(), facelib.LandmarkPredictor(5)
     before = landmarks.predict(img, box)
     found = detector.detect(out)
     after = landmarks.predict(out, found[0].box if found else box)
@@ -85,12 +85,12 @@ def astronaut(client: FacemuxClient, identity: str) -> None:
 
 
 def box_of(lm: np.ndarray) -> np.ndarray:
-    return fp.box_from_landmarks(lm)
+    return facelib.box_from_landmarks(lm)
 
 
 def synthetic(client: FacemuxClient, identity: str, n: int, save: Path | None) -> None:
     rng = np.random.default_rng(7)
-    landmarks = fp.LandmarkPredictor(5)
+    landmarks = facelib.LandmarkPredictor(5)
     shifts: list[float] = []
     base_shifts: list[float] = []
     a, b = synth.identity_from_seed(A_SEED), synth.identity_from_seed(B_SEED)

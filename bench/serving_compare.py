@@ -316,10 +316,10 @@ def compare(preset: str, args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix=f"facemux-bench-serving-{preset}-") as tmp:
         root = Path(tmp)
         store = make_store(root / "store", preset)
-        # The signer `facemux serve` would generate for itself (store/provenance), shared
-        # with the archive so both servers sign every answer.
-        c2pa.generate_test_signer(root / "store" / "provenance")
-        signer = root / "store" / "provenance"
+        # The signer `facemux serve` would generate for itself (Store.keys), shared with
+        # the archive so both servers sign every answer.
+        c2pa.generated_signer(store.keys)
+        chain, key = store.keys.paths(c2pa.TEST_SIGNER)
         signed = args.provenance == "on"
         export_torchserve(
             store,
@@ -327,8 +327,8 @@ def compare(preset: str, args: argparse.Namespace) -> list[Row]:
             root / "mars",
             batch_size=BATCH,
             max_batch_delay_ms=WAIT_MS,
-            c2pa_cert=signer / "test-signer-chain.pem" if signed else None,
-            c2pa_key=signer / "test-signer-key.pem" if signed else None,
+            c2pa_cert=chain if signed else None,
+            c2pa_key=key if signed else None,
         )
         torch.set_num_threads(args.threads)
 

@@ -627,10 +627,10 @@ def save_decoder(
     return meta
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Readers see the old file or the new one, never a partial write, even on power loss:
     temp file in the same directory (same filesystem, so rename is atomic), fsync, rename,
-    fsync the directory so the rename itself is durable."""
+    fsync the directory so the rename itself is durable. `mode` 0o600 for secrets."""
     directory = path.parent
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -640,7 +640,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
                 # mkstemp makes 0600; checkpoints are meant to be read by other processes.
-                os.fchmod(f.fileno(), 0o644)
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

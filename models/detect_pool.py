@@ -68,13 +68,17 @@ class HogPool:
     that takes longer than ``timeout_s`` (a hung worker) raises TimeoutError and the pool's
     processes are replaced."""
 
-    def __init__(self, processes: int, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, processes: int, timeout_s: float = 30.0, start_timeout_s: float = 60.0
+    ) -> None:
         if processes < 1:
             raise ValueError(f"a pool needs at least one process, got {processes}")
         self.processes = processes
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self._started: ProcessPoolExecutor | None = None
         self._closed = False
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -89,16 +93,29 @@ class HogPool:
                 )
             return self._pool
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float | None = None) -> None:
         """Start every worker now, so the first frames do not wait for them."""
+        self._started_pool(timeout)
+
+    def _started_pool(self, timeout: float | None = None) -> ProcessPoolExecutor:
         pool = self._executor()
-        for f in [pool.submit(_ping) for _ in range(self.processes)]:
-            f.result(timeout=timeout)
+        self._ensure_started(pool, timeout)
+        return pool
+
+    def _ensure_started(self, pool: ProcessPoolExecutor, timeout: float | None = None) -> None:
+        # A spawned worker takes a while to start (longer on a busy machine); that time must
+        # not count against ``timeout_s``, which is there to catch a hung detection.
+        if self._started is not pool:
+            wait_s = self.start_timeout_s if timeout is None else timeout
+            for f in [pool.submit(_ping) for _ in range(self.processes)]:
+                f.result(timeout=wait_s)
+            self._started = pool
 
     def detect(self, gray: NDArray[Any], upsample: int, threshold: float) -> list[Rect]:
         for attempt in range(2):
             pool = self._executor()
             try:
+                self._ensure_started(pool)
                 return pool.submit(_detect, gray, upsample, threshold).result(self.timeout_s)
             except BrokenProcessPool:
                 # A worker died (killed, out of memory): the pool is unusable from then on.

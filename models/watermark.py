@@ -10,9 +10,9 @@ survives metadata stripping, JPEG re-encoding and modest resizing or cropping, b
 Scheme (our own; `invisible-watermark`'s dwtDct does not survive resizing): a keyed, periodic
 spread-spectrum pattern added to luminance. One tile of TILE x TILE pixels is a grid of
 CHIP x CHIP chips; half the chips carry a fixed pseudo-random sync pattern (the "facemux"
-marker), the other half the payload bits (48 bits: 32 payload + CRC-16), each bit spread
-over several chips with pseudo-random signs. The chips are rounded off (a circular Gaussian
-blur), so the pattern has no hard block edges.
+marker), the other half the payload (32 bits + CRC-16, convolutionally encoded to 108
+bits), each coded bit on one or two chips with pseudo-random signs. The chips are rounded
+off (a circular Gaussian blur), so the pattern has no hard block edges.
 
 How strong it is where is a perceptual mask (``strength_map``): about one level on flat,
 bright areas, where any pattern shows, up to a few levels in texture and dark areas, where
@@ -26,7 +26,8 @@ The tile repeats over the image, so the detector can:
 2. undo it, fold the residual into one tile (summing every repetition: this is where the
    gain comes from on large images),
 3. find the crop offset by circular cross-correlation with the sync pattern (FFT), and
-4. read the bits at that offset (each bit's matched filter) and check the CRC.
+4. correlate each coded bit's matched filter at that offset, decode the soft values with
+   Viterbi and check the CRC.
 
 A frame is marked only in its swapped face regions (``regions``), on the frame's own tile
 grid: the rest of the frame is the caller's, returned bit for bit. The detector needs no
@@ -59,17 +60,24 @@ TILE = 64  # pixels per tile side at scale 1
 CHIP = 4  # pixels per chip side before smoothing: survives JPEG q75 and a 0.75x resize
 GRID = TILE // CHIP  # chips per tile side
 PAYLOAD_BYTES = 4  # 32 payload bits ...
-CRC_BITS = 16  # ... plus a CRC-16 = 48 coded bits
-CHASE_BITS = 6  # the decoder also tries flipping the 6 least reliable bits (64 CRC checks)
-N_BITS = PAYLOAD_BYTES * 8 + CRC_BITS
+CRC_BITS = 16  # ... plus a CRC-16 = 48 message bits ...
+# ... through a rate-1/2 convolutional code (constraint length 7, the usual 171/133 octal
+# generators, 6 zero tail bits): 108 coded bits, decoded by soft-decision Viterbi. Hard
+# per-bit decisions on the 48 bits (with flips of the least reliable ones) read the payload
+# of 55 % of the bench's 640x480 frames after JPEG q75 + 0.75x resize + 10 % crop; the code
+# reads all of them, and each read is a single CRC check (fewer chance matches).
+CONV_K = 7
+CONV_POLYS = (0o171, 0o133)
+MESSAGE_BITS = PAYLOAD_BYTES * 8 + CRC_BITS
+N_BITS = (MESSAGE_BITS + CONV_K - 1) * len(CONV_POLYS)
 
 # The carrier: the chip pattern blurred circularly (the tile still repeats seamlessly) by a
 # Gaussian of CARRIER_SIGMA pixels. Hard 4x4 block edges were what the eye saw on smooth
 # skin, and JPEG and resizing removed their high frequencies anyway.
 CARRIER_SIGMA = 0.6
-# The payload needs more energy than the marker (48 bits to read against one pattern to
-# find, and a marker whose payload reads counts as found, see CONFIRM_Z), so its chips are
-# the stronger ones.
+# The payload needs more energy than the marker (48 message bits to read against one
+# pattern to find, and a marker whose payload reads counts as found, see CONFIRM_Z), so its
+# chips are the stronger ones.
 SYNC_WEIGHT = 0.9
 DATA_WEIGHT = 1.1
 CARRIER_CLIP = 1.5  # the carrier is clipped at this many RMS, then scaled to a peak of 1
@@ -89,9 +97,9 @@ DARK_LEVEL = 48.0
 # scales) above which the marker counts as present (bench/watermark.py prints the highest
 # unmarked score beside it).
 DETECT_Z = 6.0
-# Below DETECT_Z, a marker whose payload also reads (its CRC-16 matching, at most 64 tries)
-# counts as found from CONFIRM_Z up: on unmarked images that happens about once in a
-# thousand reads.
+# Below DETECT_Z, a marker whose payload also reads (its CRC-16 matching, one Viterbi
+# decode at the sync's scale and at most len(SCALE_STEPS) more) counts as found from
+# CONFIRM_Z up: on unmarked images a chance match is about one in 13,000.
 CONFIRM_Z = 4.0
 
 # Detection reads at most a DETECT_WINDOW-square window from the image's centre. The mark
@@ -101,10 +109,22 @@ CONFIRM_Z = 4.0
 # over a gigabyte.
 DETECT_WINDOW = 1024
 
+# Autocorrelation peaks tried as the repetition period (each also halved): local maxima,
+# since host content (a cat's fur) after JPEG + resize + crop made the samples around one
+# high peak crowd out the mark's own period.
+PERIOD_PEAKS = 3
+# Relative scale refinements the payload is also read at when it does not read at the sync's.
+SCALE_STEPS = (-0.006, 0.006, -0.012, 0.012)
+
 # The detector's high-pass (Gaussian sigma, pixels) and whitening constant (about the mark's
-# own residual variance).
+# own residual variance). The matched filters are the carriers high-passed alike; the payload
+# bits' filters, on an image downscaled below RESIZED_BELOW, also blurred by MATCH_BLUR
+# pixels: what a 0.75x resize (and the detector's upsampling back) leaves of them. The sync
+# search keeps the sharp filter: blurred, it found the marker less often on small images.
 RESIDUAL_SIGMA = 1.5
 WHITEN_C = 2.0
+MATCH_BLUR = 1.0
+RESIZED_BELOW = 0.95
 
 _SEED = int.from_bytes(hashlib.sha256(b"facemux-watermark-v1").digest()[:8], "little")
 
@@ -162,10 +182,21 @@ _CARRIER_RMS = float(
         + DATA_WEIGHT**2 * (_BIT_CARRIERS.sum(0) ** 2).mean()
     )
 )
-# The detector's matched filters: the carriers as its high-pass sees them.
+# The detector's matched filters: the carriers as its high-pass sees them, the bits' blurred
+# too for a downscaled image (see MATCH_BLUR).
 _HIGH_PASS = 1.0 - _gauss_response(RESIDUAL_SIGMA)
-_SYNC_FFT_CONJ = np.conj(np.fft.fft2(_SYNC_CARRIER) * _HIGH_PASS)
-_BIT_FILTERS = np.stack([_circular(c, _HIGH_PASS) for c in _BIT_CARRIERS]).reshape(N_BITS, -1)
+_HIGH_PASS_RESIZED = _HIGH_PASS * _gauss_response(MATCH_BLUR)
+_SYNC_FFT = np.fft.fft2(_SYNC_CARRIER)
+_BIT_FILTERS = {
+    resized: np.stack([_circular(c, response) for c in _BIT_CARRIERS]).reshape(N_BITS, -1)
+    for resized, response in ((False, _HIGH_PASS), (True, _HIGH_PASS_RESIZED))
+}
+
+
+def _resized(scale: float) -> bool:
+    return scale < RESIZED_BELOW
+
+
 # A keyed dither in [0, 1): a change of 0.3 level becomes +1 on 30 % of the pixels rather than
 # nothing, so the weak mark of flat areas survives rounding to 8 bits on average.
 _DITHER = np.random.default_rng(_SEED + 1).random((TILE, TILE)).astype(np.float32)
@@ -182,10 +213,62 @@ def _crc16(data: bytes) -> int:
     return crc
 
 
-def _coded_bits(payload: bytes) -> np.ndarray:
+_STATES = 1 << (CONV_K - 1)
+# Output bits of every shift-register content (the new bit at the top, the state below).
+_CONV_OUT = np.array(
+    [[bin(reg & g).count("1") & 1 for g in CONV_POLYS] for reg in range(2 * _STATES)], np.uint8
+)
+
+
+def _message(payload: bytes) -> np.ndarray:
     body = payload[:PAYLOAD_BYTES].ljust(PAYLOAD_BYTES, b"\0")
-    coded = body + _crc16(body).to_bytes(2, "big")
-    return np.unpackbits(np.frombuffer(coded, np.uint8)).astype(np.float32) * 2 - 1
+    return np.unpackbits(np.frombuffer(body + _crc16(body).to_bytes(2, "big"), np.uint8))
+
+
+def _encode(messages: np.ndarray) -> np.ndarray:
+    """Coded bits as +-1 float32 (N, N_BITS) of (N, MESSAGE_BITS) message bits: the shift
+    register's taps as shifted copies of the message, so a batch costs a few array adds."""
+    n = len(messages)
+    tail = np.zeros((n, CONV_K - 1), np.uint8)
+    # Register bit i at step t holds message bit t - (CONV_K - 1 - i) (zeros before the start).
+    padded = np.concatenate([tail, messages, tail], axis=1)
+    steps = MESSAGE_BITS + CONV_K - 1
+    out = np.zeros((n, steps, len(CONV_POLYS)), np.uint8)
+    for k, poly in enumerate(CONV_POLYS):
+        for i in range(CONV_K):
+            if poly >> i & 1:
+                out[:, :, k] ^= padded[:, i : i + steps]
+    return out.reshape(n, -1).astype(np.float32) * 2 - 1
+
+
+def _coded_bits(payload: bytes) -> np.ndarray:
+    """The payload's coded bits as +-1: CRC appended, then convolutionally encoded."""
+    return _encode(_message(payload)[None])[0]
+
+
+def _viterbi(soft: np.ndarray) -> np.ndarray:
+    """The message bits most likely sent, from each coded bit's soft correlation (positive
+    = 1): maximum likelihood over every path through the code's trellis that ends in the
+    zero state (the tail)."""
+    steps = len(soft) // len(CONV_POLYS)
+    branch = soft.reshape(steps, len(CONV_POLYS)) @ (_CONV_OUT.astype(np.float64) * 2 - 1).T
+    # State s' is reached from register contents 2 s' and 2 s' + 1 (the bit shifted out).
+    regs = 2 * np.arange(_STATES)[:, None] + np.arange(2)
+    prev = regs & (_STATES - 1)
+    metric = np.full(_STATES, -np.inf)
+    metric[0] = 0.0
+    choice = np.empty((steps, _STATES), np.int64)
+    for t in range(steps):
+        cand = metric[prev] + branch[t][regs]
+        choice[t] = np.argmax(cand, axis=1)
+        metric = cand[np.arange(_STATES), choice[t]]
+    bits = np.empty(steps, np.uint8)
+    state = 0
+    for t in range(steps - 1, -1, -1):
+        reg = 2 * state + int(choice[t, state])
+        bits[t] = reg >> (CONV_K - 1)
+        state = reg & (_STATES - 1)
+    return bits[:MESSAGE_BITS]
 
 
 def payload_for(request_id: str) -> bytes:
@@ -195,7 +278,7 @@ def payload_for(request_id: str) -> bytes:
 
 def _carriers(payloads: Sequence[bytes]) -> np.ndarray:
     """(N, TILE, TILE) float32 carriers, peak 1, one per payload."""
-    bits = np.stack([_coded_bits(p) for p in payloads]).astype(np.float64)
+    bits = _encode(np.stack([_message(p) for p in payloads])).astype(np.float64)
     # The chips as blocks, then rounded off (the smoothing is linear, so this is the sync
     # carrier plus each bit's carrier; a batch of FFTs costs less than that product).
     blocks = _SYNC_BLOCKS + bits[:, _BIT_INDEX] * _DATA_BLOCKS
@@ -427,8 +510,12 @@ def _period_candidates(res: np.ndarray) -> list[float]:
     # Sum the horizontal and vertical axes (isotropic resize); a small band around each axis
     # keeps the peak when the period is not an integer.
     prof = ac[0, lo:hi] + ac[lo:hi, 0] + 0.5 * (ac[1, lo:hi] + ac[lo:hi, 1])
+    # Local maxima only: the samples either side of one peak are not other candidates.
+    peak = np.ones(len(prof), bool)
+    peak[1:] &= prof[1:] >= prof[:-1]
+    peak[:-1] &= prof[:-1] >= prof[1:]
     cands: list[float] = []
-    for i in np.argsort(prof)[::-1][:3]:
+    for i in [int(j) for j in np.argsort(prof)[::-1] if peak[j]][:PERIOD_PEAKS]:
         p = lo + float(i)
         if 0 < i < len(prof) - 1:  # parabolic sub-pixel refinement
             a, b, c = prof[i - 1], prof[i], prof[i + 1]
@@ -448,10 +535,10 @@ def _fold(res: np.ndarray) -> np.ndarray:
 
 
 def _try_scale(
-    res_full: np.ndarray, scale: float, template_conj: np.ndarray = _SYNC_FFT_CONJ
+    res_full: np.ndarray, scale: float, template: np.ndarray = _SYNC_FFT
 ) -> tuple[float, np.ndarray, tuple[int, int]]:
-    """Undo a resize by `scale`, fold, locate the template (the sync pattern unless told):
-    (z, folded tile, offset)."""
+    """Undo a resize by `scale`, fold, locate the template (the FFT of a carrier tile, the
+    sync pattern unless told): (z, folded tile, offset)."""
     if abs(scale - 1.0) > 1e-3:
         h, w = res_full.shape
         size = (max(1, round(w / scale)), max(1, round(h / scale)))
@@ -459,7 +546,7 @@ def _try_scale(
     else:
         res = res_full
     folded = _fold(res)
-    corr = np.fft.ifft2(np.fft.fft2(folded) * template_conj).real
+    corr = np.fft.ifft2(np.fft.fft2(folded) * np.conj(template * _HIGH_PASS)).real
     std = corr.std() + 1e-9
     idx = int(np.argmax(corr))
     z = float((corr.flat[idx] - corr.mean()) / std)
@@ -493,11 +580,11 @@ def _scales(res: np.ndarray) -> list[float]:
 
 
 def _best(
-    res: np.ndarray, template_conj: np.ndarray = _SYNC_FFT_CONJ
+    res: np.ndarray, template: np.ndarray = _SYNC_FFT
 ) -> tuple[float, np.ndarray, tuple[int, int], float]:
     best: tuple[float, np.ndarray, tuple[int, int], float] | None = None
     for s in _scales(res):
-        z, folded, off = _try_scale(res, s, template_conj)
+        z, folded, off = _try_scale(res, s, template)
         if best is None or z > best[0]:
             best = (z, folded, off, s)
     assert best is not None
@@ -513,30 +600,28 @@ def match_watermark(rgb: np.ndarray, payload: bytes) -> float:
     h, w = rgb.shape[:2]
     y0, x0 = max(0, (h - DETECT_WINDOW) // 2), max(0, (w - DETECT_WINDOW) // 2)
     res = _residual(rgb[y0 : y0 + DETECT_WINDOW, x0 : x0 + DETECT_WINDOW])
-    template = np.conj(np.fft.fft2(_carriers([payload])[0]) * _HIGH_PASS)
-    return _best(res, template)[0]
+    return _best(res, np.fft.fft2(_carriers([payload])[0]))[0]
 
 
 def _detect(res: np.ndarray) -> WatermarkResult:
     z, folded, (dy, dx), scale = _best(res)
-    payload = _read_payload(folded, dy, dx) if z >= CONFIRM_Z else None
+    payload = _read_payload(folded, dy, dx, scale) if z >= CONFIRM_Z else None
+    if payload is None and z >= CONFIRM_Z:
+        # The sync peak's scale is not always the payload's best: a few tenths of a pixel of
+        # period drift over the folded repetitions blur the bits more than the sync. Each
+        # further read is one more CRC-16 check (a chance match once in 65536).
+        for step in SCALE_STEPS:
+            _, f2, (y2, x2) = _try_scale(res, scale * (1.0 + step))
+            payload = _read_payload(f2, y2, x2, scale * (1.0 + step))
+            if payload is not None:
+                break
     return WatermarkResult(z >= DETECT_Z or payload is not None, payload, z, scale)
 
 
-def _read_payload(folded: np.ndarray, dy: int, dx: int) -> bytes | None:
+def _read_payload(folded: np.ndarray, dy: int, dx: int, scale: float) -> bytes | None:
     aligned = np.roll(folded, (-dy, -dx), axis=(0, 1)).reshape(-1)
-    soft = _BIT_FILTERS @ aligned.astype(np.float64)  # each bit's matched filter
-    hard = (soft > 0).astype(np.uint8)
-    # Chase decoding: a bit read from few chips is the one most likely wrong, so try the
-    # combinations of flips of the least reliable ones; the CRC picks the real payload.
-    weak = np.argsort(np.abs(soft))[:CHASE_BITS]
-    for combo in range(1 << CHASE_BITS):
-        bits = hard.copy()
-        for j, pos in enumerate(weak):
-            if combo >> j & 1:
-                bits[pos] ^= 1
-        coded = np.packbits(bits).tobytes()
-        body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
-        if _crc16(body) == crc:
-            return body
-    return None
+    # Each coded bit's matched filter.
+    soft = _BIT_FILTERS[_resized(scale)] @ aligned.astype(np.float64)
+    coded = np.packbits(_viterbi(soft)).tobytes()
+    body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
+    return body if _crc16(body) == crc else None

@@ -16,11 +16,15 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from facemux.models import imageio, safe_json
 from facemux.models.errors import FacemuxError
+
+if TYPE_CHECKING:
+    from facemux.service.store import KeyStore
 
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 TRAINED = "trainedAlgorithmicMedia"  # a whole image drawn by the model (aligned crops)
@@ -63,18 +67,31 @@ class C2paReport:
         return f"valid signature, trusted issuer ({self.issuer})"
 
 
+# The name the generated signer is kept under (Store.keys).
+TEST_SIGNER = "test-signer"
+
+
+def generated_signer(keys: KeyStore) -> SignerConfig:
+    """The test signer kept in `keys`, made on first use; for demos only."""
+    chain, key = keys.signing_key(TEST_SIGNER, _make_test_signer)
+    return SignerConfig(chain, key, test_only=True)
+
+
 def generate_test_signer(directory: Path) -> SignerConfig:
-    """A test CA and an ES256 leaf in `directory` (kept across restarts), for demos only.
+    """The test signer kept in `directory` (see LocalKeyStore), made on first use."""
+    from facemux.service.store import LocalKeyStore
+
+    return generated_signer(LocalKeyStore(directory))
+
+
+def _make_test_signer() -> tuple[bytes, bytes]:
+    """A test CA and an ES256 leaf: (chain PEM, key PEM).
 
     c2pa refuses self-signed end-entity certificates, hence the two-level chain."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    cert_path, key_path = directory / "test-signer-chain.pem", directory / "test-signer-key.pem"
-    if cert_path.exists() and key_path.exists():
-        return SignerConfig(cert_path.read_bytes(), key_path.read_bytes(), test_only=True)
 
     def name(cn: str) -> x509.Name:
         return x509.Name(
@@ -136,11 +153,7 @@ def generate_test_signer(directory: Path) -> SignerConfig:
     key_pem = key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path.write_bytes(chain)
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key_pem)
-    return SignerConfig(chain, key_pem, test_only=True)
+    return chain, key_pem
 
 
 class C2paSigner:

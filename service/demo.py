@@ -1,17 +1,21 @@
 """`facemux demo`: the whole product on one machine, with nothing to download.
 
 1. render two synthetic people (A and B) in many random states;
-2. train the `tiny` preset (one shared encoder, one decoder each) for a fixed time budget;
+2. train one decoder each, for a fixed time budget, against the shared encoder shipped with
+   facemux (the `tiny` preset pretrained on other synthetic people, frozen here): how a
+   deployment adds new identities. ``--encoder scratch`` trains the encoder too, from nothing;
 3. publish the encoder in a fresh store and start a real server on a free port;
 4. register both decoders over gRPC, as any client would;
-5. swap A->B and B->A on states never seen in training, through the client, and write a
-   labelled before/after grid next to the ground truth (B rendered in A's state).
+5. swap A->B and B->A on states never seen in training, through the client, score the face
+   region (SSIM, PSNR) against the ground truth (B rendered in A's state) and write a
+   labelled before/after grid.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -21,10 +25,11 @@ import cv2
 import numpy as np
 import torch
 from facemux.client import FacemuxClient
-from facemux.models import checkpoint, synth
+from facemux.models import checkpoint, demo_encoder, synth
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.models.pretrain import DEFAULT_LATENT_ADVERSARY, GRAD_CLIP
+from facemux.models.scores import face_scores
 from facemux.models.trainer import Progress, TrainConfig, Trainer
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
@@ -48,9 +53,25 @@ def _blend(face: np.ndarray, mask: np.ndarray, onto: np.ndarray) -> np.ndarray:
     return (face * alpha + onto * (1.0 - alpha)).round().astype(np.uint8)
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+def _auto_threads() -> tuple[int, str]:
+    """torch's default (one intra-op thread per core), or one thread when other work already
+    keeps the cores busy: every op then waits for its slowest thread, and a step measured
+    8x the CPU time on 2 threads as on 1 (bench/train_recipe.py)."""
+    cores = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return cores, ""
+    if cores > 1 and load >= cores - 0.5:
+        return 1, f" (load average {load:.1f} on {cores} cores: other work is running)"
+    return cores, ""
+
+
+def _mean_scores(pred: np.ndarray, truth: np.ndarray, face: np.ndarray) -> tuple[float, float]:
+    ssim, psnr = np.mean(
+        [face_scores(p, t, m) for p, t, m in zip(pred, truth, face, strict=True)], axis=0
+    )
+    return float(ssim), float(psnr)
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -86,9 +107,21 @@ def _grid(rows: list[tuple[str, np.ndarray]], scale: int = 3) -> np.ndarray:
 
 
 def run(
-    out: Path, seconds: float, faces: int, batch: int, lr: float, seed: int, max_steps: int
+    out: Path,
+    seconds: float,
+    faces: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    max_steps: int,
+    encoder_source: str = "shipped",
+    threads: int = 0,
 ) -> Path:
     t_start = time.perf_counter()
+    threads_why = ""
+    if threads <= 0:
+        threads, threads_why = _auto_threads()
+    torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     store_dir = out / "store"
     if store_dir.exists():
@@ -103,28 +136,44 @@ def run(
         imgs, msks = _render_set(p, synth.make_states(faces, seed=seed * 100 + i), res)
         data[n], masks[n] = torch.from_numpy(imgs), torch.from_numpy(msks)
 
-    print(
-        f"[2/5] training the tiny preset (shared encoder + 2 decoders) for up to "
-        f"{seconds:.0f}s on {torch.get_num_threads()} CPU thread(s)"
-    )
-    encoder = build_encoder(cfg, seed=seed)
-    decoders = {n: build_decoder(cfg, seed=seed + 1 + i) for i, n in enumerate(NAMES)}
+    shipped = encoder_source == "shipped"
+    if shipped:
+        encoder, enc_bytes, enc_fp = demo_encoder.load()
+        print(
+            f"[2/5] training 2 decoders for up to {seconds:.0f}s on "
+            f"{torch.get_num_threads()} CPU thread(s){threads_why},\n      against the shipped "
+            f"tiny encoder {enc_fp[:16]} (frozen; pretrained on other synthetic people),\n"
+            "      each decoder starting from one of that pretraining's decoders"
+        )
+    else:
+        encoder = build_encoder(cfg, seed=seed)
+        print(
+            f"[2/5] training the tiny preset (shared encoder + 2 decoders) from scratch for up "
+            f"to {seconds:.0f}s on {torch.get_num_threads()} CPU thread(s){threads_why}"
+        )
+    if shipped:
+        # Each new decoder starts as one of the pretraining's: it already draws a face from
+        # this encoder's latents, and has only to become this person.
+        decoders = {n: demo_encoder.starter_decoder(enc_fp) for n in NAMES}
+    else:
+        decoders = {n: build_decoder(cfg, seed=seed + 1 + i) for i, n in enumerate(NAMES)}
     trainer = Trainer(
         encoder,
         decoders,
         data,
         # The training jobs' recipe (facemux.models.pretrain): warm-up, cosine decay, clipped
-        # gradients and the latent critic.
+        # gradients; from scratch also the latent critic. A frozen encoder has no critic.
         TrainConfig(
             steps=max_steps,
             batch_size=batch,
             lr=lr,
+            encoder_lr=0.0 if shipped else None,
             seed=seed,
             log_every=100,
             lr_schedule="cosine",
             warmup_steps=100,
             grad_clip=GRAD_CLIP,
-            latent_adversary=DEFAULT_LATENT_ADVERSARY,
+            latent_adversary=0.0 if shipped else DEFAULT_LATENT_ADVERSARY,
         ),
         masks=masks,
     )
@@ -153,20 +202,20 @@ def run(
 
     print("[3/5] publishing the encoder to a fresh store and starting the server")
     encoder.eval()
-    enc_bytes, enc_meta = checkpoint.encoder_to_bytes(encoder, cfg, summary)
-    LocalStore(store_dir).put_encoder(enc_bytes, enc_meta.fingerprint)
+    if not shipped:
+        enc_bytes, enc_meta = checkpoint.encoder_to_bytes(encoder, cfg, summary)
+        enc_fp = enc_meta.fingerprint
+    LocalStore(store_dir).put_encoder(enc_bytes, enc_fp)
     dec_dir = out / "decoders"
     dec_dir.mkdir(exist_ok=True)
     for n, dec in decoders.items():
-        checkpoint.save_decoder(
-            dec_dir / f"{n}.safetensors", dec.eval(), cfg, enc_meta.fingerprint, n, summary
-        )
+        checkpoint.save_decoder(dec_dir / f"{n}.safetensors", dec.eval(), cfg, enc_fp, n, summary)
 
     settings = Settings(port=0, store=store_dir, auth="off", audit_log=str(out / "audit.log"))
     with ServerThread(settings) as server, FacemuxClient(server.target) as client:
         client.wait_ready(60)
         print(
-            f"      serving encoder {enc_meta.fingerprint[:16]} on {server.target} "
+            f"      serving encoder {enc_fp[:16]} on {server.target} "
             "(auth OFF: a demo on loopback; audit trail in audit.log)"
         )
         print("[4/5] registering both decoders over gRPC")
@@ -191,19 +240,17 @@ def run(
             states = synth.make_states(8, seed=10_000 + 17 * seed + k)
             src, _ = _render_set(people[a], states, res)
             truth, face = _render_set(people[b], states, res)  # b in a's states
-            inside = face > 0  # score the face region: the part a swap replaces
             swapped = client.swap_faces(list(src), b, output_format="png", return_masks=True)
             got = np.stack([_decode(f) for f in swapped.faces])
             alpha = np.stack([_decode_gray(m) for m in swapped.masks])
             blended = _blend(got, alpha, src)
             # Baseline: the right person in the wrong state (the next crop's latent).
             shift = np.roll(np.arange(len(got)), 1)
+            # Scored inside the face, the part a swap replaces; per crop, then averaged.
             table.append(
                 (
                     f"{a} -> {b}",
-                    _psnr(got[inside], truth[inside]),
-                    _psnr(src[inside], truth[inside]),
-                    _psnr(got[shift][inside], truth[inside]),
+                    *(_mean_scores(pred, truth, face) for pred in (got, src, got[shift])),
                 )
             )
             rows += [
@@ -213,10 +260,10 @@ def run(
                 (f"{b} in {a}'s\nstate (truth)", truth),
             ]
 
-    print("\n      PSNR in dB of the face region against the ground truth (higher is better)")
-    print(f"      {'pair':16s} {'swap':>7s} {'no swap':>8s} {'wrong state':>12s}")
-    for name, s, base, wrong in table:
-        print(f"      {name:16s} {s:7.2f} {base:8.2f} {wrong:12.2f}")
+    print("\n      face region against the ground truth: SSIM / PSNR dB (higher is better)")
+    print(f"      {'pair':16s} {'swap':>13s} {'no swap':>13s} {'wrong state':>13s}")
+    for name, *cells in table:
+        print(f"      {name:16s} " + " ".join(f"{s:5.3f} / {p:5.2f}" for s, p in cells))
     grid_path = out / "demo_grid.png"
     cv2.imwrite(str(grid_path), cv2.cvtColor(_grid(rows), cv2.COLOR_RGB2BGR))
     print(
@@ -231,13 +278,36 @@ def run(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="facemux demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("facemux-demo"), help="output directory")
-    p.add_argument("--seconds", type=float, default=160.0, help="training time budget")
+    p.add_argument("--seconds", type=float, default=150.0, help="training time budget")
     p.add_argument("--max-steps", type=int, default=100_000, help="training step cap")
     p.add_argument("--faces", type=int, default=1500, help="training faces per identity")
     p.add_argument("--batch", type=int, default=8, help="faces per identity per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (cosine decay)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--encoder",
+        choices=("shipped", "scratch"),
+        default="shipped",
+        help="shipped: train the decoders against facemux's pretrained encoder (frozen); "
+        "scratch: train the encoder too, from random weights",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: one per core, or 1 when other work keeps the cores busy)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    run(args.out, args.seconds, args.faces, args.batch, args.lr, args.seed, args.max_steps)
+    run(
+        args.out,
+        args.seconds,
+        args.faces,
+        args.batch,
+        args.lr,
+        args.seed,
+        args.max_steps,
+        args.encoder,
+        args.threads,
+    )
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from facemux.models import faces as fp
+from facemux.models import faces as facelib
 from facemux.models.errors import (
     InvalidInputError,
     NotFoundError,
@@ -49,8 +49,8 @@ _BLEND = {
     spb.BLEND_MODE_SEAMLESS: "seamless",
 }
 _SKIP = {
-    fp.SKIP_NOT_SELECTED: spb.SKIP_REASON_NOT_SELECTED,
-    fp.SKIP_OVER_LIMIT: spb.SKIP_REASON_OVER_LIMIT,
+    facelib.SKIP_NOT_SELECTED: spb.SKIP_REASON_NOT_SELECTED,
+    facelib.SKIP_OVER_LIMIT: spb.SKIP_REASON_OVER_LIMIT,
 }
 
 
@@ -67,18 +67,28 @@ class FrameOutcome:
     regions: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
-def build_swapper(settings: Settings, pixel_device: str | None = None) -> fp.FaceSwapper:
+def build_swapper(
+    settings: Settings, pixel_device: str | None = None, model_device: str = "cpu"
+) -> facelib.FaceSwapper:
     """The detector and landmark predictor the settings name (loading them takes ~1 s)."""
     options: dict[str, object] = {}
     if settings.detector == "hog":
         options["max_side"] = settings.detector_max_side
         options["threshold"] = settings.detector_threshold
         options["processes"] = settings.detector_process_count()
+    elif settings.detector == "blazeface":
+        options["device"] = model_device
+        options["tiles"] = settings.detector_tiles
+        # Its own fitted 5 points skip the landmark model; the 68-point model, when asked
+        # for, always predicts inside the box it places.
+        options["landmarks"] = (
+            settings.detector_landmarks == "detector" and settings.landmark_points == 5
+        )
     else:
         options["onnx_path"] = settings.detector_model
-    return fp.FaceSwapper(
-        fp.make_detector(settings.detector, **options),
-        fp.LandmarkPredictor(settings.landmark_points),
+    return facelib.FaceSwapper(
+        facelib.make_detector(settings.detector, **options),
+        facelib.LandmarkPredictor(settings.landmark_points),
         device=pixel_device,
     )
 
@@ -90,6 +100,7 @@ class FramePipeline:
     def __init__(self, settings: Settings, scheduler: Scheduler, device: str = "cpu") -> None:
         self.settings = settings
         self.scheduler = scheduler
+        self.device = device  # the model's, where a torch detector runs too
         # Where the pixel work runs: the model's device when it is a GPU (tensor ops, the
         # frame stays on the card), else OpenCV on the host.
         mode = settings.frame_pipeline
@@ -115,7 +126,7 @@ class FramePipeline:
                 )
             if self.jpeg is None and on_gpu:
                 log.warning("JPEG frames are decoded on the host: %s", why)
-        self._swapper: fp.FaceSwapper | None = None
+        self._swapper: facelib.FaceSwapper | None = None
         self._closed = False
         self._lock = threading.Lock()
 
@@ -133,12 +144,12 @@ class FramePipeline:
         rgb = frame_t.permute(1, 2, 0).contiguous().cpu().numpy()
         return DecodedImage(rgb=rgb, alpha=None, format="JPEG"), frame_t
 
-    def swapper(self) -> fp.FaceSwapper:
+    def swapper(self) -> facelib.FaceSwapper:
         with self._lock:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
             if self._swapper is None:
-                self._swapper = build_swapper(self.settings, self.pixel_device)
+                self._swapper = build_swapper(self.settings, self.pixel_device, self.device)
             return self._swapper
 
     def close(self) -> None:
@@ -150,17 +161,17 @@ class FramePipeline:
         if close is not None:
             close()
 
-    def tracker(self, detect_every: int) -> fp.FaceTracker:
+    def tracker(self, detect_every: int) -> facelib.FaceTracker:
         sw = self.swapper()
-        return fp.FaceTracker(
+        return facelib.FaceTracker(
             sw.detector, sw.landmarker, detect_every=detect_every or self.settings.detect_every
         )
 
     # -- options ---------------------------------------------------------------------------
 
-    def options(self, o: spb.SwapOptions, resolution: int) -> fp.SwapOptions:
+    def options(self, o: spb.SwapOptions, resolution: int) -> facelib.SwapOptions:
         limit = self.settings.max_faces_per_frame
-        return fp.SwapOptions(
+        return facelib.SwapOptions(
             select=_SELECTION.get(o.selection, "all"),
             max_faces=min(o.max_faces or limit, limit),
             colour=_COLOUR.get(o.color_correction, "reinhard"),
@@ -204,7 +215,7 @@ class FramePipeline:
         o: spb.SwapOptions,
         resolution: int,
         deadline: float | None,
-        tracker: fp.FaceTracker | None = None,
+        tracker: facelib.FaceTracker | None = None,
         frame_t: torch.Tensor | None = None,
     ) -> FrameOutcome:
         rgb = image.rgb
@@ -237,7 +248,7 @@ class FramePipeline:
         results = [self._result(r) for r in out.faces]
         swapped = sum(r.swapped for r in out.faces)
         notes = []
-        over = sum(r.skip_reason == fp.SKIP_OVER_LIMIT for r in out.faces)
+        over = sum(r.skip_reason == facelib.SKIP_OVER_LIMIT for r in out.faces)
         if over:
             notes.append(
                 f"{len(out.faces)} faces found; only the largest {opts.max_faces} were swapped "
@@ -247,17 +258,17 @@ class FramePipeline:
         return FrameOutcome(out.frame, results, swapped, notes, timings, out.device_frame, regions)
 
     @staticmethod
-    def _listed(o: spb.SwapOptions, found: list[fp.DetectedFace]) -> list[int]:
+    def _listed(o: spb.SwapOptions, found: list[facelib.DetectedFace]) -> list[int]:
         wanted = [int(i) for i in o.face_indices]
         for b in o.face_boxes:
             box = np.array(_box(b), np.float32)
-            ious = [fp.box_iou(box, f.box) for f in found]
+            ious = [facelib.box_iou(box, f.box) for f in found]
             if ious and max(ious) > 0:
                 wanted.append(int(np.argmax(ious)))
         return wanted
 
     @staticmethod
-    def _result(r: fp.FaceResult) -> spb.FaceResult:
+    def _result(r: facelib.FaceResult) -> spb.FaceResult:
         x0, y0, x1, y1 = (float(v) for v in r.box)
         return spb.FaceResult(
             index=r.index,

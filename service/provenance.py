@@ -26,6 +26,7 @@ from facemux.service.boundary import call_deadline, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.c2pa import COMPOSITE, TRAINED
 from facemux.service.settings import Settings
+from facemux.service.store import Store
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import provenance_service_pb2_grpc as pgrpc
 from facemux.v1 import types_pb2
@@ -53,7 +54,7 @@ RAW_NOTE = (
 class Provenance:
     """The server's marking policy (settings.provenance) and its signing key."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.mode = settings.provenance
         self.signer: c2pa.C2paSigner | None = None
         from facemux.service import __version__
@@ -69,13 +70,14 @@ class Provenance:
                 Path(settings.provenance_key).read_bytes(),
             )
         else:
-            directory = Path(settings.store) / "provenance"
-            config = c2pa.generate_test_signer(directory)
+            if store is None:
+                raise ValueError("provenance without provenance_key keeps its key in a store")
+            config = c2pa.generated_signer(store.keys)
             log.warning(
-                "C2PA manifests are signed with a generated TEST certificate (%s), for testing "
-                "only: verifiers report it as untrusted. Set provenance_key and "
+                "C2PA manifests are signed with a generated TEST certificate (kept in %s), for "
+                "testing only: verifiers report it as untrusted. Set provenance_key and "
                 "provenance_cert to the operator's key and certificate chain.",
-                directory,
+                store.keys,
             )
         self.signer = c2pa.C2paSigner(config)
 

@@ -211,7 +211,7 @@ async def _build_app(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     # Signing key loaded (or the test one generated) now: a bad key fails the start.
-    provenance = await asyncio.to_thread(Provenance, settings)
+    provenance = await asyncio.to_thread(Provenance, settings, store)
     # One budget of decoded pixels for every RPC that decodes images (service/budget.py).
     budget = PixelBudget.from_settings(settings)
     swap = SwapServicer(
@@ -348,7 +348,7 @@ class ServerThread:
             client = FacemuxClient(srv.target)
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
         import threading
 
         # Embedded servers run beside others in one process or on one machine, so one left
@@ -357,6 +357,7 @@ class ServerThread:
         if settings.metrics_port == _DEFAULT_METRICS_PORT:
             settings = settings.replace(metrics_port=0)
         self.settings = settings
+        self.store = store  # None: a LocalStore on settings.store
         self.app: App | None = None
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -379,7 +380,7 @@ class ServerThread:
 
         async def main() -> None:
             try:
-                self.app = await build_app(self.settings)
+                self.app = await build_app(self.settings, self.store)
                 await self.app.server.start()
             except BaseException as exc:
                 self._error = exc

@@ -86,7 +86,27 @@ class Settings:
     max_queue_faces: int = field(
         default=2048, metadata=_help("faces waiting for the model before RESOURCE_EXHAUSTED")
     )
-    detector: str = field(default="hog", metadata=_help("face detector: hog or yunet"))
+    detector: str = field(
+        default="hog",
+        metadata=_help(
+            "face detector: hog (dlib, CPU), blazeface (torch, on the model's device; "
+            "Apache-2.0 weights) or yunet (operator's ONNX file)"
+        ),
+    )
+    detector_landmarks: str = field(
+        default="dlib",
+        metadata=_help(
+            "blazeface: dlib = the landmark model predicts inside its boxes (closer on real "
+            "photos); detector = its own keypoints, fitted to the template, no dlib step"
+        ),
+    )
+    detector_tiles: int = field(
+        default=2,
+        metadata=_help(
+            "blazeface: 1 looks at each frame whole (faces from ~1/10 of its long side); "
+            "n adds an n x n tile grid for smaller faces"
+        ),
+    )
     detector_model: str = field(
         default="", metadata=_help("ONNX model file for the yunet detector")
     )
@@ -325,8 +345,14 @@ class Settings:
             problems.append(f"provenance {self.provenance!r} must be on, watermark-only or off")
         if bool(self.provenance_key) != bool(self.provenance_cert):
             problems.append("provenance_key and provenance_cert go together: set both or neither")
-        if self.detector not in ("hog", "yunet"):
-            problems.append(f"detector {self.detector!r} must be hog or yunet")
+        if self.detector not in ("hog", "yunet", "blazeface"):
+            problems.append(f"detector {self.detector!r} must be hog, yunet or blazeface")
+        if self.detector_landmarks not in ("dlib", "detector"):
+            problems.append(
+                f"detector_landmarks {self.detector_landmarks!r} must be dlib or detector"
+            )
+        if not 1 <= self.detector_tiles <= 4:
+            problems.append(f"detector_tiles must be in 1..4, got {self.detector_tiles}")
         if not (math.isfinite(self.training_lease_seconds) and self.training_lease_seconds >= 5):
             problems.append(
                 f"training_lease_seconds must be >= 5, got {self.training_lease_seconds}"

@@ -8,6 +8,11 @@ Layout of the local directory backend::
                                                  (the record in force and the ones it replaced)
     <root>/identities/<name>/v<N>/decoder.safetensors
     <root>/identities/<name>/v<N>/version.json   fingerprints, sha256, size, source, summary
+    <root>/datasets/  <root>/jobs/  <root>/pretrain/<preset>/
+                                                 training data and runs (Store.datasets_dir,
+                                                 jobs_dir, pretrain_dir; their modules say more)
+    <root>/provenance/<name>-chain.pem, <name>-key.pem
+                                                 signing keys the server made (Store.keys)
 
 Nothing half-written is ever visible: a new identity or version is assembled in a hidden
 staging directory and renamed into place (rename is atomic on POSIX); JSON files are
@@ -25,7 +30,9 @@ revoked identity takes no new version, and only `record_consent` (the RecordCons
 admin's audited act) replaces the record in force or lifts a revocation. The rule is checked
 here, under the lock, so it holds for every path (uploads, training jobs) and every replica.
 
-Other backends (an object store for clusters) implement the same `Store` interface.
+Other backends (an object store for clusters) implement the same `Store` interface. No other
+module joins paths under the root: what training and provenance keep here they get from
+the store.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -223,6 +230,61 @@ class Upload:
         self.close()
 
 
+class KeyStore(ABC):
+    """Signing keys the server makes for itself and keeps across restarts (the generated
+    C2PA test signer): a certificate chain and its private key per name."""
+
+    @abstractmethod
+    def signing_key(
+        self, name: str, make: Callable[[], tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes]:
+        """(certificate chain PEM, private key PEM) kept under `name`; when there is none yet,
+        `make` makes it and it is kept, once: replicas starting together share one pair."""
+
+
+class LocalKeyStore(KeyStore):
+    """``<directory>/<name>-chain.pem`` and ``<name>-key.pem`` (the key readable by its owner
+    only)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def __str__(self) -> str:
+        return str(self.directory)
+
+    def paths(self, name: str) -> tuple[Path, Path]:
+        """The files of `name`, for local tools that want them by path (an exported archive)."""
+        validate_name(name, "key")
+        return self.directory / f"{name}-chain.pem", self.directory / f"{name}-key.pem"
+
+    def _read(self, name: str) -> tuple[bytes, bytes] | None:
+        chain, key = self.paths(name)
+        try:
+            return chain.read_bytes(), key.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def signing_key(
+        self, name: str, make: Callable[[], tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes]:
+        found = self._read(name)
+        if found is not None:
+            return found
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Two replicas making a pair each at once could leave one's chain beside the other's
+        # key: the second to take the lock finds the first one's pair.
+        with disk_space(), file_lock(self.directory / ".lock"):
+            found = self._read(name)
+            if found is not None:
+                return found
+            chain, key = make()
+            chain_path, key_path = self.paths(name)
+            # The key first: a chain is never there without its key.
+            atomic_write(key_path, key, mode=0o600)
+            atomic_write(chain_path, chain)
+            return chain, key
+
+
 class Store(ABC):
     """What the server needs from persistent storage.
 
@@ -293,6 +355,32 @@ class Store(ABC):
         """Put a new (validated) record in force, keeping the old one in the history; the
         one way a revocation is lifted."""
 
+    def count_identities(self) -> int:
+        return len(self.list_identities())
+
+    # -- beside the identities: training data and runs, and the server's own keys ---------
+    # Datasets and jobs are directories: job processes and torchrun ranks read and write
+    # them as files, and replicas coordinate through them (file locks, claim files). A
+    # backend that keeps identities elsewhere names a directory all replicas share.
+
+    @property
+    @abstractmethod
+    def keys(self) -> KeyStore: ...
+
+    @abstractmethod
+    def datasets_dir(self) -> Path:
+        """Where the training datasets live (service/training/datasets.py)."""
+
+    @abstractmethod
+    def jobs_dir(self) -> Path:
+        """Where training jobs keep their records and work directories
+        (service/training/jobs.py)."""
+
+    @abstractmethod
+    def pretrain_dir(self, preset: str) -> Path:
+        """The work directory of standalone pretraining for `preset`
+        (service/training/standalone.py): fixed, so a restarted run resumes."""
+
 
 def _check_new_version(
     rec: IdentityRecord, consent: dict[str, str] | None, expect: str | None
@@ -338,8 +426,24 @@ class LocalStore(Store):
         # A writer of this process holds the gate while it waits, which holds new readers
         # of this process back until it is through.
         self._gate = threading.Lock()
+        self._keys = LocalKeyStore(self.root / "provenance")
         with self._lock():
             self._sweep()
+
+    # -- training data and runs, keys -------------------------------------------------------
+
+    @property
+    def keys(self) -> LocalKeyStore:
+        return self._keys
+
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    def pretrain_dir(self, preset: str) -> Path:
+        return self.root / "pretrain" / validate_name(preset, "preset")
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -499,6 +603,16 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
         return (ds.st_ino, ds.st_nlink, ds.st_mtime_ns, js.st_ino, js.st_mtime_ns, js.st_size)
+
+    def count_identities(self) -> int:
+        # One directory listing, no JSON parsed and no lock: for metrics, read often.
+        if not self._identities.is_dir():
+            return 0
+        return sum(
+            1
+            for d in self._identities.iterdir()
+            if not d.name.startswith(".") and (d / "identity.json").is_file()
+        )
 
     def list_identities(self) -> list[IdentityRecord]:
         out = []

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from facemux.models import imageio
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
-from facemux.models.faces import FaceTracker
+from facemux.models.faces import DETECTOR_LICENCES, LANDMARK_LICENCES, FaceTracker
 from facemux.service import convert
 from facemux.service import provenance as prov
 from facemux.service.boundary import call_deadline, streaming, unary
@@ -80,7 +80,7 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.store = store
         self.scheduler = scheduler
         # Watermark + C2PA manifest on every generated image (models/provenance.py).
-        self.provenance = provenance if provenance is not None else Provenance(settings)
+        self.provenance = provenance if provenance is not None else Provenance(settings, store)
         self.frames = FramePipeline(settings, scheduler, str(runtime.device))
         # A private, unexposed registry when none is given (servicer built alone in tests).
         self.metrics = metrics if metrics is not None else Metrics()
@@ -590,4 +590,9 @@ class SwapServicer(sgrpc.SwapServiceServicer):
             has_mask=cfg.mask_head,
             device=str(self.runtime.device),
             server_version=__version__,
+            face_detector=self.settings.detector,
+            face_models_licence=(
+                f"detector: {DETECTOR_LICENCES[self.settings.detector]}; landmarks: "
+                f"{LANDMARK_LICENCES[self.settings.landmark_points]}"
+            ),
         )

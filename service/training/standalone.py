@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node=4 -m facemux.service.training.standalone --store DIR --preset P
 
-The work directory lives in the store (``<store>/pretrain/<preset>``) so a Job restarted by
+The work directory lives in the store (`Store.pretrain_dir`) so a Job restarted by
 Kubernetes resumes from its checkpoint. Rank 0 publishes the encoder when it is done; the
 servers waiting on an empty store pick it up. No grpc here.
 """
@@ -31,10 +31,11 @@ def pretrain_into_store(
     lr: float,
 ) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
-    work = store_dir / "pretrain" / preset
+    store = LocalStore(store_dir)
+    work = store.pretrain_dir(preset)
     if not (work / "spec.json").exists():
         if rank == 0:
-            ds = DatasetStore(store_dir / "datasets", Settings(store=store_dir))
+            ds = DatasetStore(store.datasets_dir(), Settings(store=store_dir))
             names = datasets or [d.name for d in ds.list_all()]
             if not names:
                 raise NotFoundError(f"the store at {store_dir} has no datasets to pretrain on")
@@ -60,7 +61,6 @@ def pretrain_into_store(
                 time.sleep(1)
     result = run_job(work)
     if rank == 0 and result.get("status") == "succeeded" and result.get("encoder"):
-        store = LocalStore(store_dir)
         data = (work / result["encoder"]).read_bytes()
         store.put_encoder(data, result["encoder_fingerprint"], make_default=True)
     return result

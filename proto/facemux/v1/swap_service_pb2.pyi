@@ -255,7 +255,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("encoder_fingerprint", "preset", "resolution", "latent_shape", "has_mask", "device", "server_version")
+    __slots__ = ("encoder_fingerprint", "preset", "resolution", "latent_shape", "has_mask", "device", "server_version", "face_detector", "face_models_licence")
     ENCODER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,8 @@ class GetModelInfoResponse(_message.Message):
     HAS_MASK_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FACE_DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    FACE_MODELS_LICENCE_FIELD_NUMBER: _ClassVar[int]
     encoder_fingerprint: str
     preset: str
     resolution: int
@@ -270,4 +272,6 @@ class GetModelInfoResponse(_message.Message):
     has_mask: bool
     device: str
     server_version: str
-    def __init__(self, encoder_fingerprint: _Optional[str] = ..., preset: _Optional[str] = ..., resolution: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., has_mask: _Optional[bool] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    face_detector: str
+    face_models_licence: str
+    def __init__(self, encoder_fingerprint: _Optional[str] = ..., preset: _Optional[str] = ..., resolution: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., has_mask: _Optional[bool] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., face_detector: _Optional[str] = ..., face_models_licence: _Optional[str] = ...) -> None: ...
