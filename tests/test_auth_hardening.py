@@ -276,7 +276,9 @@ def test_a_flood_of_made_up_tokens_does_not_delay_a_valid_one(
     )
     assert code == C.OK
     assert C.OK not in codes and limited >= 350
-    assert flooded_ms < 2000, flooded_ms
+    # Unprotected, the valid check queues behind ~400 slow hashes two at a time (about 200
+    # times a quiet check); the bound is a fifth of that, scaled by this machine's hash cost.
+    assert flooded_ms < max(2000.0, 40 * quiet_ms), (quiet_ms, flooded_ms)
     rows = [r for r in _audit(tmp_path) if r["status"] == "RESOURCE_EXHAUSTED"]
     assert len(rows) == limited and all(r["claimed_caller"] == "render-farm" for r in rows)
 
