@@ -239,3 +239,25 @@ def test_watermark_detection_and_false_positives_on_faces() -> None:
         assert found, f"face {i}: z={z:.1f}"
         for unmarked in (face, _pixels(_jpeg(face))):
             assert not wm.detect_watermark(unmarked)[0]
+
+
+@pytest.mark.parametrize("output", ["png", "jpeg"])
+def test_full_frame_swap_verifies_with_the_requests_payload(
+    client: FacemuxClient, output: str
+) -> None:
+    """A full-frame swap marks only the swapped face, so most of the frame dilutes the mark;
+    Verify still reads the payload (the detector retries on sub-windows, no face finder),
+    losslessly and after the server's own JPEG at q90, and it is the request's."""
+    r = client.swap_image(
+        png(data.astronaut()),
+        "alice",
+        request_id=f"req-full-{output}",
+        output_format=output,
+        quality=90,
+    )
+    assert r.faces_swapped == 1 and r.frame is not None
+    v = client.verify(r.frame)
+    assert v.watermark_found
+    assert v.watermark_payload == wm.payload_for(f"req-full-{output}").hex()
+    found, payload, _ = wm.detect_watermark(_pixels(r.frame))
+    assert found and payload == wm.payload_for(f"req-full-{output}")
