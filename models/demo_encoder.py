@@ -118,6 +118,7 @@ def build(
     seed: int,
     threads: int,
     command: str,
+    input_colour: float = 0.0,
 ) -> dict[str, Any]:
     """Pretrain the tiny preset on ``identities`` synthetic people and write the encoder to
     ``out`` with ``command`` in its summary; returns the job's result."""
@@ -142,6 +143,7 @@ def build(
         seed=seed,
         device="cpu",
         threads=threads,
+        input_colour=input_colour,
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -179,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    b.add_argument(
+        "--input-colour",
+        type=float,
+        default=0.0,
+        help="colour cast on the encoder's inputs only, targets clean (0: off)",
+    )
     c = sub.add_parser("check", help="verify a file against the pinned fingerprint")
     c.add_argument("path", type=Path, nargs="?", default=ASSET)
     args = p.parse_args(argv)
@@ -199,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         args.threads,
         command,
+        args.input_colour,
     )
     print(json.dumps({k: v for k, v in result.items() if k != "summary"}, sort_keys=True))
     return 0
