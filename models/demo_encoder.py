@@ -36,6 +36,7 @@ __all__ = [
     "ASSET",
     "BUILD_COMMAND",
     "FINGERPRINT",
+    "INPUT_COLOUR",
     "STARTER_DECODER",
     "build",
     "load",
@@ -49,12 +50,16 @@ ASSET = Path(__file__).parent / "assets" / "demo-encoder-tiny.safetensors"
 # starts, so it adapts a decoder that already draws faces from this encoder's latents.
 STARTER_DECODER = Path(__file__).parent / "assets" / "demo-decoder-start-tiny.safetensors"
 # sha256 over the weights (facemux.models.checkpoint.fingerprint) of the shipped file.
-FINGERPRINT = "4a9ad5b68043d15d8ea2af052031bab9f46f903b77dde7619f078670a6dfc643"
+FINGERPRINT = "23d6b0235ed33984fb4dbc3011aded3757d880ff44d95d05a6e800a16fa3b030"
 # The command that made the shipped file (see the module docstring).
 BUILD_COMMAND = (
     "python -m facemux.models.demo_encoder build --out models/assets/demo-encoder-tiny.safetensors"
-    " --identities 6 --faces 250 --steps 700"
+    " --identities 6 --faces 250 --steps 1200 --input-colour 0.6"
 )
+# Strength of the colour cast on the encoder's inputs only (augment.AugmentConfig), in the
+# pretraining and in the demo's decoder training: a decoder must draw its own person's skin
+# tone from a latent of someone else's face.
+INPUT_COLOUR = 0.6
 # Synthetic people the encoder is pretrained on: seeds far from the demo's (service/demo.py
 # uses 4 and 5), so the demo's people are new to it, as a user's are.
 PRETRAIN_SEEDS_START = 1000
