@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +36,9 @@ from facemux.v1 import (
     swap_service_pb2_grpc,
     types_pb2,
 )
-from swap_throughput import _free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serve_process import ServeProcess
 
 CONSENT = {"attested_by": "bench", "evidence_ref": "bench", "granted_at": "2026-01-01"}
 
@@ -106,28 +107,15 @@ def main() -> int:
         f"bomb: {args.images} x {args.format} {args.side}x{args.side} = {len(bomb)} B each, "
         f"{total / 2**20:.2f} MiB per request, {args.images * args.side**2 / 1e6:.0f} M pixels"
     )
-    exe = Path(sys.executable).parent / "facemux"
     with tempfile.TemporaryDirectory() as tmp:
         make_store(Path(tmp) / "store")
-        port = _free_port()
-        proc = subprocess.Popen(
-            [
-                str(exe),
-                "serve",
-                "--auth",
-                "off",
-                "--audit-log",
-                "",
-                "--metrics-port",
-                "-1",
-                "--port",
-                str(port),
-                "--store",
-                str(Path(tmp) / "store"),
-            ],
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "FACEMUX_DEVICE": os.environ.get("FACEMUX_DEVICE", "cpu")},
-        )
+        server = ServeProcess(
+            Path(tmp) / "store",
+            *("--auth", "off", "--audit-log", ""),
+            env={"FACEMUX_DEVICE": os.environ.get("FACEMUX_DEVICE", "cpu")},
+            log=Path(tmp) / "serve.log",
+        ).start()
+        port, pid = server.port, server.pid
         try:
             channel = grpc.insecure_channel(
                 f"127.0.0.1:{port}",
@@ -163,8 +151,8 @@ def main() -> int:
                     m = args.side * 0.05
                     box = types_pb2.Box(x_min=m, y_min=m, x_max=args.side - m, y_max=args.side - m)
                     request.options.faces.append(swap_service_pb2.FaceHint(box=box))
-            base = status_kib(proc.pid, "VmRSS")
-            reset_peak(proc.pid)
+            base = status_kib(pid, "VmRSS")
+            reset_peak(pid)
             outcomes: list[str] = []
 
             def send() -> None:
@@ -174,14 +162,14 @@ def main() -> int:
                 except grpc.RpcError as exc:
                     outcomes.append(f"{exc.code().name}: {exc.details()}")
 
-            t0, c0 = time.perf_counter(), cpu_seconds(proc.pid)
+            t0, c0 = time.perf_counter(), cpu_seconds(pid)
             threads = [threading.Thread(target=send) for _ in range(args.concurrent)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            took, cpu = time.perf_counter() - t0, cpu_seconds(proc.pid) - c0
-            peak = status_kib(proc.pid, "VmHWM")
+            took, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
+            peak = status_kib(pid, "VmHWM")
             print(
                 f"swap bomb x{args.concurrent}: {took:.2f} s ({cpu:.2f} s server CPU), "
                 f"RSS {base / 1024:.0f} MiB before, peak {peak / 1024:.0f} MiB "
@@ -199,9 +187,9 @@ def main() -> int:
                 assert ok
                 data = bytes(buf)
                 del img, marked, buf
-                base = status_kib(proc.pid, "VmRSS")
-                reset_peak(proc.pid)
-                t0, c0 = time.perf_counter(), cpu_seconds(proc.pid)
+                base = status_kib(pid, "VmRSS")
+                reset_peak(pid)
+                t0, c0 = time.perf_counter(), cpu_seconds(pid)
                 try:
                     r = verify.Verify(
                         provenance_service_pb2.VerifyRequest(image=types_pb2.Image(encoded=data)),
@@ -210,8 +198,8 @@ def main() -> int:
                     what = f"watermark_found={r.watermark_found} z={r.watermark_confidence:.1f}"
                 except grpc.RpcError as exc:
                     what = f"{exc.code().name}: {exc.details()}"
-                took, cpu = time.perf_counter() - t0, cpu_seconds(proc.pid) - c0
-                peak = status_kib(proc.pid, "VmHWM")
+                took, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
+                peak = status_kib(pid, "VmHWM")
                 print(
                     f"verify {args.side}x{args.side} PNG ({len(data) / 2**20:.1f} MiB): "
                     f"{took:.2f} s ({cpu:.2f} s server CPU), RSS {base / 1024:.0f} MiB before, "
@@ -219,11 +207,7 @@ def main() -> int:
                 )
             channel.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            server.stop()
     return 0
 
 

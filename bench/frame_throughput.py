@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,9 +22,11 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from facemux.client import FacemuxClient
 from frame_stages import synthetic_frame
-from swap_throughput import _free_port, make_store
+from serve_process import ServeProcess
+from swap_throughput import make_store
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
@@ -86,35 +87,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         make_store(store, args.preset)
-        port = _free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "facemux.client.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--store",
-            str(store),
-            "--metrics-port",
-            "0",
-            "--auth",
-            "off",
-            "--provenance",
-            "off",
-            "--audit-log",
-            "",
-            "--device",
-            args.device,
-            "--gpu-jpeg",
-            args.gpu_jpeg,
-            "--detector-threshold",
-            "-0.5",
-            "--detector-processes",
-            str(args.detector_processes),
-        ]
-        proc = subprocess.Popen(cmd, env={**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"})
-        target = f"127.0.0.1:{port}"
+        server = ServeProcess(
+            store,
+            *("--auth", "off", "--provenance", "off", "--audit-log", ""),
+            *("--device", args.device, "--gpu-jpeg", args.gpu_jpeg),
+            *("--detector-threshold", "-0.5"),
+            *("--detector-processes", str(args.detector_processes)),
+            metrics=True,
+            env={"FACEMUX_LOG_LEVEL": "WARNING"},
+        ).start()
+        target = server.target
         try:
             with FacemuxClient(target) as c:
                 c.wait_ready(120)
@@ -133,8 +115,7 @@ def main() -> int:
                     )
                 )
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
     print(
         f"\npreset {args.preset}, device {args.device}, gpu_jpeg {args.gpu_jpeg}, "
         f"detector processes {args.detector_processes} (-1 = auto), "

@@ -56,7 +56,9 @@ quality() {  # name, preset, batch, lr: one swap-quality recipe in the backgroun
 if [ "$phase" = all ] || [ "$phase" = train ]; then
   # The best recipe of the 2026-11-26 run, alone on the GPU this time (it then shared it).
   quality orig_lr5e-4 original64 16 5e-4
-  run cuda_tests 180 python3 -m pytest -q -m cuda tests
+  # One process for the one GPU: -o addopts drops pyproject's two xdist workers (and needs no
+  # xdist in the offline wheels).
+  run cuda_tests 180 python3 -m pytest -q -o addopts=-ra -m cuda tests
   wait
   for f in "$log"/quality_*.log; do echo "== $(basename "$f" .log)"; tail -3 "$f"; done
   pack

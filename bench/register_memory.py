@@ -8,8 +8,6 @@ valid one. The server runs as its own process (`facemux serve`) on a fresh store
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,9 @@ from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore
 from facemux.v1 import identity_service_pb2 as ipb
-from swap_throughput import _free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serve_process import ServeProcess
 
 MIB = 1024 * 1024
 CONSENT = {"attested_by": "bench", "evidence_ref": "BENCH-1", "granted_at": "2026-01-01"}
@@ -46,20 +46,17 @@ def main() -> int:
     enc_bytes, meta = checkpoint.encoder_to_bytes(build_encoder(cfg, seed=0), cfg)
     decoder = checkpoint.decoder_to_bytes(build_decoder(cfg, seed=1), cfg, meta.fingerprint, "x")[0]
     with tempfile.TemporaryDirectory() as tmp:
-        LocalStore(Path(tmp)).put_encoder(enc_bytes, meta.fingerprint)
-        port = _free_port()
-        beside = Path(sys.executable).parent / "facemux"  # this environment's own
-        exe = str(beside) if beside.exists() else shutil.which("facemux") or "facemux"
-        serve = ["serve", "--auth", "off", "--audit-log", "", "--metrics-port", "-1"]
-        proc = subprocess.Popen(
-            [exe, *serve, "--port", str(port), "--store", tmp],
-            stderr=subprocess.DEVNULL,
-        )
+        store = Path(tmp) / "store"
+        LocalStore(store).put_encoder(enc_bytes, meta.fingerprint)
+        server = ServeProcess(
+            store, "--auth", "off", "--audit-log", "", log=Path(tmp) / "serve.log"
+        ).start()
+        port, pid = server.port, server.pid
         try:
             with FacemuxClient(f"127.0.0.1:{port}", timeout=120, retries=1) as c:
                 c.wait_ready(120)
                 c.register_identity("warmup", decoder, consent=CONSENT)
-                base = peak_rss(proc.pid)
+                base = peak_rss(pid)
                 sent = 0
 
                 def zeros() -> Iterator[ipb.RegisterIdentityRequest]:
@@ -80,7 +77,7 @@ def main() -> int:
                 except grpc.RpcError as err:
                     status = err.code().name
                 seconds = time.perf_counter() - t0
-                grew = peak_rss(proc.pid) - base
+                grew = peak_rss(pid) - base
                 print(
                     f"{args.mib} MiB of zeros: {status} after {seconds:.2f} s, client had sent "
                     f"{sent} MiB, server peak RSS grew {grew / MIB:.1f} MiB"
@@ -90,11 +87,10 @@ def main() -> int:
                 print(
                     f"valid {len(decoder) / MIB:.2f} MiB decoder: OK in "
                     f"{time.perf_counter() - t0:.2f} s, server peak RSS grew "
-                    f"{(peak_rss(proc.pid) - base) / MIB:.1f} MiB in all"
+                    f"{(peak_rss(pid) - base) / MIB:.1f} MiB in all"
                 )
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
     return 0
 
 

@@ -34,7 +34,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from facemux.v1 import types_pb2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from model_throughput import measure
-from swap_throughput import _free_port
+from serve_process import ServeProcess
 from ts_server import TorchServe, grpc_modules, why_not_available
 
 CONSENT = {"attested_by": "bench@example.com", "evidence_ref": "BENCH", "granted_at": "2026-01-01"}
@@ -183,17 +182,17 @@ def run_facemux(
     entry, token = make_entry("bench", ["swap"])
     tokens = work / "callers.jsonl"
     tokens.write_text(json.dumps(entry) + "\n")
-    port, metrics_port = _free_port(), _free_port()
-    cmd = [
-        *(sys.executable, "-m", "facemux.client.cli", "serve"),
-        *("--port", str(port), "--store", str(store), "--metrics-port", str(metrics_port)),
+    # The audit trail goes to stdout by default: written, as a user's would be, then dropped
+    # (with a log file the helper drops the child's stdout).
+    server = ServeProcess(
+        store,
         *("--auth-tokens-file", str(tokens), "--torch-threads", str(args.threads)),
         *("--max-batch-size", str(BATCH), "--max-batch-wait-ms", str(WAIT_MS)),
         *(["--provenance", args.provenance] if args.provenance != "on" else []),
-    ]
-    # The audit trail goes to stdout by default: written, as a user's would be, then dropped.
-    log = open(work / "facemux.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        metrics=True,
+        log=work / "facemux.log",
+    ).start()
+    port, metrics_port = server.port, server.metrics_port
     try:
         with FacemuxClient(f"127.0.0.1:{port}", token=token) as probe:
             probe.wait_ready(120)
@@ -225,9 +224,7 @@ def run_facemux(
 
         load = asyncio.run(drive())
     finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        server.stop()
     (s0, c0), (s1, c1) = marks
     fps, p50, p99 = _summary(load)
     if load.first_error:

@@ -33,12 +33,13 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
-from facemux.client import FacemuxClient
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import types_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from swap_throughput import _free_port, make_store, stage_ms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serve_process import ServeProcess, free_port
+from swap_throughput import make_store, stage_ms
 
 SWAP = "/facemux.v1.SwapService/Swap"
 ECHO = "/bench.Echo/Echo"
@@ -129,49 +130,36 @@ class Servers:
     """The three servers, started once and kept up while the rounds alternate between them."""
 
     def __init__(self, store: Path, args: argparse.Namespace) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.servers: list[ServeProcess] = []
         self.metrics: dict[str, int] = {}
         self.targets: dict[str, tuple[str, str]] = {}
-        port = _free_port()
-        self.procs.append(subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)]))
+        port = free_port()
+        self.echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)])
         self.targets[ECHO_ROW] = (f"127.0.0.1:{port}", ECHO)
         for name, extra in ((ON_ROW, []), (OFF_ROW, ["--provenance", "off"])):
-            port, metrics_port = _free_port(), _free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "facemux.client.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--store",
-                str(store),
-                "--metrics-port",
-                str(metrics_port),
+            server = ServeProcess(
+                store,
                 # Loopback, no callers to authenticate; no audit file to write.
-                "--auth",
-                "off",
-                "--audit-log",
-                "",
-                "--max-batch-size",
-                str(args.batch),
-                "--max-batch-wait-ms",
-                str(args.max_wait_ms),
+                *("--auth", "off", "--audit-log", ""),
+                *("--max-batch-size", str(args.batch)),
+                *("--max-batch-wait-ms", str(args.max_wait_ms)),
                 *extra,
-            ]
-            env = {**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"}
-            self.procs.append(subprocess.Popen(cmd, env=env))
-            self.targets[name] = (f"127.0.0.1:{port}", SWAP)
-            self.metrics[name] = metrics_port
-        for name in (ON_ROW, OFF_ROW):
-            with FacemuxClient(self.targets[name][0]) as probe:
-                probe.wait_ready(120)
+                metrics=True,
+                env={"FACEMUX_LOG_LEVEL": "WARNING"},
+            ).start()
+            self.servers.append(server)
+            self.targets[name] = (server.target, SWAP)
+            self.metrics[name] = server.metrics_port
+        for server in self.servers:
+            server.wait_ready(120)
 
     def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(30)
+        for server in self.servers:
+            server.proc.terminate()
+        for server in self.servers:
+            server.stop()
+        self.echo.terminate()
+        self.echo.wait(30)
 
 
 ECHO_ROW = "raw-bytes grpc.aio echo server"

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +43,9 @@ from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.store import LocalStore, VersionRecord
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import swap_service_pb2_grpc, types_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serve_process import ServeProcess, free_port
 
 # Synthetic decoders of no one; the store gives every identity a consent record.
 BENCH_CONSENT = {"attested_by": "bench", "evidence_ref": "synthetic", "granted_at": "2026-01-01"}
@@ -86,12 +87,6 @@ def stage_ms(metrics_port: int) -> dict[str, float]:
                 stage = line[len(head) :].split('"', 1)[0]
                 into[stage] = float(line.rsplit(" ", 1)[1])
     return {k: 1000 * sums[k] / counts[k] for k in sums if counts.get(k)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_store(root: Path, preset: str) -> None:
@@ -163,33 +158,16 @@ def through_server(
     threads: int,
     extra: list[str],
 ) -> Row:
-    port = _free_port()
-    metrics_port = _free_port()
-    env = {**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "facemux.client.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--store",
-        str(store),
-        "--metrics-port",
-        str(metrics_port),
+    server = ServeProcess(
+        store,
         # Loopback benchmark: no callers, no provenance marks (they are measured on their own
         # in bench/watermark.py), no audit lines.
-        "--auth",
-        "off",
-        "--provenance",
-        "off",
-        "--audit-log",
-        "",
-        "--torch-threads",
-        str(threads),
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, env=env)
+        *("--auth", "off", "--provenance", "off", "--audit-log", ""),
+        *("--torch-threads", str(threads), *extra),
+        metrics=True,
+        env={"FACEMUX_LOG_LEVEL": "WARNING"},
+    ).start()
+    port, metrics_port = server.port, server.metrics_port
     try:
         with FacemuxClient(f"127.0.0.1:{port}") as probe:
             probe.wait_ready(120)
@@ -220,8 +198,7 @@ def through_server(
         wall = time.perf_counter() - t_start
         stages = stage_ms(metrics_port)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
     flat = [x for lat in latencies for x in lat]
     return Row(
         name,
@@ -271,32 +248,19 @@ def convoy(
 ) -> ConvoyRow:
     """K closed-loop grpc.aio callers on one channel against a server with defaults (but
     auth off: loopback, no tokens)."""
-    port = _free_port()
-    metrics_port = _free_port()
-    env = {**os.environ, "FACEMUX_LOG_LEVEL": "WARNING"}
+    env = {"FACEMUX_LOG_LEVEL": "WARNING"}
+    port = free_port()
     if source is not None:
         env["PYTHONPATH"] = _source_path(source, workdir / f"src-{port}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "facemux.client.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--store",
-        str(store),
-        "--metrics-port",
-        str(metrics_port),
-        "--auth",
-        "off",
-        "--audit-log",
-        str(workdir / f"audit-{port}.log"),
-        "--max-batch-size",
-        str(max_batch),
-        "--max-batch-wait-ms",
-        str(max_wait_ms),
-    ]
-    proc = subprocess.Popen(cmd, env=env)
+    server = ServeProcess(
+        store,
+        *("--auth", "off", "--audit-log", str(workdir / f"audit-{port}.log")),
+        *("--max-batch-size", str(max_batch), "--max-batch-wait-ms", str(max_wait_ms)),
+        port=port,
+        metrics=True,
+        env=env,
+    ).start()
+    metrics_port = server.metrics_port
     try:
         with FacemuxClient(f"127.0.0.1:{port}") as probe:
             probe.wait_ready(120)
@@ -344,8 +308,7 @@ def convoy(
 
         latencies, wall, mean_batch, wait_sum, wait_count = asyncio.run(load())
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
     return ConvoyRow(
         name,
         mean_batch,

@@ -77,6 +77,7 @@ class App:
     frames: FramePipeline | None = None  # full-frame detection (its worker processes)
     health_server: grpc.aio.Server | None = None  # the plain-text health-only port
     health_port: int | None = None
+    budget: PixelBudget | None = None  # decoded pixels in flight, shared by every RPC
 
     @property
     def metrics_port(self) -> int | None:
@@ -269,6 +270,7 @@ async def _build_app(
         audit=audit,
         training=training,
         frames=swap.frames,
+        budget=budget,
         health_server=health_server,
         health_port=health_port,
     )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -17,9 +21,11 @@ from facemux.models.networks import build_decoder, build_encoder
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# Keep each test process from spreading tiny models over every core.
-torch.set_num_threads(2)
+# Keep each test process from spreading tiny models over every core: two threads alone, one
+# per worker when pytest-xdist runs two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @dataclass
@@ -70,6 +76,49 @@ def make_store(root: Path, models: Models, identities: tuple[str, ...] = ()) -> 
     return store
 
 
+def wait_serving(target: str, timeout: float = 30.0) -> None:
+    """Block until the server at `target` answers SERVING. Polls every few milliseconds:
+    the client's own wait_ready sleeps a tenth of a second between checks, which adds up
+    over the hundreds of servers the suite starts."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} not SERVING after {timeout}s")
+            time.sleep(0.005)
+
+
+def server_settings(store: Path, *, provenance: str = "on") -> Settings:
+    """The settings of the shared test server: auth off (tests/test_auth.py covers
+    authentication), a decoder cache bound of 2, 4 MiB messages, and no /metrics port: its
+    HTTP server takes up to half a second to stop, and tests/test_metrics.py covers it."""
+    return Settings(
+        port=0,
+        auth="off",
+        store=store,
+        decoder_cache_count=2,
+        max_message_bytes=4 * 1024 * 1024,
+        max_image_pixels=4_000_000,
+        metrics_port=-1,
+        provenance=provenance,
+    )
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings) -> Iterator[ServerThread]:
+    """A started ServerThread whose model is loaded."""
+    with ServerThread(settings) as srv:
+        wait_serving(srv.target)
+        yield srv
+
+
 @pytest.fixture
 def server(
     tmp_path: Path, models: Models, request: pytest.FixtureRequest
@@ -79,16 +128,22 @@ def server(
     provenance off (the watermark changes pixels, each manifest is unique);
     tests/test_provenance.py covers the marks."""
     make_store(tmp_path / "store", models, ("alice", "bob"))
-    settings = Settings(
-        port=0,
-        auth="off",  # tests/test_auth.py covers authentication
-        store=tmp_path / "store",
-        decoder_cache_count=2,
-        max_message_bytes=4 * 1024 * 1024,
-        max_image_pixels=4_000_000,
-        provenance="off" if request.node.get_closest_marker("unmarked_outputs") else "on",
-    )
-    with ServerThread(settings) as srv:
+    unmarked = request.node.get_closest_marker("unmarked_outputs") is not None
+    settings = server_settings(tmp_path / "store", provenance="off" if unmarked else "on")
+    with running_server(settings) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, models: Models
+) -> Iterator[ServerThread]:
+    """The `server` fixture's server, once per module, for modules whose tests leave the
+    store as they found it (read-only calls and refused requests). Its store is
+    `shared_server.settings.store`."""
+    root = tmp_path_factory.mktemp("shared") / "store"
+    make_store(root, models, ("alice", "bob"))
+    with running_server(server_settings(root)) as srv:
         yield srv
 
 

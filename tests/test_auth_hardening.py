@@ -8,11 +8,8 @@ import base64
 import hashlib
 import io
 import json
-import re
 import secrets
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,10 +30,10 @@ from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import types_pb2
+from serve_process import ServeProcess
 
 C = grpc.StatusCode
 FACE = png(face_image(0))
-FACEMUX = str(Path(sys.executable).parent / "facemux")
 SWAP = "/facemux.v1.SwapService/Swap"
 LIST = "/facemux.v1.IdentityService/ListIdentities"
 INFO = "/facemux.v1.SwapService/GetModelInfo"
@@ -94,42 +91,11 @@ def server_process(tmp_path: Path, models: Models) -> Iterator[tuple[str, int]]:
     make_store(tmp_path / "store", models, ("alice",))
     entry, _ = _sha_entry("swapper", ["swap"])
     _callers(tmp_path / "callers.jsonl", [entry])
-    cmd = [
-        FACEMUX,
-        "serve",
-        "--port",
-        "0",
-        "--store",
-        str(tmp_path / "store"),
-        "--auth-tokens-file",
-        str(tmp_path / "callers.jsonl"),
-        "--audit-log",
-        str(tmp_path / "audit.log"),
-        "--metrics-port",
-        "-1",
-        "--device",
-        "cpu",
-        "--detector-processes",
-        "0",
-    ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        target = ""
-        deadline = time.monotonic() + 120
-        while not target and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line, "the server exited before it listened"
-            found = re.search(r"listening on (\S+)", line)
-            target = found.group(1) if found else ""
-        # Keep reading its log so the pipe never fills.
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
-        with FacemuxClient(target, timeout=30, retries=1) as c:
-            c.wait_ready(60)
-        yield target, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    args = ["--auth-tokens-file", str(tmp_path / "callers.jsonl")]
+    args += ["--audit-log", str(tmp_path / "audit.log")]
+    args += ["--device", "cpu", "--detector-processes", "0"]
+    with ServeProcess(tmp_path / "store", *args, log=tmp_path / "serve.log") as srv:
+        yield srv.wait_ready(120).target, srv.pid
 
 
 def test_unauthenticated_calls_are_refused_before_their_body(
@@ -310,7 +276,9 @@ def test_a_flood_of_made_up_tokens_does_not_delay_a_valid_one(
     )
     assert code == C.OK
     assert C.OK not in codes and limited >= 350
-    assert flooded_ms < 2000, flooded_ms
+    # Unprotected, the valid check queues behind ~400 slow hashes two at a time (about 200
+    # times a quiet check); the bound is a fifth of that, scaled by this machine's hash cost.
+    assert flooded_ms < max(2000.0, 40 * quiet_ms), (quiet_ms, flooded_ms)
     rows = [r for r in _audit(tmp_path) if r["status"] == "RESOURCE_EXHAUSTED"]
     assert len(rows) == limited and all(r["claimed_caller"] == "render-farm" for r in rows)
 

@@ -8,7 +8,6 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -23,11 +22,19 @@ from facemux.client.client import consent_record
 from facemux.client.errors import FacemuxRpcError
 from facemux.models.errors import InvalidInputError
 from facemux.service.auth import new_token, parse_callers
+from facemux.service.server import ServerThread
 from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import types_pb2 as tpb
 
 C = grpc.StatusCode
+
+
+@pytest.fixture
+def server(shared_server: ServerThread) -> ServerThread:
+    """One server for the module: every request here is refused and stores nothing, and each
+    test checks that the server still serves afterwards."""
+    return shared_server
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -213,7 +220,9 @@ def _upload(data: bytes, name: str = "newbie", **meta: Any) -> list[ipb.Register
     ]
 
 
-def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_path: Path) -> None:
+def test_bad_registration_streams(
+    client: FacemuxClient, server: ServerThread, models: Models
+) -> None:
     consent = consent_record(CONSENT)
     meta = ipb.RegisterIdentityMetadata(name="newbie", consent=consent)
     data = models.decoders["carol"]
@@ -281,13 +290,15 @@ def test_bad_registration_streams(client: FacemuxClient, models: Models, tmp_pat
         assert "staging" not in info.value.details  # no server path in the message
     assert "newbie" not in {i.name for i in client.list_identities()}
     # Nothing was created, and no staged upload is left behind.
-    assert sorted(p.name for p in (tmp_path / "store" / "identities").iterdir()) == [
+    assert sorted(p.name for p in (server.settings.store / "identities").iterdir()) == [
         "alice",
         "bob",
     ]
 
 
-def test_names_with_a_trailing_newline_are_refused(client: FacemuxClient, tmp_path: Path) -> None:
+def test_names_with_a_trailing_newline_are_refused(
+    client: FacemuxClient, server: ServerThread
+) -> None:
     """Identity and dataset names: "$" in the name pattern matched before a final newline."""
     for call in (
         lambda: client.get_identity("alice\n"),
@@ -298,7 +309,7 @@ def test_names_with_a_trailing_newline_are_refused(client: FacemuxClient, tmp_pa
             call()
         assert info.value.code == C.INVALID_ARGUMENT, info.value
         assert "invalid" in info.value.details
-    assert not any("\n" in p.name for p in (tmp_path / "store").rglob("*"))
+    assert not any("\n" in p.name for p in server.settings.store.rglob("*"))
     assert client.get_identity("alice").name == "alice"
 
 

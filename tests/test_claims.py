@@ -47,7 +47,8 @@ def test_one_owner_at_a_time_and_a_late_takeover_puts_a_fresh_claim_back(tmp_pat
 def test_a_dead_owner_on_this_host_is_replaced_at_once_and_a_remote_one_after_the_lease(
     tmp_path: Path,
 ) -> None:
-    c = Claims(lease_s=0.6)
+    now = [0.0]
+    c = Claims(lease_s=60, clock=lambda: now[0])
     try:
         here = json.loads(json.dumps(c._me)) | {"owner": "old", "pid": _dead_pid(), "beat": 3}
         (tmp_path / "claim").write_text(json.dumps(here))
@@ -55,14 +56,14 @@ def test_a_dead_owner_on_this_host_is_replaced_at_once_and_a_remote_one_after_th
         remote = {"owner": "far", "host": "elsewhere", "pid": 1, "beat": 1}
         (tmp_path / "claim").write_text(json.dumps(remote))
         assert not c.claim(tmp_path)
-        time.sleep(0.3)
+        now[0] += 30
         assert not c.claim(tmp_path)  # seen unchanged for less than a lease
         remote["beat"] = 2  # the owner beats: the timer starts again
         (tmp_path / "claim").write_text(json.dumps(remote))
         assert not c.claim(tmp_path)
-        time.sleep(0.35)
+        now[0] += 35
         assert not c.claim(tmp_path)
-        time.sleep(0.35)
+        now[0] += 35
         assert c.claim(tmp_path) and c.holds(tmp_path)
     finally:
         c.close()

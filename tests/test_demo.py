@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import cv2
+import pytest
 from facemux.models import checkpoint, demo_encoder
+
+pytestmark = pytest.mark.slow
 
 
 def _demo(out: Path, *flags: str) -> str:

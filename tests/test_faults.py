@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,12 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.service.store import LocalStore
+from serve_process import ServeProcess
 
-FACEMUX = str(Path(sys.executable).parent / "facemux")
+pytestmark = pytest.mark.slow
 
 WRITER = textwrap.dedent(
     """
@@ -87,42 +88,17 @@ def test_kill_9_during_store_writes(tmp_path: Path, models: Models) -> None:
     )
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(root: Path) -> tuple[subprocess.Popen[str], str]:
-    port = _port()
-    proc = subprocess.Popen(
-        [
-            FACEMUX,
-            "serve",
-            "--auth",
-            "off",
-            "--audit-log",
-            "",
-            "--port",
-            str(port),
-            "--store",
-            str(root),
-            "--metrics-port",
-            "-1",
-        ],
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    return proc, f"127.0.0.1:{port}"
+def _serve(root: Path, log: Path) -> ServeProcess:
+    return ServeProcess(root, "--auth", "off", "--audit-log", "", log=log).start()
 
 
 def test_kill_9_server_during_registration(tmp_path: Path, models: Models) -> None:
     root = tmp_path / "store"
     make_store(root, models, ("alice",))
     data = models.decoders["carol"]
-    proc, target = _serve(root)
+    srv = _serve(root, tmp_path / "serve.log")
     try:
-        with FacemuxClient(target, timeout=30, retries=1) as c:
+        with FacemuxClient(srv.target, timeout=30, retries=1) as c:
             c.wait_ready(60)
             stop = threading.Event()
 
@@ -139,18 +115,17 @@ def test_kill_9_server_during_registration(tmp_path: Path, models: Models) -> No
             t = threading.Thread(target=register)
             t.start()
             time.sleep(1.5)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+            os.kill(srv.pid, signal.SIGKILL)
+            srv.proc.wait(10)
             stop.set()
             t.join(30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        srv.kill()
     _check(root, data)
     # After restart: every identity is either usable or absent.
-    proc, target = _serve(root)
+    srv = _serve(root, tmp_path / "serve.log")
     try:
-        with FacemuxClient(target, timeout=30, retries=1) as c:
+        with FacemuxClient(srv.target, timeout=30, retries=1) as c:
             c.wait_ready(60)
             names = {i.name for i in c.list_identities()}
             assert "alice" in names
@@ -160,6 +135,5 @@ def test_kill_9_server_during_registration(tmp_path: Path, models: Models) -> No
             for name in ("new0", "new1", "new2"):
                 c.register_identity(name, data, consent=CONSENT)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        srv.stop()
     assert LocalStore(root).verify() == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,9 @@ from facemux.models.errors import InvalidInputError
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings, parse_settings
 from facemux.service.store import LocalStore
+from serve_process import ServeProcess
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,43 +139,17 @@ def test_generated_code_matches_protos() -> None:
 
 
 def test_serve_command_starts_and_stops_on_sigterm(tmp_path: Path, models: Models) -> None:
-    import signal
-    import socket
-
     from conftest import make_store
 
     make_store(tmp_path / "store", models, ("alice",))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).parent / "facemux"
-    proc = subprocess.Popen(
-        # Metrics on any free port: the default 9090 may be taken on a developer's machine.
-        [
-            str(exe),
-            "serve",
-            "--auth",
-            "off",
-            "--port",
-            str(port),
-            "--store",
-            str(tmp_path / "store"),
-            "--metrics-port",
-            "0",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    # Metrics on a free port: the default 9090 may be taken on a developer's machine.
+    srv = ServeProcess(
+        tmp_path / "store", "--auth", "off", metrics=True, log=tmp_path / "serve.log"
     )
-    try:
-        with FacemuxClient(f"127.0.0.1:{port}") as c:
+    with srv:
+        with FacemuxClient(srv.target) as c:
             c.wait_ready(60)
             assert c.swap_faces([face_image(0)], "alice").faces_swapped == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.stderr is not None
-    log = proc.stderr.read()
+        assert srv.stop() == 0
+    log = srv.log_text()
     assert "listening" in log and "stopped" in log
-    time.sleep(0)

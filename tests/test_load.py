@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.service import auth
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
+
+pytestmark = pytest.mark.slow
 
 CLIENTS = int(os.environ.get("FACEMUX_LOAD_CLIENTS", "6"))
 SECONDS = float(os.environ.get("FACEMUX_LOAD_SECONDS", "6"))

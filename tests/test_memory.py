@@ -9,10 +9,7 @@ that a server without them still starts and shows what the bombs cost.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ from facemux.v1 import provenance_service_pb2_grpc as pgrpc
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import swap_service_pb2_grpc as sgrpc
 from facemux.v1 import types_pb2 as tpb
+from serve_process import ServeProcess
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset"
@@ -89,17 +87,8 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("memory") / "store"
     make_store(root, models, ("alice",))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).parent / "facemux"
-    cmd = [str(exe), "serve", "--auth", "off", "--audit-log", "", "--metrics-port", "-1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--store", str(root), "--device", "cpu"],
-        env={**os.environ, **LIMITS},
-        stderr=subprocess.DEVNULL,
-    )
-    srv = Server(proc, f"127.0.0.1:{port}")
+    serve = ServeProcess(root, "--auth", "off", "--audit-log", "", "--device", "cpu", env=LIMITS)
+    srv = Server(serve.start().proc, serve.target)
     try:
         grpc.channel_ready_future(srv.channel).result(timeout=60)
         warm = spb.SwapRequest(
@@ -115,11 +104,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator
         yield srv
     finally:
         srv.channel.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        serve.stop()
 
 
 def _call(fn: object, request: object, outcomes: list[str]) -> threading.Thread:

@@ -4,9 +4,6 @@ drain, new calls are refused, and the process exits 0."""
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,12 +16,9 @@ from conftest import Models, face_image, make_store
 from facemux.client import FacemuxClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from serve_process import ServeProcess
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = pytest.mark.slow
 
 
 def _queue_depth(metrics_port: int) -> float:
@@ -52,32 +46,21 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
     tmp_path: Path, models: Models
 ) -> None:
     make_store(tmp_path / "store", models, ("alice",))
-    port, metrics_port = _free_port(), _free_port()
-    target = f"127.0.0.1:{port}"
-    exe = Path(sys.executable).parent / "facemux"
     # A face waits up to 4 s for the callers the previous batch answered to come back (two
     # calls answered together, then one): an in-flight call that is still running when
     # SIGTERM arrives, without patching anything in the server.
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "serve",
-            "--auth",
-            "off",
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--store",
-            str(tmp_path / "store"),
-            "--max-batch-wait-ms",
-            "4000",
-            "--grace-seconds",
-            "20",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    srv = ServeProcess(
+        tmp_path / "store",
+        "--auth",
+        "off",
+        "--max-batch-wait-ms",
+        "4000",
+        "--grace-seconds",
+        "20",
+        metrics=True,
+        log=tmp_path / "serve.log",
+    ).start()
+    target, metrics_port = srv.target, srv.metrics_port
     try:
         with FacemuxClient(target, timeout=30, retries=1) as c:
             c.wait_ready(60)
@@ -108,7 +91,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
 
             assert _probe(target) == "SERVING"  # the probe itself works
             sigterm_at = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            srv.proc.send_signal(signal.SIGTERM)
             seen = []
             while worker.is_alive() and (not seen or seen[-1] != "UNAVAILABLE"):
                 seen.append(_probe(target))
@@ -121,11 +104,8 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
         assert "error" not in outcome, outcome.get("error")
         assert outcome["response"].faces_swapped == 1
         assert outcome["done_at"] > sigterm_at
-        assert proc.wait(timeout=30) == 0
+        assert srv.proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.stderr is not None
-    log = proc.stderr.read()
+        srv.kill()
+    log = srv.log_text()
     assert "draining" in log and "stopped" in log, log

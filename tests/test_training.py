@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import training_service_pb2 as tpb
 from facemux.v1 import types_pb2
 from grpc import StatusCode as C
+from serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -209,37 +208,19 @@ def test_queue_full_and_cancel(trainer_server: FacemuxClient, tmp_path: Path) ->
         c.get_identity("gina")  # nothing was registered
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _serve(store: Path, port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "facemux.client.cli",
-        "serve",
-        f"--store={store}",
-        f"--port={port}",
-        "--auth=off",
-        "--metrics-port=-1",
-        "--training-threads=1",
-        "--training-log-every=5",
-    ]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _serve(store: Path, log: Path, port: int | None = None) -> ServeProcess:
+    args = ("--auth=off", "--training-threads=1", "--training-log-every=5")
+    return ServeProcess(store, *args, port=port, log=log).start()
 
 
 def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
     store = tmp_path / "store"
     make_store(store, models)
-    port = _free_port()
-    proc = _serve(store, port)
+    log = tmp_path / "serve.log"
+    srv = _serve(store, log)
     every = 10
     try:
-        with FacemuxClient(f"127.0.0.1:{port}", timeout=30, retries=1) as c:
+        with FacemuxClient(srv.target, timeout=30, retries=1) as c:
             c.wait_ready(60)
             c.upload_dataset("hana", [png(i) for i in faces(13, 8)], aligned=True)
             job = c.train(
@@ -256,10 +237,10 @@ def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
                 seen = max(seen, ev.job.step)
                 if seen >= 25:
                     break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        proc = _serve(store, port)
-        with FacemuxClient(f"127.0.0.1:{port}", timeout=30, retries=1) as c:
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(10)
+        srv = _serve(store, log, port=srv.port)
+        with FacemuxClient(srv.target, timeout=30, retries=1) as c:
             c.wait_ready(60)
             assert c.get_job(job.id).state in (tpb.JOB_STATE_QUEUED, tpb.JOB_STATE_RUNNING)
             final = watch_until_done(c, job.id)[-1].job
@@ -272,11 +253,7 @@ def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
 
         assert LocalStore(store).verify() == []
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        srv.stop()
     events = [json.loads(line) for line in (store / "jobs" / job.id / "events.jsonl").open()]
     resumed = [e["message"] for e in events if "resumed" in e.get("message", "")]
     assert resumed, events

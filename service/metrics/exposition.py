@@ -2,26 +2,49 @@
 
 from __future__ import annotations
 
+import socket
 import threading
-from typing import TYPE_CHECKING
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+# serve_forever looks for a shutdown request this often: prometheus-client's own server
+# uses the default 0.5 s, which every server stop (and every test's server) waited out.
+_POLL_S = 0.05
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds would flood the server's log
 
 
 class MetricsServer:
-    """/metrics over HTTP on its own port and thread (prometheus-client's WSGI server),
-    so a scrape never waits on the gRPC event loop."""
+    """/metrics over HTTP on its own port and thread (a threaded WSGI server around
+    prometheus-client's app), so a scrape never waits on the gRPC event loop."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
-
-        self._httpd: WSGIServer
-        self._thread: threading.Thread
         addr = host.strip("[]") or "0.0.0.0"
-        self._httpd, self._thread = start_http_server(port, addr=addr, registry=registry)
+        server_class = _Server6 if ":" in addr else _Server
+        self._httpd = make_server(
+            addr, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": _POLL_S},
+            name="metrics-http",
+            daemon=True,
+        )
+        self._thread.start()
         self.port = int(self._httpd.server_port)
         self.host = addr
 

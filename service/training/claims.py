@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,10 @@ def _pid_namespace() -> str:
 
 
 class Claims:
-    def __init__(self, lease_s: float = 60.0) -> None:
+    def __init__(self, lease_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.lease_s = lease_s
+        # Only lease timers read it: tests step a manual clock instead of racing sleeps.
+        self._clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._me = {
             "owner": self.owner,
@@ -76,7 +79,7 @@ class Claims:
         # written (another server that does takes it as held, which is safe).
         self._io = threading.RLock()
         self._seen: dict[Path, tuple[str, float]] = {}  # claim -> (what it said, first seen)
-        self._last_look = time.monotonic()
+        self._last_look = clock()
         with _live_lock:
             _live.add(self.owner)
 
@@ -121,7 +124,7 @@ class Claims:
     def new_look(self) -> None:
         """Call before each pass over the claims. After a gap longer than half a lease (this
         server stalled), the timers start again: what looked unchanged may just be unseen."""
-        now = time.monotonic()
+        now = self._clock()
         with self._io:
             if now - self._last_look > self.lease_s / 2:
                 self._seen.clear()
@@ -135,7 +138,7 @@ class Claims:
             state = f"{path.stat().st_mtime_ns}:{h.get('owner')}:{h.get('beat')}"
         except FileNotFoundError:
             return False
-        now = time.monotonic()
+        now = self._clock()
         seen = self._seen.get(path)
         if seen is None or seen[0] != state:
             self._seen[path] = (state, now)
