@@ -20,6 +20,7 @@ from .errors import InvalidInputError
 __all__ = [
     "AugmentConfig",
     "TrainingPair",
+    "colour_cast",
     "colour_jitter",
     "make_training_pair",
     "random_affine",
@@ -43,6 +44,10 @@ class AugmentConfig:
     brightness: float = 0.05
     contrast: float = 0.05
     saturation: float = 0.05
+    # Colour cast on the encoder's input only (the target stays clean): a per-image gain
+    # exp(uniform(-x, x)) and a per-channel tint exp(uniform(-x/2, x/2)). Decoders then learn
+    # to draw their own person's skin whatever tone the input face has, as a swap needs.
+    input_colour: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rotation", "zoom", "shift", "warp_scale"):
@@ -51,6 +56,8 @@ class AugmentConfig:
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise InvalidInputError(f"augment {name} must be in [0, 1)")
+        if not 0.0 <= self.input_colour <= 1.0:
+            raise InvalidInputError("augment input_colour must be in [0, 1]")
         if not 0.0 <= self.flip <= 1.0:
             raise InvalidInputError("augment flip is a probability in [0, 1]")
         if self.zoom >= 1:
@@ -203,6 +210,17 @@ def colour_jitter(
     return out.clamp(0.0, 1.0)
 
 
+def colour_cast(images: Tensor, generator: torch.Generator, strength: float) -> Tensor:
+    """Per-image gain exp(uniform(-strength, strength)) times per-channel tint (half that
+    range) of RGB in [0, 1]: a face of one skin tone made to look like another's."""
+    _check_images(images)
+    n, c = images.shape[:2]
+    dev = images.device
+    gain = _uniform(n, strength, generator, dev).view(n, 1, 1, 1)
+    tint = _uniform(n * c, strength / 2.0, generator, dev).view(n, c, 1, 1)
+    return (images * torch.exp(gain + tint)).clamp(0.0, 1.0)
+
+
 def make_training_pair(
     images: Tensor,
     generator: torch.Generator,
@@ -238,4 +256,6 @@ def make_training_pair(
         inputs = _sample(images, _apply_affine(base + disp, theta))
     else:
         inputs = targets
+    if cfg.input_colour:
+        inputs = colour_cast(inputs, generator, cfg.input_colour)
     return TrainingPair(inputs=inputs, targets=targets, masks=out_masks)

@@ -36,6 +36,7 @@ __all__ = [
     "ASSET",
     "BUILD_COMMAND",
     "FINGERPRINT",
+    "INPUT_COLOUR",
     "STARTER_DECODER",
     "build",
     "load",
@@ -49,12 +50,16 @@ ASSET = Path(__file__).parent / "assets" / "demo-encoder-tiny.safetensors"
 # starts, so it adapts a decoder that already draws faces from this encoder's latents.
 STARTER_DECODER = Path(__file__).parent / "assets" / "demo-decoder-start-tiny.safetensors"
 # sha256 over the weights (facemux.models.checkpoint.fingerprint) of the shipped file.
-FINGERPRINT = "4a9ad5b68043d15d8ea2af052031bab9f46f903b77dde7619f078670a6dfc643"
+FINGERPRINT = "23d6b0235ed33984fb4dbc3011aded3757d880ff44d95d05a6e800a16fa3b030"
 # The command that made the shipped file (see the module docstring).
 BUILD_COMMAND = (
     "python -m facemux.models.demo_encoder build --out models/assets/demo-encoder-tiny.safetensors"
-    " --identities 6 --faces 250 --steps 700"
+    " --identities 6 --faces 250 --steps 1200 --input-colour 0.6"
 )
+# Strength of the colour cast on the encoder's inputs only (augment.AugmentConfig), in the
+# pretraining and in the demo's decoder training: a decoder must draw its own person's skin
+# tone from a latent of someone else's face.
+INPUT_COLOUR = 0.6
 # Synthetic people the encoder is pretrained on: seeds far from the demo's (service/demo.py
 # uses 4 and 5), so the demo's people are new to it, as a user's are.
 PRETRAIN_SEEDS_START = 1000
@@ -118,6 +123,7 @@ def build(
     seed: int,
     threads: int,
     command: str,
+    input_colour: float = 0.0,
 ) -> dict[str, Any]:
     """Pretrain the tiny preset on ``identities`` synthetic people and write the encoder to
     ``out`` with ``command`` in its summary; returns the job's result."""
@@ -142,6 +148,7 @@ def build(
         seed=seed,
         device="cpu",
         threads=threads,
+        input_colour=input_colour,
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -179,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    b.add_argument(
+        "--input-colour",
+        type=float,
+        default=0.0,
+        help="colour cast on the encoder's inputs only, targets clean (0: off)",
+    )
     c = sub.add_parser("check", help="verify a file against the pinned fingerprint")
     c.add_argument("path", type=Path, nargs="?", default=ASSET)
     args = p.parse_args(argv)
@@ -199,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         args.threads,
         command,
+        args.input_colour,
     )
     print(json.dumps({k: v for k, v in result.items() if k != "summary"}, sort_keys=True))
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from facemux.client import FacemuxClient
 from facemux.models import checkpoint, demo_encoder, synth
+from facemux.models.augment import AugmentConfig
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
 from facemux.models.pretrain import DEFAULT_LATENT_ADVERSARY, GRAD_CLIP
@@ -174,6 +175,9 @@ def run(
             warmup_steps=100,
             grad_clip=GRAD_CLIP,
             latent_adversary=0.0 if shipped else DEFAULT_LATENT_ADVERSARY,
+            # As in the shipped encoder's pretraining: the input's colour is cast, the target
+            # is not, so blake's decoder draws blake's skin from a latent of avery's face.
+            augment=AugmentConfig(input_colour=demo_encoder.INPUT_COLOUR if shipped else 0.0),
         ),
         masks=masks,
     )

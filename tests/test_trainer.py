@@ -14,6 +14,7 @@ import torch
 from facemux.models import checkpoint, synth
 from facemux.models.augment import (
     AugmentConfig,
+    colour_cast,
     colour_jitter,
     make_training_pair,
     random_transform,
@@ -125,6 +126,29 @@ def test_training_pair(images: torch.Tensor) -> None:
         assert t.min() >= 0 and t.max() <= 1
     flat = make_training_pair(images, _gen(4), AugmentConfig(), warp=False)
     assert torch.equal(flat.inputs, flat.targets)
+
+
+def test_input_colour_casts_the_input_only(images: torch.Tensor) -> None:
+    plain = make_training_pair(images, _gen(4), AugmentConfig(), warp=False)
+    cast = make_training_pair(images, _gen(4), AugmentConfig(input_colour=0.6), warp=False)
+    # Same geometry and the same clean target; only the encoder's input changes colour.
+    assert torch.equal(cast.targets, plain.targets)
+    assert not torch.allclose(cast.inputs, plain.inputs, atol=0.02)
+    assert cast.inputs.min() >= 0 and cast.inputs.max() <= 1
+
+
+def test_colour_cast_is_one_gain_per_image_and_channel() -> None:
+    # Dark enough that no gain (at most e^0.9) reaches the clamp at 1.
+    dark = torch.rand(6, 3, 8, 8, generator=_gen(2)) * 0.3 + 0.05
+    out = colour_cast(dark, _gen(3), 0.6)
+    assert torch.equal(out, colour_cast(dark, _gen(3), 0.6))
+    gain = out / dark
+    per = gain.flatten(2)
+    assert (per.amax(2) - per.amin(2)).max() < 1e-5  # a colour change, not a texture
+    assert gain.min() >= math.exp(-0.9) - 1e-5 and gain.max() <= math.exp(0.9) + 1e-5
+    assert (per[:, :, 0] - 1).abs().max() > 0.05
+    with pytest.raises(InvalidInputError):
+        AugmentConfig(input_colour=1.5)
 
 
 def test_augment_rejects_bad_input() -> None:

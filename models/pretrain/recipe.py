@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..augment import AugmentConfig
 from ..networks import Decoder, Encoder
 from ..trainer import TrainConfig, Trainer
 from .loss_maps import face_emphasis, face_loss_masks, template_loss_masks
@@ -38,6 +39,7 @@ def make_trainer(
         warmup_steps=min(100, spec.steps // 10),
         grad_clip=GRAD_CLIP,
         latent_adversary=spec.latent_adversary if spec.mode == "pretrain" else 0.0,
+        augment=AugmentConfig(input_colour=spec.input_colour),
     )
     res = encoder.config.resolution
     masks = None

@@ -81,6 +81,8 @@ class JobSpec:
     loss_emphasis: str = "eyes_mouth"
     # Pretrain mode: weight of the latent critic's identity-confusion term; 0 turns it off.
     latent_adversary: float = DEFAULT_LATENT_ADVERSARY
+    # Strength of a colour cast on the encoder's inputs only (augment.AugmentConfig); 0: off.
+    input_colour: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
@@ -115,6 +117,8 @@ class JobSpec:
                 f"latent_adversary must be in [0, {MAX_LATENT_ADVERSARY:g}], "
                 f"got {self.latent_adversary!r}"
             )
+        if not 0 <= self.input_colour <= 1:
+            raise InvalidInputError(f"input_colour must be in [0, 1], got {self.input_colour!r}")
         validate_hyper_parameters(
             self.steps, self.batch_size, self.lr, self.encoder_lr, self.checkpoint_every
         )
