@@ -32,30 +32,18 @@ from typing import Any
 import numpy as np
 import torch
 from facemux.models import checkpoint, pretrain, synth
+from facemux.models.pixels import to_uint8
 from facemux.models.pretrain import (
     DEFAULT_LATENT_ADVERSARY,
     JobSpec,
     prepare_work_dir,
     run_job,
 )
-from skimage.metrics import structural_similarity
-
-
-def masked_scores(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(SSIM, PSNR) inside the mask."""
-    m = mask > 127
-    _, smap = structural_similarity(
-        truth, pred, channel_axis=2, data_range=255, full=True, win_size=7
-    )
-    ssim = float(smap.mean(axis=2)[m].mean())
-    err = (pred.astype(np.float64) - truth.astype(np.float64))[m]
-    mse = float((err**2).mean())
-    psnr = 10 * np.log10(255.0**2 / max(mse, 1e-10))
-    return ssim, psnr
+from facemux.models.scores import face_scores
 
 
 def to_images(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    return to_uint8(x.permute(0, 2, 3, 1).numpy())
 
 
 def fit_budget(
@@ -244,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         src = np.stack([r.image for r in rendered[a]])
         own = run(a, src)
         ceiling[a] = np.mean(
-            [masked_scores(own[i], r.image, r.mask) for i, r in enumerate(rendered[a])], axis=0
+            [face_scores(own[i], r.image, r.mask) for i, r in enumerate(rendered[a])], axis=0
         )
         for b in people:
             if a == b:
@@ -260,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                     ("input", src[i]),
                     ("other_state", other_state[i]),
                 ):
-                    scores[key].append(masked_scores(pred, truth.image, truth.mask))
+                    scores[key].append(face_scores(pred, truth.image, truth.mask))
             mean = {key: np.mean(v, axis=0) for key, v in scores.items()}
             wins = all(
                 mean["swap"][m] > mean[base][m] for base in ("input", "other_state") for m in (0, 1)
