@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -85,6 +85,43 @@ def proc_cpu_s(pid: int) -> float:
     """utime + stime of every thread of process `pid`, seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def py_spy() -> str | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return spy if Path(spy).exists() else None
+
+
+def python_threads(pid: int) -> dict[int, str]:
+    """Native thread id -> Python thread name, from py-spy when it is installed (the OS
+    names them all "python"); empty without it."""
+    spy = py_spy()
+    if spy is None:
+        return {}
+    try:
+        text = subprocess.run(
+            [spy, "dump", "-p", str(pid), "--json"], capture_output=True, timeout=30, check=True
+        ).stdout
+        dump = json.loads(text)
+    except (subprocess.SubprocessError, ValueError):
+        return {}
+    return {int(t["os_thread_id"]): str(t["thread_name"]) for t in dump if t.get("os_thread_id")}
+
+
+def thread_cpu_s(pid: int, names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds of process `pid` by thread: its Python name, else "other" (gRPC's own
+    threads, torch's intra-op threads); to_thread workers (asyncio_0, asyncio_1, ...) are
+    summed as asyncio_*."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = names.get(int(task.name), "other")
+        name = "asyncio_*" if name.startswith("asyncio_") else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
 
 
 def self_cpu_s() -> float:
@@ -184,6 +221,7 @@ class Served:
     client_ms: float  # load generator CPU-ms per call
     p50_ms: float
     p99_ms: float
+    threads: dict[str, float] = field(default_factory=dict)  # server CPU-ms/call by thread
 
     @property
     def total_ms(self) -> float:
@@ -198,7 +236,7 @@ async def _load(
     seconds: float,
     metadata: tuple[tuple[str, str], ...],
     server_pid: int,
-) -> tuple[int, float, float, float, list[float]]:
+) -> tuple[int, float, float, float, list[float], dict[str, float]]:
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary(method)  # bytes in, bytes out
         for _ in range(20):  # connection, decoder load, learned round trip
@@ -212,10 +250,15 @@ async def _load(
                 await call(payload, timeout=60, metadata=metadata)
                 latencies.append(time.perf_counter() - t0)
 
+        names = python_threads(server_pid)
+        th0 = thread_cpu_s(server_pid, names)
         s0, c0, t0 = proc_cpu_s(server_pid), self_cpu_s(), time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         wall = time.perf_counter() - t0
-        return len(latencies), wall, proc_cpu_s(server_pid) - s0, self_cpu_s() - c0, latencies
+        server, client_s = proc_cpu_s(server_pid) - s0, self_cpu_s() - c0
+        th1 = thread_cpu_s(server_pid, names)
+        threads = {k: v - th0.get(k, 0.0) for k, v in th1.items()}
+        return len(latencies), wall, server, client_s, latencies, threads
 
 
 def drive(
@@ -230,7 +273,7 @@ def drive(
     deadline = time.monotonic() + 60
     while True:
         try:
-            n, wall, server, client, lat = asyncio.run(
+            n, wall, server, client, lat, threads = asyncio.run(
                 _load(target, method, payload, args.clients, args.seconds, metadata, server_pid)
             )
             break
@@ -245,14 +288,15 @@ def drive(
         1000 * client / n,
         1000 * statistics.median(lat),
         1000 * float(np.percentile(lat, 99)),
+        {k: 1000 * v / n for k, v in threads.items() if v > 0},
     )
 
 
 @contextlib.contextmanager
 def profiling(pid: int, out: str, seconds: float) -> Iterator[None]:
     """py-spy (when installed) sampling `pid` for `seconds`, folded stacks to `out`."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not out or not Path(spy).exists():
+    spy = py_spy()
+    if not out or spy is None:
         yield
         return
     cmd = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200"]
