@@ -99,6 +99,16 @@ class PixelBudget:
                 ) from None
             raise
 
+    def try_acquire(self, pixels: int) -> bool:
+        """Take `pixels` now if that needs no wait (room, and nobody queued ahead); False
+        otherwise, taking nothing. For work short enough to do on the event loop."""
+        if pixels <= 0:
+            return True
+        if self._waiters or self._used + pixels > self.capacity:
+            return False
+        self._used += pixels
+        return True
+
     async def run(
         self,
         pixels: int,
