@@ -50,6 +50,25 @@ def test_deadline_shortens_the_wait() -> None:
     asyncio.run(main())
 
 
+def test_try_acquire_takes_only_what_needs_no_wait() -> None:
+    async def main() -> None:
+        budget = PixelBudget(100, max_wait_s=5)
+        assert budget.try_acquire(60)
+        assert not budget.try_acquire(50)  # no room: nothing taken
+        assert budget.in_use == 60
+        waiter = asyncio.create_task(budget.acquire(50))
+        await asyncio.sleep(0.01)
+        # Room for 30, but a caller is queued first: it is not overtaken.
+        assert not budget.try_acquire(30)
+        assert budget.in_use == 60
+        budget.release(60)
+        await waiter
+        assert budget.try_acquire(50)
+        assert budget.in_use == 100
+
+    asyncio.run(main())
+
+
 def test_first_come_first_served() -> None:
     async def main() -> None:
         budget = PixelBudget(100, max_wait_s=5)
