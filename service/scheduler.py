@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -81,6 +81,9 @@ class Item:
     # One watermark payload per face: the faces come back marked, the whole batch's in one
     # pass where the model left them (on the GPU, before the copy to the host).
     marks: list[bytes] | None = None
+    # Set by run(): the caller's event loop and the future it awaits there. The callers of
+    # a batch on one loop are woken by one call into that loop (_settle), not one each.
+    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[Result]] | None = None
 
     @property
     def size(self) -> int:
@@ -94,6 +97,42 @@ class BatchStats:
     seconds: float
     # Per computed item: seconds from submit() until its batch started.
     queue_waits: tuple[float, ...] = ()
+
+
+_Outcome = tuple[Item, Result | None, BaseException | None]
+
+
+def _settle(outcomes: Sequence[_Outcome]) -> None:
+    """Resolve each item's future with its result or error, and wake the callers awaiting
+    them in run() with one call into each event loop for all of them: a wake-up of a loop
+    (a write to its self-pipe, a pass of its selector) per caller cost as much as the
+    rest of a small call's answer."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Result], _Outcome]]] = {}
+    for outcome in outcomes:
+        item, result, error = outcome
+        if error is None:
+            assert result is not None
+            item.future.set_result(result)
+        else:
+            item.future.set_exception(error)
+        if item.waiter is not None:
+            loop, waiter = item.waiter
+            by_loop.setdefault(loop, []).append((waiter, outcome))
+    for loop, waiters in by_loop.items():
+        with suppress(RuntimeError):  # the loop is closed: nobody is left to answer
+            loop.call_soon_threadsafe(_wake, waiters)
+
+
+def _wake(waiters: list[tuple[asyncio.Future[Result], _Outcome]]) -> None:
+    """On the callers' loop: hand each its outcome, unless it stopped waiting (cancelled)."""
+    for waiter, (_, result, error) in waiters:
+        if waiter.done():
+            continue
+        if error is None:
+            assert result is not None
+            waiter.set_result(result)
+        else:
+            waiter.set_exception(error)
 
 
 class Clock(Protocol):
@@ -263,9 +302,12 @@ class Scheduler:
 
     async def run(self, item: Item) -> Result:
         """Submit and await from the event loop; cancelling the caller frees the slot."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Result] = loop.create_future()
+        item.waiter = (loop, waiter)
         fut = self.submit(item)
         try:
-            return await asyncio.wrap_future(fut)
+            return await waiter
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -342,15 +384,16 @@ class Scheduler:
     def _run_batch(self, batch: list[Item]) -> None:
         now = self.clock.monotonic()
         live = []
+        expired: list[_Outcome] = []
         for item in batch:
             if not item.future.set_running_or_notify_cancel():
                 continue  # the caller cancelled while waiting
             if item.deadline is not None and now > item.deadline:
-                item.future.set_exception(
-                    DeadlineExpiredError("deadline passed while queued; not computed")
-                )
+                error = DeadlineExpiredError("deadline passed while queued; not computed")
+                expired.append((item, None, error))
                 continue
             live.append(item)
+        _settle(expired)
         if not live:
             return
         waits = tuple(now - i.submitted_at for i in live)
@@ -361,18 +404,19 @@ class Scheduler:
         except BaseException as exc:  # every caller learns what went wrong
             log.exception("model batch of %d items failed", len(live))
             self._answered(len(live))
-            for item in live:
-                item.future.set_exception(exc)
+            _settle([(item, None, exc) for item in live])
             return
         seconds = time.perf_counter() - t0
         # Owed before the callers learn their results, so none can come back unowed.
         self._answered(len(live))
         to_finish = []
+        done: list[_Outcome] = []
         for item, res in zip(live, results, strict=True):
             if item.finish is None:
-                item.future.set_result(res)
+                done.append((item, res, None))
             else:
                 to_finish.append((item, res))
+        _settle(done)
         if to_finish:
             self._finishing.put(to_finish)
         if self.on_batch is not None:
@@ -418,21 +462,17 @@ class Scheduler:
 
     def _finish(self) -> None:
         while (batch := self._finishing.get()) is not None:
-            errors: list[BaseException | None] = []
+            outcomes: list[_Outcome] = []
             for item, res in batch:
                 assert item.finish is not None
                 try:
                     res.finished = item.finish(res)
-                    errors.append(None)
+                    outcomes.append((item, res, None))
                 except BaseException as exc:  # the caller learns what went wrong
-                    errors.append(exc)
+                    outcomes.append((item, None, exc))
             # Answered together, after the whole batch is finished: callers answered one by
             # one come back one by one, and the batch they form gives up waiting half full.
-            for (item, res), error in zip(batch, errors, strict=True):
-                if error is None:
-                    item.future.set_result(res)
-                else:
-                    item.future.set_exception(error)
+            _settle(outcomes)
 
     def _compute(self, items: list[Item]) -> list[Result]:
         b = self.backend

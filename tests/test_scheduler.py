@@ -163,6 +163,43 @@ def test_awaiting_caller_cancellation_frees_the_slot(
     assert scheduler.queue_depth() == 0
 
 
+def test_callers_of_one_batch_are_woken_by_one_call_into_their_loop(runtime: Runtime) -> None:
+    # Each wake-up of the event loop from another thread (a self-pipe write, a selector
+    # pass) costs about what the rest of a small call's answer does: a batch of callers
+    # answered together wakes their loop once, not once each.
+    alice = runtime.decoder("alice").decoder
+    scheduler = Scheduler(runtime, max_batch=8, max_wait_s=0.5, start=False)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wakes: list[str] = []
+        plain = loop.call_soon_threadsafe
+
+        def counted(callback: Callable[..., object], *args: object) -> asyncio.Handle:
+            wakes.append(threading.current_thread().name)
+            return plain(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+        def item(k: int) -> Item:
+            return Item(Op.SWAP, _faces(k, 1), alice, None, finish=lambda r: (k, r.faces))
+
+        calls = [asyncio.ensure_future(scheduler.run(item(k))) for k in range(4)]
+        while scheduler.queue_depth() < 4:
+            await asyncio.sleep(0.01)
+        stepper = threading.Thread(target=scheduler.step, name="stepper")
+        stepper.start()
+        results = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        stepper.join(60)
+        assert [r.finished[0] for r in results] == [0, 1, 2, 3]
+        assert wakes == ["facemux-finisher"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.stop()
+
+
 def test_concurrent_calls_with_a_bad_one_through_the_server(tmp_path: Path, models: Models) -> None:
     make_store(tmp_path / "s", models, ("alice", "bob"))
     # Provenance off: the test compares exact model pixels (the watermark changes them).
