@@ -662,6 +662,7 @@ class GuardInterceptor(boundary.WrappingInterceptor):
     after their size is checked against the method's limit (MESSAGE_LIMITS)."""
 
     def __init__(self, guard: Guard) -> None:
+        super().__init__()
         self.guard = guard
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

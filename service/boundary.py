@@ -171,7 +171,15 @@ def wrap_handler(
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that hands each served method's handler to `wrap`."""
+    """An interceptor that hands each served method's handler to `wrap`.
+
+    `wrap` must depend only on the handler and the method: its result is kept per method
+    and reused for as long as gRPC resolves the method to the same handler (its servicers
+    are registered once), so a call does not rebuild its wrappers."""
+
+    def __init__(self) -> None:
+        # method -> (the handler gRPC resolved, what wrap made of it); known methods only.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -181,7 +189,13 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return None
-        return self.wrap(handler, handler_call_details.method)
+        method = handler_call_details.method
+        kept = self._wrapped.get(method)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        wrapped = self.wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """`handler` itself, or one of its kind (wrap_handler) serving `method`."""

@@ -569,3 +569,32 @@ def test_prometheus_scrapes_the_server(
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_interceptor_wraps_a_method_once_while_its_handler_stays_the_same() -> None:
+    # A call reuses the wrapper made for its method's first call (no closures, handler
+    # objects or metric series looked up per call); a method re-registered with another
+    # handler is wrapped again.
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    first = grpc.unary_unary_rpc_method_handler(echo)
+    second = grpc.unary_unary_rpc_method_handler(echo)
+    interceptor = Metrics().interceptor()
+
+    async def main() -> None:
+        def details(method: str) -> Any:
+            return SimpleNamespace(method=method, invocation_metadata=())
+
+        async def resolve(handler: grpc.RpcMethodHandler) -> Any:
+            async def continuation(_: Any) -> grpc.RpcMethodHandler:
+                return handler
+
+            return await interceptor.intercept_service(continuation, details("/a.S/M"))
+
+        a, b = await resolve(first), await resolve(first)
+        assert a is b and a is not first
+        c = await resolve(second)
+        assert c is not a and await resolve(second) is c
+
+    asyncio.run(main())

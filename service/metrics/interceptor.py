@@ -31,31 +31,50 @@ def split_method(full: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
+class _Series:
+    """One method's series, looked up once (a labels() lookup takes a lock and hashes the
+    label values: several per call, for values fixed per method)."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.started = metrics.grpc_started.labels(*labels)
+        self.received = metrics.grpc_received.labels(*labels)
+        self.sent = metrics.grpc_sent.labels(*labels)
+        self.seconds = metrics.grpc_seconds.labels(*labels)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        series = self._handled.get(code)
+        if series is None:
+            series = self._handled[code] = self.metrics.grpc_handled.labels(*self.labels, code.name)
+        return series
+
+
 class _Call:
     """Bookkeeping of one RPC."""
 
-    __slots__ = ("_done", "_labels", "_m", "_t0")
+    __slots__ = ("_done", "_s", "_t0")
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
-        self._m = metrics
-        self._labels = labels
+    def __init__(self, series: _Series) -> None:
+        self._s = series
         self._t0 = time.perf_counter()
         self._done = False
-        metrics.grpc_started.labels(*labels).inc()
+        series.started.inc()
 
     def received(self) -> None:
-        self._m.grpc_received.labels(*self._labels).inc()
+        self._s.received.inc()
 
     def sent(self) -> None:
-        self._m.grpc_sent.labels(*self._labels).inc()
+        self._s.sent.inc()
 
     def end(self, exc: BaseException | None, context: grpc.aio.ServicerContext) -> None:
         if self._done:
             return
         self._done = True
         code = boundary.call_status(exc, context)
-        self._m.grpc_handled.labels(*self._labels, code.name).inc()
-        self._m.grpc_seconds.labels(*self._labels).observe(time.perf_counter() - self._t0)
+        self._s.handled(code).inc()
+        self._s.seconds.observe(time.perf_counter() - self._t0)
 
 
 class _CountingContext:
@@ -92,6 +111,7 @@ class MetricsInterceptor(boundary.WrappingInterceptor):
     (synchronous) handlers are passed through unmeasured (boundary.is_async)."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self.metrics = metrics
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -101,8 +121,7 @@ class MetricsInterceptor(boundary.WrappingInterceptor):
         kind = self.metrics.method_types.get((service, name)) or grpc_type(
             handler.request_streaming, handler.response_streaming
         )
-        labels = (kind, service, name)
-        m = self.metrics
+        series = _Series(self.metrics, (kind, service, name))
         fn = boundary.behaviour(handler)
         if not boundary.is_async(fn):
             return handler
@@ -110,7 +129,7 @@ class MetricsInterceptor(boundary.WrappingInterceptor):
         response_streaming = handler.response_streaming
 
         def begin(request: Any, context: grpc.aio.ServicerContext) -> tuple[_Call, Any, Any]:
-            call = _Call(m, labels)
+            call = _Call(series)
             if request_streaming:
                 request = _counted(request, call)
             else:
