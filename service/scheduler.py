@@ -270,9 +270,13 @@ class Scheduler:
         finally:
             _announced.reset(token)
             with self._cv:
-                self._announced_faces -= ann.faces
-                ann.faces = 0
-                self._cv.notify()
+                # Submitted (the usual end): submit() settled the faces and woke the
+                # worker already; waking it again would only cost it a pass and both
+                # threads a switch, on every call.
+                if ann.faces:
+                    self._announced_faces -= ann.faces
+                    ann.faces = 0
+                    self._cv.notify()
 
     def submit(self, item: Item) -> concurrent.futures.Future[Result]:
         """Enqueue from any thread; the future resolves with the result or the error."""
