@@ -61,7 +61,7 @@ _SKIP = {
 
 @dataclass
 class FrameOutcome:
-    rgb: np.ndarray
+    swapped: facelib.SwapResult  # its frame is copied to the host only when read (rgb)
     results: list[spb.FaceResult]
     faces_swapped: int
     notes: list[str]
@@ -70,6 +70,11 @@ class FrameOutcome:
     # The swapped faces' crops in the frame (x0, y0, x1, y1): where the watermark goes, so
     # every other pixel comes back as the caller sent it.
     regions: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The swapped frame on the host (copied from the device on first read)."""
+        return self.swapped.frame
 
 
 def build_swapper(
@@ -284,7 +289,24 @@ class FramePipeline:
             masks = None if result.masks is None else list(result.masks)
             return list(result.faces), masks
 
-        out = swapper.swap(rgb, swap_crops, opts, faces=found, frame_t=frame_t)
+        def swap_crops_t(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            # Tensor in, tensor out: the crops and the model's faces stay on the device.
+            item = Item(Op.SWAP, crops, decoder, deadline)
+            future = self.scheduler.submit(item)
+            on_cancel(future.cancel)
+            result = future.result()
+            assert result.faces_t is not None
+            return result.faces_t, result.masks_t
+
+        on_device = self.pixel_device is not None and self.pixel_device == self.device
+        out = swapper.swap(
+            rgb,
+            swap_crops,
+            opts,
+            faces=found,
+            frame_t=frame_t,
+            swap_crops_t=swap_crops_t if on_device else None,
+        )
         if o.require_face and not out.faces:
             raise NotFoundError(
                 "no face was found in the frame and require_face is set; send a photo with a "
@@ -302,7 +324,7 @@ class FramePipeline:
                 f"(per-frame limit), {over} skipped"
             )
         regions = [r.region for r in out.faces if r.swapped and r.region is not None]
-        return FrameOutcome(out.frame, results, swapped, notes, timings, out.device_frame, regions)
+        return FrameOutcome(out, results, swapped, notes, timings, out.device_frame, regions)
 
     @staticmethod
     def _listed(o: spb.SwapOptions, found: list[facelib.DetectedFace]) -> list[int]:
