@@ -13,7 +13,9 @@ When a batch closes, as in the model's scheduler (service/scheduler.py): at
 frame has arrived for `max_wait_s`. Frames on their way are announced with `expect()` by
 calls that will detect (entered before the frame is decoded). A lone frame never waits:
 when it arrives nothing else is announced. Under load batches form by themselves too:
-frames that arrive while a batch runs are taken together by the next one.
+frames that arrive while a batch runs are taken together by the next one. A frame that
+arrives when nothing runs, waits or is announced is detected at once in its caller's own
+thread, with no hand-off to the worker and back.
 
 A caller whose deadline passes stops waiting and its frame is dropped before compute; a
 call cancelled by its client (service/cancel.py) likewise. When a batch fails, its frames
@@ -120,6 +122,8 @@ class DetectionBatcher(Generic[P, C]):
         self._announced = 0
         self._cv = threading.Condition()
         self._stopping = False
+        self._busy = False  # a batch is running (the worker's or a lone caller's own)
+        self._started = start
         self._thread = threading.Thread(target=self._run, name="facemux-detector", daemon=True)
         if start:
             self._thread.start()
@@ -161,11 +165,45 @@ class DetectionBatcher(Generic[P, C]):
             self._cv.notify()
         return item.future
 
+    def _run_alone(self) -> bool:
+        """Whether this caller's frame runs at once in its own thread: nothing runs, nothing
+        waits and no other frame is announced. It then pays no hand-off to the worker and
+        back (on a loaded machine each wake-up can cost a scheduling slice); frames arriving
+        meanwhile queue for the worker as usual."""
+        ann = _announced.get()
+        with self._cv:
+            if ann is not None and ann.open:
+                ann.open = False
+                self._announced -= 1
+            alone = (
+                self._started
+                and not self._busy
+                and not self._queue
+                and not self._announced
+                and not self._stopping
+            )
+            if alone:
+                self._busy = True
+            return alone
+
     def detect(self, rgb: NDArray[np.uint8] | torch.Tensor) -> list[DetectedFace]:
         """Faces in one frame, detected in a batch with whatever other frames are waiting.
         Honours the call's deadline (``detection_deadline``) and cancellation."""
         deadline = detection_deadline.get()
         prepared = self.detector.prepare(rgb)  # a bad frame fails here, alone
+        if self._run_alone():
+            try:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DeadlineExpiredError("deadline passed before face detection")
+                t0 = time.perf_counter()
+                found = self.detector.detect_prepared([prepared])[0]
+                if self.on_batch is not None:
+                    self.on_batch(DetectionStats(1, time.perf_counter() - t0, (0.0,)))
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+            return self.detector.faces(found)
         future = self.submit(prepared, deadline)
         on_cancel(future.cancel)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -190,10 +228,13 @@ class DetectionBatcher(Generic[P, C]):
 
     def _take_batch(self) -> list[_Frame[P, C]]:
         with self._cv:
-            while not self._queue and not self._stopping:
+            while (not self._queue or self._busy) and not self._stopping:
+                self._cv.wait()
+            while self._busy:  # stopping: let a lone caller's batch finish first
                 self._cv.wait()
             if not self._queue:
                 return []
+            self._busy = True
             batch = [self._queue.popleft()]
             last = batch[0].submitted_at
             deadlines = [batch[0].deadline] if batch[0].deadline is not None else []
@@ -225,7 +266,12 @@ class DetectionBatcher(Generic[P, C]):
         batch = self._take_batch()
         if not batch:
             return False
-        self._run_batch(batch)
+        try:
+            self._run_batch(batch)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
         return True
 
     def _run_batch(self, batch: list[_Frame[P, C]]) -> None:
