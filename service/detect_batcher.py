@@ -202,7 +202,10 @@ class DetectionBatcher(Generic[P, C]):
             finally:
                 with self._cv:
                     self._busy = False
-                    self._cv.notify_all()
+                    # Only when the worker has something to do: waking it for nothing costs
+                    # the caller a GIL hand-off (3.5 ms a frame on the loaded 2-core machine).
+                    if self._queue or self._stopping:
+                        self._cv.notify_all()
             return self.detector.faces(found)
         future = self.submit(prepared, deadline)
         on_cancel(future.cancel)
@@ -271,7 +274,6 @@ class DetectionBatcher(Generic[P, C]):
         finally:
             with self._cv:
                 self._busy = False
-                self._cv.notify_all()
         return True
 
     def _run_batch(self, batch: list[_Frame[P, C]]) -> None:
