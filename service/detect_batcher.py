@@ -123,6 +123,7 @@ class DetectionBatcher(Generic[P, C]):
         self._cv = threading.Condition()
         self._stopping = False
         self._busy = False  # a batch is running (the worker's or a lone caller's own)
+        self._gathering = False  # the worker waits for announced frames
         self._started = start
         self._thread = threading.Thread(target=self._run, name="facemux-detector", daemon=True)
         if start:
@@ -150,7 +151,8 @@ class DetectionBatcher(Generic[P, C]):
             if ann.open:
                 ann.open = False
                 self._announced -= 1
-                self._cv.notify()
+                if self._gathering:  # the worker waits for this frame: it need not now
+                    self._cv.notify()
 
     def submit(self, prepared: P, deadline: float | None = None) -> concurrent.futures.Future[C]:
         ann = _announced.get()
@@ -257,7 +259,9 @@ class DetectionBatcher(Generic[P, C]):
                 left = give_up - time.monotonic()
                 if left <= 0:
                     break
+                self._gathering = True
                 self._cv.wait(left)
+                self._gathering = False
             return batch
 
     def _run(self) -> None:

@@ -316,7 +316,7 @@ class FaceSwapper:
                 chosen, matrices, faces_t, masks_t, opts, original, torch.device(device)
             )
         else:
-            crops = list(crops_u8.permute(0, 2, 3, 1).cpu().numpy())
+            crops = list(crops_u8.permute(0, 2, 3, 1).contiguous().cpu().numpy())
             out_faces, out_masks = swap_crops(crops)
             out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
             clock.lap("model")
