@@ -103,6 +103,11 @@ class DetectionBatcher(Generic[P, C]):
     """Wraps a batch detector behind the one-frame ``Detector`` interface (``detect``), so
     the face pipeline and the stream tracker use it unchanged."""
 
+    @property
+    def accepts_device_frames(self) -> bool:
+        """detect() takes a frame already on the device when the detector's prepare does."""
+        return bool(getattr(self.detector, "accepts_device_frames", False))
+
     def __init__(
         self,
         detector: BatchDetector[P, C],

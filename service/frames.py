@@ -273,7 +273,7 @@ class FramePipeline:
             if tracker is not None and not o.faces:
                 found = tracker.track(rgb)
             else:
-                found = swapper.find_faces(rgb, **self.hints(o))
+                found = swapper.find_faces(rgb, frame_t=frame_t, **self.hints(o))
         finally:
             detection_deadline.reset(reset)
         t_find = time.perf_counter() - t0

@@ -264,3 +264,21 @@ def test_server_bad_or_late_frames_fail_alone(tmp_path: Path, models: Models) ->
         with ThreadPoolExecutor(len(kinds)) as pool:
             codes = list(pool.map(run, kinds))
     assert codes == ["OK", "INVALID_ARGUMENT", "OK", "DEADLINE_EXCEEDED", "OK", "OK"]
+
+
+def test_frames_already_on_the_device_are_detected_where_they_are(bf: BlazeFaceDetector) -> None:
+    """A frame decoded on the device (nvjpeg) is detected from there, not uploaded again:
+    the same faces as from the host copy, through the batcher and the pipeline."""
+    from facemux.models.faces import FaceSwapper, LandmarkPredictor
+
+    frame = _astronaut_at(192, 32)
+    on_device = torch.from_numpy(frame).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+    _same(bf.detect(on_device), bf.detect(frame))
+    with pytest.raises(InvalidInputError):
+        bf.prepare(on_device.float())
+    b = DetectionBatcher(bf)
+    try:
+        sw = FaceSwapper(b, LandmarkPredictor(5))
+        _same(sw.find_faces(frame, frame_t=on_device), sw.find_faces(frame))
+    finally:
+        b.close()

@@ -332,6 +332,9 @@ class BlazeFaceDetector:
     fitted 5 points (False leaves landmark prediction to the caller, e.g. dlib's 68 points).
     """
 
+    # detect() also takes a (3, H, W) uint8 frame already on a device (see prepare).
+    accepts_device_frames = True
+
     def __init__(
         self,
         device: str | torch.device = "cpu",
@@ -484,8 +487,8 @@ class BlazeFaceDetector:
         prepared = [self.prepare(f) for f in frames]
         return [self.faces(c) for c in self.detect_prepared(prepared)]
 
-    def detect(self, rgb: NDArray[np.uint8]) -> list[DetectedFace]:
-        return self.detect_batch([rgb])[0]
+    def detect(self, rgb: NDArray[np.uint8] | torch.Tensor) -> list[DetectedFace]:
+        return self.faces(self.detect_prepared([self.prepare(rgb)])[0])
 
     def _face(
         self, kps: NDArray[np.float32], box: NDArray[np.float32], score: float

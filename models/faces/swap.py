@@ -395,9 +395,12 @@ class FaceSwapper:
         landmarks: Any = None,
         faces: Sequence[DetectedFace] | None = None,
         clock: _Clock | None = None,
+        frame_t: torch.Tensor | None = None,
     ) -> list[DetectedFace]:
         """Faces with landmarks: from ``faces`` (e.g. a FaceTracker), caller ``landmarks``
-        and/or ``boxes`` (validated; no detection), or the detector."""
+        and/or ``boxes`` (validated; no detection), or the detector. ``frame_t``: the same
+        pixels as uint8 (3, H, W) on the device, for a detector that takes them there
+        (``accepts_device_frames``), so the frame is not uploaded again to be detected."""
         clock = clock or _Clock()
         h, w = rgb.shape[:2]
         found: list[DetectedFace]
@@ -417,7 +420,11 @@ class FaceSwapper:
         elif boxes is not None:
             found = [DetectedFace(b, 1.0) for b in validate_boxes(boxes, w, h)]
         else:
-            found = self.detector.detect(rgb)
+            if frame_t is not None and getattr(self.detector, "accepts_device_frames", False):
+                device_detector: Any = self.detector  # beyond the Detector protocol
+                found = device_detector.detect(frame_t)
+            else:
+                found = self.detector.detect(rgb)
         clock.lap("detect")
         for f in found:
             if f.landmarks is None:
