@@ -27,7 +27,7 @@ The tile repeats over the image, so the detector can:
    gain comes from on large images),
 3. find the crop offset by circular cross-correlation with the sync pattern (FFT), and
 4. correlate each coded bit's matched filter at that offset, decode the soft values with
-   Viterbi and check the CRC.
+   list Viterbi (the most likely messages in order) and check the CRC.
 
 A frame is marked only in its swapped face regions (``regions``), on the frame's own tile
 grid: the rest of the frame is the caller's, returned bit for bit. The detector needs no
@@ -98,10 +98,17 @@ DARK_LEVEL = 48.0
 # scales) above which the marker counts as present (bench/watermark.py prints the highest
 # unmarked score beside it).
 DETECT_Z = 6.0
-# Below DETECT_Z, a marker whose payload also reads (its CRC-16 matching, one Viterbi
-# decode at the sync's scale and at most len(SCALE_STEPS) more) counts as found from
-# CONFIRM_Z up: on unmarked images a chance match is about one in 13,000.
+# Below DETECT_Z, a marker whose payload also reads (its CRC-16 matching, among the
+# LIST_SIZE most likely messages at the sync's scale and one more at each of SCALE_STEPS)
+# counts as found from CONFIRM_Z up: on an unmarked image scoring that much a chance match
+# is about one in 960 (bench/watermark.py counts them).
 CONFIRM_Z = 4.0
+# How many of the most likely messages the CRC is checked on at the sync's own scale and
+# offset, when the likeliest one fails it. On 128 px faces after JPEG q75 + 0.75x resize +
+# 10 % crop each coded bit is read with about 23 % errors: the likeliest message is right on
+# 1 in 10 of them, one of the 64 likeliest on 1 in 4 (bench/RESULTS.md). Each is one more
+# chance CRC match (1 in 65536), so only this one read gets a list.
+LIST_SIZE = 64
 
 # Detection reads at most a DETECT_WINDOW-square window from the image's centre. The mark
 # repeats every tile, so a window of 16 x 16 tiles already folds enough repetitions to find
@@ -263,29 +270,36 @@ def _coded_bits(payload: bytes) -> np.ndarray:
     return _encode(_message(payload)[None])[0]
 
 
-def _viterbi(soft: np.ndarray) -> np.ndarray:
-    """The message bits most likely sent, from each coded bit's soft correlation (positive
-    = 1): maximum likelihood over every path through the code's trellis that ends in the
-    zero state (the tail)."""
+def _viterbi(soft: np.ndarray, size: int = 1) -> np.ndarray:
+    """The ``size`` message bit sequences most likely sent, best first (size, MESSAGE_BITS),
+    from each coded bit's soft correlation (positive = 1): maximum likelihood over every path
+    through the code's trellis that ends in the zero state (the tail). Each state keeps its
+    ``size`` best paths (a parallel list Viterbi), so the list is the exact ``size`` best;
+    fewer rows come back when the trellis has fewer paths."""
     steps = len(soft) // len(CONV_POLYS)
     branch = soft.reshape(steps, len(CONV_POLYS)) @ (_CONV_OUT.astype(np.float64) * 2 - 1).T
     # State s' is reached from register contents 2 s' and 2 s' + 1 (the bit shifted out).
     regs = 2 * np.arange(_STATES)[:, None] + np.arange(2)
     prev = regs & (_STATES - 1)
-    metric = np.full(_STATES, -np.inf)
-    metric[0] = 0.0
-    choice = np.empty((steps, _STATES), np.int64)
+    metric = np.full((_STATES, size), -np.inf)
+    metric[0, 0] = 0.0
+    # choice[t, s', k]: the k-th best path into s' came from register bit j // size, and was
+    # the (j % size)-th best path of that predecessor.
+    choice = np.empty((steps, _STATES, size), np.int64)
     for t in range(steps):
-        cand = metric[prev] + branch[t][regs]
-        choice[t] = np.argmax(cand, axis=1)
-        metric = cand[np.arange(_STATES), choice[t]]
-    bits = np.empty(steps, np.uint8)
-    state = 0
+        cand = (metric[prev] + branch[t][regs][:, :, None]).reshape(_STATES, 2 * size)
+        choice[t] = np.argsort(-cand, axis=1, kind="stable")[:, :size]
+        metric = np.take_along_axis(cand, choice[t], axis=1)
+    ranks = np.flatnonzero(np.isfinite(metric[0]))
+    state = np.zeros(len(ranks), np.int64)
+    bits = np.empty((len(ranks), steps), np.uint8)
     for t in range(steps - 1, -1, -1):
-        reg = 2 * state + int(choice[t, state])
-        bits[t] = reg >> (CONV_K - 1)
+        j = choice[t, state, ranks]
+        reg = 2 * state + j // size
+        ranks = j % size
+        bits[:, t] = reg >> (CONV_K - 1)
         state = reg & (_STATES - 1)
-    return bits[:MESSAGE_BITS]
+    return bits[:, :MESSAGE_BITS]
 
 
 def payload_for(request_id: str) -> bytes:
@@ -625,7 +639,13 @@ def match_watermark(rgb: np.ndarray, payload: bytes) -> float:
 def _detect(res: np.ndarray) -> WatermarkResult:
     ranked = _ranked(res)
     z, folded, (dy, dx), scale = ranked[0]
-    payload = _read_payload(folded, dy, dx, scale) if z >= CONFIRM_Z else None
+    payload = None
+    if z >= CONFIRM_Z:
+        # The likeliest message alone first: the same answer when it reads, at a fraction
+        # of the list's cost.
+        payload = _read_payload(folded, dy, dx, scale)
+        if payload is None:
+            payload = _read_payload(folded, dy, dx, scale, LIST_SIZE)
     if payload is None and z >= CONFIRM_Z:
         # The sync peak's scale is not always the payload's best: a few tenths of a pixel of
         # period drift over the folded repetitions blur the bits more than the sync. Each
@@ -674,10 +694,17 @@ def _read_windows(res: np.ndarray, scale: float) -> bytes | None:
     return None
 
 
-def _read_payload(folded: np.ndarray, dy: int, dx: int, scale: float) -> bytes | None:
+def _read_payload(
+    folded: np.ndarray, dy: int, dx: int, scale: float, list_size: int = 1
+) -> bytes | None:
+    """The payload from a folded tile at a sync offset: the first of the ``list_size`` most
+    likely messages whose CRC matches (each one more chance match, see LIST_SIZE)."""
     aligned = np.roll(folded, (-dy, -dx), axis=(0, 1)).reshape(-1)
     # Each coded bit's matched filter.
     soft = _BIT_FILTERS[_resized(scale)] @ aligned.astype(np.float64)
-    coded = np.packbits(_viterbi(soft)).tobytes()
-    body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
-    return body if _crc16(body) == crc else None
+    for bits in _viterbi(soft, list_size):
+        coded = np.packbits(bits).tobytes()
+        body, crc = coded[:PAYLOAD_BYTES], int.from_bytes(coded[PAYLOAD_BYTES:], "big")
+        if _crc16(body) == crc:
+            return body
+    return None
