@@ -315,3 +315,14 @@ def test_watermark_scale_is_refined_on_a_textured_photo(request_id: str) -> None
     found, got, z = wm.detect_watermark(attacked)
     assert found and got == payload, f"z={z:.1f}"
     assert z >= 7
+
+
+def test_watermark_marker_is_found_on_small_faces_after_the_chain() -> None:
+    """The marker on every one of eight 128 px faces after JPEG q75 + 0.75x + 10 % crop
+    (one scores just under the former threshold of 6), and on none of them unmarked."""
+    states = synth.make_states(8, seed=1000)
+    for i in range(8):
+        face = synth.render(synth.identity_from_seed(1000 + i), states[i], 128).image
+        found, _, z = wm.detect_watermark(_attacked(wm.embed_watermark(face, bytes([i, 2, 7, 9]))))
+        assert found, f"face {i}: z={z:.1f}"
+        assert not wm.detect_watermark(_attacked(face))[0]
