@@ -44,16 +44,18 @@ This module imports no grpc (models layer).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +366,8 @@ def _np_pad(x: np.ndarray, before: int, after_y: int, after_x: int, mode: str) -
 
 
 def _t_pad(x: Tensor, before: int, after_y: int, after_x: int, mode: str) -> Tensor:
+    import torch
+
     return torch.nn.functional.pad(x[:, None], (before, after_x, before, after_y), mode=mode)[:, 0]
 
 
@@ -374,13 +378,21 @@ _NUMPY = _Backend(
     double=lambda x, axis: np.repeat(x, 2, axis=axis),
     tile=np.tile,
 )
-_TORCH = _Backend(
-    pad=_t_pad,
-    floor=torch.floor,
-    clamp=torch.clamp,
-    double=lambda x, axis: torch.repeat_interleave(x, 2, dim=axis),
-    tile=lambda x, reps: x.repeat(*reps),
-)
+
+
+@functools.cache
+def _torch_backend() -> _Backend:
+    # torch is imported here, not at the top: reading a mark (`facemux verify --local`)
+    # needs numpy and OpenCV only, and starts in a fraction of the time without torch.
+    import torch
+
+    return _Backend(
+        pad=_t_pad,
+        floor=torch.floor,
+        clamp=torch.clamp,
+        double=lambda x, axis: torch.repeat_interleave(x, 2, dim=axis),
+        tile=lambda x, reps: x.repeat(*reps),
+    )
 
 
 def _blur(x: Any, ops: _Backend) -> Any:
@@ -432,10 +444,12 @@ def _delta(y3: Any, carriers: Any, dither: Any, origin: tuple[int, int], ops: _B
 
 def _embed_t(rgb: Tensor, carriers: Tensor, origin: tuple[int, int] = (0, 0)) -> Tensor:
     """The marked copy of uint8 (N, 3, H, W)."""
+    import torch
+
     x = rgb.to(torch.int16)
     y3 = (x[:, 0] + x[:, 1] + x[:, 2]).to(torch.float32)
     dither = torch.from_numpy(_DITHER[None]).to(rgb.device)
-    delta = _delta(y3, carriers, dither, origin, _TORCH).to(torch.int16)
+    delta = _delta(y3, carriers, dither, origin, _torch_backend()).to(torch.int16)
     return (x + delta[:, None]).clamp_(0, 255).to(torch.uint8)
 
 
@@ -478,6 +492,8 @@ def embed_watermark_t(
 ) -> Tensor:
     """``embed_watermark`` for a uint8 (3, H, W) tensor on any device (a frame that stays on
     the GPU between nvjpeg decode and encode); the same pixels as the array version."""
+    import torch
+
     carrier = torch.from_numpy(_carriers([payload])).to(rgb.device)
     if regions is None:
         return _embed_t(rgb[None], carrier)[0]
@@ -512,6 +528,8 @@ def embed_watermark_batch_t(rgb: Tensor, payloads: list[bytes]) -> Tensor:
     to the host)."""
     if len(payloads) != rgb.shape[0]:
         raise ValueError(f"{rgb.shape[0]} images but {len(payloads)} payloads")
+    import torch
+
     return _embed_t(rgb, torch.from_numpy(_carriers(payloads)).to(rgb.device))
 
 

@@ -150,6 +150,24 @@ def test_verify_rpc_and_cli(server: ServerThread, client: FacemuxClient, tmp_pat
     assert r.returncode == 0 and "valid signature, trusted issuer" in r.stdout
 
 
+def test_local_verify_reads_marks_without_torch(tmp_path: Path) -> None:
+    """`facemux verify --local` (and the CLI's fallback with no server) imports no torch:
+    it starts in well under a second instead of paying for a framework it does not use."""
+    marked = tmp_path / "marked.png"
+    payload = wm.payload_for("local")
+    marked.write_bytes(png(wm.embed_watermark(face_image(3), payload)))
+    probe = (
+        "import sys\n"
+        "from facemux.client.cli import main\n"
+        f"rc = main(['verify', {str(marked)!r}, '--local'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "watermark: found" in r.stdout
+
+
 def test_provenance_settings(tmp_path: Path, models: Models) -> None:
     make_store(tmp_path / "store", models, ("alice",))
     with pytest.raises(Exception, match="provenance"):
