@@ -226,7 +226,7 @@ def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
             job = c.train(
                 ["hana"],
                 identity="hana",
-                steps=120,
+                steps=60,
                 batch_size=4,
                 learning_rate=1e-3,
                 checkpoint_every=every,
@@ -245,7 +245,7 @@ def test_killed_server_resumes_the_job(tmp_path: Path, models: Models) -> None:
             assert c.get_job(job.id).state in (tpb.JOB_STATE_QUEUED, tpb.JOB_STATE_RUNNING)
             final = watch_until_done(c, job.id)[-1].job
             assert final.state == tpb.JOB_STATE_SUCCEEDED, final.error
-            assert final.step == 120
+            assert final.step == 60
             assert c.get_identity("hana").versions[0].job_id == job.id
         # The kill landed while the worker was writing checkpoints every 10 steps: every
         # stored decoder still matches its recorded checksum.
