@@ -235,6 +235,13 @@ def test_landmark_weight_map() -> None:
     assert w[0, 0, 5, 5] == 1.0  # forehead corner
     batched = landmark_weight_map(torch.from_numpy(np.stack([lm, lm])), 64)
     assert batched.shape == (2, 1, 64, 64) and torch.equal(batched[0], w[0])
+    # Brows count only when asked for: thin arcs above the eyes, grown like the eyes.
+    lm[17:22] = [(14, 17), (17, 15), (20, 14), (23, 15), (26, 17)]
+    lm[22:27] = lm[17:22] + np.array([22, 0])
+    assert landmark_weight_map(lm, 64)[0, 0, 15, 20] == 1.0
+    browed = landmark_weight_map(lm, 64, brows=2.5)
+    assert browed[0, 0, 15, 20] == 2.5 and browed[0, 0, 15, 42] == 2.5
+    assert browed[0, 0, 24, 21] == 3.0 and browed[0, 0, 5, 5] == 1.0
     with pytest.raises(InvalidInputError):
         landmark_weight_map(np.zeros((5, 2)), 64)
 
