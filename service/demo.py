@@ -3,7 +3,9 @@
 1. render two synthetic people (A and B) in many random states;
 2. train one decoder each, for a fixed time budget, against the shared encoder shipped with
    facemux (the `tiny` preset pretrained on other synthetic people, frozen here): how a
-   deployment adds new identities. ``--encoder scratch`` trains the encoder too, from nothing;
+   deployment adds new identities. Each decoder also sees its person's latents moved
+   towards other people's (DemoRecipe.identity_shift). ``--encoder scratch`` trains the
+   encoder too, from nothing;
 3. publish the encoder in a fresh store and start a real server on a free port;
 4. register both decoders over gRPC, as any client would;
 5. swap A->B and B->A on states never seen in training, through the client, score the face
