@@ -19,6 +19,13 @@ of using its own fitted points. "blazeface" uses the server's default tiles (2);
 Speed: milliseconds per 640x480 frame, one frame at a time and 8 per call (HOG runs the 8
 one after another: it has no batch), the median of --repeats runs interleaved between the
 detectors, all in one process.
+
+    python bench/detectors.py --clients 8 [--calls 12] [--rounds 3] [--device cuda]
+
+Batched detection alone: frames/s of N threads detecting at once through the server's
+detection batcher (frames of concurrent callers share one network pass) against the bare
+detector (one frame at a time through the network, as before the batcher), rounds
+alternating in one process.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import math
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -178,6 +186,56 @@ def methods(
     }
 
 
+def concurrent_callers(
+    frames: Sequence[U8], clients: int, calls: int, rounds: int, device: str, tiles: int
+) -> None:
+    """Frames/s of ``clients`` threads each detecting ``calls`` frames, through the
+    detection batcher (their frames share network passes) and one at a time (the bare
+    detector: its lock lets one frame through the network at a time, as the server did
+    before the batcher). Rounds alternate, so load from other processes falls on both."""
+    from facemux.service.detect_batcher import DetectionBatcher, DetectionStats
+
+    det = BlazeFaceDetector(device=device, tiles=tiles)
+    sizes: list[int] = []
+
+    def observe(stats: DetectionStats) -> None:
+        sizes.append(stats.frames)
+
+    batcher = DetectionBatcher(det, max_frames=16, on_batch=observe)
+
+    def run(detect: Callable[[U8], object]) -> float:
+        def client(k: int) -> None:
+            for i in range(calls):
+                detect(frames[(k + i) % len(frames)])
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return clients * calls / (time.perf_counter() - t0)
+
+    run(batcher.detect)  # warm up both, and every batch size the batcher forms
+    run(det.detect)
+    rates: dict[str, list[float]] = {"batched": [], "one at a time": []}
+    sizes.clear()
+    for _ in range(rounds):
+        rates["batched"].append(run(batcher.detect))
+        rates["one at a time"].append(run(det.detect))
+    batcher.close()
+    print(
+        f"\n| {clients} concurrent callers, {device}, tiles={tiles} | frames/s (median of "
+        f"{rounds}) | frames per network pass |"
+    )
+    print("|---|---|---|")
+    mean = sum(sizes) / max(1, len(sizes))
+    print(f"| batched | {statistics.median(rates['batched']):.1f} | {mean:.1f} |")
+    print(f"| one at a time | {statistics.median(rates['one at a time']):.1f} | 1 |")
+    ratio = statistics.median(rates["batched"]) / statistics.median(rates["one at a time"])
+    print(f"summary detection_batching clients={clients} {device} speedup {ratio:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=24, help="synthetic frames")
@@ -185,9 +243,25 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (dlib uses one; 0: torch's own)"
     )
+    ap.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="only the concurrent-callers row: this many threads detecting at once",
+    )
+    ap.add_argument("--calls", type=int, default=12, help="frames per caller per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clients:
+        print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        frames = [im for im, _ in synthetic(8)]
+        concurrent_callers(
+            frames, args.clients, args.calls, args.rounds, args.device, Settings().detector_tiles
+        )
+        return
     settings = Settings()
     hog = fp.HogDetector(max_side=settings.detector_max_side, threshold=settings.detector_threshold)
     lp5 = fp.LandmarkPredictor(5)

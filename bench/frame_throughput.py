@@ -78,6 +78,13 @@ def main() -> int:
     p.add_argument(
         "--detector-processes", type=int, default=-1, help="HOG worker processes; -1 = auto"
     )
+    p.add_argument("--detector", default="hog", choices=("hog", "blazeface"))
+    p.add_argument(
+        "--detector-batching",
+        default="on",
+        choices=("on", "off"),
+        help="blazeface: frames of concurrent calls detected in one pass",
+    )
     args = p.parse_args()
     frames = {
         "640x480": jpeg(synthetic_frame(640, 480, 240)),
@@ -93,6 +100,7 @@ def main() -> int:
             *("--device", args.device, "--gpu-jpeg", args.gpu_jpeg),
             *("--detector-threshold", "-0.5"),
             *("--detector-processes", str(args.detector_processes)),
+            *("--detector", args.detector, "--detector-batching", args.detector_batching),
             metrics=True,
             env={"FACEMUX_LOG_LEVEL": "WARNING"},
         ).start()
@@ -118,6 +126,7 @@ def main() -> int:
             server.stop()
     print(
         f"\npreset {args.preset}, device {args.device}, gpu_jpeg {args.gpu_jpeg}, "
+        f"detector {args.detector} (batching {args.detector_batching}), "
         f"detector processes {args.detector_processes} (-1 = auto), "
         f"{args.clients} clients, unary Swap for {args.seconds:.0f} s; "
         f"one SwapStream of {args.stream_frames} frames; {os.cpu_count()} cores"

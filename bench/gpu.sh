@@ -5,8 +5,8 @@
 #
 # train (about 6 minutes on an H100): the CUDA tests beside a swap-quality run sized to a
 #   time budget (original64), then training throughput, job against bare step, on its own.
-# serve (about 9 minutes): model and Swap throughput, batch formation and per-call cost with
-#   the defaults, frames with nvjpeg on and off, memory.
+# serve (about 12 minutes): model and Swap throughput, batch formation and per-call cost with
+#   the defaults, frames with nvjpeg on and off, BlazeFace batched and not, memory.
 # A session with a short GPU lease runs the two phases as two calls on the same machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -93,5 +93,14 @@ run frames_nvjpeg 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg 
   --clients 16 --seconds 5 --stream-frames 100
 run frames_hostjpeg 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg off \
   --clients 16 --seconds 5 --stream-frames 100
+# BlazeFace on the card: detection batched across 16 callers against one frame at a time,
+# then full frames through the server with the batcher on and off (nvjpeg on).
+run detect_batching 90 python3 bench/detectors.py --clients 16 --calls 20 --rounds 3 \
+  --device cuda --threads 0
+run frames_blazeface 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg on \
+  --detector blazeface --clients 16 --seconds 5 --stream-frames 100
+run frames_blazeface_unbatched 60 python3 bench/frame_throughput.py --device cuda \
+  --gpu-jpeg on --detector blazeface --detector-batching off --clients 16 --seconds 5 \
+  --stream-frames 100
 run memory 45 python3 bench/memory.py --preset df128 --identities 8 --device cuda
 summary

@@ -335,7 +335,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         wm = "found" if r.watermark_found else "not found"
         if r.watermark_found:
             wm += f", payload {r.watermark_payload or 'unreadable'}"
-        print(f"watermark: {wm} (confidence {r.watermark_confidence:.1f}, threshold 6)")
+        print(f"watermark: {wm} (confidence {r.watermark_confidence:.1f})")
     return 0 if (r.manifest_valid or r.watermark_found) else 1
 
 

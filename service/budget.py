@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 from facemux.models.errors import ResourceExhaustedError
+from facemux.service.cancel import CancelToken, current_cancel
 from facemux.service.settings import Settings
 
 T = TypeVar("T")
@@ -111,7 +112,13 @@ class PixelBudget:
         thread returns, even when the call is cancelled first: the thread's arrays live on
         until then."""
         await self.acquire(pixels, deadline, what)
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        # The thread's waits on shared batches give up when the call is cancelled.
+        token = CancelToken()
+        reset = current_cancel.set(token)
+        try:
+            task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        finally:
+            current_cancel.reset(reset)
 
         def done(t: asyncio.Future[T]) -> None:
             self.release(pixels)
@@ -119,7 +126,11 @@ class PixelBudget:
                 t.exception()  # retrieved here when the caller is gone
 
         task.add_done_callback(done)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
 
     def release(self, pixels: int) -> None:
         if pixels <= 0:

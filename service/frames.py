@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,8 +24,11 @@ from facemux.models.errors import (
     UnavailableError,
 )
 from facemux.models.faces import gpu_codec
+from facemux.models.faces.blazeface import BlazeFaceDetector
 from facemux.models.imageio import DecodedImage, sniff_format
 from facemux.models.networks import Decoder
+from facemux.service.cancel import on_cancel
+from facemux.service.detect_batcher import DetectionBatcher, DetectionStats, detection_deadline
 from facemux.service.scheduler import Item, Op, Scheduler
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb
@@ -56,7 +61,7 @@ _SKIP = {
 
 @dataclass
 class FrameOutcome:
-    rgb: np.ndarray
+    swapped: facelib.SwapResult  # its frame is copied to the host only when read (rgb)
     results: list[spb.FaceResult]
     faces_swapped: int
     notes: list[str]
@@ -66,11 +71,20 @@ class FrameOutcome:
     # every other pixel comes back as the caller sent it.
     regions: list[tuple[int, int, int, int]] = field(default_factory=list)
 
+    @property
+    def rgb(self) -> np.ndarray:
+        """The swapped frame on the host (copied from the device on first read)."""
+        return self.swapped.frame
+
 
 def build_swapper(
-    settings: Settings, pixel_device: str | None = None, model_device: str = "cpu"
+    settings: Settings,
+    pixel_device: str | None = None,
+    model_device: str = "cpu",
+    on_detection: Callable[[DetectionStats], None] | None = None,
 ) -> facelib.FaceSwapper:
-    """The detector and landmark predictor the settings name (loading them takes ~1 s)."""
+    """The detector and landmark predictor the settings name (loading them takes ~1 s).
+    BlazeFace sits behind its micro-batcher unless ``detector_batching`` is off."""
     options: dict[str, object] = {}
     if settings.detector == "hog":
         options["max_side"] = settings.detector_max_side
@@ -86,10 +100,16 @@ def build_swapper(
         )
     else:
         options["onnx_path"] = settings.detector_model
+    detector: facelib.Detector = facelib.make_detector(settings.detector, **options)
+    if isinstance(detector, BlazeFaceDetector) and settings.detector_batching:
+        detector = DetectionBatcher(
+            detector,
+            max_frames=settings.detector_max_batch,
+            max_wait_s=settings.detector_max_wait_ms / 1000.0,
+            on_batch=on_detection,
+        )
     return facelib.FaceSwapper(
-        facelib.make_detector(settings.detector, **options),
-        facelib.LandmarkPredictor(settings.landmark_points),
-        device=pixel_device,
+        detector, facelib.LandmarkPredictor(settings.landmark_points), device=pixel_device
     )
 
 
@@ -97,8 +117,15 @@ class FramePipeline:
     """Detector and landmark predictor, built from settings on first use (loading them costs
     a second; a server that only sees aligned crops never pays it)."""
 
-    def __init__(self, settings: Settings, scheduler: Scheduler, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        device: str = "cpu",
+        on_detection: Callable[[DetectionStats], None] | None = None,
+    ) -> None:
         self.settings = settings
+        self.on_detection = on_detection  # each detection batch's stats (metrics)
         self.scheduler = scheduler
         self.device = device  # the model's, where a torch detector runs too
         # Where the pixel work runs: the model's device when it is a GPU (tensor ops, the
@@ -149,8 +176,27 @@ class FramePipeline:
             if self._closed:
                 raise UnavailableError("the server is shutting down")
             if self._swapper is None:
-                self._swapper = build_swapper(self.settings, self.pixel_device, self.device)
+                self._swapper = build_swapper(
+                    self.settings, self.pixel_device, self.device, self.on_detection
+                )
             return self._swapper
+
+    @contextmanager
+    def expect_detection(
+        self, o: spb.SwapOptions, tracker: facelib.FaceTracker | None = None
+    ) -> Iterator[None]:
+        """Around a frame's whole call (decode included): tell the detection batcher, if
+        there is one, that this frame will be detected, so a batch forming meanwhile waits
+        for it. Frames with caller faces, and stream frames the tracker will not detect,
+        are not announced."""
+        sw = self._swapper
+        batcher = sw.detector if sw is not None else None
+        due = tracker is None or tracker.frame_index % tracker.detect_every == 0
+        if not isinstance(batcher, DetectionBatcher) or o.faces or not due:
+            yield
+            return
+        with batcher.expect():
+            yield
 
     def close(self) -> None:
         """Stop the detector's worker processes, if it has any."""
@@ -222,22 +268,45 @@ class FramePipeline:
         opts = self.options(o, resolution)
         swapper = self.swapper()
         t0 = time.perf_counter()
-        if tracker is not None and not o.faces:
-            found = tracker.track(rgb)
-        else:
-            found = swapper.find_faces(rgb, **self.hints(o))
+        reset = detection_deadline.set(deadline)  # the detection batcher honours it
+        try:
+            if tracker is not None and not o.faces:
+                found = tracker.track(rgb)
+            else:
+                found = swapper.find_faces(rgb, frame_t=frame_t, **self.hints(o))
+        finally:
+            detection_deadline.reset(reset)
         t_find = time.perf_counter() - t0
         if o.selection == spb.FACE_SELECTION_LISTED:
             opts.indices = self._listed(o, found)
 
         def swap_crops(crops: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
             item = Item(Op.SWAP, np.stack(crops), decoder, deadline)
-            result = self.scheduler.submit(item).result()
+            future = self.scheduler.submit(item)
+            on_cancel(future.cancel)  # a cancelled call's faces are dropped before compute
+            result = future.result()
             assert result.faces is not None
             masks = None if result.masks is None else list(result.masks)
             return list(result.faces), masks
 
-        out = swapper.swap(rgb, swap_crops, opts, faces=found, frame_t=frame_t)
+        def swap_crops_t(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            # Tensor in, tensor out: the crops and the model's faces stay on the device.
+            item = Item(Op.SWAP, crops, decoder, deadline)
+            future = self.scheduler.submit(item)
+            on_cancel(future.cancel)
+            result = future.result()
+            assert result.faces_t is not None
+            return result.faces_t, result.masks_t
+
+        on_device = self.pixel_device is not None and self.pixel_device == self.device
+        out = swapper.swap(
+            rgb,
+            swap_crops,
+            opts,
+            faces=found,
+            frame_t=frame_t,
+            swap_crops_t=swap_crops_t if on_device else None,
+        )
         if o.require_face and not out.faces:
             raise NotFoundError(
                 "no face was found in the frame and require_face is set; send a photo with a "
@@ -255,7 +324,7 @@ class FramePipeline:
                 f"(per-frame limit), {over} skipped"
             )
         regions = [r.region for r in out.faces if r.swapped and r.region is not None]
-        return FrameOutcome(out.frame, results, swapped, notes, timings, out.device_frame, regions)
+        return FrameOutcome(out, results, swapped, notes, timings, out.device_frame, regions)
 
     @staticmethod
     def _listed(o: spb.SwapOptions, found: list[facelib.DetectedFace]) -> list[int]:

@@ -13,23 +13,26 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-import torch
 from facemux.models import imageio
 from facemux.models import watermark as wm
 from facemux.models.errors import InvalidInputError
-from facemux.models.faces.gpu_codec import JpegCodec
 from facemux.service import c2pa, convert
 from facemux.service.boundary import call_deadline, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.c2pa import COMPOSITE, TRAINED
 from facemux.service.settings import Settings
-from facemux.service.store import Store
 from facemux.v1 import provenance_service_pb2 as ppb
 from facemux.v1 import provenance_service_pb2_grpc as pgrpc
 from facemux.v1 import types_pb2
+
+if TYPE_CHECKING:  # Verify, here and in `facemux verify --local`, runs without torch
+    import torch
+    from facemux.models.faces.gpu_codec import JpegCodec
+    from facemux.service.store import Store
 
 # The servicers name the payload hash and the source types through this module, the one
 # place that decides what is marked and how.

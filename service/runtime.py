@@ -225,13 +225,34 @@ class Runtime:
 
     # -- model primitives for the scheduler (called from its worker thread only) -----------
 
-    def encode_batch(self, faces: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    def encode_batch(
+        self, faces: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor]
+    ) -> torch.Tensor:
         """(N,R,R,3) uint8 crops, or the parts of a batch (one per request), which are
-        gathered with one host copy: into pinned memory on CUDA, into one array on CPU."""
-        if isinstance(faces, np.ndarray):
-            parts: Sequence[np.ndarray] = [faces]
+        gathered with one host copy: into pinned memory on CUDA, into one array on CPU.
+        Parts may also be (N,3,R,R) uint8 tensors already on the device (the frame
+        pipeline's aligned crops), which are used where they are."""
+        if isinstance(faces, (np.ndarray, torch.Tensor)):
+            parts_any: Sequence[np.ndarray | torch.Tensor] = [faces]
         else:
-            parts = faces
+            parts_any = faces
+        if any(isinstance(p, torch.Tensor) for p in parts_any):
+            x = torch.cat(
+                [
+                    p.to(self.device)
+                    if isinstance(p, torch.Tensor)
+                    else torch.from_numpy(np.ascontiguousarray(p))
+                    .to(self.device)
+                    .permute(0, 3, 1, 2)
+                    for p in parts_any
+                ]
+            )
+            x = to_unit(x)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                return inference.encode(self.encoder(), x)
+        parts = cast(Sequence[np.ndarray], parts_any)
         if self.device.type == "cuda":
             n = sum(len(f) for f in parts)
             # Pinned host memory lets the copy to the device run asynchronously.
@@ -274,6 +295,25 @@ class Runtime:
             return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
         faces = inference.tensor_to_images(rgb.float())
         faces[marked] = wm.embed_watermark_batch(faces[marked], payloads)
+        return faces, masks
+
+    def decode_batch_t(
+        self,
+        decoder: Decoder,
+        latents: torch.Tensor,
+        marks: Sequence[bytes | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As decode_batch, but the faces (N,3,R,R) and masks (N,R,R), uint8, stay on the
+        device: the frame pipeline masks, colour-corrects and pastes them there."""
+        with self._autocast():
+            rgb, mask = inference.decode(decoder, latents)
+        faces = to_uint8(rgb.float())
+        masks = None if mask is None else to_uint8(mask.float())[:, 0]
+        marked = [i for i, m in enumerate(marks or ()) if m is not None]
+        if marked:
+            assert marks is not None
+            payloads = [m for m in marks if m is not None]
+            faces[marked] = wm.embed_watermark_batch_t(faces[marked], payloads)
         return faces, masks
 
     def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:

@@ -62,13 +62,20 @@ class Result:
     latents: np.ndarray | None = None  # (N, C, H, W) float32 for ENCODE
     faces: np.ndarray | None = None  # (N, R, R, 3) uint8 for SWAP / DECODE
     masks: np.ndarray | None = None  # (N, R, R) uint8 when the decoder has a mask head
+    # For items whose inputs were device tensors: faces (N, 3, R, R) and masks (N, R, R),
+    # uint8, left on the device.
+    faces_t: Tensor | None = None
+    masks_t: Tensor | None = None
     finished: Any = None  # what the item's `finish` made of this result, when it has one
 
 
 @dataclass
 class Item:
     op: Op
-    inputs: np.ndarray  # faces (N,R,R,3) uint8, or latents (N,C,H,W) float32 for DECODE
+    # Faces (N,R,R,3) uint8, or latents (N,C,H,W) float32 for DECODE. SWAP also takes
+    # faces as a (N,3,R,R) uint8 tensor on the model's device, and then answers in
+    # faces_t / masks_t on the device (tensor in, tensor out).
+    inputs: np.ndarray | Tensor
     decoder: Decoder | None
     deadline: float | None  # time.monotonic() seconds
     future: concurrent.futures.Future[Result] = field(default_factory=concurrent.futures.Future)
@@ -131,9 +138,9 @@ _announced: contextvars.ContextVar[_Announcement | None] = contextvars.ContextVa
 class ModelBackend(Protocol):
     """What the scheduler needs from the model (Runtime implements it)."""
 
-    def encode_batch(self, faces: np.ndarray | Sequence[np.ndarray]) -> Tensor:
-        """(N,R,R,3) uint8 RGB crops (or the parts of a batch, in order) -> latents on the
-        device."""
+    def encode_batch(self, faces: np.ndarray | Tensor | Sequence[np.ndarray | Tensor]) -> Tensor:
+        """(N,R,R,3) uint8 RGB crops (or the parts of a batch, in order; a part may be a
+        (N,3,R,R) uint8 tensor on the device) -> latents on the device."""
         ...
 
     def decode_batch(
@@ -141,6 +148,12 @@ class ModelBackend(Protocol):
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Latents on the device -> (N,R,R,3) uint8 faces and (N,R,R) uint8 masks or None;
         faces with a watermark payload in `marks` come back marked."""
+        ...
+
+    def decode_batch_t(
+        self, decoder: Decoder, latents: Tensor, marks: Sequence[bytes | None] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """As decode_batch, faces (N,3,R,R) and masks (N,R,R) uint8 left on the device."""
         ...
 
     def latents_to_device(self, latents: np.ndarray) -> Tensor: ...
@@ -450,6 +463,7 @@ class Scheduler:
                     results[i].latents = b.latents_to_host(zi)
         for i, it in enumerate(items):
             if it.op is Op.DECODE:
+                assert isinstance(it.inputs, np.ndarray)
                 latents[i] = b.latents_to_device(it.inputs)
         # 2. One decoder pass per identity over its group.
         groups: dict[int, list[int]] = {}
@@ -457,22 +471,46 @@ class Scheduler:
             if it.op is not Op.ENCODE:
                 assert it.decoder is not None
                 groups.setdefault(id(it.decoder), []).append(i)
-        for members in groups.values():
-            decoder = items[members[0]].decoder
-            assert decoder is not None
-            parts = [latents[i] for i in members]
-            z = parts[0] if len(parts) == 1 else torch.cat(parts)
-            marks: list[bytes | None] | None = None
-            if any(items[i].marks for i in members):
-                marks = []
-                for i in members:
-                    given = items[i].marks
-                    marks.extend([None] * items[i].size if given is None else given)
-            faces, masks = b.decode_batch(decoder, z, marks)
-            start = 0
+        for group in groups.values():
+            # Host answers and device answers (tensor items) in one decoder pass each; both
+            # kinds in one group (aligned crops and frames of one identity) are rare.
+            on_device = [i for i in group if isinstance(items[i].inputs, Tensor)]
+            on_host = [i for i in group if not isinstance(items[i].inputs, Tensor)]
+            for members in (on_host, on_device):
+                if members:
+                    self._decode_group(items, members, latents, results, members is on_device)
+        return results
+
+    def _decode_group(
+        self,
+        items: list[Item],
+        members: list[int],
+        latents: dict[int, Tensor],
+        results: list[Result],
+        on_device: bool,
+    ) -> None:
+        b = self.backend
+        decoder = items[members[0]].decoder
+        assert decoder is not None
+        parts = [latents[i] for i in members]
+        z = parts[0] if len(parts) == 1 else torch.cat(parts)
+        marks: list[bytes | None] | None = None
+        if any(items[i].marks for i in members):
+            marks = []
             for i in members:
-                n = items[i].size
+                given = items[i].marks
+                marks.extend([None] * items[i].size if given is None else given)
+        if on_device:
+            faces_t, masks_t = b.decode_batch_t(decoder, z, marks)
+        else:
+            faces, masks = b.decode_batch(decoder, z, marks)
+        start = 0
+        for i in members:
+            n = items[i].size
+            if on_device:
+                results[i].faces_t = faces_t[start : start + n]
+                results[i].masks_t = None if masks_t is None else masks_t[start : start + n]
+            else:
                 results[i].faces = faces[start : start + n]
                 results[i].masks = None if masks is None else masks[start : start + n]
-                start += n
-        return results
+            start += n

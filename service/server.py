@@ -141,7 +141,9 @@ async def build_app(settings: Settings, store: Store | None = None) -> App:
     Must run inside the event loop that will serve (grpc.aio binds to it)."""
     store = store or LocalStore(settings.store)
     metrics = Metrics(
-        max_identities=settings.metrics_max_identities, max_batch=settings.max_batch_size
+        max_identities=settings.metrics_max_identities,
+        max_batch=settings.max_batch_size,
+        max_detector_batch=settings.detector_max_batch,
     )
     # Bind the metrics port first: a port clash fails the start before anything else runs,
     # as a clash on the gRPC port does.

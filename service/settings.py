@@ -107,6 +107,23 @@ class Settings:
             "n adds an n x n tile grid for smaller faces"
         ),
     )
+    detector_batching: bool = field(
+        default=True,
+        metadata=_help(
+            "blazeface: detect the frames of concurrent calls together, one network pass "
+            "(a lone frame never waits for company)"
+        ),
+    )
+    detector_max_batch: int = field(
+        default=16, metadata=_help("blazeface: most frames in one detection batch")
+    )
+    detector_max_wait_ms: float = field(
+        default=2.0,
+        metadata=_help(
+            "blazeface: longest a forming detection batch waits without an arrival, for "
+            "frames already being decoded"
+        ),
+    )
     detector_model: str = field(
         default="", metadata=_help("ONNX model file for the yunet detector")
     )
@@ -291,6 +308,7 @@ class Settings:
             "max_batch_size",
             "max_queue_faces",
             "detector_max_side",
+            "detector_max_batch",
             "max_faces_per_frame",
             "detect_every",
             "max_running_jobs",
@@ -305,13 +323,14 @@ class Settings:
                 self.torch_threads,
                 self.grace_seconds,
                 self.max_batch_wait_ms,
+                self.detector_max_wait_ms,
                 self.training_threads,
             )
             < 0
         ):
             problems.append(
-                "decoder_cache_bytes, torch_threads, grace_seconds, max_batch_wait_ms and "
-                "training_threads must be >= 0"
+                "decoder_cache_bytes, torch_threads, grace_seconds, max_batch_wait_ms, "
+                "detector_max_wait_ms and training_threads must be >= 0"
             )
         for name in ("max_upload_bytes", "max_dataset_faces", "audit_max_bytes"):
             if getattr(self, name) <= 0:

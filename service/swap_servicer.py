@@ -81,9 +81,11 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         self.scheduler = scheduler
         # Watermark + C2PA manifest on every generated image (models/provenance.py).
         self.provenance = provenance if provenance is not None else Provenance(settings, store)
-        self.frames = FramePipeline(settings, scheduler, str(runtime.device))
         # A private, unexposed registry when none is given (servicer built alone in tests).
         self.metrics = metrics if metrics is not None else Metrics()
+        self.frames = FramePipeline(
+            settings, scheduler, str(runtime.device), on_detection=self.metrics.observe_detection
+        )
         # Unary calls share one memo per (identity, version): the record is read again only
         # when the store's stamp of it changes, as in a stream.
         self._memos: dict[tuple[str, int], IdentityMemo] = {}
@@ -298,6 +300,33 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         memo: IdentityMemo | None = None,
     ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
         """One full frame, synchronously (runs in a worker thread)."""
+        with self.frames.expect_detection(options, tracker):
+            return self._swap_frame_announced(
+                frame,
+                identity,
+                version,
+                options,
+                output,
+                deadline,
+                tracker,
+                request_id,
+                mark_id,
+                memo,
+            )
+
+    def _swap_frame_announced(
+        self,
+        frame: types_pb2.Image,
+        identity: str,
+        version: int,
+        options: spb.SwapOptions,
+        output: types_pb2.OutputOptions,
+        deadline: float | None,
+        tracker: FaceTracker | None,
+        request_id: str,
+        mark_id: str,
+        memo: IdentityMemo | None,
+    ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
         resident = self._resolve(identity, version, memo)
         t0 = time.perf_counter()
         on_gpu = None

@@ -294,10 +294,11 @@ def test_unknown_names_cost_as_much_as_known_ones(tmp_path: Path, models: Models
         for _ in range(7):
             known.append(_call_ms(ch, f"render-farm.{secrets.token_urlsafe(32)}")[0])
             unknown.append(_call_ms(ch, f"nobody-{secrets.token_hex(4)}.x")[0])
-        k, u = statistics.median(known), statistics.median(unknown)
+        # The fastest of each: other work on a busy machine only ever adds to a call's time.
+        k, u = min(known), min(unknown)
         # The same bad token again is answered from the failure cache, known or not.
         again = _call_ms(ch, "nobody.x")[0], _call_ms(ch, "nobody.x")[0]
-    print(f"\nmedian refusal: known name {k:.1f} ms, unknown name {u:.1f} ms")
+    print(f"\nfastest refusal: known name {k:.1f} ms, unknown name {u:.1f} ms")
     assert u > 0.6 * k and k > 0.6 * u, (k, u)
     assert again[1] < k
 

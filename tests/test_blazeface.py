@@ -3,6 +3,7 @@ real photos, batches equal to single frames, and a real server swapping with it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import cv2
@@ -17,7 +18,9 @@ from facemux.models.errors import InvalidInputError
 from facemux.models.faces.blazeface import (
     INPUT,
     BlazeFaceDetector,
+    batched_nms_mask,
     fast_nms,
+    greedy_nms,
     load_blazeface,
     weights_file,
 )
@@ -184,3 +187,32 @@ def test_same_faces_on_cuda_as_on_cpu(bf: BlazeFaceDetector, astronaut: U8) -> N
             np.testing.assert_allclose(a.box, b.box, atol=0.5)
             assert a.landmarks is not None and b.landmarks is not None
             np.testing.assert_allclose(a.landmarks, b.landmarks, atol=0.5)
+
+
+def _greedy_reference(boxes: NDArray[np.float64], iou: float) -> list[bool]:
+    """Textbook greedy NMS over boxes already in score order."""
+    keep: list[bool] = []
+    for j, b in enumerate(boxes):
+        keep.append(not any(keep[i] and fp.box_iou(boxes[i], b) > iou for i in range(j)))
+    return keep
+
+
+def test_batched_greedy_nms_is_greedy_nms_for_every_image() -> None:
+    rng = np.random.default_rng(3)
+    b, k = 4, 40
+    xy = rng.uniform(0, 60, (b, k, 2))
+    wh = rng.uniform(5, 30, (b, k, 2))
+    boxes = torch.from_numpy(np.concatenate([xy, xy + wh], -1)).float()
+    scores = torch.from_numpy(np.sort(rng.uniform(0, 1, (b, k)), 1)[:, ::-1].copy()).float()
+    scores[:, -5:] = float("-inf")  # absent candidates
+    got = greedy_nms(boxes, scores, 0.3)
+    for i in range(b):
+        want = _greedy_reference(boxes[i, :-5].double().numpy(), 0.3)
+        assert got[i, :-5].tolist() == want and not got[i, -5:].any()
+    # Chains of overlaps, where fast_nms and greedy NMS differ: greedy keeps the third.
+    chain = torch.tensor([[[0, 0, 10, 10], [5, 0, 15, 10], [10, 0, 20, 10]]], dtype=torch.float32)
+    top = torch.tensor([[0.9, 0.8, 0.7]])
+    assert greedy_nms(chain, top, 0.3).tolist() == [[True, False, True]]
+    assert batched_nms_mask(chain, top, 0.3).tolist() == [[True, False, True]]
+    if importlib.util.find_spec("torchvision") is not None:  # the gpu extra's fused kernel
+        assert torch.equal(batched_nms_mask(boxes, scores, 0.3), got)

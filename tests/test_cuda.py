@@ -156,3 +156,49 @@ def test_real_cuda_out_of_memory_lowers_the_batch_and_the_job_finishes(tmp_path:
     assert 8 <= lowered < 1024
     notes = [e.get("message", "") for e in read_events(tmp_path / "big")[0]]
     assert f"CUDA out of memory: batch size lowered to {lowered}" in notes
+
+
+def test_detection_batches_on_cuda_match_cpu() -> None:
+    from facemux.models.faces.blazeface import BlazeFaceDetector, batched_nms_mask, greedy_nms
+    from facemux.service.detect_batcher import DetectionBatcher, DetectionStats
+    from test_detect_batcher import _astronaut_at, _two_faces
+
+    cpu, gpu = BlazeFaceDetector(), BlazeFaceDetector(device="cuda")
+    stats: list[DetectionStats] = []
+    b = DetectionBatcher(gpu, on_batch=stats.append, start=False)
+    frames = [_astronaut_at(0, 0), _two_faces(2), _astronaut_at(192, 32)]
+    futures = [b.submit(gpu.prepare(f)) for f in frames]
+    assert b.step() and [s.frames for s in stats] == [3]
+    for frame, fut in zip(frames, futures, strict=True):
+        want, got = cpu.detect(frame), gpu.faces(fut.result(0))
+        assert len(want) == len(got)
+        for a, c in zip(want, got, strict=True):
+            np.testing.assert_allclose(a.box, c.box, atol=0.5)
+    b.close()
+    # torchvision's fused NMS (installed beside CUDA torch) keeps what the torch one keeps.
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 60, (4, 64, 2))
+    boxes = torch.from_numpy(np.concatenate([xy, xy + rng.uniform(5, 30, (4, 64, 2))], -1))
+    boxes = boxes.float().cuda()
+    scores = torch.from_numpy(np.sort(rng.uniform(0, 1, (4, 64)), 1)[:, ::-1].copy()).cuda()
+    scores = scores.float()
+    assert torch.equal(batched_nms_mask(boxes, scores, 0.3), greedy_nms(boxes, scores, 0.3))
+
+
+def test_device_resident_swap_on_cuda_matches_cpu() -> None:
+    from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions, make_detector
+    from test_tensor_path import _frame_model, _frame_model_t
+
+    photo = data.astronaut()
+
+    def model_t(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        faces, masks = _frame_model_t(crops.cpu())
+        return faces.to(crops.device), masks.to(crops.device)
+
+    det, lms = make_detector("hog"), LandmarkPredictor(5)
+    opts = SwapOptions(colour="reinhard")
+    want = FaceSwapper(det, lms, device="cpu").swap(photo, _frame_model, opts)
+    got = FaceSwapper(det, lms, device="cuda").swap(photo, _frame_model, opts, swap_crops_t=model_t)
+    assert not got.frame_on_host and got.device_frame is not None and got.device_frame.is_cuda
+    diff = np.abs(got.frame.astype(int) - want.frame.astype(int))
+    assert diff.mean() < 0.05 and diff.max() <= 3

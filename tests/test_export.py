@@ -3,7 +3,10 @@ configurations that Triton's own schema accepts."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +21,43 @@ from facemux.service.store import LocalStore
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
 
+
+@dataclass
+class ExportRun:
+    store: Path
+    out: Path
+    stdout: str
+    stderr: str
+
+
 from facemux.models.export import read_onnx_metadata  # noqa: E402
 from facemux.service.export import export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, models: Models) -> tuple[Path, Path]:
-    """alice (default version) and bob:1 exported through the CLI, with a Triton repository."""
+def export_run(tmp_path_factory: pytest.TempPathFactory, models: Models) -> ExportRun:
+    """alice (default version) and bob:1 exported through the CLI, with a Triton repository,
+    its stdout and stderr kept (not a terminal: a pipe or a log, as in a CI job)."""
     root = tmp_path_factory.mktemp("export")
     make_store(root / "store", models, ("alice", "bob"))
     out = root / "out"
     args = ["alice", "bob:1", "--store", str(root / "store"), "-o", str(out), "--triton"]
-    rc = cli_main(["export", "onnx", *args, "--max-batch", "32"])
-    assert rc == 0
-    return root / "store", out
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = cli_main(["export", "onnx", *args, "--max-batch", "32"])
+    assert rc == 0, stderr.getvalue()
+    return ExportRun(root / "store", out, stdout.getvalue(), stderr.getvalue())
+
+
+@pytest.fixture(scope="module")
+def exported(export_run: ExportRun) -> tuple[Path, Path]:
+    return export_run.store, export_run.out
+
+
+def test_export_draws_no_bar_when_stderr_is_not_a_terminal(export_run: ExportRun) -> None:
+    # tests/test_progress.py runs the same command on a terminal, where the bar is drawn.
+    assert "alice v1" in export_run.stdout
+    assert not any(mark in export_run.stderr for mark in ("%|", "\r")), export_run.stderr
 
 
 def _run(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import Models, decode_png, make_store, png
+from facemux.client import FacemuxClient
 from facemux.models.faces import align_matrix, paste_face, warp_crop
 from facemux.models.faces.colour import correct_colour
+from facemux.models.faces.mask import refine_mask
 from facemux.models.faces.tensor import (
     correct_colour_t,
     from_uint8,
     paste_face_t,
+    refine_mask_t,
     rgb_to_lab,
     to_uint8,
     warp_crop_t,
+    warp_crops_t,
 )
+from facemux.service.server import ServerThread
+from facemux.service.settings import Settings
 from skimage import data
 
 PHOTO = data.astronaut()
@@ -98,3 +107,95 @@ def test_whole_frame_swap_on_the_tensor_path_matches_opencv() -> None:
     changed_t = np.any(got.frame != PHOTO, axis=2)
     near = cv2.dilate(changed.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
     assert not (changed_t & ~near).any()
+
+
+def test_batched_warp_is_the_per_face_warp() -> None:
+    frame = from_uint8(PHOTO)
+    shift = np.array([[0, 0, 9.0], [0, 0, -5.0]])
+    ms = [_crop_matrix(64), _crop_matrix(64) + shift, _crop_matrix(64) * 0.5]
+    batched = warp_crops_t(frame, ms, 64)
+    assert tuple(batched.shape) == (3, 3, 64, 64)
+    for j, m in enumerate(ms):
+        torch.testing.assert_close(batched[j], warp_crop_t(frame, m, 64), atol=1e-5, rtol=0)
+    assert tuple(warp_crops_t(frame, [], 64).shape) == (0, 3, 64, 64)
+
+
+@pytest.mark.parametrize(("erosion", "blur"), [(0.02, 0.05), (-0.05, 0.1), (0.0, 0.0), (0.1, 0.02)])
+def test_mask_refinement_on_the_device_matches_opencv(erosion: float, blur: float) -> None:
+    mask = np.zeros((64, 64), np.float32)
+    cv2.ellipse(mask, (32, 36), (22, 26), 10, 0, 360, 1.0, -1)
+    mask = cv2.GaussianBlur(mask, (0, 0), 1.5)  # soft, as a decoder's mask head gives
+    want = refine_mask(mask, erosion, blur)
+    got = refine_mask_t(torch.from_numpy(mask), erosion, blur).numpy()
+    assert np.abs(got - want).max() < 2e-3
+
+
+def _frame_model(
+    crops: list[np.ndarray],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A model with a mask head: the crop mirrored, and a soft oval as its mask."""
+    mask = np.zeros((64, 64), np.uint8)
+    cv2.ellipse(mask, (32, 36), (20, 25), 0, 0, 360, 255, -1)
+    mask = cv2.GaussianBlur(mask, (0, 0), 2)
+    return [np.ascontiguousarray(c[:, ::-1]) for c in crops], [mask] * len(crops)
+
+
+def _frame_model_t(crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same model, tensor in and tensor out."""
+    faces, masks = _frame_model(list(crops.permute(0, 2, 3, 1).numpy()))
+    return (
+        torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).contiguous(),
+        torch.from_numpy(np.stack(masks)),
+    )
+
+
+def test_device_resident_swap_matches_the_host_model_path() -> None:
+    from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions, make_detector
+
+    det, lms = make_detector("hog"), LandmarkPredictor(5)
+    opts = SwapOptions(colour="reinhard")
+    sw = FaceSwapper(det, lms, device="cpu")
+    before = sw.swap(PHOTO, _frame_model, opts)  # crops through the host, as before
+    got = sw.swap(PHOTO, _frame_model, opts, swap_crops_t=_frame_model_t)
+    # Nothing came back to the host until the frame was asked for.
+    assert not got.frame_on_host and got.device_frame is not None
+    assert np.array_equal(got.device_frame.permute(1, 2, 0).numpy(), got.frame)
+    assert got.frame_on_host
+    assert [f.swapped for f in got.faces] == [True]
+    changed = np.any(before.frame != PHOTO, axis=2)
+    assert changed.sum() > 1000
+    diff = np.abs(got.frame.astype(int) - before.frame.astype(int))
+    assert diff.mean() < 0.05 and diff.max() <= 2
+    opencv = FaceSwapper(det, lms).swap(PHOTO, _frame_model, opts)
+    diff = np.abs(got.frame.astype(int) - opencv.frame.astype(int))
+    assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
+
+
+def test_server_frames_on_the_device_path_match_the_opencv_path(
+    tmp_path: Path, models: Models
+) -> None:
+    """device=cpu with frame_pipeline=tensor runs the device-resident path (crops to the
+    model and its faces and masks back as tensors) on the CPU: the same frame as OpenCV."""
+    make_store(tmp_path / "store", models, ("alice",))
+    outs = {}
+    for pipeline in ("tensor", "opencv"):
+        settings = Settings(
+            port=0,
+            auth="off",
+            store=tmp_path / "store",
+            provenance="off",
+            device="cpu",
+            metrics_port=-1,
+            frame_pipeline=pipeline,
+            detector="blazeface",
+            detector_landmarks="detector",
+        )
+        with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
+            c.wait_ready(60)
+            res = c.swap_image(png(PHOTO), "alice", output_format="png")
+            assert res.faces_swapped == 1 and res.frame is not None
+            outs[pipeline] = decode_png(res.frame)
+    changed = np.any(outs["opencv"] != PHOTO, axis=2)
+    assert changed.sum() > 1000
+    diff = np.abs(outs["tensor"].astype(int) - outs["opencv"].astype(int))
+    assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4

@@ -380,7 +380,7 @@ def test_latent_critic_learns_to_tell_identities_apart(
     name an orange face and a blue one from the latent: its loss falls well below ln 2, the
     loss of a coin toss."""
     enc, decs = _models(cfg, ["alice", "bob"])
-    tc = TrainConfig(steps=40, batch_size=8, lr=1e-3, latent_adversary=1e-9)
+    tc = TrainConfig(steps=20, batch_size=8, lr=1e-3, latent_adversary=1e-9)
     summary = Trainer(enc, decs, faces, tc).fit()
     assert summary["critic_loss"] < 0.5 * math.log(2), summary["critic_loss"]
 
@@ -566,7 +566,7 @@ def test_template_loss_mask_trains_the_mask_head_on_the_face(tmp_path: Path) -> 
         spec = JobSpec(
             mode="pretrain",
             datasets=["ann"],
-            steps=40,
+            steps=25,
             batch_size=8,
             lr=2e-3,
             log_every=20,

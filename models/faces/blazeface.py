@@ -23,6 +23,7 @@ import importlib.util
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,12 @@ __all__ = [
     "BLAZEFACE_LICENCE",
     "BlazeFace",
     "BlazeFaceDetector",
+    "Candidates",
+    "Prepared",
     "anchors",
+    "batched_nms_mask",
     "fast_nms",
+    "greedy_nms",
     "load_blazeface",
     "weights_file",
 ]
@@ -72,7 +77,26 @@ _BLOCKS: tuple[tuple[int, int, int], ...] = (
     (96, 96, 1),
 )
 _SPLIT = 11
+_CPU_CHUNK = 8  # views per network call on CPU (see detect_prepared)
 _ANCHORS_PER_CELL = (2, 6)  # at 16x16 and at 8x8
+
+
+@dataclass
+class Prepared:
+    """A frame ready for the network: its views' inputs on the device and where each view
+    lies in the frame (x0, y0, side), to map boxes back."""
+
+    inputs: torch.Tensor  # (V, 3, 128, 128) in [-1, 1]
+    views: list[tuple[float, float, float]]
+
+
+@dataclass
+class Candidates:
+    """A frame's faces as the network gave them, after NMS, on the host, best first."""
+
+    boxes: NDArray[np.float32]  # (K, 4) frame pixels
+    keypoints: NDArray[np.float32]  # (K, 6, 2) frame pixels
+    scores: NDArray[np.float32]  # (K,)
 
 
 class BlazeBlock(nn.Module):
@@ -231,6 +255,64 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Ten
     return present & ~overlap.any(dim=1)
 
 
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
+    """Keep-mask (B, K) of greedy NMS (what ``torchvision.ops.batched_nms`` keeps, one
+    batch row per image) for boxes (B, K, 4) sorted by descending score (B, K; -inf =
+    absent), in plain torch on the boxes' device. A box is kept when no kept box before it
+    overlaps it by more than ``iou``: the keep-mask is the one fixed point of that rule,
+    reached from "all present" by iterating it (each pass settles at least one more
+    position, and faces form short chains, so a few passes suffice)."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    area = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    iw = torch.minimum(x1[:, :, None], x1[:, None]) - torch.maximum(x0[:, :, None], x0[:, None])
+    ih = torch.minimum(y1[:, :, None], y1[:, None]) - torch.maximum(y0[:, :, None], y0[:, None])
+    inter = iw.clamp(min=0) * ih.clamp(min=0)
+    ious = inter / (area[:, :, None] + area[:, None] - inter).clamp(min=1e-9)
+    earlier = torch.ones_like(ious[0], dtype=torch.bool).triu(diagonal=1)  # row i before col j
+    present = torch.isfinite(scores)
+    suppresses = ((ious > iou) & earlier).float()  # (B, i, j): i would drop j if kept
+    keep = present
+    for _ in range(max(1, boxes.shape[1])):
+        hit = torch.bmm(keep.float()[:, None, :], suppresses)[:, 0] > 0
+        nxt = present & ~hit
+        if torch.equal(nxt, keep):
+            break
+        keep = nxt
+    return keep
+
+
+def _torchvision_nms() -> Any:
+    """torchvision's batched_nms when torchvision is installed (the gpu extra), else None."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        from torchvision.ops import batched_nms
+    except Exception:  # a torchvision built for another torch: fall back, do not fail
+        return None
+    return batched_nms
+
+
+_BATCHED_NMS = _torchvision_nms()
+
+
+def batched_nms_mask(
+    boxes: torch.Tensor, scores: torch.Tensor, iou: float, use_torchvision: bool = True
+) -> torch.Tensor:
+    """Greedy NMS for every image of a batch at once, on the device: keep-mask (B, K) for
+    boxes (B, K, 4) sorted by descending score (-inf = absent). torchvision's fused kernel
+    when it is installed, else :func:`greedy_nms` (same result)."""
+    if _BATCHED_NMS is None or not use_torchvision:
+        return greedy_nms(boxes, scores, iou)
+    b, k = scores.shape
+    present = torch.isfinite(scores).reshape(-1)
+    which = torch.arange(b, device=boxes.device).repeat_interleave(k)
+    flat = torch.nonzero(present)[:, 0]
+    kept = _BATCHED_NMS(boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], which[flat], iou)
+    keep = torch.zeros(b * k, dtype=torch.bool, device=boxes.device)
+    keep[flat[kept]] = True
+    return keep.reshape(b, k)
+
+
 # Template points matching BlazeFace keypoints 0-3: its keypoint 0 is the eye that appears
 # on the image's left in a frontal photo, as template points 36-41 are.
 def _keypoint_template() -> NDArray[np.float64]:
@@ -249,6 +331,9 @@ class BlazeFaceDetector:
     of a tile are found (at n=2, ~1/15 of the frame's long side). ``landmarks``: return the
     fitted 5 points (False leaves landmark prediction to the caller, e.g. dlib's 68 points).
     """
+
+    # detect() also takes a (3, H, W) uint8 frame already on a device (see prepare).
+    accepts_device_frames = True
 
     def __init__(
         self,
@@ -308,25 +393,51 @@ class BlazeFaceDetector:
         )[0]
 
     @torch.inference_mode()
-    def detect_batch(self, frames: Sequence[NDArray[np.uint8]]) -> list[list[DetectedFace]]:
-        """Faces in each (H, W, 3|4) RGB uint8 frame, largest first; one network pass for all."""
-        for f in frames:
-            check_rgb(f)
-        if not frames:
-            return []
-        batch, views = [], []
-        for rgb in frames:
-            h, w = rgb.shape[:2]
+    def prepare(self, rgb: NDArray[np.uint8] | torch.Tensor) -> Prepared:
+        """One frame's network input: its whole view and tiles as (V, 3, 128, 128) on the
+        device. Per-frame work, so concurrent callers do it in parallel before their frames
+        meet in one batch. ``rgb``: (H, W, 3|4) uint8 on the host, or (3, H, W) uint8
+        already on the device (decoded there), which then never comes back to the host."""
+        if isinstance(rgb, torch.Tensor):
+            if rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[0] != 3:
+                raise InvalidInputError(
+                    f"device frame must be (3, H, W) uint8, got {tuple(rgb.shape)} {rgb.dtype}"
+                )
+            t = rgb.to(self.device)
+        else:
+            check_rgb(rgb)
             t = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).to(self.device)
-            t = t.permute(2, 0, 1).float() / 127.5 - 1.0
-            for view in self._views(h, w):
-                batch.append(self._crop(t, view))
-                views.append(view)
-        x = torch.stack(batch)
+            t = t.permute(2, 0, 1)
+        h, w = int(t.shape[1]), int(t.shape[2])
+        t = t.float() / 127.5 - 1.0
+        views = self._views(h, w)
+        return Prepared(torch.stack([self._crop(t, v) for v in views]), views)
+
+    @torch.inference_mode()
+    def detect_prepared(self, prepared: Sequence[Prepared]) -> list[Candidates]:
+        """One network pass over every view of every frame, then anchor decoding, score
+        threshold and NMS for all frames at once, on the device. Only the kept faces'
+        boxes, keypoints and scores come back to the host."""
+        if not prepared:
+            return []
+        vpf = prepared[0].inputs.shape[0]
+        if any(p.inputs.shape[0] != vpf for p in prepared):
+            raise InvalidInputError("frames of one batch must have the same number of views")
+        x = torch.cat([p.inputs for p in prepared])
         with self._lock:
-            reg, logits = self.net(x)
+            if self.device.type == "cpu" and x.shape[0] > _CPU_CHUNK:
+                # On CPU cores the network costs more per view past a few views (its
+                # activations leave the caches: 4.2 ms/view at 5, 6.1 at 20), so a big batch
+                # goes through in slices; decoding and NMS still run once for all of it.
+                outs = [self.net(c) for c in torch.split(x, _CPU_CHUNK)]
+                reg = torch.cat([o[0] for o in outs])
+                logits = torch.cat([o[1] for o in outs])
+            else:
+                reg, logits = self.net(x)
         # Decode: offsets are in input pixels from the anchor centre; views map unit -> frame.
-        v = torch.tensor(views, dtype=torch.float32, device=self.device)  # (V, 3)
+        v = torch.tensor(
+            [view for p in prepared for view in p.views], dtype=torch.float32, device=self.device
+        )  # (V, 3)
         a = self._anchors
         cx = reg[..., 0] / INPUT + a[:, 0]
         cy = reg[..., 1] / INPUT + a[:, 1]
@@ -340,9 +451,8 @@ class BlazeFaceDetector:
         kps = torch.stack([kx, ky], dim=-1) * s[..., None, None] + v[:, None, None, :2]
         scores = torch.sigmoid(logits.clamp(-100.0, 100.0))
         # Gather each frame's candidates from all its views, then suppress together.
-        n = len(frames)
+        n = len(prepared)
         per_view = boxes.shape[1]
-        vpf = len(views) // n  # every frame has the same number of views
         boxes = boxes.reshape(n, vpf * per_view, 4)
         kps = kps.reshape(n, vpf * per_view, 6, 2)
         scores = scores.reshape(n, vpf * per_view)
@@ -351,20 +461,34 @@ class BlazeFaceDetector:
         top, idx = scores.topk(k, dim=1)
         boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4))
         kps = kps.gather(1, idx[..., None, None].expand(-1, -1, 6, 2))
-        keep = fast_nms(boxes, top, self.nms_threshold)
+        keep = batched_nms_mask(boxes, top, self.nms_threshold)
         keep_h, top_h = keep.cpu().numpy(), top.cpu().numpy()
         kps_h, boxes_h = kps.cpu().numpy(), boxes.cpu().numpy()
         out = []
         for i in range(n):
-            faces = [
-                self._face(kps_h[i, j], boxes_h[i, j], float(top_h[i, j]))
-                for j in np.flatnonzero(keep_h[i])[: self.max_faces]
-            ]
-            out.append(_largest_first(faces))
+            j = np.flatnonzero(keep_h[i])[: self.max_faces]
+            out.append(Candidates(boxes_h[i, j], kps_h[i, j], top_h[i, j]))
         return out
 
-    def detect(self, rgb: NDArray[np.uint8]) -> list[DetectedFace]:
-        return self.detect_batch([rgb])[0]
+    def faces(self, found: Candidates) -> list[DetectedFace]:
+        """A frame's kept candidates as DetectedFaces, largest first (host work per face:
+        the template fit)."""
+        return _largest_first(
+            [
+                self._face(found.keypoints[j], found.boxes[j], float(found.scores[j]))
+                for j in range(len(found.scores))
+            ]
+        )
+
+    def detect_batch(self, frames: Sequence[NDArray[np.uint8]]) -> list[list[DetectedFace]]:
+        """Faces in each (H, W, 3|4) RGB uint8 frame, largest first; one network pass for all."""
+        for f in frames:
+            check_rgb(f)
+        prepared = [self.prepare(f) for f in frames]
+        return [self.faces(c) for c in self.detect_prepared(prepared)]
+
+    def detect(self, rgb: NDArray[np.uint8] | torch.Tensor) -> list[DetectedFace]:
+        return self.faces(self.detect_prepared([self.prepare(rgb)])[0])
 
     def _face(
         self, kps: NDArray[np.float32], box: NDArray[np.float32], score: float

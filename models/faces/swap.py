@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cv2
@@ -31,6 +31,7 @@ __all__ = [
     "FaceResult",
     "FaceSwapper",
     "SwapCrops",
+    "SwapCropsT",
     "SwapOptions",
     "SwapResult",
     "swap_frame",
@@ -43,6 +44,10 @@ P = TypeVar("P")  # a face's pixels: a uint8 array on the OpenCV path, a tensor 
 # The model: aligned crops in, swapped crops (and, if its decoder has a mask head, masks)
 # out, in the same order. The service batches the list into one forward pass.
 SwapCrops = Callable[[list[U8]], tuple[Sequence[U8], Sequence[NDArray[Any]] | None]]
+# The same model on the device, tensor in and tensor out: the aligned crops (N, 3, S, S)
+# uint8 on the frame's device; the swapped faces (N, 3, R, R) uint8 and the masks (N, R, R)
+# uint8 or None, on that device. The tensor path's crops then never visit the host.
+SwapCropsT = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 STAGES = ("detect", "landmarks", "align", "model", "mask_colour", "blend")
 SELECT_MODES = ("all", "largest")
@@ -124,14 +129,37 @@ class FaceResult:
     region: tuple[int, int, int, int] | None = None
 
 
-@dataclass
 class SwapResult:
-    frame: U8  # same shape as the input (RGBA keeps its alpha)
-    faces: list[FaceResult]
-    timings: dict[str, float] = field(default_factory=dict)  # STAGES -> seconds
-    # The tensor path's result, RGB uint8 (3, H, W) still on the device: a GPU encoder
-    # takes it from there without another upload.
-    device_frame: torch.Tensor | None = None
+    """``frame``: same shape as the input (RGBA keeps its alpha). ``timings``: STAGES ->
+    seconds. ``device_frame``: the tensor path's result, RGB uint8 (3, H, W) still on the
+    device, which a GPU encoder takes from there without another copy; on that path the
+    host ``frame`` is made from it only when first read, so a frame encoded on the card
+    never comes back to the host."""
+
+    def __init__(
+        self,
+        frame: U8 | Callable[[], U8],
+        faces: list[FaceResult],
+        timings: dict[str, float] | None = None,
+        device_frame: torch.Tensor | None = None,
+    ) -> None:
+        self._frame: U8 | None = frame if isinstance(frame, np.ndarray) else None
+        self._make: Callable[[], U8] | None = None if isinstance(frame, np.ndarray) else frame
+        self.faces = faces
+        self.timings = timings if timings is not None else {}
+        self.device_frame = device_frame
+
+    @property
+    def frame(self) -> U8:
+        if self._frame is None:
+            assert self._make is not None
+            self._frame, self._make = self._make(), None
+        return self._frame
+
+    @property
+    def frame_on_host(self) -> bool:
+        """Whether the host copy of the frame exists (read, or made on the host)."""
+        return self._frame is not None
 
 
 def crop_region(
@@ -254,9 +282,14 @@ class FaceSwapper:
         results: list[FaceResult],
         clock: _Clock,
         frame_t: torch.Tensor | None,
+        swap_crops_t: SwapCropsT | None,
     ) -> SwapResult:
-        """The same steps as the OpenCV path, with the frame resident on ``self.device``:
-        only the small aligned crops travel to the model and back."""
+        """The same steps as the OpenCV path, with the frame resident on ``self.device``.
+        With ``swap_crops_t`` nothing but landmarks and matrices goes through the host: the
+        crops (one batched warp) go to the model as a device tensor, its faces and masks
+        come back as device tensors, and the pasted frame is copied to the host only if
+        someone reads ``SwapResult.frame``. With ``swap_crops`` only the small crops travel
+        to the model and back."""
         from . import tensor as T
 
         assert self.device is not None
@@ -266,34 +299,93 @@ class FaceSwapper:
         else:
             frame_t = to_unit(frame_t.to(self.device))
         device = self.device
-        crops_t = [T.warp_crop_t(frame_t, m, size) for m in matrices]
-        crops = [T.to_uint8(c) for c in crops_t]
+        crops_t = T.warp_crops_t(frame_t, matrices, size)  # (N, 3, S, S), one grid_sample
+        crops_u8 = T.to_uint8_t(crops_t)  # what the model sees, as on the OpenCV path
         clock.lap("align")
-        out_faces, out_masks = swap_crops(crops)
-        out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
-        clock.lap("model")
-
         source: torch.Tensor = frame_t  # the frame before any face is pasted into it
 
         def original(j: int, m: NDArray[np.float64], side: int) -> torch.Tensor:
             return crops_t[j] if side == size else T.warp_crop_t(source, m, side)
 
-        def colour(face: U8, orig: torch.Tensor, hard: F32) -> torch.Tensor:
-            hard_t = torch.from_numpy(np.ascontiguousarray(hard)).to(device)[None]
-            return T.correct_colour_t(T.from_uint8(face, device), orig, hard_t, opts.colour)
+        pastes: list[tuple[torch.Tensor, torch.Tensor, NDArray[np.float64]]]
+        if swap_crops_t is not None:
+            faces_t, masks_t = swap_crops_t(crops_u8)
+            faces_t, masks_t = _check_model_output_t(faces_t, masks_t, len(matrices))
+            clock.lap("model")
+            pastes = self._pastes_device(
+                chosen, matrices, faces_t, masks_t, opts, original, torch.device(device)
+            )
+        else:
+            crops = list(crops_u8.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+            out_faces, out_masks = swap_crops(crops)
+            out_faces, out_masks = _check_model_output(out_faces, out_masks, len(crops))
+            clock.lap("model")
 
-        pastes = self._pastes(chosen, matrices, out_faces, out_masks, opts, original, colour)
+            def colour(face: U8, orig: torch.Tensor, hard: F32) -> torch.Tensor:
+                hard_t = torch.from_numpy(np.ascontiguousarray(hard)).to(device)[None]
+                return T.correct_colour_t(T.from_uint8(face, device), orig, hard_t, opts.colour)
+
+            pastes = [
+                (face_t, torch.from_numpy(soft).to(device), m)
+                for face_t, soft, m in self._pastes(
+                    chosen, matrices, out_faces, out_masks, opts, original, colour
+                )
+            ]
         clock.lap("mask_colour")
-        for face_t, soft, m in pastes:
-            frame_t = T.paste_face_t(frame_t, face_t, torch.from_numpy(soft).to(device)[None], m)
+        for face_t, soft_t, m in pastes:
+            frame_t = T.paste_face_t(frame_t, face_t, soft_t[None], m)
         out_t = T.to_uint8_t(frame_t)
-        out = frame.copy()
-        out[..., :3] = out_t.permute(1, 2, 0).contiguous().cpu().numpy()
         for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
             r.region = crop_region(m, size, frame.shape[:2])
         clock.lap("blend")
-        return SwapResult(out, results, clock.t, device_frame=out_t)
+
+        def host() -> U8:
+            out = frame.copy()
+            out[..., :3] = out_t.permute(1, 2, 0).contiguous().cpu().numpy()
+            return out
+
+        return SwapResult(host, results, clock.t, device_frame=out_t)
+
+    def _pastes_device(
+        self,
+        chosen: list[FaceResult],
+        matrices: list[NDArray[np.float64]],
+        faces_t: torch.Tensor,
+        masks_t: torch.Tensor | None,
+        opts: SwapOptions,
+        original: Callable[[int, NDArray[np.float64], int], torch.Tensor],
+        device: torch.device,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, NDArray[np.float64]]]:
+        """:meth:`_pastes` for the model's device output: the decoder's masks are refined
+        on the device; masks drawn from landmarks or the template are made on the host as
+        on the OpenCV path (small, and from landmarks the host has anyway) and uploaded."""
+        from . import tensor as T
+
+        pastes = []
+        for j, r in enumerate(chosen):
+            face = to_unit(faces_t[j])
+            side = int(face.shape[-1])
+            m = (
+                matrices[j]
+                if side == opts.crop_size
+                else _resize_affine(matrices[j], side / opts.crop_size)
+            )
+            if opts.mask == "auto" and masks_t is not None:
+                hard_t = to_unit(masks_t[j])
+                if hard_t.shape[-1] != side:
+                    hard_t = torch.nn.functional.interpolate(
+                        hard_t[None, None], size=(side, side), mode="bilinear", align_corners=False
+                    )[0, 0]
+                soft_t = T.refine_mask_t(hard_t, opts.mask_erosion, opts.mask_blur)
+            else:
+                hard = self._mask(r.landmarks, m, side, opts, None, j)
+                hard_t = torch.from_numpy(hard).to(device)
+                soft = refine_mask(hard, opts.mask_erosion, opts.mask_blur)
+                soft_t = torch.from_numpy(soft).to(device)
+            corrected = T.correct_colour_t(face, original(j, m, side), hard_t[None], opts.colour)
+            pastes.append((corrected, soft_t, m))
+        return pastes
 
     def find_faces(
         self,
@@ -303,9 +395,12 @@ class FaceSwapper:
         landmarks: Any = None,
         faces: Sequence[DetectedFace] | None = None,
         clock: _Clock | None = None,
+        frame_t: torch.Tensor | None = None,
     ) -> list[DetectedFace]:
         """Faces with landmarks: from ``faces`` (e.g. a FaceTracker), caller ``landmarks``
-        and/or ``boxes`` (validated; no detection), or the detector."""
+        and/or ``boxes`` (validated; no detection), or the detector. ``frame_t``: the same
+        pixels as uint8 (3, H, W) on the device, for a detector that takes them there
+        (``accepts_device_frames``), so the frame is not uploaded again to be detected."""
         clock = clock or _Clock()
         h, w = rgb.shape[:2]
         found: list[DetectedFace]
@@ -325,7 +420,11 @@ class FaceSwapper:
         elif boxes is not None:
             found = [DetectedFace(b, 1.0) for b in validate_boxes(boxes, w, h)]
         else:
-            found = self.detector.detect(rgb)
+            if frame_t is not None and getattr(self.detector, "accepts_device_frames", False):
+                device_detector: Any = self.detector  # beyond the Detector protocol
+                found = device_detector.detect(frame_t)
+            else:
+                found = self.detector.detect(rgb)
         clock.lap("detect")
         for f in found:
             if f.landmarks is None:
@@ -343,12 +442,15 @@ class FaceSwapper:
         landmarks: Any = None,
         faces: Sequence[DetectedFace] | None = None,
         frame_t: torch.Tensor | None = None,
+        swap_crops_t: SwapCropsT | None = None,
     ) -> SwapResult:
         """Swap the selected faces of ``frame`` (RGB or RGBA uint8). Caller ``boxes``
         ((n, 4)) skip detection, caller ``landmarks`` ((n, 5|68, 2)) skip detection and
         landmark prediction, ``faces`` (e.g. from FaceTracker.track) are used as given.
         ``frame_t``: the same RGB pixels as uint8 (3, H, W), already on ``self.device``
-        (decoded there by nvjpeg), so the tensor path skips the upload."""
+        (decoded there by nvjpeg), so the tensor path skips the upload. ``swap_crops_t``:
+        the model as a device callback (see :data:`SwapCropsT`), used on the tensor path
+        instead of ``swap_crops``."""
         opts = options or SwapOptions()
         opts.validate()
         check_rgb(frame)
@@ -373,7 +475,16 @@ class FaceSwapper:
         ]
         if self.device is not None and opts.blend == "feather":
             return self._swap_tensor(
-                frame, rgb, chosen, matrices, swap_crops, opts, results, clock, frame_t
+                frame,
+                rgb,
+                chosen,
+                matrices,
+                swap_crops,
+                opts,
+                results,
+                clock,
+                frame_t,
+                swap_crops_t,
             )
         crops = [warp_crop(rgb, m, size) for m in matrices]
         clock.lap("align")
@@ -491,6 +602,19 @@ def _check_model_output(
     if len(masks) != n:
         raise RuntimeError(f"swap_crops returned {len(masks)} masks for {n} crops")
     return faces, [as_float_mask(mk) for mk in masks]
+
+
+def _check_model_output_t(
+    faces: torch.Tensor, masks: torch.Tensor | None, n: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_check_model_output` for the device callback."""
+    if faces.ndim != 4 or faces.shape[0] != n or faces.shape[1] != 3:
+        raise RuntimeError(f"swap_crops_t must return (N={n}, 3, R, R), got {tuple(faces.shape)}")
+    if faces.dtype != torch.uint8 or faces.shape[2] != faces.shape[3]:
+        raise RuntimeError(f"swap_crops_t must return square uint8 faces, got {faces.dtype}")
+    if masks is not None and (masks.ndim != 3 or masks.shape[0] != n):
+        raise RuntimeError(f"swap_crops_t returned masks {tuple(masks.shape)} for {n} faces")
+    return faces, masks
 
 
 def swap_frame(

@@ -132,6 +132,9 @@ class RunFiles:
     def __init__(self, work_dir: Path, rank: int) -> None:
         self.dir = work_dir
         self.rank = rank
+        # The process that started this one: the server itself, or the fork server that the
+        # server started (which exits with it). Either way it changes when the server dies.
+        self._launcher = os.getppid()
 
     def event(self, kind: str, **payload: Any) -> None:
         if self.rank != 0:
@@ -164,6 +167,17 @@ class RunFiles:
             return "cancelled"
         if (self.dir / "pause").exists():
             return "paused"
-        if parent_pid and os.getppid() != parent_pid:
+        if parent_pid and (os.getppid() != self._launcher or not _alive(parent_pid)):
             return "paused"  # the server died: keep the checkpoint for its successor
         return ""
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one that is not ours to signal still does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

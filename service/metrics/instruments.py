@@ -100,6 +100,11 @@ class BatchStatsLike(Protocol):
     queue_waits: tuple[float, ...]
 
 
+class DetectionStatsLike(Protocol):
+    frames: int
+    seconds: float
+
+
 class StageClock:
     """Times consecutive stages of one request: `lap(stage)` observes the time since the
     previous lap (or since the clock was made). Keeps call sites to one line per stage."""
@@ -117,7 +122,9 @@ class StageClock:
 class Metrics:
     """All instruments of one server; cheap to create (tests and the servicer's default)."""
 
-    def __init__(self, max_identities: int = 100, max_batch: int = 32) -> None:
+    def __init__(
+        self, max_identities: int = 100, max_batch: int = 32, max_detector_batch: int = 16
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.max_identities = max_identities
@@ -197,6 +204,13 @@ class Metrics:
             buckets=batch_buckets(max_batch),
             registry=r,
         )
+        self.detector_batch = Histogram(
+            "facemux_detector_batch_frames",
+            "Frames per detection batch formed by the detector's batcher (blazeface with "
+            "detector_batching): frames of concurrent calls detected in one network pass.",
+            buckets=batch_buckets(max_detector_batch),
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "facemux_queue_wait_seconds",
             "Seconds each item waited in the scheduler queue before its model batch started "
@@ -267,6 +281,11 @@ class Metrics:
         self.stage_seconds.labels("model_batch").observe(stats.seconds)
         for wait in stats.queue_waits:
             self.queue_wait.observe(wait)
+
+    def observe_detection(self, stats: DetectionStatsLike) -> None:
+        """The detector batcher's on_batch callback (runs on its worker thread)."""
+        self.detector_batch.observe(stats.frames)
+        self.stage_seconds.labels("detect_batch").observe(stats.seconds)
 
     def set_serving(self, serving: bool) -> None:
         self._serving.set(1 if serving else 0)

@@ -6,9 +6,12 @@ local store)::
     <store>/jobs/<id>/job.json    the record below, replaced atomically on every change
     <store>/jobs/<id>/...         the run's work directory (see facemux.models.pretrain.workdir)
 
-Each job runs `facemux.models.pretrain.run_job` in its own process started with the
-multiprocessing *spawn* method: forking a process that runs gRPC's threads is unsafe, and a
-fresh interpreter also keeps a crashing job away from the server. A monitor thread starts
+Each job runs `facemux.models.pretrain.run_job` in its own process, so a crashing job stays
+away from the server. The server never forks itself (forking a process that runs gRPC's
+threads is unsafe): jobs are forked by multiprocessing's *fork server*, a single-threaded
+process started on the first job that has imported torch and the trainer once, so a job
+starts in milliseconds instead of paying a fresh interpreter's imports (*spawn*, the fallback
+where there is no fork server). A monitor thread starts
 queued jobs while fewer than ``max_running_jobs`` run, and turns a finished run's result.json
 into the record's final state (registering the trained decoder first). A server that
 restarts finds QUEUED and RUNNING records and queues them again; a RUNNING one resumes from
@@ -109,12 +112,24 @@ def _read_result(work: Path) -> dict[str, Any]:
 
 
 def _worker(work_dir: str, threads: int) -> None:
-    """Entry point of a job's process (module level: spawn pickles it by name)."""
+    """Entry point of a job's process (module level: it is pickled by name)."""
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
     run_job(work_dir)
+
+
+def _job_context() -> (
+    multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext
+):
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # What a job imports anyway (torch, the trainer), and not __main__: the server's own
+    # entry point has nothing a job needs. Read when the fork server starts (the first job).
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _stamp(work: Path) -> tuple[int, ...]:
@@ -244,7 +259,7 @@ class JobManager:
         self.worker_threads = worker_threads
         self.poll_s = poll_s
         self.on_change = on_change
-        self._ctx = multiprocessing.get_context("spawn")
+        self._ctx = _job_context()
         self._lock = threading.RLock()
         self._jobs: dict[str, JobRecord] = {}
         self._procs: dict[str, BaseProcess] = {}
