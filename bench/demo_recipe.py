@@ -11,7 +11,8 @@ no watermark: the figures sit a little above the demo's own). ``recon`` is each 
 its own person's held-out faces: what the decoder can draw at all, against which the swap's
 gap is what the frozen latent of another person's face loses. Steps, not seconds, make
 variants comparable on a shared machine; the wall and CPU time per step are printed beside.
-A grid per variant (inputs, swaps, truth; 6 columns) goes to ``--out``.
+A grid per variant (inputs, swaps, truth; 6 columns) goes to ``--out``. ``--latent-gap``
+instead measures how far the shipped encoder's latents of the demo's two people lie apart.
 """
 
 from __future__ import annotations
@@ -36,27 +37,29 @@ from facemux.service.demo import DemoRecipe
 EYES_MOUTH = (3.0, 1.0, 2.0)  # eyes, brows (1: no emphasis), mouth: the pretraining's map
 FEATURES = (3.0, 3.0, 2.0)  # and the brows as strongly as the eyes
 
+# The demo's recipe before the identity shift; variants below change it, "after" is the
+# demo's default (DemoRecipe()) and "after, ..." change that.
+BEFORE: dict[str, Any] = {"lr": 1e-3, "identity_shift": 0.0, "shift_bank": 0}
+SHIFT: dict[str, Any] = {"identity_shift": 1.0, "shift_bank": 6}
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    "current": {},
-    "lr 2e-3": {"lr": 2e-3},
-    "lr 3e-3": {"lr": 3e-3},
-    "betas 0.9": {"betas": (0.9, 0.999)},
-    "eyes+mouth emphasis": {"emphasis": EYES_MOUTH},
-    "eyes+brows+mouth emphasis": {"emphasis": FEATURES},
-    "no warp": {"warp": False},
-    "no colour cast": {"input_colour": 0.0},
-    "warmup 30": {"warmup_steps": 30},
-    "colour cast 1.0": {"input_colour": 1.0},
-    "warp x3": {"warp_scale": 3 * DEFAULT_WARP_SCALE},
-    "identity shift": {"identity_shift": 1.0},
-    "identity shift + bank 6": {"identity_shift": 1.0, "shift_bank": 6},
-    "identity shift + bank 6, lr 2e-3": {"identity_shift": 1.0, "shift_bank": 6, "lr": 2e-3},
-    "identity shift 1.5 + bank 6": {"identity_shift": 1.5, "shift_bank": 6},
-    "identity shift + bank 6 + features": {
-        "identity_shift": 1.0,
-        "shift_bank": 6,
-        "emphasis": FEATURES,
-    },
+    "before": BEFORE,
+    "lr 2e-3": {**BEFORE, "lr": 2e-3},
+    "lr 3e-3": {**BEFORE, "lr": 3e-3},
+    "betas 0.9": {**BEFORE, "betas": (0.9, 0.999)},
+    "eyes+mouth emphasis": {**BEFORE, "emphasis": EYES_MOUTH},
+    "eyes+brows+mouth emphasis": {**BEFORE, "emphasis": FEATURES},
+    "no warp": {**BEFORE, "warp": False},
+    "no colour cast": {**BEFORE, "input_colour": 0.0},
+    "warmup 30": {**BEFORE, "warmup_steps": 30},
+    "colour cast 1.0": {**BEFORE, "input_colour": 1.0},
+    "warp x3": {**BEFORE, "warp_scale": 3 * DEFAULT_WARP_SCALE},
+    "identity shift": {**BEFORE, "identity_shift": 1.0},
+    "identity shift + bank 6": {**BEFORE, **SHIFT},
+    "identity shift 1.5 + bank 6": {**BEFORE, **SHIFT, "identity_shift": 1.5},
+    "after": {},
+    "after, eyes+brows+mouth emphasis": {"emphasis": FEATURES},
+    "after, batch 16": {"batch": 16},
 }
 
 # A third person, in neither the demo's training nor the encoder's pretraining: swaps from
@@ -123,6 +126,43 @@ def run_variant(
     return row
 
 
+@torch.no_grad()
+def latent_gap() -> dict[str, float]:
+    """How far the shipped encoder puts avery's latents from blake's, state for state, and
+    how much of that a shift by the difference of their mean latents closes: the mean
+    latents from 256 training-like states, the distances on 64 others."""
+    encoder, _, _ = demo_encoder.load()
+    avery, blake = (synth.identity_from_seed(s) for s in demo.PEOPLE_SEEDS)
+
+    def latents(person: synth.IdentityParams, states: list[synth.FaceState]) -> torch.Tensor:
+        faces, _, _ = demo.render_faces(person, states, 64)
+        x = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255.0
+        return encoder(x).flatten(1)
+
+    held = synth.make_states(64, seed=777)
+    za, zb = latents(avery, held), latents(blake, held)
+    fit = synth.make_states(256, seed=4242)
+    mean_a, mean_b = latents(avery, fit).mean(0), latents(blake, fit).mean(0)
+    shifted = zb - mean_b + mean_a
+    same = torch.arange(len(held))
+    return {
+        "avery(s) to blake(s)": float((za - zb).norm(dim=1).mean()),
+        "blake(s) to blake(s')": float((zb - zb.roll(1, 0)).norm(dim=1).mean()),
+        "avery mean to blake mean": float((za.mean(0) - zb.mean(0)).norm()),
+        "blake spread around its mean": float((zb - zb.mean(0)).norm(dim=1).mean()),
+        "avery latents nearer blake's mean than avery's": float(
+            ((za - zb.mean(0)).norm(dim=1) < (za - za.mean(0)).norm(dim=1)).float().mean()
+        ),
+        "nearest blake latent is the same state": float(
+            (torch.cdist(za, zb).argmin(1) == same).float().mean()
+        ),
+        "avery(s) to shifted blake(s)": float((za - shifted).norm(dim=1).mean()),
+        "nearest shifted blake latent is the same state": float(
+            (torch.cdist(za, shifted).argmin(1) == same).float().mean()
+        ),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=900)
@@ -130,8 +170,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--faces", type=int, default=1500)
     p.add_argument("--out", type=Path, default=Path("demo-recipe"))
+    p.add_argument(
+        "--latent-gap", action="store_true", help="only measure the encoder's identity gap"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.latent_gap:
+        print(json.dumps(latent_gap(), indent=1))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     people = {
         n: synth.identity_from_seed(s) for n, s in zip(demo.NAMES, demo.PEOPLE_SEEDS, strict=True)
