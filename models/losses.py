@@ -210,6 +210,8 @@ def reconstruction_loss(
 _RIGHT_EYE = list(range(36, 42))
 _LEFT_EYE = list(range(42, 48))
 _MOUTH = list(range(48, 60))
+_RIGHT_BROW = list(range(17, 22))
+_LEFT_BROW = list(range(22, 27))
 
 
 def landmark_weight_map(
@@ -219,9 +221,11 @@ def landmark_weight_map(
     mouth: float = 2.0,
     base: float = 1.0,
     grow: float = 0.04,
+    brows: float | None = None,
 ) -> Tensor:
     """Emphasis map (N,1,size,size) float32: ``eyes`` inside the eye hulls, ``mouth``
-    inside the mouth hull, ``base`` elsewhere. Landmarks are (68,2) or (N,68,2) pixel
+    inside the mouth hull, ``brows`` (None: ``base``) inside the brow hulls, ``base``
+    elsewhere. Landmarks are (68,2) or (N,68,2) pixel
     (x, y) coordinates in the aligned size x size crop; hulls are grown by ``grow`` x size
     so the eyelids and lip edges are included."""
     import cv2  # only this helper needs OpenCV
@@ -243,7 +247,10 @@ def landmark_weight_map(
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     out = np.full((pts.shape[0], 1, size, size), base, dtype=np.float32)
     for i, face in enumerate(pts):
-        for idx, value in ((_MOUTH, mouth), (_RIGHT_EYE, eyes), (_LEFT_EYE, eyes)):
+        parts = [(_MOUTH, mouth), (_RIGHT_EYE, eyes), (_LEFT_EYE, eyes)]
+        if brows is not None:
+            parts += [(_RIGHT_BROW, brows), (_LEFT_BROW, brows)]
+        for idx, value in parts:
             canvas = np.zeros((size, size), dtype=np.uint8)
             hull = cv2.convexHull(np.round(face[idx]).astype(np.int32))
             cv2.fillConvexPoly(canvas, hull, 1)

@@ -31,7 +31,7 @@ from .losses import LossWeights, identity_confusion, loss_terms
 from .networks import Decoder, Encoder, LatentCritic, build_latent_critic
 from .pixels import to_unit
 
-__all__ = ["Progress", "TrainConfig", "Trainer"]
+__all__ = ["Progress", "TrainConfig", "Trainer", "mean_latent"]
 
 TOTAL = "total"
 # The critic keeps one rate whatever the job's: it must keep up with the encoder from the
@@ -63,6 +63,12 @@ class TrainConfig:
     autocast: bool = True  # bf16 autocast on CUDA; never used on CPU (far slower there)
     # Weight of the identity-confusion term (see the module docstring); 0: no critic.
     latent_adversary: float = 0.0
+    # With a frozen encoder: each latent moved by u * (mean latent of another person - mean
+    # latent of its own), u uniform in [0, identity_shift], the other person drawn from the
+    # other identities trained here and any ``extra_latent_means``. A frozen encoder's latent
+    # says much about who the face is; the shift shows each decoder its person's face in
+    # latents that sit where other people's do, which is what a swap hands it.
+    identity_shift: float = 0.0
     channels_last: bool = False
 
     def __post_init__(self) -> None:
@@ -94,6 +100,12 @@ class TrainConfig:
             raise InvalidInputError(
                 f"latent_adversary must be a finite number >= 0, got {self.latent_adversary!r}"
             )
+        if not (self.identity_shift >= 0 and math.isfinite(self.identity_shift)):
+            raise InvalidInputError(
+                f"identity_shift must be a finite number >= 0, got {self.identity_shift!r}"
+            )
+        if self.identity_shift > 0 and not self.encoder_frozen:
+            raise InvalidInputError("identity_shift needs a frozen encoder (encoder_lr=0)")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise InvalidInputError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
 
@@ -104,6 +116,28 @@ class TrainConfig:
     @property
     def encoder_frozen(self) -> bool:
         return self.effective_encoder_lr == 0
+
+
+@torch.no_grad()
+def mean_latent(encoder: Encoder, images: Tensor, batch: int = 256) -> Tensor:
+    """The mean latent (float32 ``latent_shape``) of ``images`` (uint8 (N,R,R,3) or float
+    (N,3,R,R) in [0,1], as Trainer takes them) and of their mirror images: training flips
+    half its faces, so the mean a latent is compared with should not lean either way."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    total: Tensor | None = None
+    try:
+        for start in range(0, images.shape[0], batch):
+            x = images[start : start + batch].to(device)
+            x = to_unit(x.permute(0, 3, 1, 2)) if x.dtype == torch.uint8 else x.float()
+            z = encoder(torch.cat((x, x.flip(-1)))).float().sum(0)
+            total = z if total is None else total + z
+    finally:
+        encoder.train(was_training)
+    if total is None:
+        raise InvalidInputError("mean_latent needs at least one image")
+    return total / (2 * images.shape[0])
 
 
 class _AutoEncoders(nn.Module):
@@ -154,12 +188,15 @@ class Trainer:
         device: torch.device | str = "cpu",
         masks: Mapping[str, Tensor] | None = None,
         weights: Mapping[str, Tensor] | None = None,
+        extra_latent_means: Mapping[str, Tensor] | None = None,
     ) -> None:
         """``data[name]``: uint8 (N,R,R,3) RGB faces of that identity, or float (N,3,R,R)
         in [0,1]; copied to ``device`` once. ``masks[name]`` (optional): (N,R,R), (N,R,R,1)
         or (N,1,R,R), uint8 0..255 / bool / float in [0,1]. ``weights[name]`` (optional):
         per-pixel loss emphasis of each face, float >= 0 in the same shapes (e.g. eyes and
-        mouth from ``losses.landmark_weight_map``); augmented with the face."""
+        mouth from ``losses.landmark_weight_map``); augmented with the face.
+        ``extra_latent_means``: mean latents (see ``mean_latent``) of people not trained
+        here, more places for ``identity_shift`` to move latents to."""
         if not decoders:
             raise InvalidInputError("at least one identity decoder is needed to train")
         if set(data) != set(decoders):
@@ -260,7 +297,29 @@ class Trainer:
             n: torch.empty(0, dtype=torch.long) for n in self.identities
         }
         self._use_autocast = config.autocast and self.device.type == "cuda"
+        self._shift_bank: Tensor | None = None
+        if config.identity_shift > 0:
+            self._shift_bank = self._latent_bank(extra_latent_means or {})
         self.steps_done = 0
+
+    def _latent_bank(self, extra: Mapping[str, Tensor]) -> Tensor:
+        """(identities + extras, *latent_shape): the trained identities' mean latents, in
+        ``self.identities`` order, then the extra ones."""
+        means = [mean_latent(self.encoder, self._images[n]) for n in self.identities]
+        for name, m in extra.items():
+            t = torch.as_tensor(m)
+            if tuple(t.shape) != self.model_config.latent_shape or not t.is_floating_point():
+                raise InvalidInputError(
+                    f"extra latent mean {name!r} must be float {self.model_config.latent_shape}, "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+            means.append(t.to(self.device, torch.float32))
+        if len(means) < 2:
+            raise InvalidInputError(
+                "identity_shift needs another person's mean latent: train >= 2 identities "
+                "or pass extra_latent_means"
+            )
+        return torch.stack(means)
 
     def wrap(
         self,
@@ -392,6 +451,8 @@ class Trainer:
             if cfg.encoder_frozen:
                 with torch.no_grad():
                     inputs = self.encoder(inputs)
+                    if self._shift_bank is not None:
+                        inputs = inputs + self._identity_shift(inputs)
             z, outputs = self._autoencoders(inputs, cfg.batch_size)
 
         # Loss outside autocast: SSIM's convolutions and the sums need float32.
@@ -430,6 +491,19 @@ class Trainer:
         self.optimizer.step()
         self.steps_done += 1
         return torch.cat((torch.stack(per_identity), total.view(1))).detach()
+
+    def _identity_shift(self, z: Tensor) -> Tensor:
+        """Per latent: u * (another person's mean - its own person's), see TrainConfig."""
+        assert self._shift_bank is not None
+        bank, bs = self._shift_bank, self.config.batch_size
+        k = len(self.identities)
+        own = torch.arange(k).repeat_interleave(bs)
+        # Another index than its own: an offset in [1, len(bank)) added modulo len(bank).
+        offset = torch.randint(1, bank.shape[0], (k * bs,), generator=self._gen)
+        other = (own + offset) % bank.shape[0]
+        u = torch.rand(k * bs, generator=self._gen) * self.config.identity_shift
+        delta = bank[other.to(bank.device)] - bank[own.to(bank.device)]
+        return (u.to(z.device).view(-1, 1, 1, 1) * delta).to(z.dtype)
 
     def _critic_step(self, z: Tensor) -> None:
         """The critic's side: learn which identity each latent of this step came from."""

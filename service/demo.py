@@ -3,7 +3,9 @@
 1. render two synthetic people (A and B) in many random states;
 2. train one decoder each, for a fixed time budget, against the shared encoder shipped with
    facemux (the `tiny` preset pretrained on other synthetic people, frozen here): how a
-   deployment adds new identities. ``--encoder scratch`` trains the encoder too, from nothing;
+   deployment adds new identities. Each decoder also sees its person's latents moved
+   towards other people's (DemoRecipe.identity_shift). ``--encoder scratch`` trains the
+   encoder too, from nothing;
 3. publish the encoder in a fresh store and start a real server on a free port;
 4. register both decoders over gRPC, as any client would;
 5. swap A->B and B->A on states never seen in training, through the client, score the face
@@ -19,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -26,12 +29,13 @@ import numpy as np
 import torch
 from facemux.client import FacemuxClient
 from facemux.models import checkpoint, demo_encoder, synth
-from facemux.models.augment import AugmentConfig
+from facemux.models.augment import DEFAULT_WARP_SCALE, AugmentConfig
 from facemux.models.config import get_preset
-from facemux.models.networks import build_decoder, build_encoder
+from facemux.models.losses import landmark_weight_map
+from facemux.models.networks import Decoder, Encoder, build_decoder, build_encoder
 from facemux.models.pretrain import DEFAULT_LATENT_ADVERSARY, GRAD_CLIP
 from facemux.models.scores import face_scores
-from facemux.models.trainer import Progress, TrainConfig, Trainer
+from facemux.models.trainer import Progress, TrainConfig, Trainer, mean_latent
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
 from facemux.service.store import LocalStore
@@ -43,8 +47,101 @@ PEOPLE_SEEDS = (5, 4)  # two clearly different synthetic people
 def _render_set(
     person: synth.IdentityParams, states: list[synth.FaceState], res: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    images, masks, _ = render_faces(person, states, res)
+    return images, masks
+
+
+def render_faces(
+    person: synth.IdentityParams, states: list[synth.FaceState], res: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images (N,R,R,3) uint8, face masks (N,R,R) uint8, landmarks (N,68,2) float32)."""
     faces = [synth.render(person, s, res) for s in states]
-    return np.stack([f.image for f in faces]), np.stack([f.mask for f in faces])
+    return (
+        np.stack([f.image for f in faces]),
+        np.stack([f.mask for f in faces]),
+        np.stack([f.landmarks68 for f in faces]),
+    )
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """How the demo trains its decoders; bench/demo_recipe.py compares variants of it."""
+
+    lr: float = 2e-3  # bench/demo_recipe.py: +0.01 swap SSIM over 1e-3 at 900 steps
+    batch: int = 8
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.5, 0.999)
+    warp: bool = True
+    # Loss emphasis on each face's eyes, brows and mouth (weights over 1 elsewhere in the
+    # face); None: every face pixel counts the same.
+    emphasis: tuple[float, float, float] | None = None
+    input_colour: float = demo_encoder.INPUT_COLOUR
+    warp_scale: float = DEFAULT_WARP_SCALE
+    # TrainConfig.identity_shift, towards the other demo person's mean latent and those of
+    # the first ``shift_bank`` people the shipped encoder was pretrained on. The frozen
+    # encoder's latent of avery's face sits far from every latent of blake's (the mean
+    # latents of the two are further apart than blake's latents spread around theirs);
+    # shifted latents show each decoder its person where other people's faces land.
+    # bench/demo_recipe.py at 900 steps: swap SSIM +0.09 both ways, and +0.05 / +0.09 from
+    # a third person's face that neither the demo nor the bank has seen.
+    identity_shift: float = 1.0
+    shift_bank: int = 6
+
+
+def make_trainer(
+    encoder: Encoder,
+    decoders: dict[str, Decoder],
+    data: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    landmarks: dict[str, np.ndarray],
+    recipe: DemoRecipe,
+    steps: int,
+    seed: int,
+    frozen: bool = True,
+) -> Trainer:
+    """The demo's trainer: ``frozen`` trains only the decoders (the shipped encoder)."""
+    res = encoder.config.resolution
+    weights = None
+    if recipe.emphasis is not None:
+        eyes, brows, mouth = recipe.emphasis
+        weights = {
+            n: landmark_weight_map(lm, res, eyes=eyes, brows=brows, mouth=mouth)
+            for n, lm in landmarks.items()
+        }
+    bank = {}
+    for s in demo_encoder.pretrain_seeds(recipe.shift_bank if frozen else 0):
+        faces, _, _ = render_faces(synth.identity_from_seed(s), synth.make_states(128, s), res)
+        bank[f"p{s}"] = mean_latent(encoder, torch.from_numpy(faces))
+    return Trainer(
+        encoder,
+        decoders,
+        data,
+        # The training jobs' recipe (facemux.models.pretrain): warm-up, cosine decay, clipped
+        # gradients; from scratch also the latent critic. A frozen encoder has no critic.
+        TrainConfig(
+            steps=steps,
+            batch_size=recipe.batch,
+            lr=recipe.lr,
+            betas=recipe.betas,
+            encoder_lr=0.0 if frozen else None,
+            seed=seed,
+            log_every=100,
+            lr_schedule="cosine",
+            warmup_steps=recipe.warmup_steps,
+            grad_clip=GRAD_CLIP,
+            warp=recipe.warp,
+            latent_adversary=0.0 if frozen else DEFAULT_LATENT_ADVERSARY,
+            # As in the shipped encoder's pretraining: the input's colour is cast, the target
+            # is not, so blake's decoder draws blake's skin from a latent of avery's face.
+            augment=AugmentConfig(
+                input_colour=recipe.input_colour if frozen else 0.0, warp_scale=recipe.warp_scale
+            ),
+            identity_shift=recipe.identity_shift if frozen else 0.0,
+        ),
+        masks=masks,
+        weights=weights,
+        extra_latent_means=bank if frozen else None,
+    )
 
 
 def _blend(face: np.ndarray, mask: np.ndarray, onto: np.ndarray) -> np.ndarray:
@@ -132,19 +229,22 @@ def run(
     people = {n: synth.identity_from_seed(s) for n, s in zip(NAMES, PEOPLE_SEEDS, strict=True)}
 
     print(f"[1/5] rendering {faces} synthetic faces of each of {', '.join(NAMES)} at {res}px")
-    data, masks = {}, {}
+    data, masks, landmarks = {}, {}, {}
     for i, (n, p) in enumerate(people.items()):
-        imgs, msks = _render_set(p, synth.make_states(faces, seed=seed * 100 + i), res)
-        data[n], masks[n] = torch.from_numpy(imgs), torch.from_numpy(msks)
+        imgs, msks, lms = render_faces(p, synth.make_states(faces, seed=seed * 100 + i), res)
+        data[n], masks[n], landmarks[n] = torch.from_numpy(imgs), torch.from_numpy(msks), lms
 
     shipped = encoder_source == "shipped"
+    recipe = DemoRecipe(lr=lr, batch=batch)
     if shipped:
         encoder, enc_bytes, enc_fp = demo_encoder.load()
         print(
             f"[2/5] training 2 decoders for up to {seconds:.0f}s on "
             f"{torch.get_num_threads()} CPU thread(s){threads_why},\n      against the shipped "
             f"tiny encoder {enc_fp[:16]} (frozen; pretrained on other synthetic people),\n"
-            "      each decoder starting from one of that pretraining's decoders"
+            "      each decoder starting from one of that pretraining's decoders, and shown its\n"
+            "      person's latents moved towards other people's (the other demo person's and\n"
+            f"      {recipe.shift_bank} of the pretraining's): the latents a swap hands it"
         )
     else:
         encoder = build_encoder(cfg, seed=seed)
@@ -158,28 +258,16 @@ def run(
         decoders = {n: demo_encoder.starter_decoder(enc_fp) for n in NAMES}
     else:
         decoders = {n: build_decoder(cfg, seed=seed + 1 + i) for i, n in enumerate(NAMES)}
-    trainer = Trainer(
+    trainer = make_trainer(
         encoder,
         decoders,
         data,
-        # The training jobs' recipe (facemux.models.pretrain): warm-up, cosine decay, clipped
-        # gradients; from scratch also the latent critic. A frozen encoder has no critic.
-        TrainConfig(
-            steps=max_steps,
-            batch_size=batch,
-            lr=lr,
-            encoder_lr=0.0 if shipped else None,
-            seed=seed,
-            log_every=100,
-            lr_schedule="cosine",
-            warmup_steps=100,
-            grad_clip=GRAD_CLIP,
-            latent_adversary=0.0 if shipped else DEFAULT_LATENT_ADVERSARY,
-            # As in the shipped encoder's pretraining: the input's colour is cast, the target
-            # is not, so blake's decoder draws blake's skin from a latent of avery's face.
-            augment=AugmentConfig(input_colour=demo_encoder.INPUT_COLOUR if shipped else 0.0),
-        ),
-        masks=masks,
+        masks,
+        landmarks,
+        recipe,
+        steps=max_steps,
+        seed=seed,
+        frozen=shipped,
     )
     t_train = time.perf_counter()
 
@@ -286,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=100_000, help="training step cap")
     p.add_argument("--faces", type=int, default=1500, help="training faces per identity")
     p.add_argument("--batch", type=int, default=8, help="faces per identity per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (cosine decay)")
+    p.add_argument(
+        "--lr", type=float, default=DemoRecipe.lr, help="peak Adam learning rate (cosine decay)"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
         "--encoder",

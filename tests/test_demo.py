@@ -39,6 +39,7 @@ def _demo(out: Path, *flags: str) -> str:
 def test_demo_trains_decoders_against_the_shipped_encoder(tmp_path: Path) -> None:
     stdout = _demo(tmp_path, "--seconds", "3")
     assert f"shipped tiny encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
+    assert "latents moved towards other people's" in stdout
     assert f"serving encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
     # The store serves the shipped file as it is, and both decoders were made for it.
     store = tmp_path / "store" / "encoders"

@@ -34,7 +34,7 @@ from facemux.models.losses import (
 )
 from facemux.models.networks import Decoder, Encoder, build_decoder, build_encoder
 from facemux.models.pretrain import JobSpec, prepare_work_dir, read_events, run_job
-from facemux.models.trainer import Progress, TrainConfig, Trainer
+from facemux.models.trainer import Progress, TrainConfig, Trainer, mean_latent
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -235,6 +235,13 @@ def test_landmark_weight_map() -> None:
     assert w[0, 0, 5, 5] == 1.0  # forehead corner
     batched = landmark_weight_map(torch.from_numpy(np.stack([lm, lm])), 64)
     assert batched.shape == (2, 1, 64, 64) and torch.equal(batched[0], w[0])
+    # Brows count only when asked for: thin arcs above the eyes, grown like the eyes.
+    lm[17:22] = [(14, 17), (17, 15), (20, 14), (23, 15), (26, 17)]
+    lm[22:27] = lm[17:22] + np.array([22, 0])
+    assert landmark_weight_map(lm, 64)[0, 0, 15, 20] == 1.0
+    browed = landmark_weight_map(lm, 64, brows=2.5)
+    assert browed[0, 0, 15, 20] == 2.5 and browed[0, 0, 15, 42] == 2.5
+    assert browed[0, 0, 24, 21] == 3.0 and browed[0, 0, 5, 5] == 1.0
     with pytest.raises(InvalidInputError):
         landmark_weight_map(np.zeros((5, 2)), 64)
 
@@ -376,6 +383,88 @@ def test_latent_critic_learns_to_tell_identities_apart(
     tc = TrainConfig(steps=20, batch_size=8, lr=1e-3, latent_adversary=1e-9)
     summary = Trainer(enc, decs, faces, tc).fit()
     assert summary["critic_loss"] < 0.5 * math.log(2), summary["critic_loss"]
+
+
+def test_mean_latent_averages_the_faces_and_their_mirror_images(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    enc, _ = _models(cfg, [])
+    enc.train()
+    x = faces["alice"][:5].permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        want = enc.eval()(torch.cat((x, x.flip(-1)))).mean(0)
+    enc.train()
+    got = mean_latent(enc, faces["alice"][:5], batch=2)  # uint8 NHWC, in uneven batches
+    assert got.shape == cfg.latent_shape and torch.allclose(got, want, atol=1e-6)
+    assert enc.training  # handed back as it came
+    assert torch.allclose(mean_latent(enc, x), want, atol=1e-6)  # float NCHW too
+
+
+def _decoder_inputs(trainer: Trainer, steps: int) -> dict[str, list[torch.Tensor]]:
+    """What each decoder was handed in ``steps`` steps, caught by forward pre-hooks."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in trainer.identities}
+    hooks = [
+        dec.register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach()))
+        for n, dec in trainer.decoders.items()
+    ]
+    for _ in range(steps):
+        trainer.step()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_identity_shift_moves_latents_towards_other_people(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    """Without augmentation a one-face identity's latent is known exactly; what its decoder
+    gets is that latent plus u * (another person's mean - its own), 0 <= u <= the shift."""
+    enc, decs = _models(cfg, ["alice", "bob"])
+    still = AugmentConfig(
+        rotation=0, zoom=0, shift=0, flip=0, brightness=0, contrast=0, saturation=0
+    )
+    one = {n: f[:1] for n, f in faces.items()}
+    extra = mean_latent(enc, _shapes(4, 9, (0.2, 0.8, 0.2)))
+    tc = TrainConfig(
+        steps=10, batch_size=1, encoder_lr=0.0, warp=False, augment=still, identity_shift=0.5
+    )
+    trainer = Trainer(enc, decs, one, tc, extra_latent_means={"carol": extra})
+    mean = {n: mean_latent(enc, f) for n, f in one.items()}
+    seen = _decoder_inputs(trainer, 12)
+    towards_carol = 0
+    for name, other in (("alice", "bob"), ("bob", "alice")):
+        with torch.no_grad():
+            own = enc(one[name].permute(0, 3, 1, 2).float() / 255)[0]
+        for z in seen[name]:
+            delta = z[0] - own
+            fits = []
+            for target in (mean[other], extra):
+                direction = target - mean[name]
+                u = float((delta * direction).sum() / direction.square().sum())
+                if torch.allclose(delta, u * direction, atol=1e-5):
+                    fits.append(u)
+            assert len(fits) == 1 and -1e-6 <= fits[0] <= 0.5 + 1e-6, fits
+            towards_carol += torch.allclose(delta, fits[0] * (extra - mean[name]), atol=1e-5)
+    assert 0 < towards_carol < 24  # both kinds of other person are drawn
+
+
+def test_identity_shift_needs_a_frozen_encoder_and_another_person(
+    cfg: ModelConfig, faces: dict[str, torch.Tensor]
+) -> None:
+    with pytest.raises(InvalidInputError, match="frozen"):
+        TrainConfig(steps=1, identity_shift=1.0)
+    with pytest.raises(InvalidInputError, match="identity_shift"):
+        TrainConfig(steps=1, encoder_lr=0.0, identity_shift=-1.0)
+    enc, decs = _models(cfg, ["alice"])
+    tc = TrainConfig(steps=1, batch_size=2, encoder_lr=0.0, identity_shift=1.0)
+    with pytest.raises(InvalidInputError, match="another person"):
+        Trainer(enc, decs, {"alice": faces["alice"]}, tc)
+    with pytest.raises(InvalidInputError, match="extra latent mean"):
+        Trainer(enc, decs, {"alice": faces["alice"]}, tc, extra_latent_means={"x": torch.ones(3)})
+    one = Trainer(
+        enc, decs, {"alice": faces["alice"]}, tc, extra_latent_means={"x": torch.zeros(64, 8, 8)}
+    )
+    assert set(one.step()) == {"alice", "total"}
 
 
 def test_masks_float_data_and_stop(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
