@@ -82,6 +82,9 @@ run swap_df128 90 python3 bench/swap_throughput.py --preset df128 --device cuda 
   --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
 run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
   --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
+# One server process against four on one port (--processes): is the host side the bound?
+run swap_df128_processes 150 python3 bench/swap_throughput.py --preset df128 --device cuda \
+  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --processes 4
 # Batch formation and per-call cost with the defaults (provenance on) on the card.
 run convoy_df128 90 python3 bench/swap_throughput.py --convoy --preset df128 --device cuda \
   --clients 16 --max-batch 16 --max-wait-ms 2 --seconds 10

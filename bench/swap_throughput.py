@@ -4,6 +4,7 @@ model loop, all measured in one run on one machine.
     python bench/swap_throughput.py --preset original64 --clients 8 --seconds 20
     python bench/swap_throughput.py --preset tiny --clients 8 --faces-per-call 1
     python bench/swap_throughput.py --convoy --max-wait-ms 10 [--baseline-src ../main]
+    python bench/swap_throughput.py --preset df128 --device cuda --clients 32 --processes 4
 
 --convoy measures batch formation under what users send: K closed-loop grpc.aio callers on
 one channel, one 64x64 JPEG crop per call, PNG back, max batch K, server defaults otherwise
@@ -16,6 +17,10 @@ process, each with its own channel, sending pre-encoded PNG crops and asking for
 (the server-side PNG encoder would otherwise dominate with small models). The bare loop runs
 the encoder and decoder in this process at the batch size the batched server can form
 (clients x faces per call), with the same torch thread count as the server.
+
+--processes N adds a row for `facemux serve --processes N` (N servers on one port, torch
+threads shared out among them) beside the one-process rows; every client then opens its own
+connection (the kernel spreads connections, not calls, over the processes), in every row.
 """
 
 from __future__ import annotations
@@ -157,7 +162,9 @@ def through_server(
     seconds: float,
     threads: int,
     extra: list[str],
+    own_connections: bool = False,
 ) -> Row:
+    opts = [("grpc.use_local_subchannel_pool", 1)] if own_connections else []
     server = ServeProcess(
         store,
         # Loopback benchmark: no callers, no provenance marks (they are measured on their own
@@ -182,7 +189,7 @@ def through_server(
         barrier = threading.Barrier(clients)
 
         def worker(k: int) -> None:
-            with FacemuxClient(f"127.0.0.1:{port}", timeout=300) as c:
+            with FacemuxClient(f"127.0.0.1:{port}", timeout=300, channel_options=opts) as c:
                 barrier.wait()
                 while time.perf_counter() < stop_at:
                     t0 = time.perf_counter()
@@ -368,6 +375,12 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (server and bare loop)")
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="also serve with this many server processes on one port (a row of its own)",
+    )
+    p.add_argument(
         "--convoy",
         action="store_true",
         help="batch formation under K closed-loop grpc.aio callers (JPEG in, PNG out, "
@@ -388,6 +401,9 @@ def main() -> int:
     if args.convoy:
         return convoy_main(args)
     batch = args.clients * args.faces_per_call
+    own = args.processes > 1
+    batching = ["--max-batch-size", str(batch), "--max-batch-wait-ms", str(args.max_wait_ms)]
+    multi: Row | None = None
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         make_store(store, args.preset)
@@ -398,15 +414,20 @@ def main() -> int:
             args.faces_per_call,
             args.seconds,
             args.threads,
-            [
-                "--max-batch-size",
-                str(batch),
-                "--max-batch-wait-ms",
-                str(args.max_wait_ms),
-                "--device",
-                args.device,
-            ],
+            [*batching, "--device", args.device],
+            own,
         )
+        if own:
+            multi = through_server(
+                f"server, batching on, {args.processes} processes",
+                store,
+                args.clients,
+                args.faces_per_call,
+                args.seconds,
+                max(1, args.threads // args.processes),
+                [*batching, "--device", args.device, "--processes", str(args.processes)],
+                own,
+            )
         unbatched = through_server(
             "server, batching off",
             store,
@@ -415,6 +436,7 @@ def main() -> int:
             args.seconds,
             args.threads,
             ["--batching", "false", "--device", args.device],
+            own,
         )
     bare = bare_loop(args.preset, batch, args.seconds, args.threads, args.device)
     print(
@@ -422,7 +444,7 @@ def main() -> int:
         f"call, {args.seconds:.0f} s each, {args.threads} torch threads, {os.cpu_count()} cores"
     )
     print(f"{'mode':52s} {'faces/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'calls':>7s}")
-    for r in (batched, unbatched, bare):
+    for r in (batched, *([multi] if multi else []), unbatched, bare):
         print(f"{r.name:52s} {r.faces_per_s:9.1f} {r.p50_ms:8.1f} {r.p99_ms:8.1f} {r.calls:7d}")
     for r in (batched, unbatched):
         # Warm-up calls included; model_batch is per batch, the others per call.
@@ -433,6 +455,12 @@ def main() -> int:
         f"batched/bare = {batched.faces_per_s / bare.faces_per_s:.2f} "
         f"({args.preset}, {args.clients}x{args.faces_per_call})"
     )
+    if multi is not None:
+        print(
+            f"summary: {args.processes} processes / one = "
+            f"{multi.faces_per_s / batched.faces_per_s:.2f}x, "
+            f"{args.processes} processes / bare = {multi.faces_per_s / bare.faces_per_s:.2f}"
+        )
     return 0
 
 

@@ -83,14 +83,23 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> int:
     import logging
 
     from facemux.models.errors import FacemuxError
-    from facemux.service.server import serve
     from facemux.service.settings import parse_settings
 
-    settings = parse_settings(rest)
+    try:
+        settings = parse_settings(rest)
+    except FacemuxError as exc:
+        print(f"facemux serve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.processes > 1:
+        from facemux.service.processes import run_processes
+
+        return run_processes(settings)
+    from facemux.service.server import serve
+
     try:
         asyncio.run(serve(settings))
     except FacemuxError as exc:  # a setting this machine cannot honour: say which, no trace

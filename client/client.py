@@ -231,10 +231,15 @@ class FacemuxClient:
         key: str | os.PathLike[str] | bytes | None = None,
         token: str | None = None,
         server_name: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         """`ca` (PEM, path or bytes) turns TLS on; `cert`/`key` add a client certificate
         (mTLS); `token` is sent as `authorization: Bearer <token>` on every call;
-        `server_name` overrides the name checked against the server certificate. A
+        `server_name` overrides the name checked against the server certificate;
+        `channel_options` are more gRPC channel arguments (e.g.
+        ``("grpc.use_local_subchannel_pool", 1)``: a connection of this client's own rather
+        than one shared with other clients of the same target, which a server run with
+        `--processes` spreads by connection). A
         `x-request-id` in `metadata` goes with every call; the `request_id` argument of a
         method replaces it for that call."""
         options: list[tuple[str, Any]] = [
@@ -254,6 +259,7 @@ class FacemuxClient:
             )
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        options.extend(channel_options)
         self._channel = (
             grpc.secure_channel(target, credentials, options)
             if credentials is not None

@@ -203,7 +203,7 @@ async def _build_app(
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(settings.reuse_port)),
     ]
     # Metrics outermost, so refused calls (UNAUTHENTICATED, ...) are counted too.
     server = grpc.aio.server(
@@ -290,7 +290,10 @@ async def _health_only(
     if settings.health_port < 0:
         return None, None
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 4096), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", 4096),
+            ("grpc.so_reuseport", int(settings.reuse_port)),
+        ],
         maximum_concurrent_rpcs=64,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -176,6 +176,23 @@ class Settings:
     torch_threads: int = field(
         default=0, metadata=_help("torch intra-op threads; 0 = one per core")
     )
+    processes: int = field(
+        default=1,
+        metadata=_help(
+            "server processes sharing the gRPC port (SO_REUSEPORT; needs a fixed port), each "
+            "with its own model copy, decoders, event loop and /metrics (metrics_port + i): "
+            "for a GPU whose host side one Python process cannot keep busy. The kernel "
+            "spreads connections, not calls, over them"
+        ),
+    )
+    reuse_port: bool = field(
+        default=False,
+        metadata=_help(
+            "bind the gRPC and health ports with SO_REUSEPORT, beside other processes that "
+            "do (processes > 1 sets it for its own); off, a second server on a taken port "
+            "fails to start instead of sharing it"
+        ),
+    )
     grace_seconds: float = field(
         default=10.0, metadata=_help("how long in-flight calls may finish on shutdown")
     )
@@ -376,6 +393,12 @@ class Settings:
             problems.append(
                 f"training_lease_seconds must be >= 5, got {self.training_lease_seconds}"
             )
+        if not 1 <= self.processes <= 64:
+            problems.append(f"processes must be in 1..64, got {self.processes}")
+        if self.metrics_port > 0 and self.metrics_port + self.processes - 1 > 65535:
+            problems.append(f"metrics ports {self.metrics_port}+{self.processes} pass 65535")
+        if self.processes > 1 and self.port == 0:
+            problems.append("processes > 1 needs a fixed port: the processes share it")
         if not -1 <= self.detector_processes <= 64:
             problems.append(f"detector_processes must be in -1..64, got {self.detector_processes}")
         if self.detector == "yunet" and not self.detector_model:
