@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from facemux.models.imageio import resize_square
 from facemux.models.networks import Decoder, Encoder
-from facemux.models.pixels import to_uint8, to_unit
+from facemux.models.pixels import images_to_unit, to_uint8
 from torch import Tensor
 
 
@@ -37,7 +37,7 @@ def faces_to_tensor(
 ) -> tuple[Tensor, list[bool]]:
     """RGB uint8 crops of any size -> (N,3,R,R) float in [0,1], and which were resized."""
     batch, resized = stack_faces(faces, resolution)
-    x = to_unit(torch.from_numpy(batch).to(device).permute(0, 3, 1, 2))
+    x = images_to_unit(torch.from_numpy(batch).to(device))
     return x, resized
 
 

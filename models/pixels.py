@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-__all__ = ["to_uint8", "to_unit"]
+__all__ = ["images_to_unit", "to_uint8", "to_unit"]
 
 
 @overload
@@ -26,6 +26,16 @@ def to_unit(x: Tensor | NDArray[np.generic]) -> Tensor | NDArray[np.float32]:
     if isinstance(x, Tensor):
         return x.float().div_(255.0)
     return np.asarray(x, np.float32) / np.float32(255.0)
+
+
+def images_to_unit(x: Tensor) -> Tensor:
+    """(N, H, W, C) uint8 images -> (N, C, H, W) float32 in [0, 1], contiguous.
+
+    Contiguous, not the permuted view's channels-last strides: the CPU convolutions follow
+    their input's layout, and in channels-last they ran the original64 model 1.6x slower on
+    this project's 2-core CPU (batch 8: 271 against 172 ms) and a training step 10% slower.
+    A CUDA caller that wants channels-last (tensor cores) converts after."""
+    return to_unit(x.permute(0, 3, 1, 2).contiguous())
 
 
 @overload

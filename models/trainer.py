@@ -29,7 +29,7 @@ from .augment import AugmentConfig, make_training_pair
 from .errors import InvalidInputError, PreconditionError
 from .losses import LossWeights, identity_confusion, loss_terms
 from .networks import Decoder, Encoder, LatentCritic, build_latent_critic
-from .pixels import to_unit
+from .pixels import images_to_unit, to_unit
 
 __all__ = ["Progress", "TrainConfig", "Trainer", "mean_latent"]
 
@@ -130,7 +130,7 @@ def mean_latent(encoder: Encoder, images: Tensor, batch: int = 256) -> Tensor:
     try:
         for start in range(0, images.shape[0], batch):
             x = images[start : start + batch].to(device)
-            x = to_unit(x.permute(0, 3, 1, 2)) if x.dtype == torch.uint8 else x.float()
+            x = images_to_unit(x) if x.dtype == torch.uint8 else x.float()
             z = encoder(torch.cat((x, x.flip(-1)))).float().sum(0)
             total = z if total is None else total + z
     finally:
@@ -403,7 +403,7 @@ class Trainer:
         idx = idx.to(self.device)
         imgs = self._images[name].index_select(0, idx)
         if imgs.dtype == torch.uint8:
-            imgs = to_unit(imgs.permute(0, 3, 1, 2))
+            imgs = images_to_unit(imgs)
         mask = self._masks.get(name)
         if mask is None:
             return imgs, None

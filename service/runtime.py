@@ -28,7 +28,7 @@ from facemux.models.errors import (
     UnavailableError,
 )
 from facemux.models.networks import Decoder, Encoder
-from facemux.models.pixels import to_uint8, to_unit
+from facemux.models.pixels import images_to_unit, to_uint8, to_unit
 from facemux.service.settings import Settings
 from facemux.service.store import IdentityRecord, Store, VersionRecord
 
@@ -248,8 +248,12 @@ class Runtime:
                 ]
             )
             x = to_unit(x)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            # channels-last for tensor cores on CUDA; plain NCHW on CPU (see images_to_unit)
+            x = x.contiguous(
+                memory_format=torch.channels_last
+                if self.device.type == "cuda"
+                else torch.contiguous_format
+            )
             with self._autocast():
                 return inference.encode(self.encoder(), x)
         parts = cast(Sequence[np.ndarray], parts_any)
@@ -268,8 +272,7 @@ class Runtime:
             # One part (a lone request's own array) is used as it is; several are copied once.
             one = parts[0]
             lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
-            x = torch.from_numpy(one if lone else np.concatenate(parts))
-            x = to_unit(x.permute(0, 3, 1, 2))
+            x = images_to_unit(torch.from_numpy(one if lone else np.concatenate(parts)))
         with self._autocast():
             return inference.encode(self.encoder(), x)
 
