@@ -403,7 +403,12 @@ class Trainer:
         idx = idx.to(self.device)
         imgs = self._images[name].index_select(0, idx)
         if imgs.dtype == torch.uint8:
-            imgs = images_to_unit(imgs)
+            # NCHW on the CPU (images_to_unit); on a GPU the permuted view's channels-last
+            # strides, as the GPU training rows of bench/RESULTS.md were measured with.
+            if imgs.device.type == "cpu":
+                imgs = images_to_unit(imgs)
+            else:
+                imgs = to_unit(imgs.permute(0, 3, 1, 2))
         mask = self._masks.get(name)
         if mask is None:
             return imgs, None
