@@ -171,3 +171,17 @@ def decode_png(data: bytes) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert img is not None
     return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def two_face_scene(seed: int) -> np.ndarray:
+    """640x480 grey frame with two synthetic faces of different sizes (200 and 120 px)."""
+    from facemux.models import synth
+
+    rng = np.random.default_rng(seed)
+    img = np.full((480, 640, 3), 80, np.uint8)
+    for cx, size in ((170.0, 200.0), (470.0, 120.0)):
+        a = np.array([[size, 0.0, cx - size / 2], [0.0, size, 240.0 - size / 2]])
+        img = synth.render_into(
+            img, synth.identity_from_seed(int(rng.integers(1000))), synth.FaceState(), a
+        ).image
+    return img

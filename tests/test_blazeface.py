@@ -10,16 +10,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import Models, make_store, png
+from conftest import Models, make_store, png, two_face_scene
 from facemux.client import FacemuxClient
 from facemux.models import faces as fp
-from facemux.models import synth
 from facemux.models.errors import InvalidInputError
 from facemux.models.faces.blazeface import (
     INPUT,
     BlazeFaceDetector,
     batched_nms_mask,
-    fast_nms,
     greedy_nms,
     load_blazeface,
     weights_file,
@@ -43,18 +41,6 @@ def bf() -> BlazeFaceDetector:
 @pytest.fixture(scope="module")
 def astronaut() -> U8:
     return np.ascontiguousarray(data.astronaut())
-
-
-def _scene(seed: int) -> U8:
-    """640x480 with two synthetic faces of different sizes."""
-    rng = np.random.default_rng(seed)
-    img = np.full((480, 640, 3), 80, np.uint8)
-    for cx, size in ((170.0, 200.0), (470.0, 120.0)):
-        a = np.array([[size, 0.0, cx - size / 2], [0.0, size, 240.0 - size / 2]])
-        img = synth.render_into(
-            img, synth.identity_from_seed(int(rng.integers(1000))), synth.FaceState(), a
-        ).image
-    return img
 
 
 def test_port_matches_the_tflite_graph() -> None:
@@ -118,7 +104,7 @@ def test_finds_the_astronaut_at_a_fraction_of_a_larger_frame(
 
 
 def test_batch_equals_one_by_one(bf: BlazeFaceDetector, astronaut: U8) -> None:
-    frames = [astronaut, _scene(1), np.zeros((100, 300, 3), np.uint8), _scene(2)]
+    frames = [astronaut, two_face_scene(1), np.zeros((100, 300, 3), np.uint8), two_face_scene(2)]
     batched = bf.detect_batch(frames)
     assert [len(b) for b in batched] == [1, 2, 0, 2]
     for frame, faces in zip(frames, batched, strict=True):
@@ -129,14 +115,6 @@ def test_batch_equals_one_by_one(bf: BlazeFaceDetector, astronaut: U8) -> None:
             np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-4)
             assert a.landmarks is not None and b.landmarks is not None
             np.testing.assert_allclose(a.landmarks, b.landmarks, atol=0.05)
-
-
-def test_fast_nms_drops_overlaps_only() -> None:
-    boxes = torch.tensor(
-        [[[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 1, 1]]], dtype=torch.float32
-    )
-    scores = torch.tensor([[0.9, 0.8, 0.7, float("-inf")]])
-    assert fast_nms(boxes, scores, 0.3).tolist() == [[True, False, True, False]]
 
 
 def test_rejects_bad_frames_and_options(bf: BlazeFaceDetector) -> None:
@@ -180,7 +158,7 @@ def test_server_swaps_a_full_frame_with_blazeface(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_same_faces_on_cuda_as_on_cpu(bf: BlazeFaceDetector, astronaut: U8) -> None:
     gpu = BlazeFaceDetector(device="cuda")
-    frames = [astronaut, _scene(1), _scene(2)]
+    frames = [astronaut, two_face_scene(1), two_face_scene(2)]
     for a_faces, b_faces in zip(bf.detect_batch(frames), gpu.detect_batch(frames), strict=True):
         assert len(a_faces) == len(b_faces)
         for a, b in zip(a_faces, b_faces, strict=True):
@@ -209,7 +187,7 @@ def test_batched_greedy_nms_is_greedy_nms_for_every_image() -> None:
     for i in range(b):
         want = _greedy_reference(boxes[i, :-5].double().numpy(), 0.3)
         assert got[i, :-5].tolist() == want and not got[i, -5:].any()
-    # Chains of overlaps, where fast_nms and greedy NMS differ: greedy keeps the third.
+    # A chain of overlaps: greedy NMS keeps the third, which only the second overlaps.
     chain = torch.tensor([[[0, 0, 10, 10], [5, 0, 15, 10], [10, 0, 20, 10]]], dtype=torch.float32)
     top = torch.tensor([[0.9, 0.8, 0.7]])
     assert greedy_nms(chain, top, 0.3).tolist() == [[True, False, True]]

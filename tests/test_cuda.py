@@ -159,14 +159,15 @@ def test_real_cuda_out_of_memory_lowers_the_batch_and_the_job_finishes(tmp_path:
 
 
 def test_detection_batches_on_cuda_match_cpu() -> None:
+    from conftest import two_face_scene
     from facemux.models.faces.blazeface import BlazeFaceDetector, batched_nms_mask, greedy_nms
     from facemux.service.detect_batcher import DetectionBatcher, DetectionStats
-    from test_detect_batcher import _astronaut_at, _two_faces
+    from test_detect_batcher import _astronaut_at
 
     cpu, gpu = BlazeFaceDetector(), BlazeFaceDetector(device="cuda")
     stats: list[DetectionStats] = []
     b = DetectionBatcher(gpu, on_batch=stats.append, start=False)
-    frames = [_astronaut_at(0, 0), _two_faces(2), _astronaut_at(192, 32)]
+    frames = [_astronaut_at(0, 0), two_face_scene(2), _astronaut_at(192, 32)]
     futures = [b.submit(gpu.prepare(f)) for f in frames]
     assert b.step() and [s.frames for s in stats] == [3]
     for frame, fut in zip(frames, futures, strict=True):

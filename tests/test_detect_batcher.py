@@ -13,10 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import Models, make_store, png
+from conftest import Models, make_store, png, two_face_scene
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
-from facemux.models import synth
 from facemux.models.errors import DeadlineExpiredError, InvalidInputError
 from facemux.models.faces import DetectedFace, box_iou
 from facemux.models.faces.blazeface import BlazeFaceDetector, Prepared
@@ -49,17 +48,6 @@ def _astronaut_face(x0: int, y0: int, side: int = 448) -> NDArray[np.float64]:
     return np.array([179.0, 83.0, 267.0, 171.0]) * side / 512 + [x0, y0] * 2
 
 
-def _two_faces(seed: int) -> U8:
-    rng = np.random.default_rng(seed)
-    img = np.full((480, 640, 3), 80, np.uint8)
-    for cx, size in ((170.0, 200.0), (470.0, 120.0)):
-        a = np.array([[size, 0.0, cx - size / 2], [0.0, size, 240.0 - size / 2]])
-        img = synth.render_into(
-            img, synth.identity_from_seed(int(rng.integers(1000))), synth.FaceState(), a
-        ).image
-    return img
-
-
 def _same(a: list[DetectedFace], b: list[DetectedFace]) -> None:
     assert len(a) == len(b)
     for fa, fb in zip(a, b, strict=True):
@@ -73,8 +61,8 @@ def test_waiting_frames_go_through_in_one_pass_each_with_its_own_faces(
 ) -> None:
     stats: list[DetectionStats] = []
     b = DetectionBatcher(bf, max_frames=3, on_batch=stats.append, start=False)
-    frames = [_astronaut_at(0, 0), _two_faces(2), np.zeros((100, 300, 3), np.uint8)]
-    frames += [_astronaut_at(192, 32), _two_faces(3)]
+    frames = [_astronaut_at(0, 0), two_face_scene(2), np.zeros((100, 300, 3), np.uint8)]
+    frames += [_astronaut_at(192, 32), two_face_scene(3)]
     futures = [b.submit(bf.prepare(f)) for f in frames]
     assert b.step() and b.step()
     assert [s.frames for s in stats] == [3, 2]  # bounded by max_frames
@@ -87,7 +75,7 @@ def test_waiting_frames_go_through_in_one_pass_each_with_its_own_faces(
 def test_a_frame_that_breaks_its_batch_fails_alone(bf: BlazeFaceDetector) -> None:
     stats: list[DetectionStats] = []
     b = DetectionBatcher(bf, on_batch=stats.append, start=False)
-    good = [_astronaut_at(0, 0), _two_faces(2)]
+    good = [_astronaut_at(0, 0), two_face_scene(2)]
     p0 = bf.prepare(good[0])
     # Inputs of the wrong size: the stacked forward fails for the whole batch.
     bad = Prepared(torch.zeros(p0.inputs.shape[0], 3, 64, 64), p0.views)
@@ -202,7 +190,7 @@ def test_server_detects_concurrent_frames_in_shared_batches(tmp_path: Path, mode
     jobs: list[tuple[bytes, list[NDArray[np.float64]] | int]] = []
     for i, (x, y) in enumerate(places):
         jobs.append((png(_astronaut_at(x, y)), [_astronaut_face(x, y)]))
-        jobs.append((png(_two_faces(2 + i % 2)), 2))
+        jobs.append((png(two_face_scene(2 + i % 2)), 2))
     with ServerThread(_settings(tmp_path / "store")) as srv:
         with FacemuxClient(srv.target, timeout=60) as c:
             c.wait_ready(60)

@@ -45,7 +45,6 @@ __all__ = [
     "Prepared",
     "anchors",
     "batched_nms_mask",
-    "fast_nms",
     "greedy_nms",
     "load_blazeface",
     "weights_file",
@@ -236,23 +235,6 @@ def load_blazeface(path: str | Path | None = None) -> BlazeFace:
     put(net.reg16, "regressor_8")
     put(net.reg8, "regressor_16")
     return net.eval()
-
-
-def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
-    """Keep-mask (B, K) for boxes (B, K, 4) sorted by descending score (B, K; -inf = absent):
-    a box is dropped when it overlaps a higher-scoring one by more than ``iou``. All on the
-    device, one matrix per image; unlike greedy NMS a dropped box still suppresses the boxes
-    below it, which only matters for chains of overlaps that faces do not form."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    area = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
-    iw = torch.minimum(x1[:, :, None], x1[:, None]) - torch.maximum(x0[:, :, None], x0[:, None])
-    ih = torch.minimum(y1[:, :, None], y1[:, None]) - torch.maximum(y0[:, :, None], y0[:, None])
-    inter = iw.clamp(min=0) * ih.clamp(min=0)
-    ious = inter / (area[:, :, None] + area[:, None] - inter).clamp(min=1e-9)
-    earlier = torch.ones_like(ious[0], dtype=torch.bool).triu(diagonal=1)  # row i before col j
-    present = torch.isfinite(scores)
-    overlap = (ious > iou) & earlier & present[:, :, None]
-    return present & ~overlap.any(dim=1)
 
 
 def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
