@@ -24,8 +24,14 @@ from facemux.service.store import LocalStore
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Keep each test process from spreading tiny models over every core: two threads alone, one
-# per worker when pytest-xdist runs two.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# per worker when pytest-xdist runs two. The servers, jobs and CLI commands the tests start
+# as child processes inherit one thread too: each worker's share is one core, and a child's
+# second OpenMP thread would only spin against the other worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+else:
+    torch.set_num_threads(2)
 
 
 @dataclass
