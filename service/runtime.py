@@ -88,6 +88,12 @@ class DecoderCache:
         return sum(i.bytes for i in self._items.values())
 
 
+def _marked(marks: Sequence[bytes | None] | None) -> tuple[list[int], list[bytes]]:
+    """The positions of a batch that carry a watermark payload, and those payloads."""
+    marked = [i for i, m in enumerate(marks or ()) if m is not None]
+    return marked, [m for m in marks or () if m is not None]
+
+
 class Runtime:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -282,22 +288,18 @@ class Runtime:
         latents: torch.Tensor,
         marks: Sequence[bytes | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        marked, payloads = _marked(marks)
+        if marked and self.device.type == "cuda":
+            # Marked on the device, the whole batch in one pass, before the copy to the host.
+            faces_t, masks_t = self.decode_batch_t(decoder, latents, marks)
+            masks_np = None if masks_t is None else masks_t.cpu().numpy()
+            return faces_t.permute(0, 2, 3, 1).cpu().numpy(), masks_np
         with self._autocast():
             rgb, mask = inference.decode(decoder, latents)
         masks = None if mask is None else inference.tensor_to_images(mask.float())
-        marked = [i for i, m in enumerate(marks or ()) if m is not None]
-        if not marked:
-            return inference.tensor_to_images(rgb.float()), masks
-        assert marks is not None
-        payloads = [m for m in marks if m is not None]
-        if self.device.type == "cuda":
-            # Marked on the device, the whole batch in one pass, before the copy to the host
-            # (the same uint8 conversion as tensor_to_images).
-            u8 = to_uint8(rgb.float())
-            u8[marked] = wm.embed_watermark_batch_t(u8[marked], payloads)
-            return u8.permute(0, 2, 3, 1).cpu().numpy(), masks
         faces = inference.tensor_to_images(rgb.float())
-        faces[marked] = wm.embed_watermark_batch(faces[marked], payloads)
+        if marked:
+            faces[marked] = wm.embed_watermark_batch(faces[marked], payloads)
         return faces, masks
 
     def decode_batch_t(
@@ -312,10 +314,8 @@ class Runtime:
             rgb, mask = inference.decode(decoder, latents)
         faces = to_uint8(rgb.float())
         masks = None if mask is None else to_uint8(mask.float())[:, 0]
-        marked = [i for i, m in enumerate(marks or ()) if m is not None]
+        marked, payloads = _marked(marks)
         if marked:
-            assert marks is not None
-            payloads = [m for m in marks if m is not None]
             faces[marked] = wm.embed_watermark_batch_t(faces[marked], payloads)
         return faces, masks
 

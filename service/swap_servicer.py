@@ -335,84 +335,62 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         memo: IdentityMemo | None = None,
     ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
         """One full frame, synchronously (runs in a worker thread)."""
+        # Announced before the frame is decoded: a detection batch forming meanwhile waits
+        # for it rather than leaving without it.
         with self.frames.expect_detection(options, tracker):
-            return self._swap_frame_announced(
-                frame,
-                identity,
-                version,
-                options,
-                output,
-                deadline,
-                tracker,
-                request_id,
-                mark_id,
-                memo,
+            resident = self._resolve(identity, version, memo)
+            t0 = time.perf_counter()
+            on_gpu = None
+            if frame.WhichOneof("source") == "encoded":
+                try:
+                    on_gpu = self.frames.decode_jpeg(frame.encoded, self.settings.max_image_pixels)
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"frame: {exc}") from None
+            if on_gpu is not None:
+                image, frame_t = on_gpu
+            else:
+                image = convert.image_from_proto(frame, self.settings.max_image_pixels, "frame")
+                frame_t = None
+            t1 = time.perf_counter()
+            res = self.runtime.model_config().resolution
+            out = self.frames.swap(
+                image, resident.decoder, options, res, deadline, tracker, frame_t
             )
-
-    def _swap_frame_announced(
-        self,
-        frame: types_pb2.Image,
-        identity: str,
-        version: int,
-        options: spb.SwapOptions,
-        output: types_pb2.OutputOptions,
-        deadline: float | None,
-        tracker: FaceTracker | None,
-        request_id: str,
-        mark_id: str,
-        memo: IdentityMemo | None,
-    ) -> tuple[types_pb2.Image, FrameOutcome, ResidentDecoder]:
-        resident = self._resolve(identity, version, memo)
-        t0 = time.perf_counter()
-        on_gpu = None
-        if frame.WhichOneof("source") == "encoded":
-            try:
-                on_gpu = self.frames.decode_jpeg(frame.encoded, self.settings.max_image_pixels)
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"frame: {exc}") from None
-        if on_gpu is not None:
-            image, frame_t = on_gpu
-        else:
-            image = convert.image_from_proto(frame, self.settings.max_image_pixels, "frame")
-            frame_t = None
-        t1 = time.perf_counter()
-        res = self.runtime.model_config().resolution
-        out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker, frame_t)
-        t2 = time.perf_counter()
-        self.metrics.frame_codec("decode", "nvjpeg" if frame_t is not None else "host")
-        if out.faces_swapped:
-            # Only frames with a face drawn by the model are synthetic and get marked; a
-            # frame returned unchanged (no face found) is the caller's own image.
-            marks = {
-                "mark_id": mark_id or request_id,
-                "request_id": request_id,
-                "source_type": prov.COMPOSITE,
-                "regions": out.regions,  # the mark stays on the swapped faces
-            }
-            encoded = None
-            if (
-                out.device_frame is not None
-                and self.frames.jpeg is not None
-                and image.alpha is None
-            ):
-                encoded = self.provenance.output_on_device(
-                    out.device_frame, self.frames.jpeg, output, image.format, **marks
-                )
-            self.metrics.frame_codec("encode", "host" if encoded is None else "nvjpeg")
-            if encoded is None:
-                encoded = self.provenance.output(
-                    out.rgb, output, image.format, alpha=image.alpha, notes=out.notes, **marks
-                )
-        else:
-            self.metrics.frame_codec("encode", "host")
-            encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
-        out.timings["decode"] = t1 - t0
-        out.timings["encode"] = time.perf_counter() - t2
-        for stage, seconds in out.timings.items():
-            self.metrics.observe_stage(stage, seconds)
-        self.metrics.faces_swapped(identity, out.faces_swapped)
-        self.metrics.frames_swapped()
-        return encoded, out, resident
+            t2 = time.perf_counter()
+            self.metrics.frame_codec("decode", "nvjpeg" if frame_t is not None else "host")
+            if out.faces_swapped:
+                # Only frames with a face drawn by the model are synthetic and get marked; a
+                # frame returned unchanged (no face found) is the caller's own image.
+                marks = {
+                    "mark_id": mark_id or request_id,
+                    "request_id": request_id,
+                    "source_type": prov.COMPOSITE,
+                    "regions": out.regions,  # the mark stays on the swapped faces
+                }
+                encoded = None
+                if (
+                    out.device_frame is not None
+                    and self.frames.jpeg is not None
+                    and image.alpha is None
+                ):
+                    encoded = self.provenance.output_on_device(
+                        out.device_frame, self.frames.jpeg, output, image.format, **marks
+                    )
+                self.metrics.frame_codec("encode", "host" if encoded is None else "nvjpeg")
+                if encoded is None:
+                    encoded = self.provenance.output(
+                        out.rgb, output, image.format, alpha=image.alpha, notes=out.notes, **marks
+                    )
+            else:
+                self.metrics.frame_codec("encode", "host")
+                encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
+            out.timings["decode"] = t1 - t0
+            out.timings["encode"] = time.perf_counter() - t2
+            for stage, seconds in out.timings.items():
+                self.metrics.observe_stage(stage, seconds)
+            self.metrics.faces_swapped(identity, out.faces_swapped)
+            self.metrics.frames_swapped()
+            return encoded, out, resident
 
     async def _frame_pixels(self, frame: types_pb2.Image) -> int:
         """A full frame's pixels from its header: what its call holds of the budget while
