@@ -203,6 +203,13 @@ class Settings:
     auth_tokens_file: str = field(
         default="", metadata=_help("JSON-lines file of callers: name, hashed token, roles")
     )
+    auth_reload_seconds: float = field(
+        default=1.0,
+        metadata=_help(
+            "how often a call may look at auth_tokens_file for changes (added, re-keyed or "
+            "removed callers apply within this time)"
+        ),
+    )
     tls_cert: str = field(default="", metadata=_help("server certificate (PEM); reloaded live"))
     tls_key: str = field(default="", metadata=_help("server private key (PEM)"))
     tls_client_ca: str = field(
@@ -360,6 +367,8 @@ class Settings:
             problems.append("max_concurrent_rpcs and auth_attempts_per_second must be >= 0")
         if min(self.auth_attempt_burst, self.auth_max_pending_checks) < 1:
             problems.append("auth_attempt_burst and auth_max_pending_checks must be >= 1")
+        if not (math.isfinite(self.auth_reload_seconds) and self.auth_reload_seconds >= 0):
+            problems.append(f"auth_reload_seconds must be >= 0, got {self.auth_reload_seconds}")
         if not -1 <= self.health_port <= 65535:
             problems.append(f"health_port {self.health_port} is not in -1..65535")
         if self.max_image_pixels > self.max_request_pixels:
