@@ -296,6 +296,13 @@ class Settings:
     training_log_every: int = field(
         default=10, metadata=_help("training steps between progress events")
     )
+    training_scan_seconds: float = field(
+        default=2.0,
+        metadata=_help(
+            "how often a server looks in the store for jobs other replicas submitted or "
+            "gave up (replicas sharing one store)"
+        ),
+    )
     training_lease_seconds: float = field(
         default=60.0,
         metadata=_help(
@@ -398,6 +405,8 @@ class Settings:
             )
         if not 1 <= self.detector_tiles <= 4:
             problems.append(f"detector_tiles must be in 1..4, got {self.detector_tiles}")
+        if not (math.isfinite(self.training_scan_seconds) and self.training_scan_seconds > 0):
+            problems.append(f"training_scan_seconds must be > 0, got {self.training_scan_seconds}")
         if not (math.isfinite(self.training_lease_seconds) and self.training_lease_seconds >= 5):
             problems.append(
                 f"training_lease_seconds must be >= 5, got {self.training_lease_seconds}"
