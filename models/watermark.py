@@ -102,6 +102,18 @@ TEXTURE_MAX = 2.25
 DARK_GAIN = 0.5
 DARK_LEVEL = 48.0
 
+# Strength that follows how much of the mark a reader can fold. A 128 px image after JPEG
+# q75 + 0.75x resize + 10 % crop keeps 78 px, 2.6 tiles: at the mask above the payload read
+# on 10 of 40 synthetic faces (the marker on all). Areas whose shorter side is in the middle
+# of SMALL_RAMP (px) get SMALL_TEXTURE_BOOST times the texture's share of the mask (the
+# gain and the headroom above FLAT_LEVEL), ramping linearly to none at either end: flat
+# areas keep FLAT_LEVEL (a flat patch looks the same at every size), 64 px faces, too small
+# to read a payload from after the chain, keep their PSNR, and from 224 px the fold has
+# enough tiles without it. On those 40 faces the boost x3 read 21 of 40 at 42.1 dB (45.3
+# without); uniformly x1.5, flat areas included, 35 of 40 at 42.0 dB.
+SMALL_RAMP = (64, 112, 160, 224)
+SMALL_TEXTURE_BOOST = 3.0
+
 # Sync z-score (peak of the normalised cross-correlation over all offsets and candidate
 # scales) above which the marker counts as present (bench/watermark.py prints the highest
 # unmarked score beside it). On the bench's 296 unmarked images, as they are and after JPEG
@@ -409,17 +421,29 @@ def _blur(x: Any, ops: _Backend) -> Any:
     return p
 
 
+def small_share(h: int, w: int) -> float:
+    """How much of the small-image boost (SMALL_RAMP) an h x w area gets, 0 to 1."""
+    lo, full_from, full_to, hi = SMALL_RAMP
+    side = min(h, w)
+    return max(0.0, min(1.0, (side - lo) / (full_from - lo), (hi - side) / (hi - full_to)))
+
+
 def _strength(y3: Any, ops: _Backend) -> Any:
     """Peak change allowed per pixel (8-bit levels), the perceptual mask, from float32
-    (N, H, W) R + G + B: FLAT_LEVEL on flat, bright areas, more in texture and darkness.
-    Measured on a half-resolution copy (a quarter of the work; the mask is smooth anyway)."""
+    (N, H, W) R + G + B: FLAT_LEVEL on flat, bright areas, more in texture and darkness,
+    and more in texture on small areas (SMALL_RAMP). Measured on a half-resolution copy (a
+    quarter of the work; the mask is smooth anyway)."""
     h, w = y3.shape[-2:]
+    # A Python float from the shape alone, 1.0 exactly outside the ramp: numpy and torch
+    # multiply by the same number, and other sizes get the same pixels as before.
+    boost = 1.0 + (SMALL_TEXTURE_BOOST - 1.0) * small_share(h, w)
     if h % 2 or w % 2:
         y3 = ops.pad(y3, 0, h % 2, w % 2, "replicate")
     half = y3[:, 0::2, 0::2] + y3[:, 1::2, 0::2] + y3[:, 0::2, 1::2] + y3[:, 1::2, 1::2]
     mean = _blur(half, ops)  # 3072 times the local mean luminance
     texture = _blur(abs(half * 256.0 - mean), ops)  # 786432 times the mean abs. deviation
-    level = ops.clamp(texture * (TEXTURE_GAIN / 786432) + FLAT_LEVEL, 0.0, TEXTURE_MAX)
+    top = FLAT_LEVEL + (TEXTURE_MAX - FLAT_LEVEL) * boost
+    level = ops.clamp(texture * (TEXTURE_GAIN * boost / 786432) + FLAT_LEVEL, 0.0, top)
     dark = ops.clamp(mean * (-1.0 / (3072 * DARK_LEVEL)) + 1.0, 0.0, 1.0)
     level = level * (dark * DARK_GAIN + 1.0)
     return ops.double(ops.double(level, 1), 2)[:, :h, :w]
