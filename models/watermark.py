@@ -10,7 +10,7 @@ survives metadata stripping, JPEG re-encoding and modest resizing or cropping, b
 Scheme (our own; `invisible-watermark`'s dwtDct does not survive resizing): a keyed, periodic
 spread-spectrum pattern added to luminance. One tile of TILE x TILE pixels is a grid of
 CHIP x CHIP chips; half the chips carry a fixed pseudo-random sync pattern (the "facemux"
-marker), the other half the payload (32 bits + CRC-16, convolutionally encoded to 108
+marker), the other half the payload (24 bits + CRC-16, convolutionally encoded to 92
 bits), each coded bit on one or two chips with pseudo-random signs. The chips are rounded
 off (a circular Gaussian blur), so the pattern has no hard block edges.
 
@@ -62,13 +62,21 @@ log = logging.getLogger(__name__)
 TILE = 64  # pixels per tile side at scale 1
 CHIP = 4  # pixels per chip side before smoothing: survives JPEG q75 and a 0.75x resize
 GRID = TILE // CHIP  # chips per tile side
-PAYLOAD_BYTES = 4  # 32 payload bits ...
-CRC_BITS = 16  # ... plus a CRC-16 = 48 message bits ...
+# 24 payload bits (the first 3 bytes of a hash, ``payload_for``) ... Format 2: format 1
+# carried 32, but 48 message bits did not fit in what the attack chain leaves of a 128 px
+# image (2.6 tiles to fold): on 40 synthetic 128 px faces after JPEG q75 + 0.75x resize +
+# 10 % crop, with the small-area boost (SMALL_RAMP), 32 bits read on 21 and 24 bits on 38.
+# The marker is the same in both formats (the same seed), so a format-1 mark is still
+# found; its payload is not read. 24 bits still tell one request in 16 million from
+# another, and ``match_watermark`` checks a known request id against the whole pattern.
+PAYLOAD_BYTES = 3
+CRC_BITS = 16  # ... plus a CRC-16 = 40 message bits ...
 # ... through a rate-1/2 convolutional code (constraint length 7, the usual 171/133 octal
-# generators, 6 zero tail bits): 108 coded bits, decoded by soft-decision Viterbi. Hard
-# per-bit decisions on the 48 bits (with flips of the least reliable ones) read the payload
-# of 55 % of the bench's 640x480 frames after JPEG q75 + 0.75x resize + 10 % crop; the code
-# reads all of them, and each read is a single CRC check (fewer chance matches).
+# generators, 6 zero tail bits): 92 coded bits, decoded by soft-decision Viterbi. Hard
+# per-bit decisions on the message bits (with flips of the least reliable ones) read the
+# payload of 55 % of the bench's 640x480 frames after JPEG q75 + 0.75x resize + 10 % crop
+# (format 1); the code reads all of them, and each read is a single CRC check (fewer chance
+# matches).
 CONV_K = 7
 CONV_POLYS = (0o171, 0o133)
 MESSAGE_BITS = PAYLOAD_BYTES * 8 + CRC_BITS
@@ -78,7 +86,7 @@ N_BITS = (MESSAGE_BITS + CONV_K - 1) * len(CONV_POLYS)
 # Gaussian of CARRIER_SIGMA pixels. Hard 4x4 block edges were what the eye saw on smooth
 # skin, and JPEG and resizing removed their high frequencies anyway.
 CARRIER_SIGMA = 0.6
-# The payload needs more energy than the marker (48 message bits to read against one
+# The payload needs more energy than the marker (40 message bits to read against one
 # pattern to find, and a marker whose payload reads counts as found, see CONFIRM_Z), so its
 # chips are the stronger ones, but only a little. On 80 synthetic 128 px faces after JPEG
 # q75 + 0.75x resize + 10 % crop the sync z-score averaged 6.8 with the weights 0.9 / 1.1,
@@ -334,7 +342,7 @@ def _viterbi(soft: np.ndarray, size: int = 1) -> np.ndarray:
 
 
 def payload_for(request_id: str) -> bytes:
-    """The 32-bit payload facemux embeds for a request id (a hash: ids are longer)."""
+    """The 24-bit payload facemux embeds for a request id (a hash: ids are longer)."""
     return hashlib.sha256(request_id.encode()).digest()[:PAYLOAD_BYTES]
 
 
@@ -571,7 +579,7 @@ def embed_watermark_batch(rgb: np.ndarray, payloads: list[bytes]) -> np.ndarray:
 @dataclass
 class WatermarkResult:
     found: bool  # the facemux marker is present
-    payload: bytes | None  # the 32-bit payload, only when its CRC matched
+    payload: bytes | None  # the 24-bit payload (3 bytes), only when its CRC matched
     confidence: float  # sync z-score (see DETECT_Z)
     scale: float = 1.0  # estimated resize factor of the image relative to the marked one
 

@@ -103,7 +103,7 @@ class Provenance:
     ) -> types_pb2.Image:
         """Watermark, encode and sign one output image.
 
-        mark_id goes into the watermark payload (hashed to 32 bits); request_id into the
+        mark_id goes into the watermark payload (hashed to 24 bits); request_id into the
         manifest, which covers the whole image. `regions` (a frame's swapped faces) confine
         the watermark: every other pixel stays the caller's. A raw output adds RAW_NOTE to
         `notes` (once)."""

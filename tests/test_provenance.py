@@ -308,21 +308,24 @@ def test_list_viterbi_returns_the_likeliest_messages_in_order() -> None:
 
 
 def test_watermark_payload_reads_on_small_faces_after_the_chain() -> None:
-    """128 px faces after JPEG q75 + 0.75x + 10 % crop (the chain leaves 78 px): the marker
-    is found and the payload read, though the likeliest message fails its CRC on both
-    (the list decoder reads them; bench/watermark.py has the rates)."""
+    """Eight 128 px faces after JPEG q75 + 0.75x + 10 % crop (the chain leaves 78 px): the
+    marker is found and the payload read on every one, on some only because the list
+    decoder goes on when the likeliest message fails its CRC (bench/watermark.py has the
+    rates)."""
     states = synth.make_states(8, seed=1000)
-    for i in (1, 3):
+    listed = 0
+    for i in range(8):
         face = synth.render(synth.identity_from_seed(1000 + i), states[i], 128).image
-        payload = bytes([i, 2, 7, 9])
+        payload = bytes([i, 2, 7])
         attacked = _attacked(wm.embed_watermark(face, payload))
         found, got, z = wm.detect_watermark(attacked)
         assert found and got == payload, f"face {i}: z={z:.1f}, read {got!r}"
         z, folded, (dy, dx), scale = wm._ranked(wm._residual(attacked))[0]
-        assert wm._read_payload(folded, dy, dx, scale) is None
+        listed += wm._read_payload(folded, dy, dx, scale) is None
+    assert listed >= 1
 
 
-@pytest.mark.parametrize("request_id", ["req-4", "req-20"])
+@pytest.mark.parametrize("request_id", ["req-1", "req-6"])
 def test_watermark_scale_is_refined_on_a_textured_photo(request_id: str) -> None:
     """On a textured photo the autocorrelation's period is about a percent off after the
     attack chain, and at that scale the marker scores under CONFIRM_Z; searched around
