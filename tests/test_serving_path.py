@@ -103,7 +103,7 @@ def test_stream_reads_the_identity_once_and_stops_at_a_revocation(
 
 def test_batched_watermark_is_the_per_image_one() -> None:
     rng = np.random.default_rng(3)
-    for shape in [(5, 64, 64, 3), (3, 100, 130, 3)]:
+    for shape in [(5, 64, 64, 3), (3, 100, 130, 3), (2, 128, 144, 3)]:
         faces = rng.integers(0, 256, shape, dtype=np.uint8)
         faces[0, :4] = 255  # saturation at both ends, as cv2.add/subtract do
         faces[0, 4:8] = 0
