@@ -14,11 +14,15 @@ marker), the other half the payload (24 bits + CRC-16, convolutionally encoded t
 bits), each coded bit on one or two chips with pseudo-random signs. The chips are rounded
 off (a circular Gaussian blur), so the pattern has no hard block edges.
 
-How strong it is where is a perceptual mask (``strength_map``): about one level on flat,
+How strong it is where is a perceptual mask (``_strength``): about one level on flat,
 bright areas, where any pattern shows, up to a few levels in texture and dark areas, where
-the eye does not see it. Rounding to 8 bits goes through a keyed dither, so a fraction of a
-level still adds up in the detector. On the 64 px synthetic faces the PSNR against the
-unmarked image is ~44 dB (the previous uniform +-3 levels: 38.6 dB).
+the eye does not see it. It also follows how much of the mark a reader can fold: an area
+of 112-160 px (a 128 px face keeps 2.6 tiles after JPEG q75, a 0.75x resize and a 10 %
+crop) gets three times the texture's share, and more of the carrier on the payload than on
+the marker, ramping to none at 64 and 224 px (SMALL_RAMP); flat areas are marked alike at
+every size. Rounding to 8 bits goes through a keyed dither, so a fraction of a level still
+adds up in the detector. PSNR against the unmarked image on the synthetic faces: ~45 dB
+at 64 px, ~42 dB at 128 px, ~46 dB at 256 px (the previous uniform +-3 levels: 38.6 dB).
 
 The tile repeats over the image, so the detector can:
 
@@ -38,6 +42,8 @@ sub-windows where the marker is strongest (see WINDOW_FRACTIONS).
 The key is public (derived from a constant seed): this is a disclosure mark, not a secret.
 Small images are the weak spot (bench/watermark.py has the rates): a 64 px crop is a single
 tile with nothing to fold. The detector reports the payload only when its CRC matches.
+Format 2 (this one) carries 24 payload bits; format 1 carried 32 with the same marker, so
+its marks are still found, without their payload.
 
 This module imports no grpc (models layer).
 """

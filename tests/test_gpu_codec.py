@@ -35,7 +35,7 @@ def test_orientation_on_tensors_matches_the_host(orientation: int) -> None:
     assert np.array_equal(got.permute(1, 2, 0).numpy(), want)
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (37, 101), (480, 640)])
+@pytest.mark.parametrize("shape", [(64, 64), (37, 101), (128, 144), (480, 640)])
 def test_watermark_on_tensors_matches_the_host(shape: tuple[int, int]) -> None:
     img = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     img[:4] = 0  # saturation at both ends, as cv2.add/subtract saturate

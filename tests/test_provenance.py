@@ -247,6 +247,30 @@ def test_watermark_is_quiet_where_the_eye_looks() -> None:
     assert (blocks.max(axis=(1, 3)) == blocks.min(axis=(1, 3))).mean() < 0.2
 
 
+def test_watermark_strength_follows_how_much_a_reader_can_fold() -> None:
+    """An area of 112-160 px (a few tiles left after the attack chain) gets more mark in its
+    texture than the same pixels inside a 256 px image, and no more on a flat patch; 64 px
+    faces and areas from 224 px get none of that boost."""
+    assert wm.small_share(64, 64) == 0.0 == wm.small_share(224, 640)
+    assert wm.small_share(128, 128) == 1.0 and 0.0 < wm.small_share(96, 300) < 1.0
+    face = synth.render(synth.identity_from_seed(4), synth.make_states(1, seed=4)[0], 256).image
+    crop = np.ascontiguousarray(face[64:192, 64:192])  # on the tile grid: the same carrier
+
+    def rms(d: np.ndarray) -> float:
+        return float(np.sqrt((d.astype(float) ** 2).mean()))
+
+    inside = wm.embed_watermark(face, b"abc")[64:192, 64:192].astype(int) - crop
+    alone = wm.embed_watermark(crop, b"abc").astype(int) - crop
+    assert rms(alone) > 1.25 * rms(inside)
+    assert cv2.PSNR(crop, wm.embed_watermark(crop, b"abc")) >= 41.5
+    flat = {
+        s: wm.embed_watermark(np.full((s, s, 3), 128, np.uint8), b"abc").astype(int) - 128
+        for s in (128, 256)
+    }
+    assert np.abs(flat[128]).max() == np.abs(flat[256]).max() == 2
+    assert abs(rms(flat[128]) - rms(flat[256])) < 0.05
+
+
 def test_watermark_detection_and_false_positives_on_faces() -> None:
     """Synthetic faces of 256 px: found after the attack chain; unmarked ones (as they are
     and after JPEG q75) never."""
