@@ -332,8 +332,17 @@ class FaceSwapper:
                 )
             ]
         clock.lap("mask_colour")
-        for face_t, soft_t, m in pastes:
-            frame_t = T.paste_face_t(frame_t, face_t, soft_t[None], m)
+        if len({tuple(p[0].shape) for p in pastes}) == 1:
+            # One model output size (always, today): every face in one batched inverse warp.
+            frame_t = T.paste_faces_t(
+                frame_t,
+                torch.stack([p[0] for p in pastes]),
+                torch.stack([p[1] for p in pastes])[:, None],
+                [p[2] for p in pastes],
+            )
+        else:
+            for face_t, soft_t, m in pastes:
+                frame_t = T.paste_face_t(frame_t, face_t, soft_t[None], m)
         out_t = T.to_uint8_t(frame_t)
         for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
