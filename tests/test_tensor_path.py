@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import Models, decode_png, make_store, png
 from facemux.client import FacemuxClient
-from facemux.models.faces import align_matrix, paste_face, warp_crop
+from facemux.models.faces import DeviceFrame, align_matrix, paste_face, warp_crop
 from facemux.models.faces.colour import correct_colour
 from facemux.models.faces.mask import refine_mask
 from facemux.models.faces.tensor import (
@@ -291,3 +291,82 @@ def test_server_pastes_overlapping_faces_as_the_opencv_path_does(
     assert changed.sum() > 3000
     diff = np.abs(outs["tensor"].astype(int) - outs["opencv"].astype(int))
     assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
+
+
+def _device_frame(rgb: np.ndarray) -> DeviceFrame:
+    return DeviceFrame(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+
+
+def test_a_device_frame_is_never_copied_to_the_host_with_blazeface_landmarks() -> None:
+    """A frame that arrives on the device (as nvjpeg hands it over) is detected, aligned,
+    swapped and pasted there with BlazeFace's own 5 points: no host copy of it is made. With
+    dlib's landmarks asked for (opt-in) it is copied once, for them, and swapped the same."""
+    from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions
+    from facemux.models.faces.blazeface import BlazeFaceDetector
+
+    opts = SwapOptions(colour="reinhard")
+    sw = FaceSwapper(BlazeFaceDetector("cpu"), LandmarkPredictor(5), device="cpu")
+    frame = _device_frame(PHOTO)
+    got = sw.swap(frame, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert [f.swapped for f in got.faces] == [True]
+    assert frame.host_reads == 0 and not frame.on_host
+    assert got.device_frame is not None and not got.frame_on_host
+    # The same pixels as the frame given on the host.
+    want = sw.swap(PHOTO, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert np.array_equal(got.frame, want.frame)
+    assert frame.host_reads == 0  # reading the result copies the result, not the input
+
+    dlib = FaceSwapper(
+        BlazeFaceDetector("cpu", landmarks=False), LandmarkPredictor(5), device="cpu"
+    )
+    frame = _device_frame(PHOTO)
+    got = dlib.swap(frame, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert [f.swapped for f in got.faces] == [True]
+    assert frame.host_copies == 1 and frame.host_reads >= 1
+    want = dlib.swap(PHOTO, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert np.array_equal(got.frame, want.frame)
+
+
+def _host_reads(srv: ServerThread, source: str) -> float | None:
+    assert srv.app is not None
+    return srv.app.metrics.registry.get_sample_value(
+        "facemux_frame_host_reads_frames_total", {"source": source}
+    )
+
+
+@pytest.mark.parametrize("landmarks", ["detector", "dlib"])
+def test_server_frames_and_streams_on_the_device_path_read_no_host_pixels(
+    tmp_path: Path, models: Models, landmarks: str
+) -> None:
+    """Through a real server on the tensor path: with BlazeFace's own landmarks neither Swap
+    nor SwapStream (detecting every 3rd frame, tracking between) reads a frame's pixels on
+    the host; with dlib's landmarks (opt-in) every frame is read there, and swapped. A frame
+    returned unchanged leaves through the host encoder here (PNG), which reads it."""
+    make_store(tmp_path / "store", models, ("alice",))
+    settings = Settings(
+        port=0,
+        auth="off",
+        store=tmp_path / "store",
+        provenance="off",
+        device="cpu",
+        metrics_port=-1,
+        frame_pipeline="tensor",
+        detector="blazeface",
+        detector_landmarks=landmarks,
+    )
+    blank = np.full_like(PHOTO, 90)
+    with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
+        c.wait_ready(60)
+        assert c.swap_image(png(PHOTO), "alice", output_format="png").faces_swapped == 1
+        shifted = [np.roll(PHOTO, 3 * i, axis=1) for i in range(6)]
+        out = list(c.swap_stream([png(f) for f in shifted], "alice", detect_every=3))
+        assert [r.faces_swapped for r in out] == [1] * 6
+        xs = [r.results[0].box.x_min - 3 * i for i, r in enumerate(out)]
+        assert max(xs) - min(xs) < 6  # the face is followed as it moves
+        if landmarks == "detector":
+            assert _host_reads(srv, "host") is None
+        else:
+            assert _host_reads(srv, "host") == 1 + 6
+        assert c.swap_image(png(blank), "alice", output_format="png").faces_swapped == 0
+        assert _host_reads(srv, "host") == (1 if landmarks == "detector" else 8)
+        assert _host_reads(srv, "copied") is None  # PNG frames are decoded on the host
