@@ -50,7 +50,7 @@ def test_wait_ready_sees_a_server_that_starts_after_it_began(
     settings = Settings(port=port, auth="off", store=tmp_path / "store", metrics_port=-1)
     with FacemuxClient(f"127.0.0.1:{port}", retries=1) as c:
         # Nothing listens yet: a clear UNAVAILABLE once the time is up.
-        with pytest.raises(Unavailable, match="not ready after 0.3s"):
+        with pytest.raises(Unavailable, match=r"not ready after 0\.3s"):
             c.wait_ready(0.3)
         with pytest.raises(Unavailable):
             c.model_info()  # refused: the client's own channel now backs off for a second
