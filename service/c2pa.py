@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,10 @@ from facemux.models import imageio, safe_json
 from facemux.models.errors import FacemuxError
 
 if TYPE_CHECKING:
+    from facemux.service.c2pa_template import PngTemplate
     from facemux.service.store import KeyStore
+
+log = logging.getLogger(__name__)
 
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 TRAINED = "trainedAlgorithmicMedia"  # a whole image drawn by the model (aligned crops)
@@ -157,9 +162,11 @@ def _make_test_signer() -> tuple[bytes, bytes]:
 
 
 class C2paSigner:
-    """Signs encoded images. Building the c2pa signer once keeps the per-image cost down."""
+    """Signs encoded images. Building the c2pa signer once keeps the per-image cost down, and
+    PNGs are signed from a template of c2pa's own manifest (service/c2pa_template.py) unless
+    `template` is False."""
 
-    def __init__(self, config: SignerConfig) -> None:
+    def __init__(self, config: SignerConfig, *, template: bool = True) -> None:
         import c2pa
 
         self.config = config
@@ -181,6 +188,9 @@ class C2paSigner:
         # The native signer is shared by the server's worker threads; c2pa-python does not
         # promise it is thread-safe, and a signature takes under a millisecond, so serialise.
         self._lock = threading.Lock()
+        # One PNG template per (source type, version), made on first use; None where the
+        # template could not be made or did not validate (c2pa's Builder signs those).
+        self._templates: dict[tuple[str, str], PngTemplate | None] | None = {} if template else None
         self._self_check()
 
     def _self_check(self) -> None:
@@ -203,6 +213,57 @@ class C2paSigner:
         title: str,
         request_id: str,
         version: str = "",
+    ) -> bytes:
+        if fmt == "PNG" and self._templates is not None:
+            template = self._template(source_type, version)
+            if template is not None:
+                return template.sign(image_bytes, title, request_id)
+        return self._build(image_bytes, fmt, source_type, title, request_id, version)
+
+    def uses_template(self, source_type: str = TRAINED, version: str = "") -> bool:
+        """Whether PNGs of this kind are signed from a template (False: by c2pa's Builder)."""
+        return self._templates is not None and self._template(source_type, version) is not None
+
+    def _template(self, source_type: str, version: str) -> PngTemplate | None:
+        assert self._templates is not None
+        key = (source_type, version)
+        if key in self._templates:
+            return self._templates[key]
+        from facemux.service.c2pa_template import SUPPORTED_ALGS, PngTemplate, TemplateError
+
+        template = None
+        if self.config.alg in SUPPORTED_ALGS:
+            probe = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+            sentinel = secrets.token_hex(16)
+            title = f"facemux-{sentinel}.png"
+            signed = self._build(probe, "PNG", source_type, title, sentinel, version)
+            try:
+                template = PngTemplate(
+                    probe,
+                    signed,
+                    request_id=sentinel,
+                    title=title,
+                    key_pem=self.config.key_pem,
+                    alg=self.config.alg,
+                )
+                check = template.sign(probe, "facemux-template-check.png", "template-check")
+                report = read_c2pa(check)
+                if not report.valid or report.request_id != "template-check":
+                    raise TemplateError("; ".join(report.errors) or report.summary)
+            except (TemplateError, ValueError) as exc:
+                log.warning("C2PA manifests are built by c2pa for each PNG: %s", exc)
+                template = None
+        self._templates[key] = template
+        return template
+
+    def _build(
+        self,
+        image_bytes: bytes,
+        fmt: str,
+        source_type: str,
+        title: str,
+        request_id: str,
+        version: str,
     ) -> bytes:
         mime = _MIME[fmt]
         agent = {"name": GENERATOR, "version": version} if version else {"name": GENERATOR}
