@@ -26,7 +26,7 @@ from facemux.models import imageio, safe_json
 from facemux.models.errors import FacemuxError
 
 if TYPE_CHECKING:
-    from facemux.service.c2pa_template import PngTemplate
+    from facemux.service.c2pa_template import ManifestTemplate
     from facemux.service.store import KeyStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ COMPOSITE = "compositeWithTrainedAlgorithmicMedia"  # a frame with model-drawn f
 GENERATOR = "facemux"
 REQUEST_ASSERTION = "org.facemux.request"
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+TEMPLATE_FORMATS = ("PNG", "JPEG")  # signed from a template (WebP by c2pa's Builder)
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ def _make_test_signer() -> tuple[bytes, bytes]:
 
 class C2paSigner:
     """Signs encoded images. Building the c2pa signer once keeps the per-image cost down, and
-    PNGs are signed from a template of c2pa's own manifest (service/c2pa_template.py) unless
-    `template` is False."""
+    PNGs and JPEGs are signed from a template of c2pa's own manifest
+    (service/c2pa_template.py) unless `template` is False."""
 
     def __init__(self, config: SignerConfig, *, template: bool = True) -> None:
         import c2pa
@@ -188,9 +189,11 @@ class C2paSigner:
         # The native signer is shared by the server's worker threads; c2pa-python does not
         # promise it is thread-safe, and a signature takes under a millisecond, so serialise.
         self._lock = threading.Lock()
-        # One PNG template per (source type, version), made on first use; None where the
-        # template could not be made or did not validate (c2pa's Builder signs those).
-        self._templates: dict[tuple[str, str], PngTemplate | None] | None = {} if template else None
+        # One template per (format, source type, version), made on first use; None where
+        # the template could not be made or did not validate (c2pa's Builder signs those).
+        self._templates: dict[tuple[str, str, str], ManifestTemplate | None] | None = (
+            {} if template else None
+        )
         self._self_check()
 
     def _self_check(self) -> None:
@@ -214,31 +217,41 @@ class C2paSigner:
         request_id: str,
         version: str = "",
     ) -> bytes:
-        if fmt == "PNG" and self._templates is not None:
-            template = self._template(source_type, version)
-            if template is not None:
+        if fmt in TEMPLATE_FORMATS and self._templates is not None:
+            template = self._template(fmt, source_type, version)
+            if template is not None and template.fits(image_bytes):
                 return template.sign(image_bytes, title, request_id)
         return self._build(image_bytes, fmt, source_type, title, request_id, version)
 
-    def uses_template(self, source_type: str = TRAINED, version: str = "") -> bool:
-        """Whether PNGs of this kind are signed from a template (False: by c2pa's Builder)."""
-        return self._templates is not None and self._template(source_type, version) is not None
+    def uses_template(self, fmt: str, source_type: str = TRAINED, version: str = "") -> bool:
+        """Whether images of this kind are signed from a template (False: by c2pa's
+        Builder; so are images encoded other than as OpenCV does)."""
+        return (
+            fmt in TEMPLATE_FORMATS
+            and self._templates is not None
+            and self._template(fmt, source_type, version) is not None
+        )
 
-    def _template(self, source_type: str, version: str) -> PngTemplate | None:
+    def _template(self, fmt: str, source_type: str, version: str) -> ManifestTemplate | None:
         assert self._templates is not None
-        key = (source_type, version)
+        key = (fmt, source_type, version)
         if key in self._templates:
             return self._templates[key]
-        from facemux.service.c2pa_template import SUPPORTED_ALGS, PngTemplate, TemplateError
+        from facemux.service.c2pa_template import (
+            SUPPORTED_ALGS,
+            ManifestTemplate,
+            TemplateError,
+        )
 
         template = None
         if self.config.alg in SUPPORTED_ALGS:
-            probe = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+            probe = imageio.encode_image(np.zeros((8, 8, 3), np.uint8), fmt, 90)
             sentinel = secrets.token_hex(16)
-            title = f"facemux-{sentinel}.png"
-            signed = self._build(probe, "PNG", source_type, title, sentinel, version)
+            title = f"facemux-{sentinel}.{fmt.lower()}"
+            signed = self._build(probe, fmt, source_type, title, sentinel, version)
             try:
-                template = PngTemplate(
+                template = ManifestTemplate(
+                    fmt,
                     probe,
                     signed,
                     request_id=sentinel,
@@ -246,12 +259,12 @@ class C2paSigner:
                     key_pem=self.config.key_pem,
                     alg=self.config.alg,
                 )
-                check = template.sign(probe, "facemux-template-check.png", "template-check")
+                check = template.sign(probe, "facemux-template-check", "template-check")
                 report = read_c2pa(check)
                 if not report.valid or report.request_id != "template-check":
                     raise TemplateError("; ".join(report.errors) or report.summary)
             except (TemplateError, ValueError) as exc:
-                log.warning("C2PA manifests are built by c2pa for each PNG: %s", exc)
+                log.warning("C2PA manifests are built by c2pa for each %s: %s", fmt, exc)
                 template = None
         self._templates[key] = template
         return template

@@ -1,19 +1,21 @@
-"""C2PA manifests for PNG outputs assembled from a template, signed with `cryptography`.
+"""C2PA manifests for PNG and JPEG outputs assembled from a template, signed with
+`cryptography`.
 
 Through c2pa's Builder a 64 px face costs about 0.45 ms to sign on a 2-core CPU: a new
-claim, CBOR and JUMBF built each time, and the PNG rewritten through ~140 Python stream
-callbacks, while the signature itself takes a few hundredths of that. Every manifest facemux
-makes for a given (source type, version) has the same layout: only the request id (and the
-title holding it), the image's hash, fresh ids and salts, the assertion hashes and the
-signature change. So c2pa's Builder signs one probe image, and `PngTemplate` keeps that
-manifest as bytes, then for each image:
+claim, CBOR and JUMBF built each time, and the image rewritten through ~140 Python stream
+callbacks, while the signature itself takes a few hundredths of that. Every manifest
+facemux makes for a given (format, source type, version) has the same layout: only the
+request id (and the title holding it), the image's hash, fresh ids and salts, the assertion
+hashes and the signature change. So c2pa's Builder signs one probe image, and
+`ManifestTemplate` keeps that manifest as bytes, then for each image:
 
-- hashes the PNG once: the manifest goes into a caBX chunk right after IHDR and the data
-  hash excludes exactly that chunk, so the hash is that of the PNG as encoded;
+- hashes the image once: the manifest goes into one segment c2pa puts at a fixed place (a
+  PNG's caBX chunk right after IHDR, a JPEG's APP11 segment right after APP0) and the data
+  hash excludes exactly that segment, so the hash is that of the image as encoded;
 - writes the request assertion, gives every assertion a new salt and the manifest a new
   label and instance id (UUIDs), and rehashes the assertions into the claim;
 - signs the claim (COSE_Sign1, the same protected header: algorithm and certificate chain);
-- inserts the chunk; nothing is decoded or re-encoded.
+- inserts the segment; nothing is decoded or re-encoded.
 
 The layout is read from c2pa's own output, not assumed; a template whose output c2pa does
 not validate is never used (C2paSigner checks one at start, and falls back to the Builder).
@@ -35,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IHDR_END = 8 + 12 + 13  # signature, then the IHDR chunk: where c2pa puts its caBX chunk
+JPEG_APP11 = b"\xff\xeb"
+JPEG_SEGMENT_MAX = 0xFFFF - 2 - 8  # JUMBF bytes one APP11 segment holds after its header
 SALT_BOX = b"c2sh"
 _UUID_LEN = 36
 
@@ -119,6 +123,50 @@ def _png_chunks(png: bytes) -> list[tuple[bytes, int, int]]:
     return out
 
 
+def _jpeg_segments(jpeg: bytes) -> list[tuple[bytes, int, int]]:
+    """(marker, start, end) of each segment before the scan."""
+    out = []
+    i = 2
+    while i + 4 <= len(jpeg) and jpeg[i] == 0xFF and jpeg[i + 1] != 0xDA:
+        (n,) = struct.unpack(">H", jpeg[i + 2 : i + 4])
+        out.append((jpeg[i : i + 2], i, i + 2 + n))
+        i += 2 + n
+    return out
+
+
+def _find_manifest(fmt: str, signed: bytes) -> tuple[int, int, bytes, bytes]:
+    """(start, end, header, JUMBF) of the one segment c2pa put its manifest in: the header
+    is what comes before the JUMBF in it (the PNG chunk's CRC is recomputed, not kept)."""
+    if fmt == "PNG":
+        chunks = _png_chunks(signed)
+        if len(chunks) < 2 or chunks[0][0] != b"IHDR" or chunks[1][0] != b"caBX":
+            raise TemplateError("c2pa did not put its manifest right after IHDR")
+        _, start, end = chunks[1]
+        if start != IHDR_END:
+            raise TemplateError("unexpected IHDR chunk")
+        return start, end, b"", signed[start + 8 : end - 4]
+    if fmt == "JPEG":
+        found = [(start, end) for m, start, end in _jpeg_segments(signed) if m == JPEG_APP11]
+        if len(found) != 1:
+            raise TemplateError("c2pa's manifest is not in one APP11 segment")
+        start, end = found[0]
+        header = signed[start + 4 : start + 12]  # "JP", box instance, sequence number 1
+        if header[:2] != b"JP" or header[4:] != b"\0\0\0\x01":
+            raise TemplateError("unexpected APP11 segment header")
+        return start, end, header, signed[start + 12 : end]
+    raise TemplateError(f"{fmt} is signed through c2pa's Builder only")
+
+
+def _wrap(fmt: str, header: bytes, jumbf: bytes) -> bytes:
+    """The segment holding `jumbf`, as c2pa writes it."""
+    if fmt == "PNG":
+        body = b"caBX" + jumbf
+        return struct.pack(">I", len(jumbf)) + body + struct.pack(">I", zlib.crc32(body))
+    if len(jumbf) > JPEG_SEGMENT_MAX:
+        raise ValueError("the manifest does not fit one APP11 segment")
+    return JPEG_APP11 + struct.pack(">H", 2 + len(header) + len(jumbf)) + header + jumbf
+
+
 def _signing_function(key_pem: bytes, alg: str) -> Callable[[bytes], bytes]:
     key = serialization.load_pem_private_key(key_pem, password=None)
     if alg == "ed25519":
@@ -145,13 +193,14 @@ class _Assertion:
     content: bytes  # the content box (constant) or, for the variable ones, a prefix of it
 
 
-class PngTemplate:
-    """One probe manifest, refilled and re-signed for each PNG (see the module doc)."""
+class ManifestTemplate:
+    """One probe manifest, refilled and re-signed for each image (see the module doc)."""
 
     def __init__(
         self,
-        probe_png: bytes,
-        signed_png: bytes,
+        fmt: str,
+        probe: bytes,
+        signed: bytes,
         *,
         request_id: str,
         title: str,
@@ -159,13 +208,17 @@ class PngTemplate:
         alg: str,
     ) -> None:
         self._sign = _signing_function(key_pem, alg)
-        chunks = _png_chunks(signed_png)
-        if len(chunks) < 2 or chunks[0][0] != b"IHDR" or chunks[1][0] != b"caBX":
-            raise TemplateError("c2pa did not put its manifest right after IHDR")
-        _, start, end = chunks[1]
-        if chunks[0][2] != IHDR_END or signed_png[:start] + signed_png[end:] != probe_png:
-            raise TemplateError("c2pa changed more of the PNG than its caBX chunk")
-        (store,) = [b for _, b in _boxes(signed_png[start + 8 : end - 4])]
+        self.fmt = fmt
+        start, end, self._header, jumbf = _find_manifest(fmt, signed)
+        if signed[:start] + signed[end:] != probe:
+            raise TemplateError("c2pa changed more of the image than its manifest's segment")
+        if _wrap(fmt, self._header, jumbf) != signed[start:end]:
+            raise TemplateError("the manifest's segment is not written as c2pa writes it")
+        # Every image must have the probe's bytes before the segment (the PNG signature and
+        # IHDR's length and type; the JPEG's SOI and JFIF APP0, as OpenCV writes them).
+        self._start = start
+        self._prefix = probe[:start] if fmt == "JPEG" else PNG_MAGIC + b"\0\0\0\x0dIHDR"
+        (store,) = [b for _, b in _boxes(jumbf)]
         self._store_jumd, (manifest,) = _children(store)
         manifest_jumd, parts = _children(manifest)
         label = _label(manifest_jumd)
@@ -211,9 +264,9 @@ class PngTemplate:
         if request[8:] != self._request_head + _tstr(request_id):
             raise TemplateError("the request assertion holds more than the request id")
 
-        # The data hash: an exclusion (start, length) of the caBX chunk, and the hash.
+        # The data hash: an exclusion (start, length) of the segment, and the hash.
         data_hash = self._assertions[self._kinds.index("c2pa.hash.data")].content[8:]
-        old_hash = hashlib.sha256(probe_png).digest()
+        old_hash = hashlib.sha256(probe).digest()
         exclusion = _tstr("start") + _cbor_head(0, start) + _tstr("length")
         head, tail = _split_once(data_hash, exclusion + _cbor_head(0, end - start), "the exclusion")
         self._hash_parts = (head + exclusion, *_split_once(tail, _bstr(old_hash), "the data hash"))
@@ -270,11 +323,15 @@ class PngTemplate:
             raise TemplateError("unsupported COSE header length")
         return 1 + width + int.from_bytes(sig[3 : 3 + width], "big")
 
-    def sign(self, png: bytes, title: str, request_id: str) -> bytes:
-        """`png` with a manifest for `request_id` (a signed copy; `png` is not parsed past its
-        IHDR chunk, only hashed)."""
-        if png[:8] != PNG_MAGIC or png[8:16] != b"\0\0\0\x0dIHDR":
-            raise ValueError("not a PNG starting with its IHDR chunk")
+    def fits(self, image: bytes) -> bool:
+        """Whether `image` starts as the probe did, up to where the manifest goes."""
+        return image.startswith(self._prefix)
+
+    def sign(self, image: bytes, title: str, request_id: str) -> bytes:
+        """`image` with a manifest for `request_id` (a signed copy; `image` is not parsed,
+        only hashed). It must fit (see `fits`)."""
+        if not self.fits(image):
+            raise ValueError(f"not a {self.fmt} laid out as the template's probe")
         manifest_uuid = str(uuid.uuid4()).encode()
         salts = os.urandom(16 * len(self._assertions))
 
@@ -293,23 +350,23 @@ class PngTemplate:
         boxes[at] = assertion(at, _box(b"cbor", self._data_hash(0, bytes(32))))
         zeros = self._claim_for(manifest_uuid, title, [bytes(32)] * len(boxes))
         unsigned = self._sig_head + bytes(self._sig_size)
-        chunk_len = 12 + len(self._store(manifest_uuid, boxes, zeros, unsigned))
-        digest = hashlib.sha256(png).digest()  # the file less the chunk: the PNG as encoded
-        boxes[at] = assertion(at, _box(b"cbor", self._data_hash(chunk_len, digest)))
+        segment_len = len(
+            _wrap(self.fmt, self._header, self._store(manifest_uuid, boxes, zeros, unsigned))
+        )
+        digest = hashlib.sha256(image).digest()  # the file less the segment: as encoded
+        boxes[at] = assertion(at, _box(b"cbor", self._data_hash(segment_len, digest)))
         claim = self._claim_for(
             manifest_uuid, title, [hashlib.sha256(b[8:]).digest() for b in boxes]
         )
         signature = self._sig_head + self._sign(self._sig_structure_head + _bstr(claim))
-        jumbf = self._store(manifest_uuid, boxes, claim, signature)
-        if 12 + len(jumbf) != chunk_len:
+        segment = _wrap(self.fmt, self._header, self._store(manifest_uuid, boxes, claim, signature))
+        if len(segment) != segment_len:
             raise AssertionError("the manifest changed length while it was filled")
-        body = b"caBX" + jumbf
-        chunk = struct.pack(">I", len(jumbf)) + body + struct.pack(">I", zlib.crc32(body))
-        return png[:IHDR_END] + chunk + png[IHDR_END:]
+        return image[: self._start] + segment + image[self._start :]
 
-    def _data_hash(self, chunk_len: int, digest: bytes) -> bytes:
+    def _data_hash(self, segment_len: int, digest: bytes) -> bytes:
         head, middle, tail = self._hash_parts
-        length = _cbor_head(0, chunk_len) if chunk_len else bytes(self._length_width)
+        length = _cbor_head(0, segment_len) if segment_len else bytes(self._length_width)
         if len(length) != self._length_width:
             raise ValueError("the manifest's length does not fit the template")
         return head + length + middle + _bstr(digest) + tail

@@ -1,5 +1,6 @@
-"""PNG manifests signed from a template of c2pa's own (service/c2pa_template.py): c2pa
-validates them, they assert what c2pa's Builder asserts, and each is bound to its image."""
+"""PNG and JPEG manifests signed from a template of c2pa's own (service/c2pa_template.py):
+c2pa validates them, they assert what c2pa's Builder asserts, and each is bound to its
+image."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import c2pa as c2pa_lib
 import cv2
 import numpy as np
 import pytest
+from facemux.models import imageio
 from facemux.service import c2pa
+
+FORMATS = ["PNG", "JPEG"]
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg"}
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +25,13 @@ def signers(tmp_path_factory: pytest.TempPathFactory) -> tuple[c2pa.C2paSigner, 
     return c2pa.C2paSigner(config), c2pa.C2paSigner(config, template=False)
 
 
-def _png(seed: int) -> bytes:
-    rgb = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    return cv2.imencode(".png", rgb)[1].tobytes()
+def _image(seed: int, fmt: str) -> bytes:
+    small = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return imageio.encode_image(cv2.resize(small, (64, 64)), fmt, 90)
 
 
-def _manifest(data: bytes) -> dict[str, Any]:
-    reader = c2pa_lib.Reader("image/png", io.BytesIO(data))
+def _manifest(data: bytes, fmt: str) -> dict[str, Any]:
+    reader = c2pa_lib.Reader(MIME[fmt], io.BytesIO(data))
     try:
         store = json.loads(reader.json())
     finally:
@@ -36,62 +41,83 @@ def _manifest(data: bytes) -> dict[str, Any]:
     return manifest
 
 
+def _inserted(signed: bytes, image: bytes) -> tuple[int, int]:
+    """(start, end) of the bytes signing inserted into `image`."""
+    start = next(i for i, (a, b) in enumerate(zip(signed, image, strict=False)) if a != b)
+    end = start + len(signed) - len(image)
+    assert signed[:start] + signed[end:] == image
+    return start, end
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("source_type", [c2pa.TRAINED, c2pa.COMPOSITE])
 def test_template_manifest_asserts_what_the_builder_does(
-    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner], source_type: str
+    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner], source_type: str, fmt: str
 ) -> None:
     fast, builder = signers
-    assert fast.uses_template(source_type, "1.2") and not builder.uses_template()
-    image = _png(0)
-    signed = [
-        s.sign(image, "PNG", source_type, "facemux-req-7.png", "req-7", "1.2")
-        for s in (fast, builder)
-    ]
+    assert fast.uses_template(fmt, source_type, "1.2")
+    assert not builder.uses_template(fmt, source_type, "1.2")
+    image = _image(0, fmt)
+    title = f"facemux-req-7.{fmt.lower()}"
+    signed = [s.sign(image, fmt, source_type, title, "req-7", "1.2") for s in (fast, builder)]
     reports = [c2pa.read_c2pa(s) for s in signed]
     assert reports[0] == reports[1]
     assert reports[0].valid and reports[0].request_id == "req-7"
     assert reports[0].digital_source_type == source_type
-    ours, theirs = (_manifest(s) for s in signed)
+    ours, theirs = (_manifest(s, fmt) for s in signed)
     for key in ("title", "claim_generator_info", "claim_version"):
         assert ours[key] == theirs[key]
     assert ours["signature_info"]["alg"] == theirs["signature_info"]["alg"] == "Es256"
     # Same assertions, same content (the data hash names the image's own bytes).
-    assert [a["label"] for a in ours["assertions"]] == [a["label"] for a in theirs["assertions"]]
     assert ours["assertions"] == theirs["assertions"]
-    # The same pixels, the manifest in the same place.
-    for s in signed:
-        assert s[:33] == image[:33] and s.endswith(image[33:])
+    # The image untouched, the manifest where c2pa puts it.
+    assert _inserted(signed[0], image)[0] == _inserted(signed[1], image)[0]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("request_id", ["", "a", "x" * 128, "é" * 64 + "\U0001f600" * 16])
 def test_template_fits_any_request_id(
-    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner], request_id: str
+    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner], request_id: str, fmt: str
 ) -> None:
-    signed = signers[0].sign(
-        _png(1), "PNG", c2pa.TRAINED, f"facemux-{request_id}.png", request_id, "1.2"
-    )
+    title = f"facemux-{request_id}.{fmt.lower()}"
+    signed = signers[0].sign(_image(1, fmt), fmt, c2pa.TRAINED, title, request_id, "1.2")
     report = c2pa.read_c2pa(signed)
     assert report.valid, report.errors
     assert report.request_id == request_id
-    assert _manifest(signed)["title"] == f"facemux-{request_id}.png"
+    assert _manifest(signed, fmt)["title"] == title
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_each_manifest_is_new_and_bound_to_its_image(
-    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner],
+    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner], fmt: str
 ) -> None:
     fast = signers[0]
-    a = fast.sign(_png(2), "PNG", c2pa.TRAINED, "facemux-a.png", "a", "1.2")
-    b = fast.sign(_png(3), "PNG", c2pa.TRAINED, "facemux-b.png", "b", "1.2")
-    again = fast.sign(_png(2), "PNG", c2pa.TRAINED, "facemux-a.png", "a", "1.2")
-    labels = {_manifest(x)["label"] for x in (a, b, again)}
-    instances = {_manifest(x)["instance_id"] for x in (a, b, again)}
+    first, second = _image(2, fmt), _image(3, fmt)
+    a = fast.sign(first, fmt, c2pa.TRAINED, "facemux-a", "a", "1.2")
+    b = fast.sign(second, fmt, c2pa.TRAINED, "facemux-b", "b", "1.2")
+    again = fast.sign(first, fmt, c2pa.TRAINED, "facemux-a", "a", "1.2")
+    labels = {_manifest(x, fmt)["label"] for x in (a, b, again)}
+    instances = {_manifest(x, fmt)["instance_id"] for x in (a, b, again)}
     assert len(labels) == len(instances) == 3
     assert a != again  # new ids, salts and signature
-    # A changed pixel, or one image's manifest on another image, no longer validates.
-    (length,) = np.frombuffer(a[33:37], ">u4")
-    idat = 33 + 12 + int(length)
+    # A changed byte of the image, or one image's manifest on another, no longer validates.
+    _, end = _inserted(a, first)
     tampered = bytearray(a)
-    tampered[idat + 20] ^= 1
+    tampered[-20] ^= 1
     assert not c2pa.read_c2pa(bytes(tampered)).valid
-    moved = a[:idat] + b[idat:]
+    moved = a[:end] + second[end - (len(a) - len(first)) :]
     assert not c2pa.read_c2pa(moved).valid
+
+
+def test_a_jpeg_laid_out_otherwise_is_signed_by_the_builder(
+    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner],
+) -> None:
+    """The template inserts its segment where the probe had it: a JPEG whose header differs
+    (here an extra APP1 segment) goes through c2pa's Builder, and validates as well."""
+    image = _image(4, "JPEG")
+    app1 = b"\xff\xe1\x00\x08Other\x00"
+    other = image[:2] + app1 + image[2:]
+    signed = signers[0].sign(other, "JPEG", c2pa.TRAINED, "facemux-o.jpg", "o", "1.2")
+    report = c2pa.read_c2pa(signed)
+    assert report.valid and report.request_id == "o"
+    assert app1 in signed
