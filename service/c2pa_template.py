@@ -214,10 +214,16 @@ class ManifestTemplate:
             raise TemplateError("c2pa changed more of the image than its manifest's segment")
         if _wrap(fmt, self._header, jumbf) != signed[start:end]:
             raise TemplateError("the manifest's segment is not written as c2pa writes it")
-        # Every image must have the probe's bytes before the segment (the PNG signature and
-        # IHDR's length and type; the JPEG's SOI and JFIF APP0, as OpenCV writes them).
+        # Every image must have what the probe had before the segment, so that it goes in at
+        # the same offset: the PNG signature and IHDR's length and type; a JPEG's SOI, then
+        # one APP0 segment of the same length (whatever it holds: the data hash covers it).
         self._start = start
-        self._prefix = probe[:start] if fmt == "JPEG" else PNG_MAGIC + b"\0\0\0\x0dIHDR"
+        if fmt == "PNG":
+            self._prefix = PNG_MAGIC + b"\0\0\0\x0dIHDR"
+        elif probe[2:4] == b"\xff\xe0" and 4 + int.from_bytes(probe[4:6], "big") == start:
+            self._prefix = probe[:6]
+        else:
+            raise TemplateError("c2pa did not put its APP11 segment right after APP0")
         (store,) = [b for _, b in _boxes(jumbf)]
         self._store_jumd, (manifest,) = _children(store)
         manifest_jumd, parts = _children(manifest)

@@ -42,7 +42,8 @@ def _manifest(data: bytes, fmt: str) -> dict[str, Any]:
 
 
 def _inserted(signed: bytes, image: bytes) -> tuple[int, int]:
-    """(start, end) of the bytes signing inserted into `image`."""
+    """(start, end) of the bytes signing inserted into `image`, from the first byte that
+    differs (a segment that begins as the bytes it went before did is found shifted)."""
     start = next(i for i, (a, b) in enumerate(zip(signed, image, strict=False)) if a != b)
     end = start + len(signed) - len(image)
     assert signed[:start] + signed[end:] == image
@@ -109,15 +110,24 @@ def test_each_manifest_is_new_and_bound_to_its_image(
     assert not c2pa.read_c2pa(moved).valid
 
 
-def test_a_jpeg_laid_out_otherwise_is_signed_by_the_builder(
+def test_jpeg_headers_the_template_takes_and_those_it_leaves_to_the_builder(
     signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner],
 ) -> None:
-    """The template inserts its segment where the probe had it: a JPEG whose header differs
-    (here an extra APP1 segment) goes through c2pa's Builder, and validates as well."""
+    """The template inserts its segment after an APP0 of the probe's length, whatever that
+    holds (another encoder's density, say); a JPEG laid out otherwise (here an APP1 segment
+    first) goes through c2pa's Builder. Both validate."""
     image = _image(4, "JPEG")
+    assert image[2:4] == b"\xff\xe0"
+    density = image[:14] + b"\x00\x48\x00\x48" + image[18:]  # 72 dpi instead of 1:1
     app1 = b"\xff\xe1\x00\x08Other\x00"
     other = image[:2] + app1 + image[2:]
-    signed = signers[0].sign(other, "JPEG", c2pa.TRAINED, "facemux-o.jpg", "o", "1.2")
-    report = c2pa.read_c2pa(signed)
-    assert report.valid and report.request_id == "o"
-    assert app1 in signed
+    template = signers[0]._template("JPEG", c2pa.TRAINED, "1.2")
+    assert template is not None
+    assert template.fits(density) and not template.fits(other)
+    for jpeg in (density, other):
+        signed = signers[0].sign(jpeg, "JPEG", c2pa.TRAINED, "facemux-o.jpg", "o", "1.2")
+        report = c2pa.read_c2pa(signed)
+        assert report.valid and report.request_id == "o"
+    # The template's APP11 segment right after APP0.
+    signed = signers[0].sign(density, "JPEG", c2pa.TRAINED, "facemux-d.jpg", "d", "1.2")
+    assert signed[:20] == density[:20] and signed[20:22] == b"\xff\xeb"
