@@ -220,7 +220,10 @@ class C2paSigner:
         if fmt in TEMPLATE_FORMATS and self._templates is not None:
             template = self._template(fmt, source_type, version)
             if template is not None and template.fits(image_bytes):
-                return template.sign(image_bytes, title, request_id)
+                try:
+                    return template.sign(image_bytes, title, request_id)
+                except ValueError:  # a manifest beyond one JPEG segment: the Builder splits it
+                    pass
         return self._build(image_bytes, fmt, source_type, title, request_id, version)
 
     def uses_template(self, fmt: str, source_type: str = TRAINED, version: str = "") -> bool:

@@ -131,3 +131,14 @@ def test_jpeg_headers_the_template_takes_and_those_it_leaves_to_the_builder(
     # The template's APP11 segment right after APP0.
     signed = signers[0].sign(density, "JPEG", c2pa.TRAINED, "facemux-d.jpg", "d", "1.2")
     assert signed[:20] == density[:20] and signed[20:22] == b"\xff\xeb"
+
+
+def test_a_manifest_beyond_one_jpeg_segment_is_left_to_the_builder(
+    signers: tuple[c2pa.C2paSigner, c2pa.C2paSigner],
+) -> None:
+    """One APP11 segment holds 64 KB; the Builder splits a longer manifest over several."""
+    title = "t" * 70_000
+    signed = signers[0].sign(_image(5, "JPEG"), "JPEG", c2pa.TRAINED, title, "long", "1.2")
+    report = c2pa.read_c2pa(signed)
+    assert report.valid and report.request_id == "long"
+    assert signed.count(b"\xff\xeb") >= 2
