@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from facemux.client.errors import Unavailable, from_rpc_error
+from facemux.client.errors import FacemuxRpcError, Unavailable, from_rpc_error
 from facemux.v1 import identity_service_pb2 as ipb
 from facemux.v1 import identity_service_pb2_grpc as igrpc
 from facemux.v1 import provenance_service_pb2 as ppb
@@ -61,6 +61,15 @@ _RAW_LAYOUTS = {
     3: types_pb2.PIXEL_LAYOUT_RGB8,
     4: types_pb2.PIXEL_LAYOUT_RGBA8,
 }
+
+
+# For the readiness probe only: retry a refused connection every 50-100 ms, not after gRPC's
+# default second (growing 1.6x per attempt).
+_PROBE_BACKOFF = (
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 100),
+)
 
 
 def _service_config(retries: int) -> str:
@@ -260,16 +269,19 @@ class FacemuxClient:
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         options.extend(channel_options)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options)
-            if credentials is not None
-            else grpc.insecure_channel(target, options)
-        )
+        self._credentials = credentials
+        self._options = options
+        self._channel = self._new_channel(options)
         self.swap_stub = sgrpc.SwapServiceStub(self._channel)
         self.identity_stub = igrpc.IdentityServiceStub(self._channel)
         self.training_stub = tgrpc.TrainingServiceStub(self._channel)
         self.provenance_stub = pgrpc.ProvenanceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _new_channel(self, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(self.target, self._credentials, options)
+        return grpc.insecure_channel(self.target, options)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -302,28 +314,53 @@ class FacemuxClient:
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """SERVING, NOT_SERVING or SERVICE_UNKNOWN."""
-        resp = self._call(
-            self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout
-        )
+        return self._health_status(self._health.Check, service, timeout)
+
+    def _health_status(self, check: Any, service: str, timeout: float) -> str:
+        resp = self._call(check, health_pb2.HealthCheckRequest(service=service), timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until the server reports SERVING (its model is loaded)."""
+        """Block until the server reports SERVING (its model is loaded).
+
+        The health checks go through a channel of their own that retries a refused
+        connection within a tenth of a second. The client's channel keeps gRPC's reconnect
+        backoff (a second, then longer), which would see a server that has just started
+        listening up to seconds late; it connects once the server is up."""
         deadline = time.monotonic() + timeout
         last = "no answer"
-        while time.monotonic() < deadline:
-            try:
-                last = self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
-                if last == "SERVING":
-                    return
-            except Unavailable as exc:
-                last = exc.details
-            except Exception as exc:  # a deadline while the server starts is not fatal
-                last = str(exc)
-            time.sleep(0.1)
-        raise Unavailable(
-            grpc.StatusCode.UNAVAILABLE, f"{self.target} not ready after {timeout}s ({last})"
-        )
+        probe_options = [*self._options, *_PROBE_BACKOFF]
+        with self._new_channel(probe_options) as probe:
+            check = health_pb2_grpc.HealthStub(probe).Check
+            while time.monotonic() < deadline:
+                try:
+                    wait = min(5.0, max(0.1, deadline - time.monotonic()))
+                    last = self._health_status(check, "", wait)
+                    if last == "SERVING":
+                        break
+                except Unavailable as exc:
+                    last = exc.details
+                except Exception as exc:  # a deadline while the server starts is not fatal
+                    last = str(exc)
+                time.sleep(0.05)
+            else:
+                raise Unavailable(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{self.target} not ready after {timeout}s ({last})",
+                )
+        # wait_for_ready rides out a backoff this channel may be in; a connectivity watch
+        # (channel_ready_future) would instead hold close() up to 200 ms.
+        try:
+            self._call(
+                lambda req, **kw: self._health.Check(req, wait_for_ready=True, **kw),
+                health_pb2.HealthCheckRequest(),
+                max(0.1, deadline - time.monotonic()),
+            )
+        except FacemuxRpcError as exc:
+            raise Unavailable(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self.target} answered SERVING but this client could not reach it: {exc.details}",
+            ) from None
 
     # -- model -------------------------------------------------------------------------------
 

@@ -289,9 +289,10 @@ class CallerRegistry:
 
     _CACHE = 4096
 
-    def __init__(self, path: Path, failed_ttl: float = 60.0) -> None:
+    def __init__(self, path: Path, failed_ttl: float = 60.0, reload_s: float = 1.0) -> None:
         self.path = path
         self.failed_ttl = failed_ttl
+        self.reload_s = reload_s
         self._stamp: tuple[float, int] | None = None
         self._checked = 0.0
         self._callers: dict[str, Caller] = {}
@@ -310,7 +311,7 @@ class CallerRegistry:
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
-        if now - self._checked < 1.0:
+        if now - self._checked < self.reload_s:
             return
         self._checked = now
         try:
@@ -828,6 +829,7 @@ def check_startup(
     host: str = "127.0.0.1",
     tls_cert: str = "",
     allow_insecure_tokens: bool = False,
+    reload_s: float = 1.0,
 ) -> CallerRegistry | None:
     """The callers registry for `mode`, or a clear error when the settings cannot work."""
     if mode == "off":
@@ -852,6 +854,6 @@ def check_startup(
             "`facemux tokens hash`); to run without authentication set auth=off explicitly"
         )
     try:
-        return CallerRegistry(Path(tokens_file))
+        return CallerRegistry(Path(tokens_file), reload_s=reload_s)
     except OSError as exc:
         raise InvalidInputError(f"auth_tokens_file {tokens_file}: {exc.strerror}") from None

@@ -23,7 +23,7 @@ from facemux.models.errors import (
     PreconditionError,
     UnavailableError,
 )
-from facemux.models.faces import gpu_codec
+from facemux.models.faces import DeviceFrame, gpu_codec
 from facemux.models.faces.blazeface import BlazeFaceDetector
 from facemux.models.imageio import DecodedImage, sniff_format
 from facemux.models.networks import Decoder
@@ -60,6 +60,20 @@ _SKIP = {
 
 
 @dataclass
+class DeviceImage:
+    """A frame nvjpeg decoded: its pixels stay on the device (``frame``); ``rgb``, the host
+    copy, is made (and counted on the frame) only if something reads it."""
+
+    frame: DeviceFrame
+    alpha: None = None
+    format: str = "JPEG"
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.frame.rgb
+
+
+@dataclass
 class FrameOutcome:
     swapped: facelib.SwapResult  # its frame is copied to the host only when read (rgb)
     results: list[spb.FaceResult]
@@ -70,6 +84,9 @@ class FrameOutcome:
     # The swapped faces' crops in the frame (x0, y0, x1, y1): where the watermark goes, so
     # every other pixel comes back as the caller sent it.
     regions: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # The input frame as the tensor path held it (its host_reads say whether host pixels
+    # were wanted); None on the OpenCV path.
+    frame: DeviceFrame | None = None
 
     @property
     def rgb(self) -> np.ndarray:
@@ -157,19 +174,18 @@ class FramePipeline:
         self._closed = False
         self._lock = threading.Lock()
 
-    def decode_jpeg(self, data: bytes, max_pixels: int) -> tuple[DecodedImage, torch.Tensor] | None:
-        """A JPEG frame decoded by nvjpeg: the host copy the detector reads and the device
-        copy the pixel path works on. None when this frame goes to OpenCV instead (no
-        nvjpeg here, not a JPEG, or a JPEG nvjpeg cannot handle); bad files raise exactly
-        as the host decoder would."""
+    def decode_jpeg(self, data: bytes, max_pixels: int) -> DeviceImage | None:
+        """A JPEG frame decoded by nvjpeg, on the device only (a host copy is made only if
+        a host model reads it). None when this frame goes to OpenCV instead (no nvjpeg
+        here, not a JPEG, or a JPEG nvjpeg cannot handle); bad files raise exactly as the
+        host decoder would."""
         if self.jpeg is None or sniff_format(data) != "JPEG":
             return None
         try:
             frame_t = self.jpeg.decode(data, max_pixels)
         except gpu_codec.GpuCodecUnsupported:
             return None
-        rgb = frame_t.permute(1, 2, 0).contiguous().cpu().numpy()
-        return DecodedImage(rgb=rgb, alpha=None, format="JPEG"), frame_t
+        return DeviceImage(DeviceFrame(frame_t))
 
     def swapper(self) -> facelib.FaceSwapper:
         with self._lock:
@@ -208,9 +224,21 @@ class FramePipeline:
             close()
 
     def tracker(self, detect_every: int) -> facelib.FaceTracker:
+        """A stream's tracker. With BlazeFace's own landmarks it tracks frames on the tensor
+        path where they are (faces found again by BlazeFace near their boxes); with dlib's
+        landmark models it reads each frame's host pixels, as those models need."""
         sw = self.swapper()
+        detector: object = sw.detector
+        if isinstance(detector, DetectionBatcher):
+            detector = detector.detector
+        relocate = None
+        if isinstance(detector, BlazeFaceDetector) and detector.landmarks:
+            relocate = detector.relocate
         return facelib.FaceTracker(
-            sw.detector, sw.landmarker, detect_every=detect_every or self.settings.detect_every
+            sw.detector,
+            sw.landmarker,
+            detect_every=detect_every or self.settings.detect_every,
+            relocate=relocate,
         )
 
     # -- options ---------------------------------------------------------------------------
@@ -256,15 +284,24 @@ class FramePipeline:
 
     def swap(
         self,
-        image: DecodedImage,
+        image: DecodedImage | DeviceImage,
         decoder: Decoder,
         o: spb.SwapOptions,
         resolution: int,
         deadline: float | None,
         tracker: facelib.FaceTracker | None = None,
-        frame_t: torch.Tensor | None = None,
     ) -> FrameOutcome:
-        rgb = image.rgb
+        # On the tensor path every frame is a DeviceFrame: one nvjpeg decoded, or one
+        # decoded on the host and uploaded once here. Nothing below reads its host pixels
+        # unless a host model needs them (see DeviceFrame).
+        frame: DeviceFrame | None
+        if isinstance(image, DeviceImage):
+            frame = image.frame
+        elif self.pixel_device is not None:
+            frame = DeviceFrame.from_host(image.rgb, self.pixel_device)
+        else:
+            frame = None
+        rgb: np.ndarray | DeviceFrame = image.rgb if frame is None else frame
         opts = self.options(o, resolution)
         swapper = self.swapper()
         t0 = time.perf_counter()
@@ -273,7 +310,7 @@ class FramePipeline:
             if tracker is not None and not o.faces:
                 found = tracker.track(rgb)
             else:
-                found = swapper.find_faces(rgb, frame_t=frame_t, **self.hints(o))
+                found = swapper.find_faces(rgb, **self.hints(o))
         finally:
             detection_deadline.reset(reset)
         t_find = time.perf_counter() - t0
@@ -300,12 +337,7 @@ class FramePipeline:
 
         on_device = self.pixel_device is not None and self.pixel_device == self.device
         out = swapper.swap(
-            rgb,
-            swap_crops,
-            opts,
-            faces=found,
-            frame_t=frame_t,
-            swap_crops_t=swap_crops_t if on_device else None,
+            rgb, swap_crops, opts, faces=found, swap_crops_t=swap_crops_t if on_device else None
         )
         if o.require_face and not out.faces:
             raise NotFoundError(
@@ -324,7 +356,7 @@ class FramePipeline:
                 f"(per-frame limit), {over} skipped"
             )
         regions = [r.region for r in out.faces if r.swapped and r.region is not None]
-        return FrameOutcome(out, results, swapped, notes, timings, out.device_frame, regions)
+        return FrameOutcome(out, results, swapped, notes, timings, out.device_frame, regions, frame)
 
     @staticmethod
     def _listed(o: spb.SwapOptions, found: list[facelib.DetectedFace]) -> list[int]:

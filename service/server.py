@@ -172,6 +172,7 @@ async def _build_app(
         host=settings.host,
         tls_cert=settings.tls_cert,
         allow_insecure_tokens=settings.allow_insecure_tokens,
+        reload_s=settings.auth_reload_seconds,
     )
     credentials = (
         server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)

@@ -203,6 +203,13 @@ class Settings:
     auth_tokens_file: str = field(
         default="", metadata=_help("JSON-lines file of callers: name, hashed token, roles")
     )
+    auth_reload_seconds: float = field(
+        default=1.0,
+        metadata=_help(
+            "how often a call may look at auth_tokens_file for changes (added, re-keyed or "
+            "removed callers apply within this time)"
+        ),
+    )
     tls_cert: str = field(default="", metadata=_help("server certificate (PEM); reloaded live"))
     tls_key: str = field(default="", metadata=_help("server private key (PEM)"))
     tls_client_ca: str = field(
@@ -289,6 +296,13 @@ class Settings:
     training_log_every: int = field(
         default=10, metadata=_help("training steps between progress events")
     )
+    training_scan_seconds: float = field(
+        default=2.0,
+        metadata=_help(
+            "how often a server looks in the store for jobs other replicas submitted or "
+            "gave up (replicas sharing one store)"
+        ),
+    )
     training_lease_seconds: float = field(
         default=60.0,
         metadata=_help(
@@ -360,6 +374,8 @@ class Settings:
             problems.append("max_concurrent_rpcs and auth_attempts_per_second must be >= 0")
         if min(self.auth_attempt_burst, self.auth_max_pending_checks) < 1:
             problems.append("auth_attempt_burst and auth_max_pending_checks must be >= 1")
+        if not (math.isfinite(self.auth_reload_seconds) and self.auth_reload_seconds >= 0):
+            problems.append(f"auth_reload_seconds must be >= 0, got {self.auth_reload_seconds}")
         if not -1 <= self.health_port <= 65535:
             problems.append(f"health_port {self.health_port} is not in -1..65535")
         if self.max_image_pixels > self.max_request_pixels:
@@ -389,6 +405,8 @@ class Settings:
             )
         if not 1 <= self.detector_tiles <= 4:
             problems.append(f"detector_tiles must be in 1..4, got {self.detector_tiles}")
+        if not (math.isfinite(self.training_scan_seconds) and self.training_scan_seconds > 0):
+            problems.append(f"training_scan_seconds must be > 0, got {self.training_scan_seconds}")
         if not (math.isfinite(self.training_lease_seconds) and self.training_lease_seconds >= 5):
             problems.append(
                 f"training_lease_seconds must be >= 5, got {self.training_lease_seconds}"

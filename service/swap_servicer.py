@@ -4,6 +4,7 @@ scheduler and answer with marked outputs."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -16,13 +17,14 @@ import numpy as np
 from facemux.models import imageio
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError
 from facemux.models.faces import DETECTOR_LICENCES, LANDMARK_LICENCES, FaceTracker
+from facemux.models.imageio import DecodedImage
 from facemux.service import convert
 from facemux.service import provenance as prov
 from facemux.service.boundary import call_deadline, streaming, unary
 from facemux.service.budget import PixelBudget
 from facemux.service.consent import check_usable
 from facemux.service.errors import status_for
-from facemux.service.frames import FrameOutcome, FramePipeline
+from facemux.service.frames import DeviceImage, FrameOutcome, FramePipeline
 from facemux.service.metrics import Metrics
 from facemux.service.provenance import Provenance
 from facemux.service.request_ids import current_request_id
@@ -33,6 +35,8 @@ from facemux.service.store import IdentityRecord, Store, validate_name
 from facemux.v1 import swap_service_pb2 as spb
 from facemux.v1 import swap_service_pb2_grpc as sgrpc
 from facemux.v1 import types_pb2
+
+log = logging.getLogger(__name__)
 
 InputCrop = tuple[int, int, str]  # (width, height, format) of an aligned crop as sent
 
@@ -340,24 +344,20 @@ class SwapServicer(sgrpc.SwapServiceServicer):
         with self.frames.expect_detection(options, tracker):
             resident = self._resolve(identity, version, memo)
             t0 = time.perf_counter()
-            on_gpu = None
+            image: DecodedImage | DeviceImage | None = None
             if frame.WhichOneof("source") == "encoded":
                 try:
-                    on_gpu = self.frames.decode_jpeg(frame.encoded, self.settings.max_image_pixels)
+                    image = self.frames.decode_jpeg(frame.encoded, self.settings.max_image_pixels)
                 except InvalidInputError as exc:
                     raise InvalidInputError(f"frame: {exc}") from None
-            if on_gpu is not None:
-                image, frame_t = on_gpu
-            else:
+            on_gpu = image is not None
+            if image is None:
                 image = convert.image_from_proto(frame, self.settings.max_image_pixels, "frame")
-                frame_t = None
             t1 = time.perf_counter()
             res = self.runtime.model_config().resolution
-            out = self.frames.swap(
-                image, resident.decoder, options, res, deadline, tracker, frame_t
-            )
+            out = self.frames.swap(image, resident.decoder, options, res, deadline, tracker)
             t2 = time.perf_counter()
-            self.metrics.frame_codec("decode", "nvjpeg" if frame_t is not None else "host")
+            self.metrics.frame_codec("decode", "nvjpeg" if on_gpu else "host")
             if out.faces_swapped:
                 # Only frames with a face drawn by the model are synthetic and get marked; a
                 # frame returned unchanged (no face found) is the caller's own image.
@@ -382,15 +382,41 @@ class SwapServicer(sgrpc.SwapServiceServicer):
                         out.rgb, output, image.format, alpha=image.alpha, notes=out.notes, **marks
                     )
             else:
-                self.metrics.frame_codec("encode", "host")
-                encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
+                encoded = self._unchanged_on_device(out, output, image.format, image.alpha)
+                self.metrics.frame_codec("encode", "host" if encoded is None else "nvjpeg")
+                if encoded is None:
+                    encoded = convert.image_to_proto(out.rgb, output, image.format, image.alpha)
             out.timings["decode"] = t1 - t0
             out.timings["encode"] = time.perf_counter() - t2
+            if out.frame is not None and out.frame.host_reads:
+                self.metrics.frame_host_read(copied=out.frame.host_copies > 0)
             for stage, seconds in out.timings.items():
                 self.metrics.observe_stage(stage, seconds)
             self.metrics.faces_swapped(identity, out.faces_swapped)
             self.metrics.frames_swapped()
             return encoded, out, resident
+
+    def _unchanged_on_device(
+        self,
+        out: FrameOutcome,
+        output: types_pb2.OutputOptions,
+        input_format: str,
+        alpha: np.ndarray | None,
+    ) -> types_pb2.Image | None:
+        """A frame without a swapped face that is still on the card, leaving as JPEG: encoded
+        there by nvjpeg (not marked: it is the caller's own image), so it is not copied to
+        the host for OpenCV either. None: encode the host copy instead."""
+        jpeg = self.frames.jpeg
+        if out.device_frame is None or jpeg is None or alpha is not None:
+            return None
+        if convert.output_format(output, input_format) != "JPEG":
+            return None
+        try:
+            data = jpeg.encode(out.device_frame, convert.output_quality(output))
+        except Exception:
+            log.exception("nvjpeg encode failed; this frame is encoded on the host")
+            return None
+        return types_pb2.Image(encoded=data)
 
     async def _frame_pixels(self, frame: types_pb2.Image) -> int:
         """A full frame's pixels from its header: what its call holds of the budget while

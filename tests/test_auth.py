@@ -54,6 +54,7 @@ def secured(tmp_path: Path, models: Models) -> Iterator[tuple[ServerThread, dict
         auth_tokens_file=str(tmp_path / "callers.jsonl"),
         audit_log=str(audit),
         metrics_port=-1,
+        auth_reload_seconds=0.1,  # a changed callers file applies within 0.1 s (1 s default)
     )
     with ServerThread(settings) as srv:
         with FacemuxClient(srv.target, timeout=30, retries=1) as c:
@@ -207,7 +208,7 @@ def test_tokens_file_reloads_without_restart(
     deadline = time.monotonic() + 10
     ok = False
     while time.monotonic() < deadline and not ok:
-        time.sleep(0.3)
+        time.sleep(0.15)
         with _client(srv, new["newcomer"]) as c, contextlib.suppress(FacemuxRpcError):
             ok = c.swap_faces([FACE], "alice").faces_swapped == 1
     assert ok

@@ -66,6 +66,8 @@ def _settings(tmp_path: Path, **kw: object) -> Settings:
         "auth_tokens_file": str(tmp_path / "callers.jsonl"),
         "audit_log": str(tmp_path / "audit.log"),
         "metrics_port": -1,
+        # The callers file is looked at every 0.1 s (1 s by default): a change shows sooner.
+        "auth_reload_seconds": 0.1,
     }
     return Settings(**{**base, **kw})  # type: ignore[arg-type]
 
@@ -254,7 +256,7 @@ def test_a_flood_of_made_up_tokens_does_not_delay_a_valid_one(
             # Reload-proof cache aside, a fresh valid token is needed for the flood case.
             entry2, token2 = _slow_entry("render-farm", ["swap"])
             _callers(tmp_path / "callers.jsonl", [entry2])
-            time.sleep(1.2)  # the registry looks for changes once a second
+            time.sleep(0.3)  # the registry looks for changes every 0.1 s
             list_ = _raw(attacker, LIST)
             flood = [
                 list_.future(b"", metadata=_bearer(f"render-farm.{secrets.token_urlsafe(32)}"))
@@ -317,12 +319,12 @@ def test_verified_tokens_stay_verified_across_reloads(tmp_path: Path, models: Mo
         first, code = _call_ms(ch, token)
         assert code == C.OK
         _callers(path, [entry, other])  # another caller added; render-farm unchanged
-        time.sleep(1.2)
+        time.sleep(0.3)
         after, code = _call_ms(ch, token)
         assert code == C.OK
         # Its roles change: the token stays verified and the new roles apply at once.
         _callers(path, [{**entry, "roles": ["train"]}, other])
-        time.sleep(1.2)
+        time.sleep(0.3)
         roles_ms, code = _call_ms(ch, token)
         assert code == C.OK  # ListIdentities needs any role
         with pytest.raises(grpc.RpcError) as info:
@@ -330,7 +332,7 @@ def test_verified_tokens_stay_verified_across_reloads(tmp_path: Path, models: Mo
         assert info.value.code() == C.PERMISSION_DENIED  # type: ignore[attr-defined]
         # Re-keyed: the old token is refused although it was verified.
         _callers(path, [_slow_entry("render-farm", ["swap"])[0]])
-        time.sleep(1.2)
+        time.sleep(0.3)
         assert _call_ms(ch, token)[1] == C.UNAUTHENTICATED
     print(f"\nfirst check {first:.0f} ms; after a reload {after:.0f} ms, {roles_ms:.0f} ms")
     assert after < first / 3 and roles_ms < first / 3, (first, after, roles_ms)

@@ -203,3 +203,56 @@ def test_device_resident_swap_on_cuda_matches_cpu() -> None:
     assert not got.frame_on_host and got.device_frame is not None and got.device_frame.is_cuda
     diff = np.abs(got.frame.astype(int) - want.frame.astype(int))
     assert diff.mean() < 0.05 and diff.max() <= 3
+
+
+def test_batched_paste_on_cuda_is_the_per_face_paste() -> None:
+    from facemux.models.faces.tensor import paste_faces_t
+    from test_tensor_path import _crop_matrix, _paste_inputs
+
+    frame = from_uint8(data.astronaut(), "cuda")
+    base = _crop_matrix(64)
+    ms = [base, base + np.array([[0, 0, 12.0], [0, 0, 3.0]]), base * 0.7]
+    faces, masks = _paste_inputs(len(ms))
+    faces, masks = faces.cuda(), masks.cuda()
+    want = frame
+    for j, m in enumerate(ms):
+        want = paste_face_t(want, faces[j], masks[j], m)
+    got = paste_faces_t(frame, faces, masks, ms)
+    assert (got - want).abs().max().item() <= 1 / 255
+
+
+@needs_nvjpeg
+def test_nvjpeg_frames_never_come_to_the_host_with_blazeface_landmarks(
+    tmp_path: Path, models: Models
+) -> None:
+    """JPEG in, JPEG out on the card, BlazeFace's own landmarks: Swap (with and without a
+    face) and SwapStream leave no host copy of any input frame."""
+    make_store(tmp_path / "store", models, ("alice",))
+    photo = data.astronaut()
+    settings = Settings(
+        port=0,
+        auth="off",
+        store=tmp_path / "store",
+        device="cuda",
+        gpu_jpeg="on",
+        detector="blazeface",
+        detector_landmarks="detector",
+    )
+    with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as client:
+        client.wait_ready(60)
+        jpeg = imageio.encode_image(photo, "JPEG", 95)
+        assert client.swap_image(jpeg, "alice").faces_swapped == 1
+        blank = imageio.encode_image(np.full_like(photo, 90), "JPEG", 95)
+        assert client.swap_image(blank, "alice").faces_swapped == 0
+        shifted = [imageio.encode_image(np.roll(photo, 3 * i, 1), "JPEG", 95) for i in range(6)]
+        out = list(client.swap_stream(shifted, "alice", detect_every=3))
+        assert [r.faces_swapped for r in out] == [1] * 6
+        assert srv.app is not None
+        reg = srv.app.metrics.registry
+        for source in ("copied", "host"):
+            labels = {"source": source}
+            assert reg.get_sample_value("facemux_frame_host_reads_frames_total", labels) is None
+        n = reg.get_sample_value(
+            "facemux_frame_codec_frames_total", {"op": "encode", "codec": "nvjpeg"}
+        )
+        assert n == 8

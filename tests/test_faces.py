@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from facemux.models import synth
 from facemux.models.errors import InvalidInputError, PreconditionError
 from facemux.models.faces import (
@@ -19,6 +20,7 @@ from facemux.models.faces import (
     SKIP_OVER_LIMIT,
     STAGES,
     DetectedFace,
+    DeviceFrame,
     FaceSwapper,
     FaceTracker,
     HogDetector,
@@ -742,6 +744,80 @@ def test_tracker_detects_every_n_frames_and_survives_empty_frames(
         if faces:
             assert faces[0].landmarks is not None
             assert np.median(np.linalg.norm(faces[0].landmarks - gt, axis=1)) < 6.0
+
+
+class CountingDeviceDetector:
+    """BlazeFace, counting the frames it detects and taking them on the device."""
+
+    accepts_device_frames = True
+
+    def __init__(self, landmarks: bool = True) -> None:
+        from facemux.models.faces.blazeface import BlazeFaceDetector
+
+        self.inner = BlazeFaceDetector("cpu", landmarks=landmarks)
+        self.frames: list[int] = []
+        self.index = 0
+
+    def detect(self, rgb: U8 | torch.Tensor) -> list[DetectedFace]:
+        self.frames.append(self.index)
+        return self.inner.detect(rgb)
+
+
+def _on_device(frame: U8) -> DeviceFrame:
+    """The frame as nvjpeg would hand it over: on the device, no host pixels."""
+    return DeviceFrame(torch.from_numpy(frame).permute(2, 0, 1).contiguous())
+
+
+def test_tracker_follows_device_frames_without_host_pixels(
+    video: tuple[list[U8], list[NDArray[np.float32]]], lp5: LandmarkPredictor
+) -> None:
+    """BlazeFace's own landmarks: frames on the device are detected there every N frames and
+    tracked there in between (BlazeFace looks near each face's predicted box), with the same
+    tracks, gap and new track after it as the host tracker, and no host copy of any frame."""
+    frames, truth = video
+    det = CountingDeviceDetector()
+    tracker = FaceTracker(det, lp5, detect_every=5, relocate=det.inner.relocate)
+    out, device_frames = [], []
+    for i, f in enumerate(frames):
+        det.index = i
+        device_frames.append(_on_device(f))
+        out.append(tracker.track(device_frames[-1]))
+    assert [d.host_reads for d in device_frames] == [0] * len(frames)
+    assert not any(d.on_host for d in device_frames)
+    assert det.frames == [0, 5, 10, 15, 20, 25]
+    assert [len(o) for o in out] == [1] * 18 + [0, 0] + [1] * 10
+    ids = {o[0].track_id for o in out[:18]}
+    assert len(ids) == 1 and out[20][0].track_id not in ids
+    for faces, gt in zip(out, truth, strict=True):
+        if faces:
+            assert faces[0].landmarks is not None
+            assert np.median(np.linalg.norm(faces[0].landmarks - gt, axis=1)) < 6.0
+
+    # Smoothed as on the host: the second difference of the landmarks drops.
+    def jitter(smoothing: float) -> float:
+        t = FaceTracker(det, lp5, 5, smoothing=smoothing, relocate=det.inner.relocate)
+        lm = np.array([t.track(_on_device(f))[0].landmarks for f in frames[:18]], np.float64)
+        return float(np.linalg.norm(lm[2:] - 2 * lm[1:-1] + lm[:-2], axis=-1).mean())
+
+    assert jitter(0.7) < 0.7 * jitter(0.0)
+
+
+def test_tracker_reads_device_frames_on_the_host_for_dlib_landmarks(
+    video: tuple[list[U8], list[NDArray[np.float32]]], lp5: LandmarkPredictor
+) -> None:
+    """Opt-in dlib landmarks (BlazeFace boxes, dlib points): each device frame is copied to
+    the host once, and tracked exactly as the same frames given on the host."""
+    frames, _ = video
+    det = CountingDeviceDetector(landmarks=False)
+    on_host = FaceTracker(det, lp5, detect_every=5)
+    on_device = FaceTracker(det, lp5, detect_every=5)
+    for f in frames[:12]:
+        d = _on_device(f)
+        want, got = on_host.track(f), on_device.track(d)
+        assert d.host_copies == 1 and d.host_reads >= 1
+        assert [g.track_id for g in got] == [w.track_id for w in want] and len(got) == 1
+        assert got[0].landmarks is not None and want[0].landmarks is not None
+        np.testing.assert_array_equal(got[0].landmarks, want[0].landmarks)
 
 
 def test_smoothing_reduces_landmark_jitter(

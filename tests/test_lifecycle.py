@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,36 @@ def test_not_serving_until_the_encoder_is_loaded(tmp_path: Path, models: Models)
         c.wait_ready(15)
         assert c.health("facemux.v1.SwapService") == "SERVING"
         assert c.model_info().encoder_fingerprint == models.fingerprint
+
+
+def test_wait_ready_sees_a_server_that_starts_after_it_began(
+    tmp_path: Path, models: Models
+) -> None:
+    from conftest import make_store
+    from serve_process import free_port
+
+    make_store(tmp_path / "store", models)
+    port = free_port()
+    settings = Settings(port=port, auth="off", store=tmp_path / "store", metrics_port=-1)
+    with FacemuxClient(f"127.0.0.1:{port}", retries=1) as c:
+        # Nothing listens yet: a clear UNAVAILABLE once the time is up.
+        with pytest.raises(Unavailable, match=r"not ready after 0\.3s"):
+            c.wait_ready(0.3)
+        with pytest.raises(Unavailable):
+            c.model_info()  # refused: the client's own channel now backs off for a second
+        # The wait still ends with the server up,
+        # and the next call on that channel goes through at once.
+        started: list[ServerThread] = []
+        timer = threading.Timer(0.5, lambda: started.append(ServerThread(settings).start()))
+        timer.start()
+        try:
+            c.wait_ready(30)
+            assert started
+            assert c.model_info().encoder_fingerprint == models.fingerprint
+        finally:
+            timer.join()
+            for srv in started:
+                srv.stop()
 
 
 def test_reflection_lists_the_services(client: FacemuxClient, server: ServerThread) -> None:

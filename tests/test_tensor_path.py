@@ -10,13 +10,14 @@ import pytest
 import torch
 from conftest import Models, decode_png, make_store, png
 from facemux.client import FacemuxClient
-from facemux.models.faces import align_matrix, paste_face, warp_crop
+from facemux.models.faces import DeviceFrame, align_matrix, paste_face, warp_crop
 from facemux.models.faces.colour import correct_colour
 from facemux.models.faces.mask import refine_mask
 from facemux.models.faces.tensor import (
     correct_colour_t,
     from_uint8,
     paste_face_t,
+    paste_faces_t,
     refine_mask_t,
     rgb_to_lab,
     to_uint8,
@@ -120,6 +121,61 @@ def test_batched_warp_is_the_per_face_warp() -> None:
     assert tuple(warp_crops_t(frame, [], 64).shape) == (0, 3, 64, 64)
 
 
+def _paste_inputs(n_faces: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Faces of random colour blocks under soft round masks, 64 px, one per matrix."""
+    rng = np.random.default_rng(seed)
+    faces, masks = [], []
+    for _ in range(n_faces):
+        faces.append(cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (64, 64)))
+        mask = np.zeros((64, 64), np.float32)
+        cx, cy, r = rng.integers(26, 38), rng.integers(28, 40), rng.integers(16, 26)
+        cv2.circle(mask, (int(cx), int(cy)), int(r), 1.0, -1)
+        mask = cv2.GaussianBlur(mask, (0, 0), 3)
+        mask[mask < 1e-3] = 0
+        masks.append(mask)
+    return (
+        torch.stack([from_uint8(f) for f in faces]),
+        torch.from_numpy(np.stack(masks))[:, None],
+    )
+
+
+def test_batched_paste_is_the_per_face_paste_overlaps_included() -> None:
+    """All faces in one inverse warp give the frame the face-by-face loop gives, in the same
+    order: where faces overlap, the later one is blended over the earlier one."""
+    frame = from_uint8(cv2.resize(PHOTO, (640, 480)))
+    base = _crop_matrix(64)
+    shift = np.array([[0, 0, 1.0], [0, 0, 0.0]])
+    ms = [
+        base,  # overlaps the next two
+        base + shift * 14 * base[0, 0],  # 14 px to the left of it in the frame
+        base * 0.7,  # bigger in the frame, over both
+        base * 2.0,  # a small face
+        base + np.array([[0, 0, -60.0], [0, 0, -40.0]]),  # apart from the others
+        base + np.array([[0, 0, 40.0], [0, 0, 30.0]]),  # partly outside the frame's edge
+    ]
+    faces, masks = _paste_inputs(len(ms))
+    masks[3] = 0.0  # a face with an empty mask leaves the frame alone
+    want = frame
+    for j, m in enumerate(ms):
+        want = paste_face_t(want, faces[j], masks[j], m)
+    got = paste_faces_t(frame, faces, masks, ms)
+    # Overlaps really occur: the first three faces' changes intersect.
+    touched = [
+        (paste_face_t(frame, faces[j], masks[j], m) != frame).any(0) for j, m in enumerate(ms)
+    ]
+    assert (touched[0] & touched[1]).sum() > 500 and (touched[0] & touched[2]).sum() > 500
+    assert not touched[3].any()
+    assert (got - want).abs().max().item() <= 1 / 255
+    assert (got - want).abs().mean().item() < 1e-5
+    # Pixels no face reaches are the frame's own, bit for bit.
+    untouched = ~torch.stack(touched).any(0)
+    assert torch.equal(got[:, untouched], frame[:, untouched])
+    # The order matters where faces overlap: pasting in reverse gives another frame.
+    reverse = paste_faces_t(frame, faces.flip(0), masks.flip(0), ms[::-1])
+    assert (reverse - want).abs().max().item() > 0.1
+    assert torch.equal(paste_faces_t(frame, faces[:0], masks[:0], []), frame)
+
+
 @pytest.mark.parametrize(("erosion", "blur"), [(0.02, 0.05), (-0.05, 0.1), (0.0, 0.0), (0.1, 0.02)])
 def test_mask_refinement_on_the_device_matches_opencv(erosion: float, blur: float) -> None:
     mask = np.zeros((64, 64), np.float32)
@@ -199,3 +255,118 @@ def test_server_frames_on_the_device_path_match_the_opencv_path(
     assert changed.sum() > 1000
     diff = np.abs(outs["tensor"].astype(int) - outs["opencv"].astype(int))
     assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
+
+
+def test_server_pastes_overlapping_faces_as_the_opencv_path_does(
+    tmp_path: Path, models: Models
+) -> None:
+    """Three caller faces, two of them overlapping, through a real server: the tensor path
+    pastes them in one batched warp and gives the frame the OpenCV path gives, which pastes
+    them one after the other."""
+    from facemux.v1 import swap_service_pb2 as spb
+    from facemux.v1 import types_pb2 as tpb
+
+    faces = [LM5, LM5 + np.array([22.0, 6.0]), LM5 + np.array([-150.0, 200.0])]
+    options = spb.SwapOptions(
+        faces=[spb.FaceHint(landmarks=[tpb.Point(x=x, y=y) for x, y in lm]) for lm in faces]
+    )
+    make_store(tmp_path / "store", models, ("alice",))
+    outs = {}
+    for pipeline in ("tensor", "opencv"):
+        settings = Settings(
+            port=0,
+            auth="off",
+            store=tmp_path / "store",
+            provenance="off",
+            device="cpu",
+            metrics_port=-1,
+            frame_pipeline=pipeline,
+        )
+        with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
+            c.wait_ready(60)
+            res = c.swap_image(png(PHOTO), "alice", options=options, output_format="png")
+            assert res.faces_swapped == 3 and res.frame is not None
+            outs[pipeline] = decode_png(res.frame)
+    changed = np.any(outs["opencv"] != PHOTO, axis=2)
+    assert changed.sum() > 3000
+    diff = np.abs(outs["tensor"].astype(int) - outs["opencv"].astype(int))
+    assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
+
+
+def _device_frame(rgb: np.ndarray) -> DeviceFrame:
+    return DeviceFrame(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+
+
+def test_a_device_frame_is_never_copied_to_the_host_with_blazeface_landmarks() -> None:
+    """A frame that arrives on the device (as nvjpeg hands it over) is detected, aligned,
+    swapped and pasted there with BlazeFace's own 5 points: no host copy of it is made. With
+    dlib's landmarks asked for (opt-in) it is copied once, for them, and swapped the same."""
+    from facemux.models.faces import FaceSwapper, LandmarkPredictor, SwapOptions
+    from facemux.models.faces.blazeface import BlazeFaceDetector
+
+    opts = SwapOptions(colour="reinhard")
+    sw = FaceSwapper(BlazeFaceDetector("cpu"), LandmarkPredictor(5), device="cpu")
+    frame = _device_frame(PHOTO)
+    got = sw.swap(frame, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert [f.swapped for f in got.faces] == [True]
+    assert frame.host_reads == 0 and not frame.on_host
+    assert got.device_frame is not None and not got.frame_on_host
+    # The same pixels as the frame given on the host.
+    want = sw.swap(PHOTO, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert np.array_equal(got.frame, want.frame)
+    assert frame.host_reads == 0  # reading the result copies the result, not the input
+
+    dlib = FaceSwapper(
+        BlazeFaceDetector("cpu", landmarks=False), LandmarkPredictor(5), device="cpu"
+    )
+    frame = _device_frame(PHOTO)
+    got = dlib.swap(frame, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert [f.swapped for f in got.faces] == [True]
+    assert frame.host_copies == 1 and frame.host_reads >= 1
+    want = dlib.swap(PHOTO, _frame_model, opts, swap_crops_t=_frame_model_t)
+    assert np.array_equal(got.frame, want.frame)
+
+
+def _host_reads(srv: ServerThread, source: str) -> float | None:
+    assert srv.app is not None
+    return srv.app.metrics.registry.get_sample_value(
+        "facemux_frame_host_reads_frames_total", {"source": source}
+    )
+
+
+@pytest.mark.parametrize("landmarks", ["detector", "dlib"])
+def test_server_frames_and_streams_on_the_device_path_read_no_host_pixels(
+    tmp_path: Path, models: Models, landmarks: str
+) -> None:
+    """Through a real server on the tensor path: with BlazeFace's own landmarks neither Swap
+    nor SwapStream (detecting every 3rd frame, tracking between) reads a frame's pixels on
+    the host; with dlib's landmarks (opt-in) every frame is read there, and swapped. A frame
+    returned unchanged leaves through the host encoder here (PNG), which reads it."""
+    make_store(tmp_path / "store", models, ("alice",))
+    settings = Settings(
+        port=0,
+        auth="off",
+        store=tmp_path / "store",
+        provenance="off",
+        device="cpu",
+        metrics_port=-1,
+        frame_pipeline="tensor",
+        detector="blazeface",
+        detector_landmarks=landmarks,
+    )
+    blank = np.full_like(PHOTO, 90)
+    with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
+        c.wait_ready(60)
+        assert c.swap_image(png(PHOTO), "alice", output_format="png").faces_swapped == 1
+        shifted = [np.roll(PHOTO, 3 * i, axis=1) for i in range(6)]
+        out = list(c.swap_stream([png(f) for f in shifted], "alice", detect_every=3))
+        assert [r.faces_swapped for r in out] == [1] * 6
+        xs = [r.results[0].box.x_min - 3 * i for i, r in enumerate(out)]
+        assert max(xs) - min(xs) < 6  # the face is followed as it moves
+        if landmarks == "detector":
+            assert _host_reads(srv, "host") is None
+        else:
+            assert _host_reads(srv, "host") == 1 + 6
+        assert c.swap_image(png(blank), "alice", output_format="png").faces_swapped == 0
+        assert _host_reads(srv, "host") == (1 if landmarks == "detector" else 8)
+        assert _host_reads(srv, "copied") is None  # PNG frames are decoded on the host

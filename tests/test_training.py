@@ -41,6 +41,8 @@ def settings(root: Path, **kw: object) -> Settings:
         "metrics_port": -1,
         "training_threads": 1,
         "training_log_every": 5,
+        # Replicas look for each other's jobs every 0.5 s (2 s by default).
+        "training_scan_seconds": 0.5,
     }
     return Settings(**(base | kw))  # type: ignore[arg-type]
 
@@ -340,8 +342,8 @@ def test_two_replicas_on_one_store_share_the_jobs(tmp_path: Path, models: Models
         assert final.state == tpb.JOB_STATE_SUCCEEDED and final.step == 20, final.error
         assert cb.get_job(job.id).result_version == 1
         assert [j.id for j in cb.list_jobs()] == [job.id]
-        # Registered once, by A: B, which scans the store every 2 s, never ran it.
-        time.sleep(2.5)
+        # Registered once, by A: B, which scans the store every 0.5 s, never ran it.
+        time.sleep(1.2)
         assert [v.job_id for v in cb.get_identity("ivy").versions] == [job.id]
         work = store / "jobs" / job.id
         assert (work / "job.json").exists() and not (work / "claim").exists()  # released

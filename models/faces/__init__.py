@@ -36,6 +36,7 @@ from .detect import (
     box_iou,
     make_detector,
 )
+from .frame import DeviceFrame
 from .landmarks import LANDMARK_LICENCES, Landmarker, LandmarkPredictor, model_file
 from .mask import landmark_mask, refine_mask, template_mask
 from .swap import (
@@ -63,6 +64,7 @@ __all__ = [
     "STAGES",
     "DetectedFace",
     "Detector",
+    "DeviceFrame",
     "FaceResult",
     "FaceSwapper",
     "FaceTracker",

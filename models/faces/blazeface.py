@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from .align import box_from_landmarks, template, umeyama
-from .detect import DETECTOR_LICENCES, DetectedFace, _largest_first, check_rgb
+from .detect import DETECTOR_LICENCES, DetectedFace, _largest_first, box_iou, check_rgb
 
 __all__ = [
     "BLAZEFACE_LICENCE",
@@ -362,24 +362,23 @@ class BlazeFaceDetector:
 
     def _crop(self, frame: torch.Tensor, view: tuple[float, float, float]) -> torch.Tensor:
         """(3, 128, 128) in [-1, 1]: the view resampled with an area-like filter, zero (black)
-        outside the frame."""
+        outside the frame. ``frame``: in [-1, 1], or uint8 (then only the view's pixels are
+        converted)."""
         _, h, w = frame.shape
         x0, y0, side = view
         ix0, iy0 = math.floor(x0), math.floor(y0)
         ix1, iy1 = ix0 + math.ceil(side), iy0 + math.ceil(side)
         pad = (max(0, -ix0), max(0, ix1 - w), max(0, -iy0), max(0, iy1 - h))
         sub = frame[:, max(0, iy0) : min(h, iy1), max(0, ix0) : min(w, ix1)]
+        if sub.dtype == torch.uint8:
+            sub = sub.float() / 127.5 - 1.0
         sub = F.pad(sub, pad, value=-1.0)
         return F.interpolate(
             sub[None], size=(INPUT, INPUT), mode="bilinear", antialias=True, align_corners=False
         )[0]
 
-    @torch.inference_mode()
-    def prepare(self, rgb: NDArray[np.uint8] | torch.Tensor) -> Prepared:
-        """One frame's network input: its whole view and tiles as (V, 3, 128, 128) on the
-        device. Per-frame work, so concurrent callers do it in parallel before their frames
-        meet in one batch. ``rgb``: (H, W, 3|4) uint8 on the host, or (3, H, W) uint8
-        already on the device (decoded there), which then never comes back to the host."""
+    def _device_frame(self, rgb: NDArray[np.uint8] | torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 on the device from either kind of frame (see prepare)."""
         if isinstance(rgb, torch.Tensor):
             if rgb.dtype != torch.uint8 or rgb.ndim != 3 or rgb.shape[0] != 3:
                 raise InvalidInputError(
@@ -390,10 +389,47 @@ class BlazeFaceDetector:
             check_rgb(rgb)
             t = torch.from_numpy(np.ascontiguousarray(rgb[..., :3])).to(self.device)
             t = t.permute(2, 0, 1)
-        h, w = int(t.shape[1]), int(t.shape[2])
-        t = t.float() / 127.5 - 1.0
-        views = self._views(h, w)
+        return t
+
+    @torch.inference_mode()
+    def prepare(self, rgb: NDArray[np.uint8] | torch.Tensor) -> Prepared:
+        """One frame's network input: its whole view and tiles as (V, 3, 128, 128) on the
+        device. Per-frame work, so concurrent callers do it in parallel before their frames
+        meet in one batch. ``rgb``: (H, W, 3|4) uint8 on the host, or (3, H, W) uint8
+        already on the device (decoded there), which then never comes back to the host."""
+        t = self._device_frame(rgb).float() / 127.5 - 1.0
+        views = self._views(int(t.shape[1]), int(t.shape[2]))
         return Prepared(torch.stack([self._crop(t, v) for v in views]), views)
+
+    @torch.inference_mode()
+    def relocate(
+        self,
+        rgb: NDArray[np.uint8] | torch.Tensor,
+        boxes: Sequence[NDArray[np.floating]],
+        context: float = 2.0,
+    ) -> list[NDArray[np.float32] | None]:
+        """Each box's face found again near where it was: the network looks at a square
+        view ``context`` times the box's side around its centre, every box's view in one
+        pass, and the face that overlaps the box most gives its fitted 5 landmarks (None:
+        no face there). What a stream tracker re-predicts between detections, without the
+        frame's pixels leaving the device (dlib's predictor needs them on the host)."""
+        if not boxes:
+            return []
+        t = self._device_frame(rgb)  # uint8: only each view's pixels are converted
+        views = []
+        for b in boxes:
+            side = context * float(max(b[2] - b[0], b[3] - b[1]))
+            cx, cy = 0.5 * float(b[0] + b[2]), 0.5 * float(b[1] + b[3])
+            views.append((cx - side / 2, cy - side / 2, side))
+        found = self.detect_prepared([Prepared(self._crop(t, v)[None], [v]) for v in views])
+        out: list[NDArray[np.float32] | None] = []
+        for b, cands in zip(boxes, found, strict=True):
+            fits = [self._fit(cands.keypoints[j], cands.boxes[j]) for j in range(len(cands.scores))]
+            fits = [(lm, box) for lm, box in fits if lm is not None]
+            overlaps = [box_iou(np.asarray(b, np.float32), box) for _, box in fits]
+            best = int(np.argmax(overlaps)) if overlaps else -1
+            out.append(fits[best][0] if best >= 0 and overlaps[best] > 0 else None)
+        return out
 
     @torch.inference_mode()
     def detect_prepared(self, prepared: Sequence[Prepared]) -> list[Candidates]:
@@ -477,16 +513,19 @@ class BlazeFaceDetector:
     ) -> DetectedFace:
         """A DetectedFace from BlazeFace's keypoints: the template fitted to eyes, nose and
         mouth gives dlib's 5 points and a dlib-like box (what the shape predictors expect)."""
+        lm5, dbox = self._fit(kps, box)
+        return DetectedFace(box=dbox, confidence=score, landmarks=lm5 if self.landmarks else None)
+
+    def _fit(
+        self, kps: NDArray[np.float32], box: NDArray[np.float32]
+    ) -> tuple[NDArray[np.float32] | None, NDArray[np.float32]]:
         pts = kps[:4].astype(np.float64)
         if float(np.ptp(pts, axis=0).max()) < 1e-3:
-            lm5 = None
-            dbox = box.astype(np.float32)
-        else:
-            to_frame = umeyama(self._tmpl, pts)
-            pseudo68 = template(68) @ to_frame[:, :2].T + to_frame[:, 2]
-            lm5 = (template(5) @ to_frame[:, :2].T + to_frame[:, 2]).astype(np.float32)
-            dbox = box_from_landmarks(pseudo68)
-        return DetectedFace(box=dbox, confidence=score, landmarks=lm5 if self.landmarks else None)
+            return None, box.astype(np.float32)
+        to_frame = umeyama(self._tmpl, pts)
+        pseudo68 = template(68) @ to_frame[:, :2].T + to_frame[:, 2]
+        lm5 = (template(5) @ to_frame[:, :2].T + to_frame[:, 2]).astype(np.float32)
+        return lm5, box_from_landmarks(pseudo68)
 
     def describe(self) -> dict[str, Any]:
         return {"licence": BLAZEFACE_LICENCE, "device": str(self.device), "tiles": self.tiles}

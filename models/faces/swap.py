@@ -19,6 +19,7 @@ from .align import align_matrix, box_from_landmarks, compose_affine, crop_landma
 from .blend import BLEND_MODES, paste_into
 from .colour import COLOUR_METHODS, correct_colour
 from .detect import DetectedFace, Detector, box_area, check_rgb
+from .frame import DeviceFrame
 from .landmarks import Landmarker
 from .mask import as_float_mask, landmark_mask, refine_mask, template_mask
 
@@ -273,15 +274,13 @@ class FaceSwapper:
 
     def _swap_tensor(
         self,
-        frame: U8,
-        rgb: U8,
+        frame: U8 | DeviceFrame,
         chosen: list[FaceResult],
         matrices: list[NDArray[np.float64]],
         swap_crops: SwapCrops,
         opts: SwapOptions,
         results: list[FaceResult],
         clock: _Clock,
-        frame_t: torch.Tensor | None,
         swap_crops_t: SwapCropsT | None,
     ) -> SwapResult:
         """The same steps as the OpenCV path, with the frame resident on ``self.device``.
@@ -289,15 +288,16 @@ class FaceSwapper:
         crops (one batched warp) go to the model as a device tensor, its faces and masks
         come back as device tensors, and the pasted frame is copied to the host only if
         someone reads ``SwapResult.frame``. With ``swap_crops`` only the small crops travel
-        to the model and back."""
+        to the model and back. A :class:`DeviceFrame` is never read on the host here."""
         from . import tensor as T
 
         assert self.device is not None
         size = opts.crop_size
-        if frame_t is None:
-            frame_t = T.from_uint8(rgb, self.device)
+        if isinstance(frame, DeviceFrame):
+            frame_t = to_unit(frame.tensor.to(self.device))
         else:
-            frame_t = to_unit(frame_t.to(self.device))
+            frame_t = T.from_uint8(frame[..., :3], self.device)
+        frame_hw = (int(frame_t.shape[1]), int(frame_t.shape[2]))
         device = self.device
         crops_t = T.warp_crops_t(frame_t, matrices, size)  # (N, 3, S, S), one grid_sample
         crops_u8 = T.to_uint8_t(crops_t)  # what the model sees, as on the OpenCV path
@@ -332,17 +332,29 @@ class FaceSwapper:
                 )
             ]
         clock.lap("mask_colour")
-        for face_t, soft_t, m in pastes:
-            frame_t = T.paste_face_t(frame_t, face_t, soft_t[None], m)
+        if len({tuple(p[0].shape) for p in pastes}) == 1:
+            # One model output size (always, today): every face in one batched inverse warp.
+            frame_t = T.paste_faces_t(
+                frame_t,
+                torch.stack([p[0] for p in pastes]),
+                torch.stack([p[1] for p in pastes])[:, None],
+                [p[2] for p in pastes],
+            )
+        else:
+            for face_t, soft_t, m in pastes:
+                frame_t = T.paste_face_t(frame_t, face_t, soft_t[None], m)
         out_t = T.to_uint8_t(frame_t)
         for r, m in zip(chosen, matrices, strict=True):
             r.swapped, r.skip_reason = True, None
-            r.region = crop_region(m, size, frame.shape[:2])
+            r.region = crop_region(m, size, frame_hw)
         clock.lap("blend")
 
         def host() -> U8:
-            out = frame.copy()
-            out[..., :3] = out_t.permute(1, 2, 0).contiguous().cpu().numpy()
+            rgb = np.ascontiguousarray(out_t.permute(1, 2, 0).cpu().numpy())
+            if isinstance(frame, DeviceFrame) or frame.shape[2] == 3:
+                return rgb
+            out = frame.copy()  # RGBA keeps its alpha
+            out[..., :3] = rgb
             return out
 
         return SwapResult(host, results, clock.t, device_frame=out_t)
@@ -389,7 +401,7 @@ class FaceSwapper:
 
     def find_faces(
         self,
-        rgb: U8,
+        rgb: U8 | DeviceFrame,
         *,
         boxes: Any = None,
         landmarks: Any = None,
@@ -400,8 +412,19 @@ class FaceSwapper:
         """Faces with landmarks: from ``faces`` (e.g. a FaceTracker), caller ``landmarks``
         and/or ``boxes`` (validated; no detection), or the detector. ``frame_t``: the same
         pixels as uint8 (3, H, W) on the device, for a detector that takes them there
-        (``accepts_device_frames``), so the frame is not uploaded again to be detected."""
+        (``accepts_device_frames``), so the frame is not uploaded again to be detected.
+        ``rgb`` may be a :class:`DeviceFrame` instead: its host pixels are read only where a
+        host model needs them (a host detector, dlib landmarks)."""
         clock = clock or _Clock()
+        if isinstance(rgb, DeviceFrame):
+            dev: DeviceFrame | None = rgb
+        else:
+            dev = None if frame_t is None else DeviceFrame(frame_t, host=rgb[..., :3])
+        frame: U8 | DeviceFrame = rgb
+
+        def host() -> U8:
+            return frame.rgb if isinstance(frame, DeviceFrame) else frame
+
         h, w = rgb.shape[:2]
         found: list[DetectedFace]
         if faces is not None:
@@ -420,21 +443,22 @@ class FaceSwapper:
         elif boxes is not None:
             found = [DetectedFace(b, 1.0) for b in validate_boxes(boxes, w, h)]
         else:
-            if frame_t is not None and getattr(self.detector, "accepts_device_frames", False):
+            if dev is not None and getattr(self.detector, "accepts_device_frames", False):
                 device_detector: Any = self.detector  # beyond the Detector protocol
-                found = device_detector.detect(frame_t)
+                found = device_detector.detect(dev.tensor)
             else:
-                found = self.detector.detect(rgb)
+                found = self.detector.detect(host())
         clock.lap("detect")
         for f in found:
             if f.landmarks is None:
-                f.landmarks = self.landmarker.predict(rgb, f.box)
+                # dlib's models (68 points, or 5 inside a BlazeFace box) read host pixels.
+                f.landmarks = self.landmarker.predict(host(), f.box)
         clock.lap("landmarks")
         return found
 
     def swap(
         self,
-        frame: U8,
+        frame: U8 | DeviceFrame,
         swap_crops: SwapCrops,
         options: SwapOptions | None = None,
         *,
@@ -450,13 +474,20 @@ class FaceSwapper:
         ``frame_t``: the same RGB pixels as uint8 (3, H, W), already on ``self.device``
         (decoded there by nvjpeg), so the tensor path skips the upload. ``swap_crops_t``:
         the model as a device callback (see :data:`SwapCropsT`), used on the tensor path
-        instead of ``swap_crops``."""
+        instead of ``swap_crops``. ``frame`` may be a :class:`DeviceFrame` (RGB on the
+        device): on the tensor path with feather blending nothing here reads it on the host
+        unless a host model needs it (see :meth:`find_faces`)."""
         opts = options or SwapOptions()
         opts.validate()
-        check_rgb(frame)
         clock = _Clock()
-        rgb = frame if frame.shape[2] == 3 else np.ascontiguousarray(frame[..., :3])
-        found = self.find_faces(rgb, boxes=boxes, landmarks=landmarks, faces=faces, clock=clock)
+        src: U8 | DeviceFrame
+        if isinstance(frame, DeviceFrame):
+            src = frame
+        else:
+            check_rgb(frame)
+            rgb = frame if frame.shape[2] == 3 else np.ascontiguousarray(frame[..., :3])
+            src = rgb if frame_t is None else DeviceFrame(frame_t, host=rgb)
+        found = self.find_faces(src, boxes=boxes, landmarks=landmarks, faces=faces, clock=clock)
 
         results = [
             FaceResult(i, f.box, _landmarks_of(f), f.confidence, False, SKIP_NOT_SELECTED)
@@ -466,6 +497,9 @@ class FaceSwapper:
             r.track_id = f.track_id
         chosen = _select(results, opts)
         if not chosen:
+            if isinstance(frame, DeviceFrame):
+                dev = frame
+                return SwapResult(lambda: dev.rgb.copy(), results, clock.t, device_frame=dev.tensor)
             return SwapResult(frame.copy(), results, clock.t)
 
         size = opts.crop_size
@@ -474,18 +508,15 @@ class FaceSwapper:
             for r in chosen
         ]
         if self.device is not None and opts.blend == "feather":
+            tensor_frame = src if isinstance(frame, DeviceFrame) or frame.shape[2] == 3 else frame
             return self._swap_tensor(
-                frame,
-                rgb,
-                chosen,
-                matrices,
-                swap_crops,
-                opts,
-                results,
-                clock,
-                frame_t,
-                swap_crops_t,
+                tensor_frame, chosen, matrices, swap_crops, opts, results, clock, swap_crops_t
             )
+        if isinstance(frame, DeviceFrame):
+            # Seamless blending is OpenCV's on the host, as is the whole path without a
+            # pixel device: they read the frame there.
+            frame = frame.rgb
+        rgb = frame if frame.shape[2] == 3 else np.ascontiguousarray(frame[..., :3])
         crops = [warp_crop(rgb, m, size) for m in matrices]
         clock.lap("align")
 

@@ -187,6 +187,14 @@ class Metrics:
             ["op", "codec"],
             registry=r,
         )
+        self._host_reads = Counter(
+            "facemux_frame_host_reads_frames",
+            "Full frames on the tensor pixel path whose pixels a host model read (dlib "
+            "landmarks, a host detector, seamless blending), by whether that read had to copy "
+            "the frame from the device (copied) or found it decoded on the host.",
+            ["source"],
+            registry=r,
+        )
         self.stage_seconds = Histogram(
             "facemux_stage_seconds",
             "Time per pipeline stage. Aligned crops, per request: preprocess (validate, "
@@ -268,6 +276,9 @@ class Metrics:
 
     def frame_codec(self, op: str, codec: str) -> None:
         self._codec.labels(op, codec).inc()
+
+    def frame_host_read(self, copied: bool) -> None:
+        self._host_reads.labels("copied" if copied else "host").inc()
 
     def stage_clock(self) -> StageClock:
         return StageClock(self.stage_seconds)

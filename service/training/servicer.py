@@ -130,6 +130,7 @@ class Training:
             max_queued=settings.max_queued_jobs,
             worker_threads=settings.training_threads,
             lease_s=settings.training_lease_seconds,
+            scan_s=settings.training_scan_seconds,
             on_change=self._report if metrics is not None else None,
         )
 
