@@ -105,5 +105,7 @@ run frames_blazeface 60 python3 bench/frame_throughput.py --device cuda --gpu-jp
 run frames_blazeface_unbatched 60 python3 bench/frame_throughput.py --device cuda \
   --gpu-jpeg on --detector blazeface --detector-batching off --clients 16 --seconds 5 \
   --stream-frames 100
+# Paste-back of a frame's faces: one batched inverse warp against the face-by-face loop.
+run paste_batched 40 python3 bench/paste_batched.py --device cuda
 run memory 45 python3 bench/memory.py --preset df128 --identities 8 --device cuda
 summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field, fields
@@ -328,6 +329,10 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     ones in flight within the grace period."""
     app = await build_app(settings)
     await app.server.start()
+    # The modules, the encoder and the server's own objects live as long as the process:
+    # frozen, a full collection while serving (about 0.2 s over torch's objects here, a pause
+    # on every call in flight) and the collections at exit no longer walk them.
+    gc.freeze()
     log.info("facemux listening on %s (store %s)", f"{settings.host}:{app.port}", settings.store)
     if app.metrics_server is not None:
         log.info("metrics on %s", app.metrics_server.url)

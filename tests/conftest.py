@@ -34,6 +34,14 @@ else:
     torch.set_num_threads(2)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The test process (each xdist worker too) exits without walking torch's objects in the
+    # interpreter's last collections, as facemux's own entry points do (client/cli.py).
+    import gc
+
+    gc.freeze()
+
+
 @dataclass
 class Models:
     config: ModelConfig

@@ -273,6 +273,7 @@ with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as cli
     res = client.swap_image(frame, "alice", output_format="png", options=opts)
 open(sys.argv[2] + ".out", "wb").write(res.frame)
 print(json.dumps({"swapped": res.faces_swapped, "synth": "facemux.models.synth" in sys.modules}))
+__import__("gc").freeze()  # as facemux's own entry points do: no collections over torch at exit
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 
 from .run import run_job
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = run_job(args.job_dir)
     print(json.dumps({k: v for k, v in result.items() if k != "summary"}, sort_keys=True))
+    gc.freeze()  # torch's objects outlive the job: the collections at exit need not walk them
     return 0 if result.get("status") in ("succeeded", "paused", "cancelled") else 1
 
 
