@@ -249,14 +249,19 @@ def _circular(tile: np.ndarray, response: np.ndarray) -> np.ndarray:
 
 
 _SYNC_CHIPS, _BIT_OF, _DATA_SIGN = _patterns()
-_BIT_TILE = _up(_BIT_OF.astype(np.float64)).astype(np.int64)
 _SMOOTH = _gauss_response(CARRIER_SIGMA)
 _SYNC_CARRIER = _circular(_up(_SYNC_CHIPS), _SMOOTH)
-_SYNC_BLOCKS = _up(_SYNC_CHIPS)
-_DATA_BLOCKS = _up(_DATA_SIGN) * DATA_WEIGHT
-_BIT_INDEX = np.maximum(_BIT_TILE, 0)
+_BIT_CHIP = np.maximum(_BIT_OF, 0)
+# The Gaussian response is an outer product, so the circular blur of a tile X is S X S with
+# S the (symmetric) 1-D circulant blur; blocks are E V E^T with E the chip-to-pixel
+# repetition. Hence a carrier is (S E) V (S E)^T, V its GRID x GRID chip values.
+_UP_SMOOTH = np.fft.ifft(
+    np.fft.fft(np.kron(np.eye(GRID), np.ones((CHIP, 1))), axis=0)
+    * np.exp(-2 * (np.pi * CARRIER_SIGMA * np.fft.fftfreq(TILE)) ** 2)[:, None],
+    axis=0,
+).real
 # One smoothed carrier per coded bit: the tile for a payload is the sync carrier plus the
-# bits (+-1) times these, a (N, N_BITS) x (N_BITS, TILE * TILE) product for a batch.
+# bits (+-1) times these (the detector's matched filters are made of them).
 _BIT_CARRIERS = np.stack(
     [
         _circular(_up(np.where(np.equal(_BIT_OF, b), _DATA_SIGN, 0.0)), _SMOOTH)
@@ -373,12 +378,12 @@ def _carriers(payloads: Sequence[bytes], small: float = 0.0) -> np.ndarray:
     sync_weight = SYNC_WEIGHT + (SYNC_WEIGHT_SMALL - SYNC_WEIGHT) * small
     rms = np.sqrt(sync_weight**2 * _SYNC_MS + DATA_WEIGHT**2 * _DATA_MS)
     bits = _encode(np.stack([_message(p) for p in payloads])).astype(np.float64)
-    # The chips as blocks, then rounded off (the smoothing is linear, so this is the sync
-    # carrier plus each bit's carrier; a batch of FFTs costs less than that product).
-    blocks = _SYNC_BLOCKS * sync_weight + bits[:, _BIT_INDEX] * _DATA_BLOCKS
-    tiles = np.fft.irfft2(np.fft.rfft2(blocks) * _SMOOTH[:, : TILE // 2 + 1], s=(TILE, TILE))
-    tiles = np.clip(tiles / (rms * CARRIER_CLIP), -1.0, 1.0)
-    return tiles.astype(np.float32)
+    # The chip values (GRID x GRID), then blocks rounded off as _UP_SMOOTH V _UP_SMOOTH^T:
+    # two small products per payload instead of FFTs of the whole tile.
+    chips = _SYNC_CHIPS * sync_weight + bits[:, _BIT_CHIP] * (_DATA_SIGN * DATA_WEIGHT)
+    tiles = (_UP_SMOOTH @ chips @ _UP_SMOOTH.T / (rms * CARRIER_CLIP)).astype(np.float32)
+    # Clipped after the cast (the same values: +-1 are exact in float32), in place.
+    return np.clip(tiles, -1.0, 1.0, out=tiles)
 
 
 # -- embedding -------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,10 @@ from facemux.models import imageio, safe_json
 from facemux.models.errors import FacemuxError
 
 if TYPE_CHECKING:
+    from facemux.service.c2pa_template import ManifestTemplate
     from facemux.service.store import KeyStore
+
+log = logging.getLogger(__name__)
 
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 TRAINED = "trainedAlgorithmicMedia"  # a whole image drawn by the model (aligned crops)
@@ -32,6 +37,7 @@ COMPOSITE = "compositeWithTrainedAlgorithmicMedia"  # a frame with model-drawn f
 GENERATOR = "facemux"
 REQUEST_ASSERTION = "org.facemux.request"
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+TEMPLATE_FORMATS = ("PNG", "JPEG")  # signed from a template (WebP by c2pa's Builder)
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,11 @@ def _make_test_signer() -> tuple[bytes, bytes]:
 
 
 class C2paSigner:
-    """Signs encoded images. Building the c2pa signer once keeps the per-image cost down."""
+    """Signs encoded images. Building the c2pa signer once keeps the per-image cost down, and
+    PNGs and JPEGs are signed from a template of c2pa's own manifest
+    (service/c2pa_template.py) unless `template` is False."""
 
-    def __init__(self, config: SignerConfig) -> None:
+    def __init__(self, config: SignerConfig, *, template: bool = True) -> None:
         import c2pa
 
         self.config = config
@@ -181,6 +189,11 @@ class C2paSigner:
         # The native signer is shared by the server's worker threads; c2pa-python does not
         # promise it is thread-safe, and a signature takes under a millisecond, so serialise.
         self._lock = threading.Lock()
+        # One template per (format, source type, version), made on first use; None where
+        # the template could not be made or did not validate (c2pa's Builder signs those).
+        self._templates: dict[tuple[str, str, str], ManifestTemplate | None] | None = (
+            {} if template else None
+        )
         self._self_check()
 
     def _self_check(self) -> None:
@@ -203,6 +216,70 @@ class C2paSigner:
         title: str,
         request_id: str,
         version: str = "",
+    ) -> bytes:
+        if fmt in TEMPLATE_FORMATS and self._templates is not None:
+            template = self._template(fmt, source_type, version)
+            if template is not None and template.fits(image_bytes):
+                try:
+                    return template.sign(image_bytes, title, request_id)
+                except ValueError:  # a manifest beyond one JPEG segment: the Builder splits it
+                    pass
+        return self._build(image_bytes, fmt, source_type, title, request_id, version)
+
+    def uses_template(self, fmt: str, source_type: str = TRAINED, version: str = "") -> bool:
+        """Whether images of this kind are signed from a template (False: by c2pa's
+        Builder; so are images encoded other than as OpenCV does)."""
+        return (
+            fmt in TEMPLATE_FORMATS
+            and self._templates is not None
+            and self._template(fmt, source_type, version) is not None
+        )
+
+    def _template(self, fmt: str, source_type: str, version: str) -> ManifestTemplate | None:
+        assert self._templates is not None
+        key = (fmt, source_type, version)
+        if key in self._templates:
+            return self._templates[key]
+        from facemux.service.c2pa_template import (
+            SUPPORTED_ALGS,
+            ManifestTemplate,
+            TemplateError,
+        )
+
+        template = None
+        if self.config.alg in SUPPORTED_ALGS:
+            probe = imageio.encode_image(np.zeros((8, 8, 3), np.uint8), fmt, 90)
+            sentinel = secrets.token_hex(16)
+            title = f"facemux-{sentinel}.{fmt.lower()}"
+            signed = self._build(probe, fmt, source_type, title, sentinel, version)
+            try:
+                template = ManifestTemplate(
+                    fmt,
+                    probe,
+                    signed,
+                    request_id=sentinel,
+                    title=title,
+                    key_pem=self.config.key_pem,
+                    alg=self.config.alg,
+                )
+                check = template.sign(probe, "facemux-template-check", "template-check")
+                report = read_c2pa(check)
+                if not report.valid or report.request_id != "template-check":
+                    raise TemplateError("; ".join(report.errors) or report.summary)
+            except (TemplateError, ValueError) as exc:
+                log.warning("C2PA manifests are built by c2pa for each %s: %s", fmt, exc)
+                template = None
+        self._templates[key] = template
+        return template
+
+    def _build(
+        self,
+        image_bytes: bytes,
+        fmt: str,
+        source_type: str,
+        title: str,
+        request_id: str,
+        version: str,
     ) -> bytes:
         mime = _MIME[fmt]
         agent = {"name": GENERATOR, "version": version} if version else {"name": GENERATOR}

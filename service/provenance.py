@@ -83,6 +83,11 @@ class Provenance:
                 store.keys,
             )
         self.signer = c2pa.C2paSigner(config)
+        # The templates the outputs are signed from are made and validated now, not by the
+        # first requests of each kind.
+        for fmt in c2pa.TEMPLATE_FORMATS:
+            for source_type in (TRAINED, COMPOSITE):
+                self.signer.uses_template(fmt, source_type, self.version)
 
     @property
     def watermarks(self) -> bool:
