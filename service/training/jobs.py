@@ -128,7 +128,9 @@ def _job_context() -> (
     ctx = multiprocessing.get_context("forkserver")
     # What a job imports anyway (torch, the trainer), and not __main__: the server's own
     # entry point has nothing a job needs. Read when the fork server starts (the first job).
-    ctx.set_forkserver_preload([__name__])
+    # torch._dynamo too: torch's optimizers import it when the first one is made, about
+    # 1.5 s of every job here; the server itself never needs it.
+    ctx.set_forkserver_preload([__name__, "torch._dynamo"])
     return ctx
 
 
