@@ -344,7 +344,7 @@ def test_verified_tokens_stay_verified_across_reloads(tmp_path: Path, models: Mo
 def test_tokens_expire(tmp_path: Path, models: Models) -> None:
     make_store(tmp_path / "store", models)
     now = datetime.now(timezone.utc)
-    soon = (now + timedelta(seconds=3)).isoformat()
+    soon = (now + timedelta(seconds=1.5)).isoformat()
     past, past_token = _sha_entry("old", ["swap"], expires_at="2020-01-01T00:00:00Z")
     brief, brief_token = _sha_entry("brief", ["swap"], expires_at=soon)
     _callers(tmp_path / "callers.jsonl", [past, brief])
@@ -355,7 +355,7 @@ def test_tokens_expire(tmp_path: Path, models: Models) -> None:
         assert info.value.code() == C.UNAUTHENTICATED  # type: ignore[attr-defined]
         assert "expired at 2020-01-01" in info.value.details()  # type: ignore[attr-defined]
         time.sleep(
-            max(0.0, (now + timedelta(seconds=3.2) - datetime.now(timezone.utc)).total_seconds())
+            max(0.0, (now + timedelta(seconds=1.7) - datetime.now(timezone.utc)).total_seconds())
         )
         assert _call_ms(ch, brief_token)[1] == C.UNAUTHENTICATED  # from the cache, too
     rows = _audit(tmp_path)
