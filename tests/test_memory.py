@@ -88,19 +88,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator
     root = tmp_path_factory.mktemp("memory") / "store"
     make_store(root, models, ("alice",))
     serve = ServeProcess(root, "--auth", "off", "--audit-log", "", "--device", "cpu", env=LIMITS)
-    srv = Server(serve.start().proc, serve.target)
+    srv = Server(serve.start().wait_ready(60).proc, serve.target)
     try:
-        grpc.channel_ready_future(srv.channel).result(timeout=60)
         warm = spb.SwapRequest(
             identity="alice", faces=spb.FaceBatch(faces=[tpb.Image(encoded=png(face_image(0)))])
         )
-        for _ in range(120):  # the encoder loads after the port opens
-            try:
-                srv.swap.Swap(warm, timeout=30)
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-                time.sleep(0.5)
+        srv.swap.Swap(warm, timeout=30)
         yield srv
     finally:
         srv.channel.close()
