@@ -115,7 +115,7 @@ class App:
         self.metrics.set_serving(serving)
 
 
-async def _load_model(app: App, poll_seconds: float = 2.0) -> None:
+async def _load_model(app: App, poll_seconds: float = 0.5) -> None:
     """Load the encoder; while the store has none yet, keep looking (a server may start
     before its first pretraining finishes), staying NOT_SERVING meanwhile."""
     waiting_logged = False

@@ -37,7 +37,7 @@ def _demo(out: Path, *flags: str) -> str:
 
 
 def test_demo_trains_decoders_against_the_shipped_encoder(tmp_path: Path) -> None:
-    stdout = _demo(tmp_path, "--seconds", "3")
+    stdout = _demo(tmp_path, "--seconds", "2")
     assert f"shipped tiny encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
     assert "latents moved towards other people's" in stdout
     assert f"serving encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
@@ -53,7 +53,7 @@ def test_demo_trains_decoders_against_the_shipped_encoder(tmp_path: Path) -> Non
 
 
 def test_demo_from_scratch_trains_its_own_encoder(tmp_path: Path) -> None:
-    stdout = _demo(tmp_path, "--seconds", "2", "--encoder", "scratch", "--threads", "1")
+    stdout = _demo(tmp_path, "--seconds", "1", "--encoder", "scratch", "--threads", "1")
     served = re.search(r"serving encoder ([0-9a-f]{16})", stdout)
     assert served is not None and served.group(1) != demo_encoder.FINGERPRINT[:16]
     assert "1 CPU thread(s)" in stdout
