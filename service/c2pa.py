@@ -26,6 +26,9 @@ from facemux.models import imageio, safe_json
 from facemux.models.errors import FacemuxError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificateIssuerPrivateKeyTypes,
+    )
     from facemux.service.c2pa_template import ManifestTemplate
     from facemux.service.store import KeyStore
 
@@ -90,8 +93,11 @@ def generate_test_signer(directory: Path) -> SignerConfig:
     return generated_signer(LocalKeyStore(directory))
 
 
-def _make_test_signer() -> tuple[bytes, bytes]:
-    """A test CA and an ES256 leaf: (chain PEM, key PEM).
+def _make_test_signer(
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+) -> tuple[bytes, bytes]:
+    """A test CA and a leaf for `key` (a `cryptography` private key; a new P-256 one, ES256,
+    when None): (chain PEM, key PEM).
 
     c2pa refuses self-signed end-entity certificates, hence the two-level chain."""
     from cryptography import x509
@@ -136,7 +142,8 @@ def _make_test_signer() -> tuple[bytes, bytes]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
         x509.CertificateBuilder()
         .subject_name(name("facemux test signer"))

@@ -4,7 +4,6 @@ image."""
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 from typing import Any
@@ -146,61 +145,16 @@ def test_a_manifest_beyond_one_jpeg_segment_is_left_to_the_builder(
 
 
 def _signer_config(alg: str) -> c2pa.SignerConfig:
-    """A test CA (P-256) and a leaf whose key `alg` signs with."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    """The server's test CA and a leaf whose key `alg` signs with."""
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def usage(ca: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(not ca, False, False, False, False, ca, ca, False, False)
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    day = datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("template test CA"))
-        .issuer_name(name("template test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - day)
-        .not_valid_after(now + day)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage(True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
     key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = (
         ed25519.Ed25519PrivateKey.generate()
         if alg == "ed25519"
         else ec.generate_private_key({"es384": ec.SECP384R1(), "es512": ec.SECP521R1()}[alg])
     )
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(name(f"template test {alg} signer"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - day)
-        .not_valid_after(now + day)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage(False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return c2pa.SignerConfig(leaf.public_bytes(pem) + ca.public_bytes(pem), key_pem, alg, True)
+    chain, key_pem = c2pa._make_test_signer(key)
+    return c2pa.SignerConfig(chain, key_pem, alg, True)
 
 
 @pytest.mark.parametrize("alg", ["es384", "es512", "ed25519"])
