@@ -227,33 +227,42 @@ def test_device_resident_swap_matches_the_host_model_path() -> None:
     assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
 
 
+def _tensor_and_opencv_frames(
+    store: Path, faces: int, options: object = None, **settings: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PHOTO swapped by a real server with frame_pipeline=tensor (on the CPU device) and
+    with the OpenCV path: (tensor frame, OpenCV frame, pixels the OpenCV path changed)."""
+    outs = {}
+    for pipeline in ("tensor", "opencv"):
+        config = Settings(
+            port=0,
+            auth="off",
+            store=store,
+            provenance="off",
+            device="cpu",
+            metrics_port=-1,
+            frame_pipeline=pipeline,
+            **settings,  # type: ignore[arg-type]
+        )
+        with ServerThread(config) as srv, FacemuxClient(srv.target, timeout=60) as c:
+            c.wait_ready(60)
+            res = c.swap_image(png(PHOTO), "alice", options=options, output_format="png")
+            assert res.faces_swapped == faces and res.frame is not None
+            outs[pipeline] = decode_png(res.frame)
+    return outs["tensor"], outs["opencv"], np.any(outs["opencv"] != PHOTO, axis=2)
+
+
 def test_server_frames_on_the_device_path_match_the_opencv_path(
     tmp_path: Path, models: Models
 ) -> None:
     """device=cpu with frame_pipeline=tensor runs the device-resident path (crops to the
     model and its faces and masks back as tensors) on the CPU: the same frame as OpenCV."""
     make_store(tmp_path / "store", models, ("alice",))
-    outs = {}
-    for pipeline in ("tensor", "opencv"):
-        settings = Settings(
-            port=0,
-            auth="off",
-            store=tmp_path / "store",
-            provenance="off",
-            device="cpu",
-            metrics_port=-1,
-            frame_pipeline=pipeline,
-            detector="blazeface",
-            detector_landmarks="detector",
-        )
-        with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
-            c.wait_ready(60)
-            res = c.swap_image(png(PHOTO), "alice", output_format="png")
-            assert res.faces_swapped == 1 and res.frame is not None
-            outs[pipeline] = decode_png(res.frame)
-    changed = np.any(outs["opencv"] != PHOTO, axis=2)
+    tensor, opencv, changed = _tensor_and_opencv_frames(
+        tmp_path / "store", 1, detector="blazeface", detector_landmarks="detector"
+    )
     assert changed.sum() > 1000
-    diff = np.abs(outs["tensor"].astype(int) - outs["opencv"].astype(int))
+    diff = np.abs(tensor.astype(int) - opencv.astype(int))
     assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
 
 
@@ -271,25 +280,9 @@ def test_server_pastes_overlapping_faces_as_the_opencv_path_does(
         faces=[spb.FaceHint(landmarks=[tpb.Point(x=x, y=y) for x, y in lm]) for lm in faces]
     )
     make_store(tmp_path / "store", models, ("alice",))
-    outs = {}
-    for pipeline in ("tensor", "opencv"):
-        settings = Settings(
-            port=0,
-            auth="off",
-            store=tmp_path / "store",
-            provenance="off",
-            device="cpu",
-            metrics_port=-1,
-            frame_pipeline=pipeline,
-        )
-        with ServerThread(settings) as srv, FacemuxClient(srv.target, timeout=60) as c:
-            c.wait_ready(60)
-            res = c.swap_image(png(PHOTO), "alice", options=options, output_format="png")
-            assert res.faces_swapped == 3 and res.frame is not None
-            outs[pipeline] = decode_png(res.frame)
-    changed = np.any(outs["opencv"] != PHOTO, axis=2)
+    tensor, opencv, changed = _tensor_and_opencv_frames(tmp_path / "store", 3, options)
     assert changed.sum() > 3000
-    diff = np.abs(outs["tensor"].astype(int) - outs["opencv"].astype(int))
+    diff = np.abs(tensor.astype(int) - opencv.astype(int))
     assert diff.mean() < 0.3 and np.percentile(diff[changed], 95) <= 4
 
 
