@@ -208,20 +208,23 @@ def two_face_scene(seed: int) -> np.ndarray:
 # collected last would leave one worker running it alone after the other has finished.
 LONGEST_FIRST = (
     "test_training",
-    "test_auth_hardening",
     "test_ddp",
-    "test_demo",
-    "test_faults",
     "test_trainer",
+    "test_demo",
     "test_frames",
-    "test_provenance",
+    "test_faults",
     "test_torchserve",
-    "test_memory",
-    "test_metrics",
+    "test_auth_hardening",
     "test_progress",
-    "test_processes",
+    "test_faces",
+    "test_provenance",
+    "test_memory",
     "test_load",
+    "test_metrics",
+    "test_store_races",
+    "test_lifecycle",
     "test_shutdown",
+    "test_processes",
 )
 
 
