@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,16 +25,24 @@ from serve_process import ServeProcess, free_port
 pytestmark = pytest.mark.slow
 
 
-def _calls_counted(metrics_port: int) -> float:
+def _samples(metrics_port: int) -> list[Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def _calls_counted(metrics_port: int) -> float:
     return sum(
         s.value
-        for fam in text_string_to_metric_families(text)
-        if fam.name == "grpc_server_started"
-        for s in fam.samples
-        if s.labels.get("grpc_method") == "GetModelInfo" and s.name.endswith("_total")
+        for s in _samples(metrics_port)
+        if s.name == "grpc_server_started_total" and s.labels.get("grpc_method") == "GetModelInfo"
     )
+
+
+def _serving(metrics_port: int) -> bool:
+    """SERVING: its gRPC port listens and its encoder is loaded (its /metrics comes up
+    before either)."""
+    return any(s.name == "facemux_serving" and s.value == 1 for s in _samples(metrics_port))
 
 
 def _port_is_free(port: int) -> bool:
@@ -49,15 +58,16 @@ def test_processes_share_the_port_and_stop_together(tmp_path: Path, models: Mode
     make_store(tmp_path / "store", models, ("alice",))
     with ServeProcess(tmp_path / "store", "--auth=off", "--processes=2", metrics=True) as srv:
         srv.wait_ready(60)
-        # Both servers up: each answers its own /metrics.
+        # wait_ready saw one of them: wait until each says on its own /metrics that it serves.
         deadline = time.monotonic() + 60
         while True:
             try:
-                [_calls_counted(srv.metrics_port + i) for i in range(2)]
-                break
+                if all(_serving(srv.metrics_port + i) for i in range(2)):
+                    break
             except OSError:
-                assert time.monotonic() < deadline, "a server's /metrics never came up"
-                time.sleep(0.2)
+                pass  # that /metrics is not up yet
+            assert time.monotonic() < deadline, "the two servers never both served"
+            time.sleep(0.05)
         # Each channel is its own connection (no shared subchannel), and the kernel gives
         # each connection to one of the processes: over a few dozen, both serve.
         for _ in range(24):
