@@ -30,6 +30,9 @@ SKIP_REASON = why_not_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(SKIP_REASON), reason=SKIP_REASON)]
 
 
+MODEL = "swapper"
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[dict]:
     from ts_server import TorchServe, grpc_modules
@@ -38,16 +41,19 @@ def served(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator
     store_dir = root / "store"
     make_store(store_dir, models, ("alice", "bob"))
     mars = root / "model-store"
+    # A model name of the operator's (not the default "facemux"): --model-name names the
+    # archive and the model TorchServe serves.
     args = ["alice", "bob:1", "--store", str(store_dir), "-o", str(mars), "--json"]
+    args += ["--model-name", MODEL]
     assert cli_main(["export", "torchserve", *args, "--batch-size", "4"]) == 0
-    ts = TorchServe(mars, root / "ts", {"facemux": "facemux.mar"}).start()
+    ts = TorchServe(mars, root / "ts", {MODEL: f"{MODEL}.mar"}).start()
     pb2, pb2_grpc = grpc_modules(root / "ts")
     channel = grpc.insecure_channel(ts.grpc_target)
     try:
         yield {
             "ts": ts,
             "store": store_dir,
-            "mar": mars / "facemux.mar",
+            "mar": mars / f"{MODEL}.mar",
             "pb2": pb2,
             "stub": pb2_grpc.InferenceAPIsServiceStub(channel),
         }
@@ -58,7 +64,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator
 
 def _rest(ts: object, body: bytes, identity: str) -> tuple[int, bytes]:
     req = urllib.request.Request(
-        f"{ts.rest}/predictions/facemux",  # type: ignore[attr-defined]
+        f"{ts.rest}/predictions/{MODEL}",  # type: ignore[attr-defined]
         data=body,
         headers={"X-Facemux-Identity": identity, "Content-Type": "application/octet-stream"},
     )
@@ -70,7 +76,7 @@ def _rest(ts: object, body: bytes, identity: str) -> tuple[int, bytes]:
 
 
 def _grpc(served: dict, **fields: bytes) -> bytes:
-    req = served["pb2"].PredictionsRequest(model_name="facemux", input=fields)
+    req = served["pb2"].PredictionsRequest(model_name=MODEL, input=fields)
     return served["stub"].Predictions(req, timeout=60).prediction
 
 
@@ -83,7 +89,7 @@ def test_archive_carries_consent_fingerprint_and_batching(served: dict, models: 
     assert manifest["encoder_fingerprint"] == models.fingerprint
     assert manifest["identities"]["bob"]["consent"]["evidence_ref"] == "TICKET-1"
     assert "batchSize: 4" in config and "maxBatchDelay: 10" in config
-    described = served["ts"].management_get("/models/facemux")[0]
+    described = served["ts"].management_get(f"/models/{MODEL}")[0]
     assert described["batchSize"] == 4
 
 
@@ -172,18 +178,13 @@ def test_export_refuses_revoked_consent(tmp_path: Path, models: Models) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_torchserve_stops_cleanly(tmp_path: Path, models: Models) -> None:
-    """Started and stopped on its own: every process of its group is gone afterwards."""
+def test_torchserve_stops_cleanly(served: dict) -> None:
+    """The module's last test, on the server the tests above used: stopped, every process of
+    its group (the frontend and its Python workers) is gone afterwards."""
     import os
 
-    from ts_server import TorchServe
-
-    make_store(tmp_path / "store", models, ("bob",))
-    mars = tmp_path / "mars"
-    args = ["bob", "--store", str(tmp_path / "store"), "-o", str(mars), "--model-name", "solo"]
-    assert cli_main(["export", "torchserve", *args]) == 0
-    ts = TorchServe(mars, tmp_path / "ts", {"solo": "solo.mar"}).start()
-    assert ts.proc is not None
+    ts = served["ts"]
+    assert ts.proc is not None and ts.proc.poll() is None
     pgid = ts.proc.pid
     ts.stop()
     deadline = time.monotonic() + 10

@@ -145,7 +145,7 @@ class TorchServe:
                     return
             except (urllib.error.URLError, OSError, ValueError, IndexError):
                 pass
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise TimeoutError(f"TorchServe model {name} not ready in time:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
