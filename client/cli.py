@@ -305,12 +305,12 @@ def cmd_identities(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_local(data: bytes, anchors: str | None = None) -> ppb.VerifyResponse:
+def _verify_local(data: bytes, anchors: str | None, request_id: str) -> ppb.VerifyResponse:
     # Same code as the server's Verify; needs the server extra (opencv, c2pa-python).
     from facemux.service.provenance import verify_bytes
 
     pem = Path(anchors).read_bytes() if anchors else None
-    return verify_bytes(data, trust_anchors_pem=pem)
+    return verify_bytes(data, trust_anchors_pem=pem, check_request_id=request_id)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -320,17 +320,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     data = Path(args.image).read_bytes()
     where = "local"
     if args.local or args.trust_anchors:
-        r = _verify_local(data, args.trust_anchors)
+        r = _verify_local(data, args.trust_anchors, args.check_request_id)
     else:
         try:
             with _client(args) as c:
-                r = c.verify(data)
+                r = c.verify(data, args.check_request_id)
             where = args.target
         except (Unavailable, DeadlineExceeded, Unimplemented) as exc:
             # No server reachable (or an older one): the check needs no model, so do it here.
             why = type(exc).__name__
             print(f"no answer from {args.target} ({why}); verifying locally", file=sys.stderr)
-            r = _verify_local(data)
+            r = _verify_local(data, None, args.check_request_id)
     if args.json:
         _print_json(MessageToDict(r, always_print_fields_with_no_presence=True))
     else:
@@ -346,6 +346,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if r.watermark_found:
             wm += f", payload {r.watermark_payload or 'unreadable'}"
         print(f"watermark: {wm} (confidence {r.watermark_confidence:.1f})")
+        if r.checked_request_id:
+            says = "carries" if r.watermark_matches_request else "does not carry"
+            print(f"request:   the pixels {says} the mark of request {r.checked_request_id}")
     return 0 if (r.manifest_valid or r.watermark_found) else 1
 
 
@@ -594,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check here, without a server (needs the server extra); also used when no "
         "server answers",
+    )
+    vf.add_argument(
+        "--made-by",
+        dest="check_request_id",
+        metavar="REQUEST_ID",
+        default="",
+        help="test the watermark against this request id (default: the manifest's): did that "
+        "request make the image? Works on images too small or degraded to read the payload",
     )
     vf.add_argument(
         "--trust-anchors",

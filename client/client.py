@@ -578,12 +578,16 @@ class FacemuxClient:
             ipb.RecordConsentRequest(name=name, consent=consent_record(consent)),
         ).identity
 
-    def verify(self, image: bytes | str | os.PathLike[str]) -> ppb.VerifyResponse:
-        """Provenance of an image file (bytes or path): its C2PA manifest and watermark."""
+    def verify(
+        self, image: bytes | str | os.PathLike[str], check_request_id: str = ""
+    ) -> ppb.VerifyResponse:
+        """Provenance of an image file (bytes or path): its C2PA manifest and watermark, and
+        whether the watermark is `check_request_id`'s (empty: the manifest's request's)."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        return self._call(
-            self.provenance_stub.Verify, ppb.VerifyRequest(image=types_pb2.Image(encoded=data))
+        request = ppb.VerifyRequest(
+            image=types_pb2.Image(encoded=data), check_request_id=check_request_id
         )
+        return self._call(self.provenance_stub.Verify, request)
 
     # -- training ----------------------------------------------------------------------------
 

@@ -193,9 +193,13 @@ class Provenance:
 
 
 def verify_bytes(
-    data: bytes, max_pixels: int = 100_000_000, trust_anchors_pem: bytes | None = None
+    data: bytes,
+    max_pixels: int = 100_000_000,
+    trust_anchors_pem: bytes | None = None,
+    check_request_id: str = "",
 ) -> ppb.VerifyResponse:
-    """Check one encoded image for a C2PA manifest and the facemux watermark.
+    """Check one encoded image for a C2PA manifest and the facemux watermark, and whether
+    the watermark is `check_request_id`'s (else the manifest's request's).
 
     Shared by the RPC and `facemux verify --local`, so both answer the same."""
     if not data:
@@ -220,6 +224,16 @@ def verify_bytes(
     resp.watermark_confidence = mark.confidence
     if mark.payload is not None:
         resp.watermark_payload = mark.payload.hex()
+    # The manifest's request id is only a hypothesis here (a manifest that fails validation
+    # still names one): the pixels alone decide whether they carry its mark.
+    resp.checked_request_id = check_request_id or report.request_id
+    if resp.checked_request_id:
+        expected = wm.payload_for(resp.checked_request_id)
+        resp.watermark_matches_request = (
+            mark.payload == expected
+            if mark.payload is not None
+            else wm.match_payload(decoded.rgb, expected) >= wm.MATCH_Z
+        )
     return resp
 
 
@@ -248,4 +262,6 @@ class ProvenanceServicer(pgrpc.ProvenanceServiceServicer):
             verify_bytes,
             request.image.encoded,
             limit,
+            None,
+            request.check_request_id,
         )

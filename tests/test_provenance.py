@@ -150,6 +150,52 @@ def test_verify_rpc_and_cli(server: ServerThread, client: FacemuxClient, tmp_pat
     assert r.returncode == 0 and "valid signature, trusted issuer" in r.stdout
 
 
+def test_verify_tells_whether_a_request_made_the_image(
+    client: FacemuxClient, tmp_path: Path
+) -> None:
+    """The watermark is tested against the manifest's request id, or one the caller names:
+    recognised where the payload does not read, and never for another request or an
+    unmarked image."""
+    outs = {
+        f"made-{i}": client.swap_faces([png(face_image(i))], "alice", request_id=f"made-{i}")
+        for i in range(8)
+    }
+    matched, unread = [], 0
+    for rid, res in outs.items():
+        v = client.verify(res.faces[0])
+        assert v.request_id == rid and v.checked_request_id == rid
+        if v.watermark_matches_request:
+            matched.append(rid)
+        unread += not v.watermark_payload
+        other = client.verify(res.faces[0], check_request_id="someone-else")
+        assert other.checked_request_id == "someone-else"
+        assert not other.watermark_matches_request
+    print(f"\n64 px faces: {len(matched)} of {len(outs)} matched, {unread} payloads unread")
+    # A single 64 px tile: the blind read misses about one in eight (bench/watermark.py).
+    assert len(matched) >= 6, matched
+    # The manifest stripped (the pixels saved again, no metadata): the file names no request,
+    # the pixels still answer for a named one, and not for another.
+    rid = matched[0]
+    stripped = png(_pixels(outs[rid].faces[0]))
+    v = client.verify(stripped)
+    assert not v.manifest_present and v.checked_request_id == ""
+    assert not v.watermark_matches_request
+    assert client.verify(stripped, check_request_id=rid).watermark_matches_request
+    assert not client.verify(stripped, check_request_id=rid + "x").watermark_matches_request
+    photo = _jpeg(data.astronaut(), 90)
+    assert not client.verify(photo, check_request_id=rid).watermark_matches_request
+    # The CLI says it in words, with the server and without.
+    (tmp_path / "stripped.png").write_bytes(stripped)
+    for where in (["--local"], ["--target", client.target]):
+        for check, says in ((rid, "carries"), (rid + "x", "does not carry")):
+            r = subprocess.run(
+                [FACEMUX, "verify", str(tmp_path / "stripped.png"), "--made-by", check, *where],
+                capture_output=True,
+                text=True,
+            )
+            assert f"the pixels {says} the mark of request {check}" in r.stdout, r.stdout
+
+
 def test_local_verify_reads_marks_without_torch(tmp_path: Path) -> None:
     """`facemux verify --local` (and the CLI's fallback with no server) imports no torch:
     it starts in well under a second instead of paying for a framework it does not use."""

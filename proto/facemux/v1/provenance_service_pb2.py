@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facemux.v1 import types_pb2 as facemux_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#facemux/v1/provenance_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\"1\n\rVerifyRequest\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.facemux.v1.Image\"\xc3\x02\n\x0eVerifyResponse\x12\x18\n\x10manifest_present\x18\x01 \x01(\x08\x12\x16\n\x0emanifest_valid\x18\x02 \x01(\x08\x12\x16\n\x0eissuer_trusted\x18\x03 \x01(\x08\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12\x0e\n\x06signer\x18\x05 \x01(\t\x12\x1b\n\x13\x64igital_source_type\x18\x06 \x01(\t\x12\x11\n\tgenerator\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x17\n\x0fmanifest_errors\x18\t \x03(\t\x12\x18\n\x10manifest_summary\x18\n \x01(\t\x12\x17\n\x0fwatermark_found\x18\x0b \x01(\x08\x12\x1c\n\x14watermark_confidence\x18\x0c \x01(\x02\x12\x19\n\x11watermark_payload\x18\r \x01(\t2T\n\x11ProvenanceService\x12?\n\x06Verify\x12\x19.facemux.v1.VerifyRequest\x1a\x1a.facemux.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#facemux/v1/provenance_service.proto\x12\nfacemux.v1\x1a\x16\x66\x61\x63\x65mux/v1/types.proto\"K\n\rVerifyRequest\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.facemux.v1.Image\x12\x18\n\x10\x63heck_request_id\x18\x02 \x01(\t\"\x82\x03\n\x0eVerifyResponse\x12\x18\n\x10manifest_present\x18\x01 \x01(\x08\x12\x16\n\x0emanifest_valid\x18\x02 \x01(\x08\x12\x16\n\x0eissuer_trusted\x18\x03 \x01(\x08\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12\x0e\n\x06signer\x18\x05 \x01(\t\x12\x1b\n\x13\x64igital_source_type\x18\x06 \x01(\t\x12\x11\n\tgenerator\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x17\n\x0fmanifest_errors\x18\t \x03(\t\x12\x18\n\x10manifest_summary\x18\n \x01(\t\x12\x17\n\x0fwatermark_found\x18\x0b \x01(\x08\x12\x1c\n\x14watermark_confidence\x18\x0c \x01(\x02\x12\x19\n\x11watermark_payload\x18\r \x01(\t\x12\x1a\n\x12\x63hecked_request_id\x18\x0e \x01(\t\x12!\n\x19watermark_matches_request\x18\x0f \x01(\x08\x32T\n\x11ProvenanceService\x12?\n\x06Verify\x12\x19.facemux.v1.VerifyRequest\x1a\x1a.facemux.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facemux.v1.provenance_servi
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREQUEST']._serialized_start=75
-  _globals['_VERIFYREQUEST']._serialized_end=124
-  _globals['_VERIFYRESPONSE']._serialized_start=127
-  _globals['_VERIFYRESPONSE']._serialized_end=450
-  _globals['_PROVENANCESERVICE']._serialized_start=452
-  _globals['_PROVENANCESERVICE']._serialized_end=536
+  _globals['_VERIFYREQUEST']._serialized_end=150
+  _globals['_VERIFYRESPONSE']._serialized_start=153
+  _globals['_VERIFYRESPONSE']._serialized_end=539
+  _globals['_PROVENANCESERVICE']._serialized_start=541
+  _globals['_PROVENANCESERVICE']._serialized_end=625
 # @@protoc_insertion_point(module_scope)

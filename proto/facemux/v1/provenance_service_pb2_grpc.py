@@ -55,8 +55,9 @@ class ProvenanceServiceServicer:
     """
 
     def Verify(self, request, context):
-        """Reports whether an image carries a valid C2PA manifest (and who signed it) and
-        whether the facemux watermark is present in its pixels.
+        """Reports whether an image carries a valid C2PA manifest (and who signed it), whether
+        the facemux watermark is present in its pixels, and whether that watermark is the one
+        a given request (or the manifest's request) would have made.
 
         Role: any
         Errors:
