@@ -347,7 +347,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             wm += f", payload {r.watermark_payload or 'unreadable'}"
         print(f"watermark: {wm} (confidence {r.watermark_confidence:.1f})")
         if r.checked_request_id:
-            says = "carries" if r.watermark_matches_request else "does not carry"
+            says = "carry" if r.watermark_matches_request else "do not carry"
             print(f"request:   the pixels {says} the mark of request {r.checked_request_id}")
     return 0 if (r.manifest_valid or r.watermark_found) else 1
 

@@ -187,7 +187,7 @@ def test_verify_tells_whether_a_request_made_the_image(
     # The CLI says it in words, with the server and without.
     (tmp_path / "stripped.png").write_bytes(stripped)
     for where in (["--local"], ["--target", client.target]):
-        for check, says in ((rid, "carries"), (rid + "x", "does not carry")):
+        for check, says in ((rid, "carry"), (rid + "x", "do not carry")):
             r = subprocess.run(
                 [FACEMUX, "verify", str(tmp_path / "stripped.png"), "--made-by", check, *where],
                 capture_output=True,
