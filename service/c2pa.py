@@ -169,6 +169,15 @@ def _make_test_signer(
     return chain, key_pem
 
 
+def _invalid(signed: bytes, request_id: str) -> str:
+    """Why c2pa does not validate `signed` as a manifest naming `request_id` ("" if it does):
+    the start-up checks of the signer and of each template."""
+    report = read_c2pa(signed)
+    if report.valid and report.request_id == request_id:
+        return ""
+    return "; ".join(report.errors) or report.summary or "another request id"
+
+
 class C2paSigner:
     """Signs encoded images. Building the c2pa signer once keeps the per-image cost down, and
     PNGs and JPEGs are signed from a template of c2pa's own manifest
@@ -208,12 +217,9 @@ class C2paSigner:
         a chain c2pa will not sign with, fails at startup instead of in every response."""
         probe = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
         signed = self.sign(probe, "PNG", TRAINED, "facemux-self-check.png", "self-check")
-        report = read_c2pa(signed)
-        if not report.valid or report.request_id != "self-check":
-            raise ValueError(
-                "the C2PA signer makes manifests that do not validate: "
-                + ("; ".join(report.errors) or report.summary)
-            )
+        problem = _invalid(signed, "self-check")
+        if problem:
+            raise ValueError(f"the C2PA signer makes manifests that do not validate: {problem}")
 
     def sign(
         self,
@@ -270,9 +276,9 @@ class C2paSigner:
                     alg=self.config.alg,
                 )
                 check = template.sign(probe, "facemux-template-check", "template-check")
-                report = read_c2pa(check)
-                if not report.valid or report.request_id != "template-check":
-                    raise TemplateError("; ".join(report.errors) or report.summary)
+                problem = _invalid(check, "template-check")
+                if problem:
+                    raise TemplateError(problem)
             except (TemplateError, ValueError) as exc:
                 log.warning("C2PA manifests are built by c2pa for each %s: %s", fmt, exc)
                 template = None
