@@ -142,34 +142,13 @@ def refine_mask_t(mask: Tensor, erosion: float = 0.02, blur: float = 0.05) -> Te
     return (m[0, 0] * ramp_y[:, None] * ramp_x[None, :]).clamp(0, 1)
 
 
-def _roi(
-    mask: Tensor, m: NDArray[np.floating], frame_hw: tuple[int, int], pad: int = 2
-) -> tuple[int, int, int, int] | None:
-    """The frame rectangle the mask's support lands in: only it is resampled and blended."""
-    nz = torch.nonzero(mask[0] > 0)
-    if nz.numel() == 0:
-        return None
-    (y0, x0), (y1, x1) = nz.min(0).values.tolist(), nz.max(0).values.tolist()
-    corners = np.array(
-        [[x0 - 1, y0 - 1, 1], [x1 + 1, y0 - 1, 1], [x0 - 1, y1 + 1, 1], [x1 + 1, y1 + 1, 1]],
-        np.float64,
-    )
-    pts = corners @ np.linalg.inv(_h(m)).T
-    h, w = frame_hw
-    fx0 = max(0, math.floor(pts[:, 0].min()) - pad)
-    fy0 = max(0, math.floor(pts[:, 1].min()) - pad)
-    fx1 = min(w, math.ceil(pts[:, 0].max()) + pad + 1)
-    fy1 = min(h, math.ceil(pts[:, 1].max()) + pad + 1)
-    return None if fx1 <= fx0 or fy1 <= fy0 else (fx0, fy0, fx1, fy1)
-
-
 def paste_face_t(frame: Tensor, face: Tensor, mask: Tensor, m: NDArray[np.floating]) -> Tensor:
     """`frame` with `face` (3, S, S) warped back and alpha-blended under `mask` (1, S, S) in
     [0, 1]. Pixels outside the warped mask's support are returned untouched (the blend
     multiplies them by exactly 1)."""
     if face.shape[-2:] != mask.shape[-2:]:
         raise InvalidInputError("face and mask crops must be the same size")
-    roi = _roi(mask, m, (int(frame.shape[1]), int(frame.shape[2])))
+    (roi,) = _rois(mask[None], [m], (int(frame.shape[1]), int(frame.shape[2])))
     out = frame.clone()
     if roi is None:
         return out
@@ -186,8 +165,9 @@ def paste_face_t(frame: Tensor, face: Tensor, mask: Tensor, m: NDArray[np.floati
 def _rois(
     masks: Tensor, matrices: Sequence[NDArray[np.floating]], frame_hw: tuple[int, int], pad: int = 2
 ) -> list[tuple[int, int, int, int] | None]:
-    """`_roi` for every face at once: the masks' row and column supports come to the host in
-    one copy, so the frame costs one device sync rather than one per face."""
+    """The frame rectangle each face's mask support lands in (only it is resampled and
+    blended; None: an empty mask or one off the frame). The masks' row and column supports
+    come to the host in one copy: one device sync for the frame, not one per face."""
     support = masks[:, 0] > 0  # (N, S, S)
     rows_cols = torch.cat([support.any(dim=2), support.any(dim=1)], dim=1).cpu().numpy()
     out: list[tuple[int, int, int, int] | None] = []
