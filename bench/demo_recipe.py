@@ -27,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from facemux.models import demo_encoder, synth
+from facemux.models import checkpoint, demo_encoder, synth
 from facemux.models.augment import DEFAULT_WARP_SCALE
 from facemux.models.pixels import to_uint8
 from facemux.models.scores import face_scores
@@ -94,9 +94,10 @@ def run_variant(
     landmarks: dict[str, np.ndarray],
     tests: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]],
     out: Path,
+    assets: Path | None = None,
 ) -> dict[str, Any]:
-    encoder, _, fp = demo_encoder.load()
-    decoders = {n: demo_encoder.starter_decoder(fp) for n in demo.NAMES}
+    encoder, fp, starter = load_assets(assets)
+    decoders = {n: demo_encoder.starter_decoder(fp, starter) for n in demo.NAMES}
     trainer = demo.make_trainer(encoder, decoders, data, masks, landmarks, recipe, steps, seed=1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     summary = trainer.fit()
@@ -126,12 +127,25 @@ def run_variant(
     return row
 
 
+def load_assets(assets: Path | None) -> tuple[torch.nn.Module, str, Path | None]:
+    """(encoder, its fingerprint, starter decoder path): the shipped pair, or a rebuilt pair
+    in ``assets`` (as `demo_encoder build` names them), taken at its own fingerprint so a
+    candidate can be scored before it is pinned."""
+    if assets is None:
+        encoder, _, fp = demo_encoder.load()
+        return encoder, fp, None
+    path = assets / demo_encoder.ASSET.name
+    _, meta = checkpoint.read_encoder(path.read_bytes())
+    encoder, _, fp = demo_encoder.load(path, expected=meta.fingerprint)
+    return encoder, fp, assets / demo_encoder.STARTER_DECODER.name
+
+
 @torch.no_grad()
-def latent_gap() -> dict[str, float]:
+def latent_gap(assets: Path | None = None) -> dict[str, float]:
     """How far the shipped encoder puts avery's latents from blake's, state for state, and
     how much of that a shift by the difference of their mean latents closes: the mean
     latents from 256 training-like states, the distances on 64 others."""
-    encoder, _, _ = demo_encoder.load()
+    encoder, _, _ = load_assets(assets)
     avery, blake = (synth.identity_from_seed(s) for s in demo.PEOPLE_SEEDS)
 
     def latents(person: synth.IdentityParams, states: list[synth.FaceState]) -> torch.Tensor:
@@ -173,10 +187,16 @@ def main() -> None:
     p.add_argument(
         "--latent-gap", action="store_true", help="only measure the encoder's identity gap"
     )
+    p.add_argument(
+        "--assets",
+        type=Path,
+        default=None,
+        help="a directory with a rebuilt encoder and starter decoder (default: the shipped pair)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.latent_gap:
-        print(json.dumps(latent_gap(), indent=1))
+        print(json.dumps(latent_gap(args.assets), indent=1))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     people = {
@@ -198,7 +218,9 @@ def main() -> None:
     names = args.only if args.only else list(VARIANTS)
     for name in names:
         recipe = dataclasses.replace(DemoRecipe(), **VARIANTS[name])
-        row = run_variant(name, recipe, args.steps, data, masks, landmarks, tests, args.out)
+        row = run_variant(
+            name, recipe, args.steps, data, masks, landmarks, tests, args.out, args.assets
+        )
         print(json.dumps(row), flush=True)
 
 
