@@ -2,17 +2,18 @@
 
     python bench/demo_recipe.py [--steps 900] [--only NAME ...] [--threads 1] [--out DIR]
 
-Each variant trains fresh copies of the shipped starter decoder for avery and blake against
-the shipped frozen encoder (service/demo.py's data: 1,500 rendered faces each, seed 1) for
-exactly ``--steps`` steps, its cosine schedule spread over them, then swaps both ways on held-
-out states and scores the face region against the ground truth (models.scores.face_scores):
-the demo's 8 states per direction and 56 more, directly through the networks (no server, so
-no watermark: the figures sit a little above the demo's own). ``recon`` is each decoder on
-its own person's held-out faces: what the decoder can draw at all, against which the swap's
-gap is what the frozen latent of another person's face loses. Steps, not seconds, make
-variants comparable on a shared machine; the wall and CPU time per step are printed beside.
-A grid per variant (inputs, swaps, truth; 6 columns) goes to ``--out``. ``--latent-gap``
-instead measures how far the shipped encoder's latents of the demo's two people lie apart.
+Each variant trains fresh copies of the shipped starter decoder for avery and blake from
+the shipped encoder, frozen or trained on as the variant says (service/demo.py's data: 1,500
+rendered faces each, seed 1), for exactly ``--steps`` steps, its cosine schedule spread over
+them, then swaps both ways on held-out states and scores the face region against the ground
+truth (models.scores.face_scores): the demo's 8 states per direction and 56 more, directly
+through the networks (no server, so no watermark: the figures sit a little above the demo's
+own). ``recon`` is each decoder on its own person's held-out faces: what the decoder can
+draw at all, against which the swap's gap is what the latent of another person's face
+loses. Steps, not seconds, make variants comparable on a shared machine; the wall and CPU
+time per step are printed beside. A grid per variant (inputs, swaps, truth; 6 columns) goes
+to ``--out``. ``--latent-gap`` instead measures how far the shipped encoder's latents of the
+demo's two people lie apart.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ from facemux.service.demo import DemoRecipe
 EYES_MOUTH = (3.0, 1.0, 2.0)  # eyes, brows (1: no emphasis), mouth: the pretraining's map
 FEATURES = (3.0, 3.0, 2.0)  # and the brows as strongly as the eyes
 
-# The demo's recipe before the identity shift; variants below change it, "after" is the
-# demo's default (DemoRecipe()) and "after, ..." change that.
-BEFORE: dict[str, Any] = {"lr": 1e-3, "identity_shift": 0.0, "shift_bank": 0}
+# The demo's recipe before the identity shift (frozen encoder); variants below change it.
+# "frozen" is the frozen recipe with the shift (the demo's default until the encoder trained
+# on, called "after" in earlier results) and "frozen, ..." change that; "default" is today's
+# DemoRecipe() (the shipped encoder trained on with the decoders) and "encoder ..." or
+# "default, ..." change that.
+FROZEN: dict[str, Any] = {"encoder_lr": 0.0, "input_colour": demo_encoder.INPUT_COLOUR}
+BEFORE: dict[str, Any] = {**FROZEN, "lr": 1e-3, "identity_shift": 0.0, "shift_bank": 0}
 SHIFT: dict[str, Any] = {"identity_shift": 1.0, "shift_bank": 6}
+CAST: dict[str, Any] = {"input_colour": demo_encoder.INPUT_COLOUR}
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "before": BEFORE,
@@ -57,9 +63,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "identity shift": {**BEFORE, "identity_shift": 1.0},
     "identity shift + bank 6": {**BEFORE, **SHIFT},
     "identity shift 1.5 + bank 6": {**BEFORE, **SHIFT, "identity_shift": 1.5},
-    "after": {},
-    "after, eyes+brows+mouth emphasis": {"emphasis": FEATURES},
-    "after, batch 16": {"batch": 16},
+    "frozen": FROZEN,
+    "frozen, eyes+brows+mouth emphasis": {**FROZEN, "emphasis": FEATURES},
+    "frozen, batch 16": {**FROZEN, "batch": 16},
+    "encoder 2e-4, with the colour cast": {**CAST, "encoder_lr": 2e-4},
+    "encoder 5e-4, with the colour cast": {**CAST, "encoder_lr": 5e-4},
+    "encoder 2e-3, with the colour cast": {**CAST, "encoder_lr": 2e-3},
+    "default": {},
+    "default, with the colour cast": CAST,
+    "default, no critic, with the colour cast": {**CAST, "latent_adversary": 0.0},
+    "default, eyes+brows+mouth emphasis": {"emphasis": FEATURES},
 }
 
 # A third person, in neither the demo's training nor the encoder's pretraining: swaps from

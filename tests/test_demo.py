@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import pytest
 from facemux.models import checkpoint, demo_encoder
+from facemux.service.demo import DemoRecipe
 
 pytestmark = pytest.mark.slow
 
@@ -36,27 +37,45 @@ def _demo(out: Path, *flags: str) -> str:
     return run.stdout
 
 
-def test_demo_trains_decoders_against_the_shipped_encoder(tmp_path: Path) -> None:
-    stdout = _demo(tmp_path, "--seconds", "2")
-    assert f"shipped tiny encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
-    assert "latents moved towards other people's" in stdout
-    assert f"serving encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
-    # The store serves the shipped file as it is, and both decoders were made for it.
-    store = tmp_path / "store" / "encoders"
-    assert (store / "DEFAULT").read_text() == demo_encoder.FINGERPRINT
-    served = (store / demo_encoder.FINGERPRINT / "encoder.safetensors").read_bytes()
-    assert served == demo_encoder.ASSET.read_bytes()
+def _served_encoder(out: Path, stdout: str) -> checkpoint.EncoderMeta:
+    """The store's default encoder, checked against what the demo said it serves, and both
+    decoders made for it."""
+    store = out / "store" / "encoders"
+    fp = (store / "DEFAULT").read_text()
+    assert f"serving encoder {fp[:16]}" in stdout
+    meta = checkpoint.read_metadata(store / fp / "encoder.safetensors")
+    assert isinstance(meta, checkpoint.EncoderMeta) and meta.fingerprint == fp
     for name in ("avery", "blake"):
-        meta = checkpoint.read_metadata(tmp_path / "decoders" / f"{name}.safetensors")
-        assert isinstance(meta, checkpoint.DecoderMeta)
-        assert meta.encoder_fingerprint == demo_encoder.FINGERPRINT
+        dec = checkpoint.read_metadata(out / "decoders" / f"{name}.safetensors")
+        assert isinstance(dec, checkpoint.DecoderMeta)
+        assert dec.encoder_fingerprint == fp
+    return meta
+
+
+def test_demo_trains_the_shipped_encoder_on_with_the_decoders(tmp_path: Path) -> None:
+    stdout = _demo(tmp_path, "--seconds", "2")
+    assert f"from the shipped tiny encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
+    assert "a latent critic keeping the two people's latents alike" in stdout
+    # A trained encoder is a new one, and says which it started from.
+    meta = _served_encoder(tmp_path, stdout)
+    assert meta.fingerprint != demo_encoder.FINGERPRINT
+    assert meta.summary["started_from_encoder"] == demo_encoder.FINGERPRINT
+    assert meta.summary["encoder_lr"] == DemoRecipe.encoder_lr
+
+
+def test_demo_with_the_shipped_encoder_frozen(tmp_path: Path) -> None:
+    stdout = _demo(tmp_path, "--seconds", "1", "--encoder", "frozen")
+    assert "the encoder frozen, each decoder shown its person's latents moved" in stdout
+    # The store serves the shipped file as it is.
+    meta = _served_encoder(tmp_path, stdout)
+    assert meta.fingerprint == demo_encoder.FINGERPRINT
+    served = tmp_path / "store" / "encoders" / meta.fingerprint / "encoder.safetensors"
+    assert served.read_bytes() == demo_encoder.ASSET.read_bytes()
 
 
 def test_demo_from_scratch_trains_its_own_encoder(tmp_path: Path) -> None:
     stdout = _demo(tmp_path, "--seconds", "1", "--encoder", "scratch", "--threads", "1")
-    served = re.search(r"serving encoder ([0-9a-f]{16})", stdout)
-    assert served is not None and served.group(1) != demo_encoder.FINGERPRINT[:16]
     assert "1 CPU thread(s)" in stdout
-    meta = checkpoint.read_metadata(tmp_path / "decoders" / "avery.safetensors")
-    assert isinstance(meta, checkpoint.DecoderMeta)
-    assert meta.encoder_fingerprint[:16] == served.group(1)
+    meta = _served_encoder(tmp_path, stdout)
+    assert meta.fingerprint != demo_encoder.FINGERPRINT
+    assert "started_from_encoder" not in meta.summary
