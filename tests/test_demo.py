@@ -53,7 +53,7 @@ def _served_encoder(out: Path, stdout: str) -> checkpoint.EncoderMeta:
 
 
 def test_demo_trains_the_shipped_encoder_on_with_the_decoders(tmp_path: Path) -> None:
-    stdout = _demo(tmp_path, "--seconds", "2")
+    stdout = _demo(tmp_path, "--max-steps", "2")
     assert f"from the shipped tiny encoder {demo_encoder.FINGERPRINT[:16]}" in stdout
     assert "a latent critic keeping the two people's latents alike" in stdout
     # A trained encoder is a new one, and says which it started from.
@@ -64,7 +64,7 @@ def test_demo_trains_the_shipped_encoder_on_with_the_decoders(tmp_path: Path) ->
 
 
 def test_demo_with_the_shipped_encoder_frozen(tmp_path: Path) -> None:
-    stdout = _demo(tmp_path, "--seconds", "1", "--encoder", "frozen")
+    stdout = _demo(tmp_path, "--max-steps", "2", "--encoder", "frozen")
     assert "the encoder frozen, each decoder shown its person's latents moved" in stdout
     # The store serves the shipped file as it is.
     meta = _served_encoder(tmp_path, stdout)
@@ -74,7 +74,7 @@ def test_demo_with_the_shipped_encoder_frozen(tmp_path: Path) -> None:
 
 
 def test_demo_from_scratch_trains_its_own_encoder(tmp_path: Path) -> None:
-    stdout = _demo(tmp_path, "--seconds", "1", "--encoder", "scratch", "--threads", "1")
+    stdout = _demo(tmp_path, "--max-steps", "2", "--encoder", "scratch", "--threads", "1")
     assert "1 CPU thread(s)" in stdout
     meta = _served_encoder(tmp_path, stdout)
     assert meta.fingerprint != demo_encoder.FINGERPRINT
