@@ -413,7 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--faces", type=int, default=1500, help="training faces per identity")
     p.add_argument("--batch", type=int, default=8, help="faces per identity per step")
     p.add_argument(
-        "--lr", type=float, default=DemoRecipe.lr, help="peak Adam learning rate (cosine decay)"
+        "--lr",
+        type=float,
+        default=DemoRecipe.lr,
+        help="the decoders' peak Adam learning rate (cosine decay)",
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
