@@ -138,7 +138,7 @@ def test_verify_rpc_and_cli(server: ServerThread, client: FacemuxClient, tmp_pat
     assert r.returncode == 1 and "no C2PA manifest" in r.stdout
     assert "watermark: not found" in r.stdout
     # No server: verified locally with the same code.
-    r = cli(str(swapped), "--target", "127.0.0.1:1", "--timeout", "2")
+    r = cli(str(swapped), "--target", "127.0.0.1:1", "--timeout", "0.5")
     assert r.returncode == 0 and "verifying locally" in r.stderr
     r = cli(str(photo), "--local", "--json")
     assert r.returncode == 1 and '"watermarkFound": false' in r.stdout
