@@ -211,28 +211,35 @@ def two_face_scene(seed: int) -> np.ndarray:
     return img
 
 
-# The longest modules first (measured wall on 2 cores, longest first): pytest-xdist hands
-# whole modules to its workers in collection order (--dist loadscope), and a long module
-# collected last would leave one worker running it alone after the other has finished.
+# The longest modules first (their tests' summed durations on 2 cores, longest first):
+# pytest-xdist hands whole modules to its workers in collection order (--dist loadscope,
+# with --no-loadscope-reorder: its own reordering, by number of tests, put the longest
+# modules last), and a long module handed out last leaves one worker running it alone
+# after the others have finished.
 LONGEST_FIRST = (
     "test_training",
-    "test_ddp",
     "test_trainer",
+    "test_ddp",
     "test_demo",
     "test_frames",
-    "test_faults",
-    "test_torchserve",
-    "test_auth_hardening",
-    "test_progress",
-    "test_faces",
     "test_provenance",
-    "test_memory",
+    "test_faults",
+    "test_auth_hardening",
     "test_load",
     "test_metrics",
+    "test_faces",
+    "test_scheduler",
+    "test_progress",
     "test_store_races",
-    "test_lifecycle",
     "test_shutdown",
+    "test_torchserve",
+    "test_memory",
     "test_processes",
+    "test_consent_jobs",
+    "test_cli",
+    "test_lifecycle",
+    "test_tensor_path",
+    "test_export",
 )
 
 
