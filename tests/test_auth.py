@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.cli import main as cli_main
 from facemux.client.errors import FacemuxRpcError

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.cli import main as cli_main
 from facemux.models.errors import InvalidInputError

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import CONSENT, Models, face_image, png
+from common import CONSENT, Models, face_image, png
 from facemux.client import FacemuxClient
 from facemux.client.client import consent_record
 from facemux.client.errors import FacemuxRpcError

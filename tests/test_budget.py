@@ -10,7 +10,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import ResourceExhausted
 from facemux.models.errors import InvalidInputError, ResourceExhaustedError

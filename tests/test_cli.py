@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONSENT, Models, decode_png, face_image, png
+from common import CONSENT, Models, decode_png, face_image, png
 from facemux.service.server import ServerThread
 
 FACEMUX = str(Path(sys.executable).parent / "facemux")

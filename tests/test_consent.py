@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
 from facemux.client.client import timestamp
 from facemux.models import checkpoint

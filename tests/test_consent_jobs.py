@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient, FailedPrecondition, NotFound
 from facemux.models import synth
 from facemux.service import auth

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Models, face_image, make_store
+from common import Models, face_image, make_store
 from facemux.client import FacemuxClient
 from facemux.models import imageio
 from facemux.models.errors import InvalidInputError
@@ -159,7 +159,7 @@ def test_real_cuda_out_of_memory_lowers_the_batch_and_the_job_finishes(tmp_path:
 
 
 def test_detection_batches_on_cuda_match_cpu() -> None:
-    from conftest import two_face_scene
+    from common import two_face_scene
     from facemux.models.faces.blazeface import BlazeFaceDetector, batched_nms_mask, greedy_nms
     from facemux.service.detect_batcher import DetectionBatcher, DetectionStats
     from test_detect_batcher import _astronaut_at

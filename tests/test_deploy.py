@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Models, face_image, make_store
+from common import Models, face_image, make_store
 from facemux.client import FacemuxClient
 from facemux.service.auth import insecure_tokens_problem
 from facemux.service.metrics import GPU_METRICS, GpuCollector, Metrics

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import Models, make_store, png, two_face_scene
+from common import Models, make_store, png, two_face_scene
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.models.errors import DeadlineExpiredError, InvalidInputError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.models import checkpoint

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client.client import consent_record
 from facemux.models import checkpoint
 from facemux.service import auth

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Models, face_image, make_store
+from common import Models, face_image, make_store
 from facemux.client import FacemuxClient
 from facemux.client.cli import main as cli_main
 from facemux.models.errors import InvalidInputError, NotFoundError, PreconditionError

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.service.store import LocalStore

@@ -13,7 +13,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from conftest import Models, decode_png, make_store, png
+from common import Models, decode_png, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument, NotFound
 from facemux.models import synth
 from facemux.service.server import ServerThread

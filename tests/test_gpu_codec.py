@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Models, make_store
+from common import Models, make_store
 from facemux.client import FacemuxClient
 from facemux.models import imageio
 from facemux.models import watermark as wm

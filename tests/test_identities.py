@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONSENT, Models, face_image, png
+from common import CONSENT, Models, face_image, png
 from facemux.client import FacemuxClient, FailedPrecondition, InvalidArgument, NotFound
 from facemux.service.server import ServerThread
 from facemux.service.settings import Settings
@@ -93,7 +93,7 @@ def test_lru_keeps_at_most_the_bound(
     cache = server.app.runtime.cache
     for name in ("alice", "bob", "carol"):
         client.swap_faces([face], name)
-    # Bound is 2 (conftest): the least recently used (alice) was evicted.
+    # Bound is 2 (common.server_settings): the least recently used (alice) was evicted.
     assert [k[0] for k in cache.resident()] == ["bob", "carol"]
     first = client.swap_faces([face], "alice").faces[0]
     assert [k[0] for k in cache.resident()] == ["carol", "alice"]
@@ -102,7 +102,7 @@ def test_lru_keeps_at_most_the_bound(
 
 
 def test_lru_bound_by_bytes(tmp_path: Path, models: Models) -> None:
-    from conftest import make_store
+    from common import make_store
 
     make_store(tmp_path / "s", models, ("alice", "bob", "carol"))
     one = len(models.decoders["alice"])

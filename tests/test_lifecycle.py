@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Models, face_image
+from common import Models, face_image
 from facemux.client import FacemuxClient, Unavailable
 from facemux.models.errors import InvalidInputError
 from facemux.service.server import ServerThread
@@ -42,7 +42,7 @@ def test_not_serving_until_the_encoder_is_loaded(tmp_path: Path, models: Models)
 def test_wait_ready_sees_a_server_that_starts_after_it_began(
     tmp_path: Path, models: Models
 ) -> None:
-    from conftest import make_store
+    from common import make_store
     from serve_process import free_port
 
     make_store(tmp_path / "store", models)
@@ -170,7 +170,7 @@ def test_generated_code_matches_protos() -> None:
 
 
 def test_serve_command_starts_and_stops_on_sigterm(tmp_path: Path, models: Models) -> None:
-    from conftest import make_store
+    from common import make_store
 
     make_store(tmp_path / "store", models, ("alice",))
     # Metrics on a free port: the default 9090 may be taken on a developer's machine.

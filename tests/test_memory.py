@@ -19,7 +19,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.models import watermark as wm
 from facemux.service.budget import BYTES_PER_PIXEL
 from facemux.v1 import provenance_service_pb2 as ppb

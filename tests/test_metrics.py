@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Models, face_image, make_store
+from common import Models, face_image, make_store
 from facemux.client import FacemuxClient, NotFound
 from facemux.models.errors import InvalidInputError
 from facemux.service.metrics import GPU_METRICS, OTHER_IDENTITY, GpuCollector, Metrics

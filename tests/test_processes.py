@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Models, make_store
+from common import Models, make_store
 from facemux.service.processes import server_settings, settings_environ
 from facemux.service.settings import Settings
 from facemux.v1 import swap_service_pb2 as spb

@@ -13,7 +13,7 @@ import termios
 from pathlib import Path
 
 import cv2
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.service.server import ServerThread
 
 FACEMUX = str(Path(sys.executable).parent / "facemux")

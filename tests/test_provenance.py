@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument
 from facemux.models import synth
 from facemux.models import watermark as wm

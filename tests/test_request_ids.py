@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import NotFound
 from facemux.service.server import ServerThread

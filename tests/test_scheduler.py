@@ -17,7 +17,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from conftest import Models, decode_png, face_image, make_store, png
+from common import Models, decode_png, face_image, make_store, png
 from facemux.client import FacemuxClient, InvalidArgument
 from facemux.models.errors import DeadlineExpiredError, ResourceExhaustedError
 from facemux.models.networks import Decoder

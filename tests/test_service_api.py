@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Models, decode_png, face_image, png
+from common import Models, decode_png, face_image, png
 from facemux.client import FacemuxClient, Latent
 from facemux.models import checkpoint, inference
 from facemux.service.server import ServerThread

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.models import watermark as wm

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import Models, face_image, make_store
+from common import Models, face_image, make_store
 from facemux.client import FacemuxClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONSENT, Models, make_store, png
+from common import CONSENT, Models, make_store, png
 from facemux.client import FacemuxClient
 from facemux.models import synth
 from facemux.service import c2pa

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from conftest import CONSENT, Models, face_image, make_store, png
+from common import CONSENT, Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.models import checkpoint

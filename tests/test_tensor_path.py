@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import Models, decode_png, make_store, png
+from common import Models, decode_png, make_store, png
 from facemux.client import FacemuxClient
 from facemux.models.faces import DeviceFrame, align_matrix, paste_face, warp_crop
 from facemux.models.faces.colour import correct_colour

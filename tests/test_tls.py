@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from certs import make_ca, make_leaf, write
-from conftest import Models, face_image, make_store, png
+from common import Models, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.service import auth

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import Models, decode_png, face_image, make_store, png
+from common import Models, decode_png, face_image, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.cli import main as cli_main
 from facemux.client.torchserve import TorchServeItemError, prediction_image

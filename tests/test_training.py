@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONSENT, Models, decode_png, make_store, png
+from common import CONSENT, Models, decode_png, make_store, png
 from facemux.client import FacemuxClient
 from facemux.client.errors import FacemuxRpcError
 from facemux.models import synth

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import CONSENT, Models
+from common import CONSENT, Models
 from facemux.client import FacemuxClient
 from facemux.client.client import consent_record
 from facemux.v1 import identity_service_pb2 as ipb
