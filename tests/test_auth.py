@@ -63,7 +63,7 @@ def secured(tmp_path: Path, models: Models) -> Iterator[tuple[ServerThread, dict
 
 
 def _client(srv: ServerThread, token: str | None = None, **kw: object) -> FacemuxClient:
-    return FacemuxClient(srv.target, timeout=30, retries=1, token=token, **kw)  # type: ignore[arg-type]
+    return FacemuxClient(srv.target, timeout=30, retries=1, token=token, **kw)
 
 
 def test_roles_allow_and_deny(
@@ -305,9 +305,9 @@ def test_rate_limit_and_stream_limit(tmp_path: Path, models: Models) -> None:
                 timeout=10,
             )
         err = raw.value
-        assert err.code() == C.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-        assert "rate_limit_per_second" in err.details()  # type: ignore[attr-defined]
-        trailers = dict(err.trailing_metadata())  # type: ignore[attr-defined]
+        assert err.code() == C.RESOURCE_EXHAUSTED
+        assert "rate_limit_per_second" in err.details()
+        trailers = dict(err.trailing_metadata())
         assert int(trailers["retry-after"]) >= 1
         with pytest.raises(FacemuxRpcError) as info:
             c.swap_faces([FACE], "alice")

@@ -69,7 +69,7 @@ def _settings(tmp_path: Path, **kw: object) -> Settings:
         # The callers file is looked at every 0.1 s (1 s by default): a change shows sooner.
         "auth_reload_seconds": 0.1,
     }
-    return Settings(**{**base, **kw})  # type: ignore[arg-type]
+    return Settings(**{**base, **kw})
 
 
 def _audit(tmp_path: Path) -> list[dict]:
@@ -119,7 +119,7 @@ def test_unauthenticated_calls_are_refused_before_their_body(
         for f in calls:
             with pytest.raises(grpc.RpcError) as info:
                 f.result()
-            codes.append(info.value.code())  # type: ignore[attr-defined]
+            codes.append(info.value.code())
         took = time.perf_counter() - t0
         grown_mib = (_rss_peak_kib(pid) - before) / 1024
         print(
@@ -132,7 +132,7 @@ def test_unauthenticated_calls_are_refused_before_their_body(
         # Malformed bytes without a token: refused as unauthenticated, not UNKNOWN.
         with pytest.raises(grpc.RpcError) as info:
             swap(b"\xff\xff\xff\xff", timeout=10)
-        assert info.value.code() == C.UNAUTHENTICATED  # type: ignore[attr-defined]
+        assert info.value.code() == C.UNAUTHENTICATED
     refused = [r for r in _audit(tmp_path) if r["status"] == "UNAUTHENTICATED"]
     assert len(refused) == 9 and all(r["rpc"] == "Swap" for r in refused)
     assert all("no credentials" in r["reason"] for r in refused)
@@ -158,28 +158,28 @@ def test_per_method_message_limits(tokens_server: tuple[ServerThread, str]) -> N
         with pytest.raises(grpc.RpcError) as info:
             _raw(ch, LIST)(b"\xff" * (100 << 10), metadata=md, timeout=10)
         err = info.value
-        assert err.code() == C.RESOURCE_EXHAUSTED, err  # type: ignore[attr-defined]
-        assert "at most 65536 bytes" in err.details()  # type: ignore[attr-defined]
+        assert err.code() == C.RESOURCE_EXHAUSTED, err
+        assert "at most 65536 bytes" in err.details()
         # A registration chunk: 4 MiB at most.
         register = ch.stream_unary(REGISTER)
         with pytest.raises(grpc.RpcError) as info:
             register(iter([b"\x12" + b"\xff" * (5 * MiB)]), metadata=md, timeout=10)
-        assert info.value.code() == C.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-        assert "4194304 bytes" in info.value.details()  # type: ignore[attr-defined]
+        assert info.value.code() == C.RESOURCE_EXHAUSTED
+        assert "4194304 bytes" in info.value.details()
         # A Swap may carry up to max_message_bytes (16 MiB here); 5 MiB of junk is parsed,
         # and junk is INVALID_ARGUMENT, not UNKNOWN.
         with pytest.raises(grpc.RpcError) as info:
             _raw(ch, SWAP)(b"\xff" * (5 * MiB), metadata=md, timeout=10)
-        assert info.value.code() == C.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        assert "not a valid message" in info.value.details()  # type: ignore[attr-defined]
+        assert info.value.code() == C.INVALID_ARGUMENT
+        assert "not a valid message" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
             _raw(ch, LIST)(b"\xff\xff\xff", metadata=md, timeout=10)
-        assert info.value.code() == C.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert info.value.code() == C.INVALID_ARGUMENT
         # A streamed frame over the limit ends the stream with the limit named.
         stream = ch.stream_stream("/facemux.v1.SwapService/SwapStream")
         with pytest.raises(grpc.RpcError) as info:
             list(stream(iter([b"\xff" * (17 * MiB)]), metadata=md, timeout=10))
-        assert info.value.code() == C.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert info.value.code() == C.RESOURCE_EXHAUSTED
     with FacemuxClient(srv.target, timeout=30, retries=1, token=token) as c:  # still serving
         assert c.swap_faces([FACE], "alice").faces_swapped == 1
         assert [i.name for i in c.list_identities()] == ["alice"]
@@ -206,7 +206,7 @@ def test_concurrent_rpcs_are_capped(tmp_path: Path, models: Models) -> None:
             assert next(call).faces_swapped == 1
         with pytest.raises(grpc.RpcError) as info:
             c.swap_stub.GetModelInfo(spb.GetModelInfoRequest(), metadata=c.metadata, timeout=5)
-        assert info.value.code() == C.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert info.value.code() == C.RESOURCE_EXHAUSTED
         release.set()
         for call in open_calls:
             list(call)
@@ -232,7 +232,7 @@ def _call_ms(ch: grpc.Channel, token: str) -> tuple[float, grpc.StatusCode]:
         _raw(ch, LIST)(b"", metadata=_bearer(token), timeout=60)
         code = C.OK
     except grpc.RpcError as exc:
-        code = exc.code()  # type: ignore[attr-defined]
+        code = exc.code()
     return (time.perf_counter() - t0) * 1000, code
 
 
@@ -270,7 +270,7 @@ def test_a_flood_of_made_up_tokens_does_not_delay_a_valid_one(
                     f.result(timeout=120)
                     codes.append(C.OK)
                 except grpc.RpcError as exc:
-                    codes.append(exc.code())  # type: ignore[attr-defined]
+                    codes.append(exc.code())
     limited = codes.count(C.RESOURCE_EXHAUSTED)
     print(
         f"\nvalid uncached token: {quiet_ms:.0f} ms quiet, {flooded_ms:.0f} ms during a flood "
@@ -329,7 +329,7 @@ def test_verified_tokens_stay_verified_across_reloads(tmp_path: Path, models: Mo
         assert code == C.OK  # ListIdentities needs any role
         with pytest.raises(grpc.RpcError) as info:
             _raw(ch, SWAP)(b"", metadata=_bearer(token), timeout=10)
-        assert info.value.code() == C.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert info.value.code() == C.PERMISSION_DENIED
         # Re-keyed: the old token is refused although it was verified.
         _callers(path, [_slow_entry("render-farm", ["swap"])[0]])
         time.sleep(0.3)
@@ -352,8 +352,8 @@ def test_tokens_expire(tmp_path: Path, models: Models) -> None:
         assert _call_ms(ch, brief_token)[1] == C.OK  # verified and cached
         with pytest.raises(grpc.RpcError) as info:
             _raw(ch, LIST)(b"", metadata=_bearer(past_token), timeout=10)
-        assert info.value.code() == C.UNAUTHENTICATED  # type: ignore[attr-defined]
-        assert "expired at 2020-01-01" in info.value.details()  # type: ignore[attr-defined]
+        assert info.value.code() == C.UNAUTHENTICATED
+        assert "expired at 2020-01-01" in info.value.details()
         time.sleep(
             max(0.0, (now + timedelta(seconds=1.7) - datetime.now(timezone.utc)).total_seconds())
         )
@@ -513,7 +513,7 @@ def test_checks_in_flight_are_bounded_for_floods_from_many_addresses(
             try:
                 f.result(timeout=120)
             except grpc.RpcError as exc:
-                codes.append(exc.code())  # type: ignore[attr-defined]
+                codes.append(exc.code())
     print(
         f"\none failed check {one_ms:.0f} ms; a valid new token during a flood of 400 from "
         f"'many addresses': {code.name} after {waited_ms:.0f} ms "

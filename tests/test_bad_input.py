@@ -354,7 +354,7 @@ def test_empty_training_requests_are_refused(client: FacemuxClient) -> None:
     # The raw stub raises grpc's own error type.
     with pytest.raises(grpc.RpcError) as raw:
         list(client.training_stub.WatchJob(tr.WatchJobRequest(id="x")))
-    assert raw.value.code() == C.NOT_FOUND  # type: ignore[attr-defined]
+    assert raw.value.code() == C.NOT_FOUND
     assert client.health() == "SERVING"
 
 

@@ -119,7 +119,7 @@ def test_batch_equals_one_by_one(bf: BlazeFaceDetector, astronaut: U8) -> None:
 
 def test_rejects_bad_frames_and_options(bf: BlazeFaceDetector) -> None:
     with pytest.raises(InvalidInputError):
-        bf.detect_batch([np.zeros((10, 10), np.uint8)])  # type: ignore[list-item]
+        bf.detect_batch([np.zeros((10, 10), np.uint8)])
     with pytest.raises(InvalidInputError):
         BlazeFaceDetector(tiles=0)
     with pytest.raises(InvalidInputError):

@@ -181,7 +181,7 @@ def _settings(store: Path, **kw: object) -> Settings:
         detector_tiles=1,
     )
     base.update(kw)
-    return Settings(**base)  # type: ignore[arg-type]
+    return Settings(**base)
 
 
 def test_server_detects_concurrent_frames_in_shared_batches(tmp_path: Path, models: Models) -> None:

@@ -116,9 +116,7 @@ DOCS, COMMON = parse_docs()
 def test_every_rpc_is_documented_with_its_role() -> None:
     pool = descriptor_pool.Default()
     served = {
-        m.name: s
-        for s in SERVICES
-        for m in pool.FindServiceByName(f"facemux.v1.{s}").methods  # type: ignore[attr-defined]
+        m.name: s for s in SERVICES for m in pool.FindServiceByName(f"facemux.v1.{s}").methods
     }
     assert set(DOCS) == set(served)
     for rpc, doc in DOCS.items():
@@ -201,7 +199,7 @@ def status(call: Callable[[], Any]) -> grpc.StatusCode:
         if isinstance(out, Iterator):
             list(out)
     except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
+        return err.code()
     return C.OK
 
 
@@ -264,7 +262,7 @@ def _upload_meta(name: str) -> tpb.UploadDatasetRequest:
 
 def _racing_upload(w: World) -> grpc.StatusCode:
     """Another upload creates the dataset at another resolution while this one streams."""
-    datasets = w.srv.app.training.datasets  # type: ignore[union-attr]
+    datasets = w.srv.app.training.datasets
     root = datasets.root
 
     def parts() -> Iterator[tpb.UploadDatasetRequest]:

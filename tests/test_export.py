@@ -8,6 +8,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_export_draws_no_bar_when_stderr_is_not_a_terminal(export_run: ExportRun
     assert not any(mark in export_run.stderr for mark in ("%|", "\r")), export_run.stderr
 
 
-def _run(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
+def _run(session: Any, x: np.ndarray) -> list[np.ndarray]:  # an onnxruntime session
     return session.run(None, {session.get_inputs()[0].name: x})
 
 

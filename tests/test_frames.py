@@ -138,7 +138,7 @@ def test_rgba_input_keeps_its_alpha(client: FacemuxClient) -> None:
     res = client.swap_image(data_, "alice", options=spb.SwapOptions(faces=_hints(lms)))
     assert res.faces_swapped == 1 and res.frame is not None
     out = cv2.imdecode(np.frombuffer(res.frame, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert out.shape[2] == 4 and np.array_equal(out[..., 3], alpha)
+    assert out is not None and out.shape[2] == 4 and np.array_equal(out[..., 3], alpha)
 
 
 def test_stream_keeps_order_and_survives_bad_and_empty_frames(client: FacemuxClient) -> None:
@@ -168,7 +168,7 @@ def test_disconnecting_mid_stream_frees_the_server(
         while True:
             yield png(ASTRONAUT)
 
-    stream = client.swap_stream(endless(), "alice")  # type: ignore[arg-type]
+    stream = client.swap_stream(endless(), "alice")
     next(stream)
     stream.close()  # the client goes away mid-stream
     assert server.app is not None
@@ -192,7 +192,7 @@ def test_cli_swap_photo_and_video(server: ServerThread, tmp_path: Path) -> None:
     assert decode_png(out.read_bytes()).shape == ASTRONAUT.shape
 
     video = tmp_path / "in.mp4"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 12.0, (256, 256))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 12.0, (256, 256))
     small = cv2.resize(cv2.cvtColor(ASTRONAUT, cv2.COLOR_RGB2BGR), (256, 256))
     for i in range(10):
         writer.write(np.roll(small, i, axis=1))
@@ -241,7 +241,7 @@ def test_detection_in_worker_processes_survives_a_killed_worker(
             b = res.response.results[0].box
             boxes[processes] = (b.x_min, b.y_min, b.x_max, b.y_max)
             assert srv.app is not None and srv.app.frames is not None
-            pool = srv.app.frames.swapper().detector.pool  # type: ignore[attr-defined]
+            pool = srv.app.frames.swapper().detector.pool
             if processes == 0:
                 assert pool is None
                 continue

@@ -31,7 +31,7 @@ def _crops(tmp_path: Path, n: int) -> list[str]:
 
 def _video(tmp_path: Path, frames: int = 4) -> Path:
     video = tmp_path / "in.mp4"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (64, 64))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 10.0, (64, 64))
     for i in range(frames):
         writer.write(cv2.cvtColor(face_image(i), cv2.COLOR_RGB2BGR))
     writer.release()

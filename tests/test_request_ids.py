@@ -73,8 +73,8 @@ def test_bad_request_id_is_refused(audited: tuple[FacemuxClient, Path]) -> None:
             c.swap_stub.GetModelInfo(
                 spb.GetModelInfoRequest(), metadata=[("x-request-id", bad)], timeout=10
             )
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        assert "x-request-id" in err.value.details()  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "x-request-id" in err.value.details()
     assert c.model_info().resolution > 0  # still serving
 
 

@@ -179,7 +179,7 @@ def test_callers_of_one_batch_are_woken_by_one_call_into_their_loop(runtime: Run
             wakes.append(threading.current_thread().name)
             return plain(callback, *args)
 
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
 
         def item(k: int) -> Item:
             return Item(Op.SWAP, _faces(k, 1), alice, None, finish=lambda r: (k, r.faces))

@@ -42,7 +42,7 @@ def test_swap_reads_the_identity_record_once(
 ) -> None:
     client.swap_faces([png(face_image(0))], "alice")  # decoder resident
     assert server.app is not None
-    reads = _count_reads(monkeypatch, server.app.store)  # type: ignore[arg-type]
+    reads = _count_reads(monkeypatch, server.app.store)
     for i in range(3):
         client.swap_faces([png(face_image(i)), png(face_image(i + 1))], "alice")
     # Once per call at most; unary calls share a memo, so here not even that: the record
@@ -71,7 +71,7 @@ def test_stream_reads_the_identity_once_and_stops_at_a_revocation(
 ) -> None:
     client.swap_faces([png(face_image(0))], "alice")  # decoder resident
     assert server.app is not None
-    reads = _count_reads(monkeypatch, server.app.store)  # type: ignore[arg-type]
+    reads = _count_reads(monkeypatch, server.app.store)
     # Frames go one at a time, each after the previous answer, so the revocation falls
     # between two known frames.
     inbox: queue.Queue[bytes | None] = queue.Queue()

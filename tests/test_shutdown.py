@@ -92,7 +92,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
             assert _probe(target) == "SERVING"  # the probe itself works
             sigterm_at = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
-            seen = []
+            seen: list[str] = []
             while worker.is_alive() and (not seen or seen[-1] != "UNAVAILABLE"):
                 seen.append(_probe(target))
                 time.sleep(0.05)

@@ -49,7 +49,7 @@ def test_paste_back_matches_opencv_and_leaves_the_rest_alone() -> None:
     m = _crop_matrix(64)
     rng = np.random.default_rng(0)
     face = cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (64, 64))
-    mask = np.zeros((64, 64), np.float32)
+    mask: np.ndarray = np.zeros((64, 64), np.float32)
     cv2.circle(mask, (32, 34), 22, 1.0, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), 3)
     mask[mask < 1e-3] = 0
@@ -80,7 +80,7 @@ def test_colour_correction_matches_opencv(method: str) -> None:
     m = _crop_matrix(64)
     target = warp_crop(PHOTO, m, 64)
     face = np.clip(target.astype(int) * [1.3, 0.8, 1.1] + 10, 0, 255).astype(np.uint8)
-    mask = np.zeros((64, 64), np.float32)
+    mask: np.ndarray = np.zeros((64, 64), np.float32)
     cv2.circle(mask, (32, 34), 22, 1.0, -1)
     want = correct_colour(face, target, mask, method)
     got = to_uint8(
@@ -127,7 +127,7 @@ def _paste_inputs(n_faces: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     faces, masks = [], []
     for _ in range(n_faces):
         faces.append(cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (64, 64)))
-        mask = np.zeros((64, 64), np.float32)
+        mask: np.ndarray = np.zeros((64, 64), np.float32)
         cx, cy, r = rng.integers(26, 38), rng.integers(28, 40), rng.integers(16, 26)
         cv2.circle(mask, (int(cx), int(cy)), int(r), 1.0, -1)
         mask = cv2.GaussianBlur(mask, (0, 0), 3)
@@ -178,7 +178,7 @@ def test_batched_paste_is_the_per_face_paste_overlaps_included() -> None:
 
 @pytest.mark.parametrize(("erosion", "blur"), [(0.02, 0.05), (-0.05, 0.1), (0.0, 0.0), (0.1, 0.02)])
 def test_mask_refinement_on_the_device_matches_opencv(erosion: float, blur: float) -> None:
-    mask = np.zeros((64, 64), np.float32)
+    mask: np.ndarray = np.zeros((64, 64), np.float32)
     cv2.ellipse(mask, (32, 36), (22, 26), 10, 0, 360, 1.0, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), 1.5)  # soft, as a decoder's mask head gives
     want = refine_mask(mask, erosion, blur)
@@ -190,7 +190,7 @@ def _frame_model(
     crops: list[np.ndarray],
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A model with a mask head: the crop mirrored, and a soft oval as its mask."""
-    mask = np.zeros((64, 64), np.uint8)
+    mask: np.ndarray = np.zeros((64, 64), np.uint8)
     cv2.ellipse(mask, (32, 36), (20, 25), 0, 0, 360, 255, -1)
     mask = cv2.GaussianBlur(mask, (0, 0), 2)
     return [np.ascontiguousarray(c[:, ::-1]) for c in crops], [mask] * len(crops)
@@ -242,7 +242,7 @@ def _tensor_and_opencv_frames(
             device="cpu",
             metrics_port=-1,
             frame_pipeline=pipeline,
-            **settings,  # type: ignore[arg-type]
+            **settings,
         )
         with ServerThread(config) as srv, FacemuxClient(srv.target, timeout=60) as c:
             c.wait_ready(60)

@@ -23,7 +23,7 @@ FACEMUX = str(Path(sys.executable).parent / "facemux")
 
 
 def _settings(tmp_path: Path, **kw: object) -> Settings:
-    return Settings(port=0, store=tmp_path / "store", metrics_port=-1, audit_log="", **kw)  # type: ignore[arg-type]
+    return Settings(port=0, store=tmp_path / "store", metrics_port=-1, audit_log="", **kw)
 
 
 def test_tls_with_tokens_and_live_certificate_reload(tmp_path: Path, models: Models) -> None:
@@ -105,10 +105,10 @@ def test_mtls_identity_from_the_client_certificate(tmp_path: Path, models: Model
     ).replace(audit_log=str(audit))
     with ServerThread(settings) as srv:
         kw = {"timeout": 20, "retries": 1, "ca": ca.cert}
-        with FacemuxClient(srv.target, cert=ops.cert, key=ops.key, **kw) as c:  # type: ignore[arg-type]
+        with FacemuxClient(srv.target, cert=ops.cert, key=ops.key, **kw) as c:
             c.wait_ready(30)
             assert c.swap_faces([FACE], "alice").faces_swapped == 1
-        with FacemuxClient(srv.target, cert=stranger.cert, key=stranger.key, **kw) as c:  # type: ignore[arg-type]
+        with FacemuxClient(srv.target, cert=stranger.cert, key=stranger.key, **kw) as c:
             with pytest.raises(FacemuxRpcError) as info:
                 c.swap_faces([FACE], "alice")
             # An unlisted certificate proves no configured caller: UNAUTHENTICATED, as for
@@ -116,7 +116,7 @@ def test_mtls_identity_from_the_client_certificate(tmp_path: Path, models: Model
             assert info.value.code.name == "UNAUTHENTICATED"
             assert "not a configured caller" in info.value.details
         # No client certificate: the TLS handshake itself is refused.
-        with FacemuxClient(srv.target, **{**kw, "timeout": 5}) as c:  # type: ignore[arg-type]
+        with FacemuxClient(srv.target, **{**kw, "timeout": 5}) as c:
             with pytest.raises(FacemuxRpcError) as info:
                 c.swap_faces([FACE], "alice")
             assert info.value.code.name == "UNAVAILABLE"
@@ -169,4 +169,4 @@ def test_health_port_answers_probes_in_plain_text_and_nothing_else(
                     metadata=[("authorization", f"Bearer {token}")],
                     timeout=5,
                 )
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

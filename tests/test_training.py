@@ -44,7 +44,7 @@ def settings(root: Path, **kw: object) -> Settings:
         # Replicas look for each other's jobs every 0.5 s (2 s by default).
         "training_scan_seconds": 0.5,
     }
-    return Settings(**(base | kw))  # type: ignore[arg-type]
+    return Settings(**(base | kw))
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_bad_requests_are_refused_before_any_job(trainer_server: FacemuxClient) 
     for kw in bad:
         args: dict[str, object] = {"identity": "frank", "consent": CONSENT} | kw
         with pytest.raises(FacemuxRpcError) as err:
-            c.train(["frank"], **args)  # type: ignore[arg-type]
+            c.train(["frank"], **args)
         assert err.value.code == C.INVALID_ARGUMENT, kw
     with pytest.raises(FacemuxRpcError) as err:
         c.train(["frank", "frank"], identity="frank", consent=CONSENT)
@@ -186,14 +186,14 @@ def test_queue_full_and_cancel(trainer_server: FacemuxClient, tmp_path: Path) ->
     c = trainer_server
     c.upload_dataset("gina", [png(i) for i in faces(11, 6)], aligned=True)
     long = {"steps": 100_000, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 5}
-    running = c.train(["gina"], identity="gina", consent=CONSENT, **long)  # type: ignore[arg-type]
+    running = c.train(["gina"], identity="gina", consent=CONSENT, **long)
     # Wait for it to leave the queue (one runs at once), then fill the queue (one waits).
     for ev in c.watch_job(running.id, timeout=60):
         if ev.job.step >= 5:
             break
-    queued = c.train(["gina"], identity="gina", consent=CONSENT, **long)  # type: ignore[arg-type]
+    queued = c.train(["gina"], identity="gina", consent=CONSENT, **long)
     with pytest.raises(FacemuxRpcError) as err:
-        c.train(["gina"], identity="gina", consent=CONSENT, **long)  # type: ignore[arg-type]
+        c.train(["gina"], identity="gina", consent=CONSENT, **long)
     assert err.value.code == C.RESOURCE_EXHAUSTED
 
     assert c.cancel_job(queued.id).state == tpb.JOB_STATE_CANCELLED
@@ -431,7 +431,7 @@ def _foreign_queued_job(jobs_root: Path) -> str:
 def _busy_executor_threads(srv: ServerThread) -> int:
     """Threads of the server loop's default executor (the one asyncio.to_thread, and so
     Swap, uses) doing something other than waiting for work."""
-    executor = srv._loop._default_executor  # type: ignore[attr-defined]
+    executor = srv._loop._default_executor
     if executor is None:
         return 0
     frames = sys._current_frames()

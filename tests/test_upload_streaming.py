@@ -57,7 +57,7 @@ def test_bogus_upload_is_refused_at_its_first_chunk(
     with pytest.raises(grpc.RpcError) as info:
         client.identity_stub.RegisterIdentity(iter(stream), timeout=60)
     seconds = time.perf_counter() - t0
-    err: grpc.Call = info.value  # type: ignore[assignment]
+    err: grpc.Call = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
     assert "header" in (err.details() or "")
     # The server answered before the client had sent the rest: what the client had taken

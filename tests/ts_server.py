@@ -8,7 +8,7 @@ inference.proto that TorchServe's own frontend jar carries, so they match the se
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import json
 import os
 import re
