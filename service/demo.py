@@ -108,6 +108,9 @@ class DemoRecipe:
     latent_adversary: float = DEFAULT_LATENT_ADVERSARY
 
 
+# Rendered faces per bank person for its mean latent (DemoRecipe.shift_bank).
+BANK_FACES = 128
+
 # The shipped encoder as it is: only the decoders learn, as a deployment adds an identity.
 FROZEN = DemoRecipe(encoder_lr=0.0, input_colour=demo_encoder.INPUT_COLOUR)
 
@@ -137,7 +140,9 @@ def make_trainer(
         }
     bank = {}
     for s in demo_encoder.pretrain_seeds(recipe.shift_bank if frozen else 0):
-        faces, _, _ = render_faces(synth.identity_from_seed(s), synth.make_states(128, s), res)
+        # As many faces as a demo person has, up to 128: a short run (tests) stays short.
+        k = min(BANK_FACES, min(len(d) for d in data.values()))
+        faces, _, _ = render_faces(synth.identity_from_seed(s), synth.make_states(k, s), res)
         bank[f"p{s}"] = mean_latent(encoder, torch.from_numpy(faces))
     return Trainer(
         encoder,
