@@ -43,7 +43,9 @@ FEATURES = (3.0, 3.0, 2.0)  # and the brows as strongly as the eyes
 # on, called "after" in earlier results) and "frozen, ..." change that; "default" is today's
 # DemoRecipe() (the shipped encoder trained on with the decoders) and "encoder ..." or
 # "default, ..." change that.
-FROZEN: dict[str, Any] = {"encoder_lr": 0.0, "input_colour": demo_encoder.INPUT_COLOUR}
+FROZEN: dict[str, Any] = {
+    k: v for k, v in dataclasses.asdict(demo.FROZEN).items() if v != getattr(DemoRecipe(), k)
+}
 BEFORE: dict[str, Any] = {**FROZEN, "lr": 1e-3, "identity_shift": 0.0, "shift_bank": 0}
 SHIFT: dict[str, Any] = {"identity_shift": 1.0, "shift_bank": 6}
 CAST: dict[str, Any] = {"input_colour": demo_encoder.INPUT_COLOUR}

@@ -139,9 +139,9 @@ def make_trainer(
             for n, lm in landmarks.items()
         }
     bank = {}
+    # As many faces as a demo person has, up to 128: a short run (tests) stays short.
+    k = min(BANK_FACES, min(len(d) for d in data.values()))
     for s in demo_encoder.pretrain_seeds(recipe.shift_bank if frozen else 0):
-        # As many faces as a demo person has, up to 128: a short run (tests) stays short.
-        k = min(BANK_FACES, min(len(d) for d in data.values()))
         faces, _, _ = render_faces(synth.identity_from_seed(s), synth.make_states(k, s), res)
         bank[f"p{s}"] = mean_latent(encoder, torch.from_numpy(faces))
     return Trainer(
@@ -269,6 +269,7 @@ def run(
     scratch = encoder_source == "scratch"
     base = FROZEN if encoder_source == "frozen" else DemoRecipe()
     recipe = dataclasses.replace(base, lr=lr, batch=batch)
+    encoder_trains = scratch or recipe.encoder_lr > 0
     where = f"for up to {seconds:.0f}s on {torch.get_num_threads()} CPU thread(s){threads_why}"
     if scratch:
         encoder = build_encoder(cfg, seed=seed)
@@ -284,7 +285,7 @@ def run(
             f"from the shipped tiny encoder {enc_fp[:16]} (pretrained on other synthetic\n"
             "      people), each decoder starting from one of that pretraining's decoders"
         )
-        if recipe.encoder_lr > 0:
+        if encoder_trains:
             print(
                 f"[2/5] training 2 decoders and the shared encoder {where},\n      {start};\n"
                 f"      the encoder learns on at {recipe.encoder_lr:g} (the decoders at "
@@ -333,7 +334,7 @@ def run(
 
     print("[3/5] publishing the encoder to a fresh store and starting the server")
     encoder.eval()
-    if scratch or recipe.encoder_lr > 0:
+    if encoder_trains:
         # A trained encoder is a new one: published under its own fingerprint, with the one it
         # started from on record.
         if not scratch:
