@@ -48,6 +48,7 @@ from facemux.models import imageio, inference
 from facemux.models import watermark as wm
 from facemux.models.config import get_preset
 from facemux.models.networks import build_decoder, build_encoder
+from facemux.models.pixels import images_to_unit
 from facemux.service import c2pa
 from facemux.service.auth import make_entry
 from facemux.service.store import LocalKeyStore
@@ -149,8 +150,11 @@ def parts(preset: str, seconds: float, keys: Path) -> tuple[list[Part], dict[int
         np.random.default_rng(0).integers(0, 256, (BATCH, res, res, 3), dtype=np.uint8)
     )
 
+    # The layout the server picks for this model on this CPU (Runtime.load).
+    layout, _ = inference.faster_layout(enc, dec, res, BATCH)
+
     def model() -> np.ndarray:
-        x = x8.permute(0, 3, 1, 2).float().div_(255.0)
+        x = images_to_unit(x8).contiguous(memory_format=inference.LAYOUTS[layout])
         rgb, _ = inference.decode(dec, inference.encode(enc, x))
         return inference.tensor_to_images(rgb.float())
 

@@ -21,12 +21,16 @@ def measure(
     cfg = get_preset(preset)
     enc = build_encoder(cfg, seed=0).eval().to(device)
     dec = build_decoder(cfg, seed=1).eval().to(device)
+    layout = "channels_last"
     if device.type == "cuda":
         enc = enc.to(memory_format=torch.channels_last)
         dec = dec.to(memory_format=torch.channels_last)
+    else:  # the layout the server picks for this model on this CPU (Runtime.load)
+        layout, _ = inference.faster_layout(enc, dec, cfg.resolution, batch)
     run_enc: torch.nn.Module = torch.compile(enc) if compiled else enc  # type: ignore[assignment]
     run_dec: torch.nn.Module = torch.compile(dec) if compiled else dec  # type: ignore[assignment]
     x = torch.rand(batch, 3, cfg.resolution, cfg.resolution, device=device)
+    x = x.contiguous(memory_format=inference.LAYOUTS[layout])
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -34,7 +34,8 @@ def images_to_unit(x: Tensor) -> Tensor:
     Contiguous, not the permuted view's channels-last strides: the CPU convolutions follow
     their input's layout, and in channels-last they ran the original64 model 1.6x slower on
     this project's 2-core CPU (batch 8: 271 against 172 ms) and a training step 10% slower.
-    A CUDA caller that wants channels-last (tensor cores) converts after."""
+    A caller whose model runs channels-last (tensor cores on CUDA; a CPU model for which
+    inference.faster_layout measured it faster) converts after."""
     return to_unit(x.permute(0, 3, 1, 2).contiguous())
 
 

@@ -170,6 +170,13 @@ class Settings:
         default="off",
         metadata=_help("torch.compile on CUDA: off, default, reduce-overhead (CUDA graphs)"),
     )
+    cpu_layout: str = field(
+        default="auto",
+        metadata=_help(
+            "memory layout of the model on CPU: auto (both timed at load, the faster kept), "
+            "nchw or channels_last"
+        ),
+    )
     warmup_batch_sizes: str = field(
         default="1", metadata=_help("batch sizes run once at load, comma-separated")
     )
@@ -427,6 +434,8 @@ class Settings:
             )
         if self.gpu_jpeg not in ("auto", "on", "off"):
             problems.append(f"gpu_jpeg {self.gpu_jpeg!r} must be auto, on or off")
+        if self.cpu_layout not in ("auto", "nchw", "channels_last"):
+            problems.append(f"cpu_layout {self.cpu_layout!r} must be auto, nchw or channels_last")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision {self.precision!r} must be auto, fp32 or bf16")
         if self.compile not in ("off", "default", "reduce-overhead", "max-autotune"):

@@ -73,6 +73,7 @@ class FacemuxHandler:
         self.resolution = 0
         self.max_pixels = 0
         self.device = torch.device("cpu")
+        self.layout = "nchw"
         self.signer: c2pa.C2paSigner | None = None
         self.archive = ""
 
@@ -93,6 +94,12 @@ class FacemuxHandler:
             )
             self.versions[name] = int(entry["version"])
         self.resolution = meta.config.resolution
+        if self.device.type == "cpu" and self.decoders:
+            # The layout facemux's own server would pick for this model (Runtime.load).
+            first, *rest = self.decoders.values()
+            self.layout, _ = inference.faster_layout(self.encoder, first, self.resolution)
+            for decoder in rest:
+                inference.set_layout(decoder, self.layout)
         self.max_pixels = int(manifest["max_image_pixels"])
         self.archive = str(manifest.get("model_name", "facemux"))
         signing = manifest.get("c2pa")
@@ -105,11 +112,12 @@ class FacemuxHandler:
             )
         self.initialized = True
         log.info(
-            "facemux archive %s: encoder %s, identities %s on %s, %d torch threads",
+            "facemux archive %s: encoder %s, identities %s on %s (%s), %d torch threads",
             self.archive,
             fingerprint[:12],
             ", ".join(f"{n} v{v}" for n, v in self.versions.items()),
             self.device,
+            self.layout,
             torch.get_num_threads(),
         )
 
@@ -153,6 +161,7 @@ class FacemuxHandler:
     def _swap(self, faces: list[np.ndarray], identities: list[str]) -> np.ndarray:
         assert self.encoder is not None
         x, _ = inference.faces_to_tensor(faces, self.resolution, self.device)
+        x = x.contiguous(memory_format=inference.LAYOUTS[self.layout])
         # The shared encoder runs once over the whole batch, whatever the identities; each
         # decoder draws its own rows.
         z = self.encoder(x)

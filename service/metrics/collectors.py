@@ -82,10 +82,16 @@ class StateCollector(Collector):
             info = GaugeMetricFamily(
                 "facemux_model_info",
                 "Always 1 once the encoder is loaded; the labels describe it.",
-                labels=("preset", "resolution", "encoder", "device"),
+                labels=("preset", "resolution", "encoder", "device", "layout"),
             )
             info.add_metric(
-                [rt.config.name, str(rt.config.resolution), rt.fingerprint[:16], str(rt.device)],
+                [
+                    rt.config.name,
+                    str(rt.config.resolution),
+                    rt.fingerprint[:16],
+                    str(rt.device),
+                    rt.layout,
+                ],
                 1.0,
             )
             yield info
