@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 
@@ -12,6 +13,34 @@ from facemux.models.imageio import resize_square
 from facemux.models.networks import Decoder, Encoder
 from facemux.models.pixels import images_to_unit, to_uint8
 from torch import Tensor
+
+# The intra-op count torch gives a new thread in this process before own_intra_op_threads
+# first changes it (OMP_NUM_THREADS or torch.set_num_threads, else one per core).
+_process_default: int | None = None
+
+
+def own_intra_op_threads(threads: int = 0) -> int:
+    """Give the calling thread `threads` intra-op threads (0: torch's default for the
+    process), and every thread that has not yet run a torch op one; returns the count given.
+
+    Each thread that runs a parallel op keeps an OpenMP team of its own for its life. Once
+    the teams hold more threads than there are cores, libgomp stops spinning between
+    parallel regions, and every op then pays to wake its team: on 2 cores a small
+    elementwise op took 3x as long (bench/RESULTS.md). A server whose batches all run on one
+    thread should keep one team, that thread's; its other threads (the model's loader,
+    to_thread workers, the frame pipeline) compute on their own."""
+    global _process_default
+    if _process_default is None:
+        _process_default = torch.get_num_threads()
+    n = threads or _process_default
+    torch.get_num_threads()  # this thread's count fixed now, so the reset below cannot reach it
+    torch.set_num_threads(n)  # this thread's team, and (a side effect) the default for new ones
+    # The default set back to one from a thread of its own: the same call from this thread
+    # would set this thread's team to one too.
+    reset = threading.Thread(target=torch.set_num_threads, args=(1,), name="facemux-threads")
+    reset.start()
+    reset.join()
+    return n
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -105,6 +105,7 @@ class Runtime:
         self.fingerprint = ""
         self._face_template: np.ndarray | None = None
         self.load_seconds = 0.0
+        self.compute_threads = 0  # the batcher thread's intra-op threads, once it started
         # The model's memory layout: channels_last on CUDA (tensor cores), chosen at load on
         # CPU (settings.cpu_layout).
         self.layout = "channels_last" if self.device.type == "cuda" else "nchw"
@@ -116,8 +117,6 @@ class Runtime:
 
     def load(self) -> None:
         t0 = time.perf_counter()
-        if self.device.type == "cpu" and self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
         fingerprint, data = self.store.read_encoder(self.settings.encoder)
         encoder, meta = checkpoint.load_encoder(data, device=self.device)
         encoder.eval()
@@ -336,6 +335,13 @@ class Runtime:
         if marked:
             faces[marked] = wm.embed_watermark_batch_t(faces[marked], payloads)
         return faces, masks
+
+    def enter_compute_thread(self) -> None:
+        """The batcher's thread owns the process's intra-op threads (torch_threads, 0 =
+        torch's default); threads that start computing after it use one
+        (inference.own_intra_op_threads says why)."""
+        self.compute_threads = inference.own_intra_op_threads(self.settings.torch_threads)
+        log.info("batches run on %d intra-op thread(s), other threads on one", self.compute_threads)
 
     def latents_to_device(self, latents: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(latents, dtype=np.float32)).to(self.device)

@@ -197,6 +197,10 @@ class ModelBackend(Protocol):
 
     def latents_to_device(self, latents: np.ndarray) -> Tensor: ...
 
+    def enter_compute_thread(self) -> None:
+        """Called once, first, on the thread that will run every batch."""
+        ...
+
     def latents_to_host(self, latents: Tensor) -> np.ndarray: ...
 
     def face_template(self) -> np.ndarray:
@@ -258,8 +262,12 @@ class Scheduler:
         self._finishing: queue.SimpleQueue[list[tuple[Item, Result]] | None] = queue.SimpleQueue()
         self._finisher = threading.Thread(target=self._finish, name="facemux-finisher", daemon=True)
         self._finisher.start()
+        self._entered = threading.Event()
         if start:
             self._thread.start()
+            # Settled before anything else computes: the backend may set up per-thread
+            # state (its intra-op threads) that other threads' first ops depend on.
+            self._entered.wait()
 
     # -- submission ------------------------------------------------------------------------
 
@@ -387,6 +395,12 @@ class Scheduler:
             return batch
 
     def _run(self) -> None:
+        try:
+            self.backend.enter_compute_thread()
+        except Exception:  # a tuning step: batches still run without it
+            log.exception("could not prepare the batch thread")
+        finally:
+            self._entered.set()
         while self.step():
             pass
 

@@ -181,7 +181,11 @@ class Settings:
         default="1", metadata=_help("batch sizes run once at load, comma-separated")
     )
     torch_threads: int = field(
-        default=0, metadata=_help("torch intra-op threads; 0 = one per core")
+        default=0,
+        metadata=_help(
+            "intra-op threads of the thread that runs the model's batches (the server's other "
+            "threads use one); 0 = torch's default: OMP_NUM_THREADS, else one per core"
+        ),
     )
     processes: int = field(
         default=1,

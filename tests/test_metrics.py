@@ -338,6 +338,7 @@ def test_live_server_metrics(live: tuple[ServerThread, FacemuxClient]) -> None:
     assert value(text, "facemux_queue_depth") == 0
     assert value(text, "facemux_model_load_seconds") > 0
     assert value(text, "facemux_model_info", preset="tiny", device="cpu") == 1
+    assert value(text, "facemux_batch_threads") >= 1
     assert value(text, "facemux_build_info") == 1
     assert value(text, "facemux_training_jobs", state="running") == 0
     # Zero series exist before the first call, so rate() reads 0 rather than no data.

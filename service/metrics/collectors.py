@@ -79,6 +79,14 @@ class StateCollector(Collector):
             )
             g.add_metric([], float(rt.load_seconds))
             yield g
+            if rt.compute_threads:
+                g = GaugeMetricFamily(
+                    "facemux_batch_threads",
+                    "Intra-op threads of the thread that runs the model's batches (setting "
+                    "torch_threads); the server's other threads compute on one.",
+                )
+                g.add_metric([], float(rt.compute_threads))
+                yield g
             info = GaugeMetricFamily(
                 "facemux_model_info",
                 "Always 1 once the encoder is loaded; the labels describe it.",

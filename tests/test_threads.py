@@ -1,0 +1,60 @@
+"""Intra-op threads: the thread that runs the model's batches keeps the process's OpenMP
+team; threads that start computing after it use one, so no second team competes for the
+cores (models/inference.own_intra_op_threads)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Run in a child process: the function changes the default of the whole process it runs in.
+SCRIPT = """
+import json, os, sys, threading, torch
+from facemux.models import inference
+
+torch.set_num_threads(2)  # the process default, whatever OMP_NUM_THREADS the test runs under
+asked = int(sys.argv[1])
+seen = {}
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def later():
+    seen["later"] = torch.get_num_threads()
+    before = tasks()
+    torch.ones(1 << 21).add_(1)  # large enough that a team of 2 would split it
+    seen["later_new_threads"] = tasks() - before
+
+def owner():
+    seen["given"] = inference.own_intra_op_threads(asked)
+    seen["owner"] = torch.get_num_threads()
+    t = threading.Thread(target=later)
+    t.start()
+    t.join()
+    seen["owner_after"] = torch.get_num_threads()
+
+o = threading.Thread(target=owner)
+o.start()
+o.join()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize(("asked", "given"), [(0, 2), (3, 3)])
+def test_the_batch_thread_keeps_its_team_and_later_threads_compute_alone(
+    asked: int, given: int
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(asked)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["given"] == seen["owner"] == seen["owner_after"] == given
+    assert seen["later"] == 1
+    assert seen["later_new_threads"] == 0  # no OpenMP team of its own
