@@ -34,6 +34,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 else:
     torch.set_num_threads(2)
+# Servers load the tiny model in the layout their load-time trial picks for it here, without
+# timing both at every start (about 0.15 s each; the suite starts well over a hundred).
+# tests/test_layout.py runs the trial.
+TEST_LAYOUT = "channels_last"
+os.environ.setdefault("FACEMUX_CPU_LAYOUT", TEST_LAYOUT)
 
 
 @dataclass
@@ -118,6 +123,7 @@ def server_settings(store: Path, *, provenance: str = "on") -> Settings:
         max_image_pixels=4_000_000,
         metrics_port=-1,
         provenance=provenance,
+        cpu_layout=TEST_LAYOUT,
     )
 
 

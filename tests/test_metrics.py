@@ -217,6 +217,15 @@ def test_interceptor_counts_every_rpc_shape_and_status() -> None:
                 rw = ch.stream_stream(m("BidiReadWrite"))(iter([b"r", b"s", b"t"]))
                 assert [r async for r in rw] == [b"r", b"s", b"t"]
 
+            # Both ends are recorded on the server's schedule, after the client left: the
+            # slow call's once the server sees its deadline pass (seconds later on a busy
+            # machine), the cancelled stream's once the cancellation reaches it.
+            await _eventually(
+                lambda: (
+                    get("grpc_server_handled_total", "UnarySlow", grpc_code="DEADLINE_EXCEEDED")
+                    == 1
+                )
+            )
             await _eventually(
                 lambda: (
                     get("grpc_server_handled_total", "StreamForever", grpc_code="CANCELLED") == 1
