@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -14,9 +15,27 @@ from facemux.models.networks import Decoder, Encoder
 from facemux.models.pixels import images_to_unit, to_uint8
 from torch import Tensor
 
+T = TypeVar("T")
+
 # The intra-op count torch gives a new thread in this process before own_intra_op_threads
 # first changes it (OMP_NUM_THREADS or torch.set_num_threads, else one per core).
 _process_default: int | None = None
+
+
+def default_threads() -> int:
+    """The intra-op count a thread that starts computing now gets."""
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    return seen[0]
+
+
+def _set_default_threads(n: int) -> None:
+    # From a thread of its own: torch.set_num_threads also sets the calling thread's count.
+    setter = threading.Thread(target=torch.set_num_threads, args=(n,), name="facemux-threads")
+    setter.start()
+    setter.join()
 
 
 def own_intra_op_threads(threads: int = 0) -> int:
@@ -35,12 +54,33 @@ def own_intra_op_threads(threads: int = 0) -> int:
     n = threads or _process_default
     torch.get_num_threads()  # this thread's count fixed now, so the reset below cannot reach it
     torch.set_num_threads(n)  # this thread's team, and (a side effect) the default for new ones
-    # The default set back to one from a thread of its own: the same call from this thread
-    # would set this thread's team to one too.
-    reset = threading.Thread(target=torch.set_num_threads, args=(1,), name="facemux-threads")
-    reset.start()
-    reset.join()
+    _set_default_threads(1)
     return n
+
+
+def on_threads(threads: int, fn: Callable[[], T]) -> T:
+    """fn() run on a thread of its own with `threads` intra-op threads, as the batch thread
+    runs (own_intra_op_threads): the extra team ends with that thread, and threads that
+    start computing later get the count they would have got before."""
+    before = default_threads()
+    out: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out.append(fn())
+        except BaseException as exc:  # raised again on the calling thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, name="facemux-timed")
+    worker.start()
+    worker.join()
+    _set_default_threads(before)
+    if failed:
+        raise failed[0]
+    return out[0]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -72,8 +112,8 @@ def faster_layout(
     margin: float = 0.95,
     budget_s: float = 1.0,
 ) -> tuple[str, float]:
-    """ "channels_last" or "nchw": the layout in which this encoder and decoder run a batch
-    faster on this CPU, and channels_last's time over nchw's (median of up to `rounds`
+    """Which layout, "channels_last" or "nchw", runs this encoder and decoder faster on this
+    CPU at `batch`, and channels_last's time over nchw's (median of up to `rounds`
     alternating runs after a warm-up run of each; fewer where one run of a layout takes
     more than `budget_s` / `rounds`, at least one). nchw stays unless channels_last takes
     at most `margin` of its time. Leaves both modules in the layout chosen.

@@ -128,9 +128,18 @@ class Runtime:
         self.fingerprint = meta.fingerprint
         self._face_template = np.asarray(meta.template, dtype=np.float64)
         if self.device.type == "cpu":
-            self.layout = self._cpu_layout(encoder, meta.config)
-        self._encoder = self._prepare(encoder)
-        self._warm_up()
+            # Timed and warmed up on as many threads as the batches will run on.
+            threads = (
+                self.compute_threads or self.settings.torch_threads or inference.default_threads()
+            )
+            self.layout = inference.on_threads(
+                threads, lambda: self._cpu_layout(encoder, meta.config)
+            )
+            self._encoder = self._prepare(encoder)
+            inference.on_threads(threads, self._warm_up)
+        else:
+            self._encoder = self._prepare(encoder)
+            self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "encoder %s (%s, %dpx) loaded on %s in %.2fs",
