@@ -127,19 +127,21 @@ class Runtime:
         self.config = meta.config
         self.fingerprint = meta.fingerprint
         self._face_template = np.asarray(meta.template, dtype=np.float64)
+
+        def ready() -> None:
+            if self.device.type == "cpu":
+                self.layout = self._cpu_layout(encoder, meta.config)
+            self._encoder = self._prepare(encoder)
+            self._warm_up()
+
         if self.device.type == "cpu":
             # Timed and warmed up on as many threads as the batches will run on.
             threads = (
                 self.compute_threads or self.settings.torch_threads or inference.default_threads()
             )
-            self.layout = inference.on_threads(
-                threads, lambda: self._cpu_layout(encoder, meta.config)
-            )
-            self._encoder = self._prepare(encoder)
-            inference.on_threads(threads, self._warm_up)
+            inference.on_threads(threads, ready)
         else:
-            self._encoder = self._prepare(encoder)
-            self._warm_up()
+            ready()
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "encoder %s (%s, %dpx) loaded on %s in %.2fs",
@@ -303,8 +305,7 @@ class Runtime:
             one = parts[0]
             lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
             x = images_to_unit(torch.from_numpy(one if lone else np.concatenate(parts)))
-            if self.layout != "nchw":
-                x = x.contiguous(memory_format=inference.LAYOUTS[self.layout])
+            x = x.contiguous(memory_format=inference.LAYOUTS[self.layout])  # no-op for nchw
         with self._autocast():
             return inference.encode(self.encoder(), x)
 
