@@ -3,6 +3,7 @@ run, each against its own bare forward at batch 8 (measured right before it).
 
     python bench/serving_compare.py                      # tiny and original64, 20 s each
     python bench/serving_compare.py --presets tiny --seconds 10 --json out.json
+    python bench/serving_compare.py --presets tiny --connections 8 --processes 2
 
 Per preset: one store with random-weight identities (the figures do not depend on training);
 the TorchServe archive is exported from that store (`export_torchserve`: the same weights,
@@ -17,10 +18,13 @@ watermark-only` drops the C2PA manifest on both, and the rows say so). Each serv
   to the same count (the worker logs the torch threads it got), TorchServe's own token
   authorization off (the test launcher's setting).
 
-The load: K closed-loop grpc.aio clients on one channel, one 64x64 JPEG face per call, PNG
-back; facemux's Swap, TorchServe's gRPC Predictions (identity field). A TorchServe answer
-whose body is not a PNG (the handler's JSON error body) counts as an error. Mean batch:
-facemux's facemux_batch_size histogram; TorchServe's from the handler's FacemuxBatchSize
+The load: K closed-loop grpc.aio clients on one channel (`--connections N`: spread over N
+channels, each its own connection), one 64x64 JPEG face per call, PNG back; facemux's Swap,
+TorchServe's gRPC Predictions (identity field). A TorchServe answer whose body is not a PNG
+(the handler's JSON error body) counts as an error. `--processes N` adds a row for
+`facemux serve --processes N`: N servers on one port, each with its share of the torch
+threads and its own batches. Mean batch: facemux's facemux_batch_size histogram (summed over
+the processes); TorchServe's from the handler's FacemuxBatchSize
 metric (declared in the launcher's metrics.yaml), both over the measured window only. The
 bare forward is bench/model_throughput.py's `measure` at batch 8 (fp32, not compiled).
 
@@ -118,21 +122,23 @@ class Load:
 
 
 async def closed_loop(
-    call: Callable[[], Awaitable[bool]],
+    call_for: Callable[[int], Callable[[], Awaitable[bool]]],
     clients: int,
     warmup: float,
     seconds: float,
     at_start: Callable[[], None],
 ) -> Load:
-    """`clients` coroutines, each issuing its next call when the last one is answered. Calls
-    that start in the warm-up are not counted; `at_start` runs when measuring begins."""
+    """`clients` coroutines, each issuing its next call (client i's: `call_for(i)`) when
+    the last one is answered. Calls that start in the warm-up are not counted; `at_start`
+    runs when measuring begins."""
     loop = asyncio.get_running_loop()
     begin = loop.time() + warmup
     end = begin + seconds
     latencies: list[float] = []
     load = Load(latencies, 0, seconds)
 
-    async def client() -> None:
+    async def client(i: int) -> None:
+        call = call_for(i)
         while (t0 := loop.time()) < end:
             try:
                 ok = await call()
@@ -151,7 +157,7 @@ async def closed_loop(
         await asyncio.sleep(warmup)
         await loop.run_in_executor(None, at_start)
 
-    await asyncio.gather(mark(), *(client() for _ in range(clients)))
+    await asyncio.gather(mark(), *(client(i) for i in range(clients)))
     return load
 
 
@@ -176,26 +182,45 @@ def facemux_batches(metrics_port: int) -> tuple[float, float]:
     return found["sum"], found["count"]
 
 
+def channels(target: str, n: int) -> list[grpc.aio.Channel]:
+    """`n` channels to `target`, each with a connection of its own: grpc shares one
+    connection among channels to the same target unless each keeps its own pool."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if n > 1 else []
+    return [grpc.aio.insecure_channel(target, options=options) for _ in range(n)]
+
+
 def run_facemux(
-    preset: str, store: Path, work: Path, face: bytes, args: argparse.Namespace, bare: float
+    preset: str,
+    store: Path,
+    work: Path,
+    face: bytes,
+    args: argparse.Namespace,
+    bare: float,
+    processes: int = 1,
 ) -> Row:
     entry, token = make_entry("bench", ["swap"])
     tokens = work / "callers.jsonl"
     tokens.write_text(json.dumps(entry) + "\n")
+    threads = max(1, args.threads // processes)  # each server's share
     # The audit trail goes to stdout by default: written, as a user's would be, then dropped
     # (with a log file the helper drops the child's stdout).
     server = ServeProcess(
         store,
-        *("--auth-tokens-file", str(tokens), "--torch-threads", str(args.threads)),
+        *("--auth-tokens-file", str(tokens), "--torch-threads", str(threads)),
         *("--max-batch-size", str(BATCH), "--max-batch-wait-ms", str(WAIT_MS)),
         *(["--provenance", args.provenance] if args.provenance != "on" else []),
+        *(["--processes", str(processes)] if processes > 1 else []),
         metrics=True,
         log=work / "facemux.log",
     ).start()
-    port, metrics_port = server.port, server.metrics_port
+    port = server.port
+    # Server i of `--processes` serves /metrics on metrics_port + i.
+    metrics_ports = [server.metrics_port + i for i in range(processes)]
     try:
         with FacemuxClient(f"127.0.0.1:{port}", token=token) as probe:
             probe.wait_ready(120)
+        if processes > 1:  # the probe found one of them ready: wait for every one
+            wait_metrics(metrics_ports, 120)
         request = spb.SwapRequest(
             identity=IDENTITY,
             faces=spb.FaceBatch(faces=[types_pb2.Image(encoded=face)]),
@@ -204,34 +229,52 @@ def run_facemux(
         metadata = (("authorization", f"Bearer {token}"),)
         marks: list[tuple[float, float]] = []
 
+        def batches() -> tuple[float, float]:
+            found = [facemux_batches(p) for p in metrics_ports]
+            return sum(s for s, _ in found), sum(c for _, c in found)
+
         async def drive() -> Load:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = sgrpc.SwapServiceStub(channel)
+            chans = channels(f"127.0.0.1:{port}", args.connections)
+            stubs = [sgrpc.SwapServiceStub(ch) for ch in chans]
+
+            def call_for(i: int) -> Callable[[], Awaitable[bool]]:
+                stub = stubs[i % len(stubs)]
 
                 async def call() -> bool:
                     resp = await stub.Swap(request, metadata=metadata, timeout=60)
                     return len(resp.faces) == 1 and resp.faces[0].encoded.startswith(PNG_MAGIC)
 
+                return call
+
+            try:
                 load = await closed_loop(
-                    call,
+                    call_for,
                     args.clients,
                     args.warmup,
                     args.seconds,
-                    lambda: marks.append(facemux_batches(metrics_port)),
+                    lambda: marks.append(batches()),
                 )
-                marks.append(facemux_batches(metrics_port))
-                return load
+                marks.append(batches())
+            finally:
+                for ch in chans:
+                    await ch.close()
+            return load
 
         load = asyncio.run(drive())
     finally:
         server.stop()
     (s0, c0), (s1, c1) = marks
     fps, p50, p99 = _summary(load)
+    name = "facemux" if processes == 1 else f"facemux, {processes} processes"
+    note = "defaults: tokens auth (loopback, no TLS), audit log on, "
+    note += _provenance_note(args.provenance)
+    if processes > 1:
+        note += f"; {processes} servers on one port, {threads} torch thread(s) each"
     if load.first_error:
-        print(f"facemux {preset}: {load.errors} errors, first: {load.first_error}")
+        print(f"{name} {preset}: {load.errors} errors, first: {load.first_error}")
     return Row(
         preset,
-        "facemux",
+        name,
         fps,
         p50,
         p99,
@@ -239,10 +282,25 @@ def run_facemux(
         len(load.latencies),
         (s1 - s0) / max(c1 - c0, 1),
         bare,
-        args.threads,
-        "defaults: tokens auth (loopback, no TLS), audit log on, "
-        + _provenance_note(args.provenance),
+        threads,
+        note,
     )
+
+
+def wait_metrics(ports: list[int], timeout: float) -> None:
+    """Until every port answers /metrics with a loaded model (facemux_model_info)."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/metrics"
+                if "facemux_model_info{" in urllib.request.urlopen(url, timeout=5).read().decode():
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no facemux /metrics with a model on port {port}")
+            time.sleep(0.1)
 
 
 def run_torchserve(
@@ -262,21 +320,30 @@ def run_torchserve(
         marks: list[int] = []
 
         async def drive() -> Load:
-            async with grpc.aio.insecure_channel(ts.grpc_target) as channel:
-                stub = pb2_grpc.InferenceAPIsServiceStub(channel)
+            chans = channels(ts.grpc_target, args.connections)
+            stubs = [pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chans]
+
+            def call_for(i: int) -> Callable[[], Awaitable[bool]]:
+                stub = stubs[i % len(stubs)]
 
                 async def call() -> bool:
                     # gRPC status OK even for a refused item: the body tells.
                     resp = await stub.Predictions(request, timeout=60)
                     return bool(resp.prediction.startswith(PNG_MAGIC))
 
+                return call
+
+            try:
                 return await closed_loop(
-                    call,
+                    call_for,
                     args.clients,
                     args.warmup,
                     args.seconds,
                     lambda: marks.append(len(ts.batch_sizes())),
                 )
+            finally:
+                for ch in chans:
+                    await ch.close()
 
         load = asyncio.run(drive())
         # The frontend writes the worker's metric lines a moment later.
@@ -290,7 +357,7 @@ def run_torchserve(
         print(f"TorchServe {preset}: {load.errors} errors, first: {load.first_error}")
     return Row(
         preset,
-        "TorchServe 0.12",
+        TORCHSERVE,
         fps,
         p50,
         p99,
@@ -340,6 +407,11 @@ def compare(preset: str, args: argparse.Namespace) -> list[Row]:
 
         rows = [run_facemux(preset, root / "store", root, face, args, bare())]
         print(f"{preset}: facemux {rows[-1].faces_per_s:.1f} faces/s")
+        if args.processes > 1:
+            rows.append(
+                run_facemux(preset, root / "store", root, face, args, bare(), args.processes)
+            )
+            print(f"{preset}: {rows[-1].server} {rows[-1].faces_per_s:.1f} faces/s")
         rows.append(run_torchserve(preset, root / "mars", root, face, args, bare()))
         print(f"{preset}: TorchServe {rows[-1].faces_per_s:.1f} faces/s")
     return rows
@@ -347,7 +419,8 @@ def compare(preset: str, args: argparse.Namespace) -> list[Row]:
 
 def table(rows: list[Row], args: argparse.Namespace) -> str:
     out = [
-        f"{args.clients} closed-loop grpc.aio clients on one channel, one 64x64 JPEG face per "
+        f"{args.clients} closed-loop grpc.aio clients on {_connections(args.connections)}, "
+        "one 64x64 JPEG face per "
         f"call, PNG back; batch {BATCH}, max wait {WAIT_MS} ms; {args.seconds:.0f} s after "
         f"{args.warmup:.0f} s warm-up; {args.threads} torch threads; {os.cpu_count()} cores",
         "",
@@ -364,16 +437,22 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
     out += ["", "| preset | facemux / TorchServe faces/s | p99 facemux vs TorchServe |"]
     out.append("|---|---:|---|")
     for preset in dict.fromkeys(r.preset for r in rows):
-        fm, ts = (next(r for r in rows if r.preset == preset and r.server == s) for s in SERVERS)
-        verdict = "lower" if fm.p99_ms < ts.p99_ms else "not lower"
-        out.append(
-            f"| {preset} | {fm.faces_per_s / ts.faces_per_s:.2f}x | "
-            f"{fm.p99_ms:.1f} vs {ts.p99_ms:.1f} ms ({verdict}) |"
-        )
+        ts = next(r for r in rows if r.preset == preset and r.server == TORCHSERVE)
+        for fm in (r for r in rows if r.preset == preset and r.server != TORCHSERVE):
+            verdict = "lower" if fm.p99_ms < ts.p99_ms else "not lower"
+            label = preset if fm.server == "facemux" else f"{preset} ({fm.server})"
+            out.append(
+                f"| {label} | {fm.faces_per_s / ts.faces_per_s:.2f}x | "
+                f"{fm.p99_ms:.1f} vs {ts.p99_ms:.1f} ms ({verdict}) |"
+            )
     return "\n".join(out)
 
 
-SERVERS = ("facemux", "TorchServe 0.12")
+def _connections(n: int) -> str:
+    return "one channel" if n == 1 else f"{n} channels (a connection each)"
+
+
+TORCHSERVE = "TorchServe 0.12"
 
 
 def main() -> int:
@@ -391,6 +470,19 @@ def main() -> int:
         choices=("on", "watermark-only"),
         default="on",
         help="both servers: watermark + C2PA (facemux's default) or the watermark alone",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="spread the clients over this many channels, each its own connection (both servers)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="also serve with `facemux serve --processes N` (a row of its own; the kernel "
+        "spreads connections, not calls, so give --connections of N or more)",
     )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
