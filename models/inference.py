@@ -6,7 +6,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -180,6 +180,63 @@ def encode(encoder: Encoder, x: Tensor) -> Tensor:
 @torch.inference_mode()
 def decode(decoder: Decoder, z: Tensor) -> tuple[Tensor, Tensor | None]:
     return decoder(z)
+
+
+def power_of_two_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `max_batch`, and `max_batch`: a batch padded to the next one runs
+    at most twice the rows it needs, and a compiled model sees log2(max_batch) + 1 shapes."""
+    sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch}
+    return tuple(sorted(sizes | {max_batch}))
+
+
+Out = TypeVar("Out", Tensor, tuple[Tensor, Tensor | None])
+
+
+def in_buckets(fn: Callable[[Tensor], Out], x: Tensor, buckets: Sequence[int]) -> tuple[Out, int]:
+    """(fn(x), blank rows run): `fn` called only at the batch sizes in `buckets`
+    (ascending), so that a compiled model is traced and its CUDA graphs captured once per
+    bucket, not once per size (torch.compile with static shapes stops compiling after
+    recompile_limit sizes, and runs the rest uncompiled). `x` gets rows of zeros up to the
+    smallest bucket that holds it, or runs in chunks of the largest; only its own rows come
+    back. `fn` must treat rows independently (the eval-mode encoder and decoders do). No
+    buckets: fn(x) as it is.
+
+    Every batch `fn` gets is a fresh inference tensor in `x`'s layout: the compiled graph's
+    guards also tell inference tensors from others, and latents arrive as both (from the
+    encoder, or from a Decode request), which would be two graphs per bucket."""
+    n = len(x)
+    if not buckets:
+        return fn(x), 0
+    top = buckets[-1]
+    if n > top:
+        outs = [in_buckets(fn, x[i : i + top], buckets) for i in range(0, n, top)]
+        return cast(Out, _cat([o for o, _ in outs])), sum(p for _, p in outs)
+    size = next(b for b in buckets if b >= n)
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+    with torch.inference_mode():
+        batch = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        batch = batch.contiguous(memory_format=fmt)
+        batch[:n] = x
+        batch[n:] = 0
+    return _rows(fn(batch), n), size - n
+
+
+def _rows(out: Out, n: int) -> Out:
+    if isinstance(out, Tensor):
+        return out[:n]
+    rgb, mask = out
+    return rgb[:n], None if mask is None else mask[:n]
+
+
+def _cat(
+    outs: Sequence[Tensor | tuple[Tensor, Tensor | None]],
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    tensors = [o for o in outs if isinstance(o, Tensor)]
+    if tensors:
+        return torch.cat(tensors)
+    pairs = [o for o in outs if not isinstance(o, Tensor)]
+    masks = [m for _, m in pairs if m is not None]
+    return torch.cat([rgb for rgb, _ in pairs]), torch.cat(masks) if masks else None
 
 
 def module_bytes(module: torch.nn.Module) -> int:

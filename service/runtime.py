@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
@@ -27,6 +27,7 @@ from facemux.models.errors import (
     PreconditionError,
     UnavailableError,
 )
+from facemux.models.inference import Out
 from facemux.models.networks import Decoder, Encoder, build_decoder
 from facemux.models.pixels import images_to_unit, to_uint8, to_unit
 from facemux.service.settings import Settings
@@ -109,7 +110,27 @@ class Runtime:
         # The model's memory layout: channels_last on CUDA (tensor cores), chosen at load on
         # CPU (settings.cpu_layout).
         self.layout = "channels_last" if self.device.type == "cuda" else "nchw"
+        # The batch sizes the model runs at (settings.batch_buckets); () = its own size.
+        self.buckets = self._buckets()
+        self.padded_faces = 0  # blank rows run to fill buckets, since start
         self._load_lock = threading.Lock()
+
+    def _buckets(self) -> tuple[int, ...]:
+        spec = self.settings.batch_buckets
+        compiled = self.device.type == "cuda" and self.settings.compile != "off"
+        if spec == "off" or (spec == "auto" and not compiled):
+            return ()
+        if spec == "auto":
+            return inference.power_of_two_buckets(self.settings.max_batch_size)
+        return self.settings.listed_buckets()
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return inference.encode(self.encoder(), x)
+
+    def _in_buckets(self, fn: Callable[[torch.Tensor], Out], x: torch.Tensor) -> Out:
+        out, padded = inference.in_buckets(fn, x, self.buckets)
+        self.padded_faces += padded
+        return out
 
     @property
     def ready(self) -> bool:
@@ -143,6 +164,8 @@ class Runtime:
         else:
             ready()
         self.load_seconds = time.perf_counter() - t0
+        if self.buckets:
+            log.info("batches run padded to one of the sizes %s", ",".join(map(str, self.buckets)))
         log.info(
             "encoder %s (%s, %dpx) loaded on %s in %.2fs",
             self.fingerprint[:16],
@@ -197,6 +220,8 @@ class Runtime:
         selection, compilation or CUDA graph capture."""
         assert self.config is not None
         sizes = [int(b) for b in self.settings.warmup_batch_sizes.split(",") if b.strip()]
+        if self.buckets:  # every shape the model will see, traced and captured now
+            sizes = list(self.buckets)
         res = self.config.resolution
         for n in sizes:
             self.encode_batch(np.zeros((n, res, res, 3), np.uint8))
@@ -287,7 +312,7 @@ class Runtime:
             )
             x = to_unit(x).contiguous(memory_format=inference.LAYOUTS[self.layout])
             with self._autocast():
-                return inference.encode(self.encoder(), x)
+                return self._in_buckets(self._encode, x)
         parts = cast(Sequence[np.ndarray], parts_any)
         if self.device.type == "cuda":
             n = sum(len(f) for f in parts)
@@ -307,7 +332,7 @@ class Runtime:
             x = images_to_unit(torch.from_numpy(one if lone else np.concatenate(parts)))
             x = x.contiguous(memory_format=inference.LAYOUTS[self.layout])  # no-op for nchw
         with self._autocast():
-            return inference.encode(self.encoder(), x)
+            return self._in_buckets(self._encode, x)
 
     def decode_batch(
         self,
@@ -322,7 +347,7 @@ class Runtime:
             masks_np = None if masks_t is None else masks_t.cpu().numpy()
             return faces_t.permute(0, 2, 3, 1).cpu().numpy(), masks_np
         with self._autocast():
-            rgb, mask = inference.decode(decoder, latents)
+            rgb, mask = self._in_buckets(lambda z: inference.decode(decoder, z), latents)
         masks = None if mask is None else inference.tensor_to_images(mask.float())
         faces = inference.tensor_to_images(rgb.float())
         if marked:
@@ -338,7 +363,7 @@ class Runtime:
         """As decode_batch, but the faces (N,3,R,R) and masks (N,R,R), uint8, stay on the
         device: the frame pipeline masks, colour-corrects and pastes them there."""
         with self._autocast():
-            rgb, mask = inference.decode(decoder, latents)
+            rgb, mask = self._in_buckets(lambda z: inference.decode(decoder, z), latents)
         faces = to_uint8(rgb.float())
         masks = None if mask is None else to_uint8(mask.float())[:, 0]
         marked, payloads = _marked(marks)

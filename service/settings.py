@@ -180,6 +180,15 @@ class Settings:
     warmup_batch_sizes: str = field(
         default="1", metadata=_help("batch sizes run once at load, comma-separated")
     )
+    batch_buckets: str = field(
+        default="auto",
+        metadata=_help(
+            "batch sizes the model runs at, each batch padded with blank rows up to the next "
+            "(a compiled model is traced once per bucket, and every bucket is warmed up at "
+            "load): auto (1, 2, 4, ... up to max_batch_size when compile is on, none when "
+            "off), off, or sizes like 1,8,32 that reach max_batch_size"
+        ),
+    )
     torch_threads: int = field(
         default=0,
         metadata=_help(
@@ -450,6 +459,21 @@ class Settings:
             [int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()]
         except ValueError:
             problems.append(f"warmup_batch_sizes {self.warmup_batch_sizes!r} must be like 1,8,32")
+        if self.batch_buckets not in ("auto", "off"):
+            try:
+                sizes = self.listed_buckets()
+            except ValueError:
+                sizes = ()
+            if not sizes or sizes[0] < 1:
+                problems.append(
+                    f"batch_buckets {self.batch_buckets!r} must be auto, off or sizes like 1,8,32"
+                )
+            elif sizes[-1] < self.max_batch_size:
+                problems.append(
+                    f"batch_buckets {self.batch_buckets!r} stop below max_batch_size "
+                    f"{self.max_batch_size}: add {self.max_batch_size}, or the largest batches "
+                    "run in two"
+                )
         if self.landmark_points not in (5, 68):
             problems.append(f"landmark_points must be 5 or 68, not {self.landmark_points}")
         dev = self.device
@@ -464,6 +488,10 @@ class Settings:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{host}:{self.port}"
+
+    def listed_buckets(self) -> tuple[int, ...]:
+        """batch_buckets as sizes, ascending (ValueError for auto and off)."""
+        return tuple(sorted({int(b) for b in self.batch_buckets.split(",") if b.strip()}))
 
     def detector_process_count(self) -> int:
         """detector_processes with auto resolved for this machine."""

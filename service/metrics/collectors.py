@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -87,6 +87,14 @@ class StateCollector(Collector):
                 )
                 g.add_metric([], float(rt.compute_threads))
                 yield g
+            if rt.buckets:
+                c = CounterMetricFamily(
+                    "facemux_batch_padding_faces",
+                    "Blank rows the model ran to fill batches up to their bucket (setting "
+                    "batch_buckets).",
+                )
+                c.add_metric([], float(rt.padded_faces))
+                yield c
             info = GaugeMetricFamily(
                 "facemux_model_info",
                 "Always 1 once the encoder is loaded; the labels describe it.",
