@@ -85,6 +85,9 @@ run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --devic
 # One server process against four on one port (--processes): is the host side the bound?
 run swap_df128_processes 150 python3 bench/swap_throughput.py --preset df128 --device cuda \
   --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --processes 4
+# The compiled model (CUDA graphs, batches padded to power-of-two buckets) served and bare.
+run swap_df128_compiled 240 python3 bench/swap_throughput.py --preset df128 --device cuda \
+  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --compile reduce-overhead
 # Batch formation and per-call cost with the defaults (provenance on) on the card.
 run convoy_df128 90 python3 bench/swap_throughput.py --convoy --preset df128 --device cuda \
   --clients 16 --max-batch 16 --max-wait-ms 2 --seconds 10

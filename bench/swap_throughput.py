@@ -5,6 +5,8 @@ model loop, all measured in one run on one machine.
     python bench/swap_throughput.py --preset tiny --clients 8 --faces-per-call 1
     python bench/swap_throughput.py --convoy --max-wait-ms 10 [--baseline-src ../main]
     python bench/swap_throughput.py --preset df128 --device cuda --clients 32 --processes 4
+    python bench/swap_throughput.py --preset df128 --device cuda --clients 32 \
+        --compile reduce-overhead
 
 --convoy measures batch formation under what users send: K closed-loop grpc.aio callers on
 one channel, one 64x64 JPEG crop per call, PNG back, max batch K, server defaults otherwise
@@ -21,6 +23,10 @@ the encoder and decoder in this process at the batch size the batched server can
 --processes N adds a row for `facemux serve --processes N` (N servers on one port, torch
 threads shared out among them) beside the one-process rows; every client then opens its own
 connection (the kernel spreads connections, not calls, over the processes), in every row.
+
+--compile MODE adds a row for the server with `--compile MODE` (each batch padded to a
+power-of-two bucket, every bucket compiled at load) and a bare loop compiled the same way.
+The server compiles on CUDA only: on CPU its row runs eager.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import cv2
 import grpc
@@ -120,19 +127,29 @@ def crops(n: int, res: int) -> list[bytes]:
     return out
 
 
-def bare_loop(preset: str, batch: int, seconds: float, threads: int, device: str) -> Row:
+def bare_loop(
+    preset: str, batch: int, seconds: float, threads: int, device: str, compile_mode: str = ""
+) -> Row:
     """The model alone at the server's batch size, with the server's precision rules
-    (bf16 autocast on CUDA, fp32 on CPU) and the same uint8 in / uint8 out work."""
+    (bf16 autocast on CUDA, fp32 on CPU) and the same uint8 in / uint8 out work;
+    `compile_mode`: torch.compile'd in that mode, channels_last, as the server does."""
     torch.set_num_threads(threads)
     dev = inference.pick_device(device)
     cfg = get_preset(preset)
-    enc = build_encoder(cfg, seed=0).eval().to(dev)
-    dec = build_decoder(cfg, seed=1).eval().to(dev)
+    enc: torch.nn.Module = build_encoder(cfg, seed=0).eval().to(dev)
+    dec: torch.nn.Module = build_decoder(cfg, seed=1).eval().to(dev)
+    if compile_mode:
+        inference.set_layout(enc, "channels_last")
+        inference.set_layout(dec, "channels_last")
+        enc = cast(torch.nn.Module, torch.compile(enc, mode=compile_mode, dynamic=False))
+        dec = cast(torch.nn.Module, torch.compile(dec, mode=compile_mode, dynamic=False))
     faces = torch.randint(0, 255, (batch, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8)
     bf16 = dev.type == "cuda"
 
     def once() -> None:
         x = faces.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        if compile_mode:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             rgb, _ = inference.decode(dec, inference.encode(enc, x))
         inference.tensor_to_images(rgb.float())
@@ -146,7 +163,7 @@ def bare_loop(preset: str, batch: int, seconds: float, threads: int, device: str
         times.append(time.perf_counter() - t0)
     total = sum(times)
     return Row(
-        f"bare model loop, batch {batch}",
+        f"bare model loop, batch {batch}" + (f", compiled ({compile_mode})" * bool(compile_mode)),
         batch * len(times) / total,
         1000 * statistics.median(times),
         1000 * float(np.percentile(times, 99)),
@@ -381,6 +398,12 @@ def main() -> int:
         help="also serve with this many server processes on one port (a row of its own)",
     )
     p.add_argument(
+        "--compile",
+        default="",
+        help="also serve with --compile MODE (batches padded to buckets), beside a bare loop "
+        "compiled the same way (rows of their own)",
+    )
+    p.add_argument(
         "--convoy",
         action="store_true",
         help="batch formation under K closed-loop grpc.aio callers (JPEG in, PNG out, "
@@ -404,6 +427,7 @@ def main() -> int:
     own = args.processes > 1
     batching = ["--max-batch-size", str(batch), "--max-batch-wait-ms", str(args.max_wait_ms)]
     multi: Row | None = None
+    compiled: Row | None = None
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         make_store(store, args.preset)
@@ -428,6 +452,17 @@ def main() -> int:
                 [*batching, "--device", args.device, "--processes", str(args.processes)],
                 own,
             )
+        if args.compile:
+            compiled = through_server(
+                f"server, batching on, compiled ({args.compile})",
+                store,
+                args.clients,
+                args.faces_per_call,
+                args.seconds,
+                args.threads,
+                [*batching, "--device", args.device, "--compile", args.compile],
+                own,
+            )
         unbatched = through_server(
             "server, batching off",
             store,
@@ -439,12 +474,18 @@ def main() -> int:
             own,
         )
     bare = bare_loop(args.preset, batch, args.seconds, args.threads, args.device)
+    bare_compiled = None
+    if args.compile:
+        bare_compiled = bare_loop(
+            args.preset, batch, args.seconds, args.threads, args.device, args.compile
+        )
     print(
         f"\npreset {args.preset}, {args.clients} clients x {args.faces_per_call} face(s) per "
         f"call, {args.seconds:.0f} s each, {args.threads} torch threads, {os.cpu_count()} cores"
     )
     print(f"{'mode':52s} {'faces/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'calls':>7s}")
-    for r in (batched, *([multi] if multi else []), unbatched, bare):
+    extra_rows = [r for r in (multi, compiled) if r is not None]
+    for r in (batched, *extra_rows, unbatched, bare, *([bare_compiled] if bare_compiled else [])):
         print(f"{r.name:52s} {r.faces_per_s:9.1f} {r.p50_ms:8.1f} {r.p99_ms:8.1f} {r.calls:7d}")
     for r in (batched, unbatched):
         # Warm-up calls included; model_batch is per batch, the others per call.
@@ -460,6 +501,12 @@ def main() -> int:
             f"summary: {args.processes} processes / one = "
             f"{multi.faces_per_s / batched.faces_per_s:.2f}x, "
             f"{args.processes} processes / bare = {multi.faces_per_s / bare.faces_per_s:.2f}"
+        )
+    if compiled is not None and bare_compiled is not None:
+        print(
+            f"summary: compiled server / bare compiled = "
+            f"{compiled.faces_per_s / bare_compiled.faces_per_s:.2f}, compiled / eager server "
+            f"= {compiled.faces_per_s / batched.faces_per_s:.2f}x ({args.compile})"
         )
     return 0
 
