@@ -111,22 +111,28 @@ def context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
 def call_status(exc: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """The status a call ends with: `exc` is what the handler raised, None if it returned."""
     if exc is None:
-        # A handler may set a status with context.set_code() and return normally.
-        return context_code(context) or grpc.StatusCode.OK
+        # A handler may set a status with context.set_code() and return normally; one that
+        # returns after its deadline answered nobody: the caller got DEADLINE_EXCEEDED.
+        code = context_code(context)
+        if code is not None:
+            return code
+        return grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.OK
     if isinstance(exc, grpc.aio.AbortError):
         # context.abort() recorded the status before raising.
         return context_code(context) or grpc.StatusCode.UNKNOWN
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         # gRPC cancels the handler when the client goes away or its deadline passes.
-        try:
-            remaining = context.time_remaining()
-        except Exception:
-            remaining = None
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
     # grpc.aio answers an unhandled exception with UNKNOWN.
     return context_code(context) or grpc.StatusCode.UNKNOWN
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    try:
+        remaining = context.time_remaining()
+    except Exception:
+        return False
+    return remaining is not None and remaining <= 0
 
 
 # -- wrapping a handler ------------------------------------------------------------------------

@@ -93,6 +93,12 @@ def shape_handlers() -> grpc.GenericRpcHandler:
         await asyncio.sleep(5)
         return req
 
+    async def unary_late(req: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
+        # Busy past the caller's deadline without yielding, so nothing can cancel it: it
+        # returns an answer that nobody gets.
+        time.sleep(0.4)
+        return req
+
     async def stream_gen(req: bytes, ctx: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         for i in range(3):
             yield bytes([i])
@@ -138,6 +144,7 @@ def shape_handlers() -> grpc.GenericRpcHandler:
             "UnaryCrash": uu(unary_crash),
             "UnarySetCode": uu(unary_set_code),
             "UnarySlow": uu(unary_slow),
+            "UnaryLate": uu(unary_late),
             "StreamGen": us(stream_gen),
             "StreamWrites": us(stream_writes),
             "StreamAbort": us(stream_abort),
@@ -193,6 +200,9 @@ def test_interceptor_counts_every_rpc_shape_and_status() -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await ch.unary_unary(m("UnarySlow"))(b"x", timeout=0.2)
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await ch.unary_unary(m("UnaryLate"))(b"x", timeout=0.2)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
                 assert [r async for r in ch.unary_stream(m("StreamGen"))(b"")] == [
                     b"\0",
@@ -218,13 +228,15 @@ def test_interceptor_counts_every_rpc_shape_and_status() -> None:
                 assert [r async for r in rw] == [b"r", b"s", b"t"]
 
             # Both ends are recorded on the server's schedule, after the client left: the
-            # slow call's once the server sees its deadline pass (seconds later on a busy
-            # machine), the cancelled stream's once the cancellation reaches it.
+            # slow call's once the server sees its deadline pass, or at the latest when its
+            # handler wakes from its 5 s sleep (both seconds late on a busy machine), the
+            # cancelled stream's once the cancellation reaches it.
             await _eventually(
                 lambda: (
                     get("grpc_server_handled_total", "UnarySlow", grpc_code="DEADLINE_EXCEEDED")
                     == 1
-                )
+                ),
+                timeout=15.0,
             )
             await _eventually(
                 lambda: (
@@ -242,6 +254,7 @@ def test_interceptor_counts_every_rpc_shape_and_status() -> None:
     assert get(handled, "UnaryCrash", grpc_code="UNKNOWN") == 1
     assert get(handled, "UnarySetCode", grpc_code="NOT_FOUND") == 1
     assert get(handled, "UnarySlow", grpc_code="DEADLINE_EXCEEDED") == 1
+    assert get(handled, "UnaryLate", grpc_code="DEADLINE_EXCEEDED") == 1
     assert get(handled, "StreamGen", grpc_type="server_stream", grpc_code="OK") == 1
     assert get(handled, "StreamAbort", grpc_code="FAILED_PRECONDITION") == 1
     assert get(handled, "ClientStream", grpc_type="client_stream", grpc_code="OK") == 1
