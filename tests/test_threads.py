@@ -22,9 +22,19 @@ seen = {}
 def tasks():
     return len(os.listdir("/proc/self/task"))
 
+def settled():
+    # Helper threads joined a moment ago may still be leaving /proc/self/task.
+    n = tasks()
+    while True:
+        time.sleep(0.05)
+        m = tasks()
+        if m == n:
+            return n
+        n = m
+
 def later():
     seen["later"] = torch.get_num_threads()
-    before = tasks()
+    before = settled()
     torch.ones(1 << 21).add_(1)  # large enough that a team of 2 would split it
     seen["later_new_threads"] = tasks() - before
     # Work timed as the batch thread runs (the layout trial, the warm-up): on its threads,
