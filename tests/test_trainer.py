@@ -259,19 +259,19 @@ def _models(
 
 def test_loss_decreases(cfg: ModelConfig, faces: dict[str, torch.Tensor]) -> None:
     enc, decs = _models(cfg, list(faces))
-    tc = TrainConfig(steps=30, batch_size=8, lr=1e-3, log_every=10, seed=0)
+    tc = TrainConfig(steps=20, batch_size=8, lr=1e-3, log_every=10, seed=0)
     trainer = Trainer(enc, decs, faces, tc)
     first = trainer.step()  # loss of the untrained networks
     reports: list[Progress] = []
     summary = trainer.fit(on_progress=reports.append)
-    assert [p.step for p in reports] == [10, 20, 30]
-    last = reports[-1].losses  # mean over steps 21..30
+    assert [p.step for p in reports] == [10, 20]
+    last = reports[-1].losses  # mean over steps 11..20
     assert set(last) == {"alice", "bob", "total"}
     assert last["total"] < 0.75 * first["total"], (first, last)
     for name in faces:
         assert last[name] < first[name]
     assert reports[-1].eta_s == 0 and reports[-1].examples_per_s > 0
-    assert summary["steps"] == 30 and not summary["stopped"]
+    assert summary["steps"] == 20 and not summary["stopped"]
     assert summary["final_losses"] == last
     json.dumps(summary, allow_nan=False)  # goes into checkpoint metadata as is
 
