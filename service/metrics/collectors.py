@@ -46,55 +46,52 @@ class StateCollector(Collector):
     def _queue(self) -> Iterator[Metric]:
         if self.queue_depth is None:
             return
-        g = GaugeMetricFamily(
-            "facemux_queue_depth", "Faces waiting in the scheduler queue for a model batch."
+        yield GaugeMetricFamily(
+            "facemux_queue_depth",
+            "Faces waiting in the scheduler queue for a model batch.",
+            value=float(self.queue_depth()),
         )
-        g.add_metric([], float(self.queue_depth()))
-        yield g
 
     def _runtime(self) -> Iterator[Metric]:
         rt = self.runtime
         if rt is None:
             return
         count, nbytes = _cache_totals(rt)
-        g = GaugeMetricFamily(
-            "facemux_resident_decoders", "Identity decoders resident on the device (LRU)."
+        yield GaugeMetricFamily(
+            "facemux_resident_decoders",
+            "Identity decoders resident on the device (LRU).",
+            value=float(count),
         )
-        g.add_metric([], float(count))
-        yield g
-        g = GaugeMetricFamily(
-            "facemux_resident_decoder_bytes", "Bytes of parameters of the resident decoders."
+        yield GaugeMetricFamily(
+            "facemux_resident_decoder_bytes",
+            "Bytes of parameters of the resident decoders.",
+            value=float(nbytes),
         )
-        g.add_metric([], float(nbytes))
-        yield g
-        g = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "facemux_decoder_cache_max_decoders",
             "Most decoders the LRU keeps resident (setting decoder_cache_count).",
+            value=float(rt.cache.max_count),
         )
-        g.add_metric([], float(rt.cache.max_count))
-        yield g
         if rt.ready and rt.config is not None:
-            g = GaugeMetricFamily(
-                "facemux_model_load_seconds", "Time the served encoder took to load."
+            yield GaugeMetricFamily(
+                "facemux_model_load_seconds",
+                "Time the served encoder took to load.",
+                value=float(rt.load_seconds),
             )
-            g.add_metric([], float(rt.load_seconds))
-            yield g
             if rt.compute_threads:
-                g = GaugeMetricFamily(
+                yield GaugeMetricFamily(
                     "facemux_batch_threads",
                     "Intra-op threads of the thread that runs the model's batches (setting "
                     "torch_threads); the server's other threads compute on one.",
+                    value=float(rt.compute_threads),
                 )
-                g.add_metric([], float(rt.compute_threads))
-                yield g
             if rt.buckets:
-                c = CounterMetricFamily(
+                yield CounterMetricFamily(
                     "facemux_batch_padding_faces",
                     "Blank rows the model ran to fill batches up to their bucket (setting "
                     "batch_buckets).",
+                    value=float(rt.padded_faces),
                 )
-                c.add_metric([], float(rt.padded_faces))
-                yield c
             info = GaugeMetricFamily(
                 "facemux_model_info",
                 "Always 1 once the encoder is loaded; the labels describe it.",
@@ -120,9 +117,9 @@ class StateCollector(Collector):
         except OSError:
             log.warning("could not count identities in the store", exc_info=True)
             return
-        g = GaugeMetricFamily("facemux_identities", "Identities registered in the store.")
-        g.add_metric([], float(n))
-        yield g
+        yield GaugeMetricFamily(
+            "facemux_identities", "Identities registered in the store.", value=float(n)
+        )
 
     def _identity_count(self) -> int:
         with self._lock:
