@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -66,7 +68,7 @@ from facemux.v1 import types_pb2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from model_throughput import measure
-from serve_process import ServeProcess
+from serve_process import ServeProcess, free_port
 from ts_server import TorchServe, grpc_modules, why_not_available
 
 CONSENT = {"attested_by": "bench@example.com", "evidence_ref": "BENCH", "granted_at": "2026-01-01"}
@@ -202,6 +204,8 @@ def run_facemux(
     tokens = work / "callers.jsonl"
     tokens.write_text(json.dumps(entry) + "\n")
     threads = max(1, args.threads // processes)  # each server's share
+    # Server i of `--processes` serves /metrics on metrics_port + i: a run of free ports.
+    metrics_base = free_ports(processes)
     # The audit trail goes to stdout by default: written, as a user's would be, then dropped
     # (with a log file the helper drops the child's stdout).
     server = ServeProcess(
@@ -210,12 +214,11 @@ def run_facemux(
         *("--max-batch-size", str(BATCH), "--max-batch-wait-ms", str(WAIT_MS)),
         *(["--provenance", args.provenance] if args.provenance != "on" else []),
         *(["--processes", str(processes)] if processes > 1 else []),
-        metrics=True,
+        *("--metrics-port", str(metrics_base)),  # after the helper's own: argparse keeps it
         log=work / "facemux.log",
     ).start()
     port = server.port
-    # Server i of `--processes` serves /metrics on metrics_port + i.
-    metrics_ports = [server.metrics_port + i for i in range(processes)]
+    metrics_ports = [metrics_base + i for i in range(processes)]
     try:
         with FacemuxClient(f"127.0.0.1:{port}", token=token) as probe:
             probe.wait_ready(120)
@@ -285,6 +288,23 @@ def run_facemux(
         threads,
         note,
     )
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive ports free on loopback now."""
+    for _ in range(100):
+        base = free_port()
+        if base + n - 1 > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for p in range(base, base + n):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
 
 
 def wait_metrics(ports: list[int], timeout: float) -> None:
@@ -486,6 +506,8 @@ def main() -> int:
     )
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
+    if args.connections < 1 or args.processes < 1:
+        p.error("--connections and --processes must be at least 1")
     reason = why_not_available()
     if reason:
         print(f"TorchServe cannot run here: {reason}", file=sys.stderr)

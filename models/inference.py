@@ -192,7 +192,12 @@ def power_of_two_buckets(max_batch: int) -> tuple[int, ...]:
 Out = TypeVar("Out", Tensor, tuple[Tensor, Tensor | None])
 
 
-def in_buckets(fn: Callable[[Tensor], Out], x: Tensor, buckets: Sequence[int]) -> tuple[Out, int]:
+def in_buckets(
+    fn: Callable[[Tensor], Out],
+    x: Tensor,
+    buckets: Sequence[int],
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[Out, int]:
     """(fn(x), blank rows run): `fn` called only at the batch sizes in `buckets`
     (ascending), so that a compiled model is traced and its CUDA graphs captured once per
     bucket, not once per size (torch.compile with static shapes stops compiling after
@@ -201,31 +206,32 @@ def in_buckets(fn: Callable[[Tensor], Out], x: Tensor, buckets: Sequence[int]) -
     back. `fn` must treat rows independently (the eval-mode encoder and decoders do). No
     buckets: fn(x) as it is.
 
-    Every batch `fn` gets is a fresh inference tensor in `x`'s layout: the compiled graph's
-    guards also tell inference tensors from others, and latents arrive as both (from the
-    encoder, or from a Decode request), which would be two graphs per bucket."""
+    Every batch `fn` gets is a fresh inference tensor, in `memory_format` when it is 4-D:
+    the compiled graph's guards also tell inference tensors from others, and strides
+    apart, and latents arrive both ways (from the encoder, or from a Decode request), which
+    would be two graphs per bucket. What comes back are tensors of their own: a CUDA
+    graph's next replay writes over its outputs."""
     n = len(x)
-    if not buckets:
+    if not buckets or n == 0:
         return fn(x), 0
     top = buckets[-1]
     if n > top:
-        outs = [in_buckets(fn, x[i : i + top], buckets) for i in range(0, n, top)]
+        outs = [in_buckets(fn, x[i : i + top], buckets, memory_format) for i in range(0, n, top)]
         return cast(Out, _cat([o for o, _ in outs])), sum(p for _, p in outs)
     size = next(b for b in buckets if b >= n)
-    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+    fmt = memory_format if x.dim() == 4 else torch.contiguous_format
     with torch.inference_mode():
-        batch = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        batch = batch.contiguous(memory_format=fmt)
+        batch = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
         batch[:n] = x
         batch[n:] = 0
-    return _rows(fn(batch), n), size - n
+        return _own_rows(fn(batch), n), size - n
 
 
-def _rows(out: Out, n: int) -> Out:
+def _own_rows(out: Out, n: int) -> Out:
     if isinstance(out, Tensor):
-        return out[:n]
+        return out[:n].clone()
     rgb, mask = out
-    return rgb[:n], None if mask is None else mask[:n]
+    return rgb[:n].clone(), None if mask is None else mask[:n].clone()
 
 
 def _cat(

@@ -116,7 +116,7 @@ class Runtime:
         self._load_lock = threading.Lock()
 
     def _buckets(self) -> tuple[int, ...]:
-        spec = self.settings.batch_buckets
+        spec = self.settings.batch_buckets.strip()
         compiled = self.device.type == "cuda" and self.settings.compile != "off"
         if spec == "off" or (spec == "auto" and not compiled):
             return ()
@@ -128,7 +128,7 @@ class Runtime:
         return inference.encode(self.encoder(), x)
 
     def _in_buckets(self, fn: Callable[[torch.Tensor], Out], x: torch.Tensor) -> Out:
-        out, padded = inference.in_buckets(fn, x, self.buckets)
+        out, padded = inference.in_buckets(fn, x, self.buckets, inference.LAYOUTS[self.layout])
         self.padded_faces += padded
         return out
 
@@ -228,6 +228,18 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _warm_decoder(self, decoder: Decoder) -> None:
+        """Each bucket once, so a compiled decoder is not compiled on live batches."""
+        if not self.buckets:
+            return
+        assert self.config is not None
+        for n in self.buckets:
+            z = torch.zeros((n, *self.config.latent_shape), device=self.device)
+            with self._autocast():
+                self._in_buckets(lambda t: inference.decode(decoder, t), z)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def encoder(self) -> Encoder:
         if self._encoder is None:
             raise UnavailableError("the model is still loading; retry shortly")
@@ -282,6 +294,7 @@ class Runtime:
             decoder.eval()
             size = inference.module_bytes(decoder)
             item = ResidentDecoder(self._prepare(decoder), v, size)
+            self._warm_decoder(item.decoder)
             for old in self.cache.put(key, item):
                 log.info("evicted decoder %s v%d from %s", old[0], old[1], self.device)
             return item

@@ -186,7 +186,7 @@ class Settings:
             "batch sizes the model runs at, each batch padded with blank rows up to the next "
             "(a compiled model is traced once per bucket, and every bucket is warmed up at "
             "load): auto (1, 2, 4, ... up to max_batch_size when compile is on, none when "
-            "off), off, or sizes like 1,8,32 that reach max_batch_size"
+            "off), off, or sizes like 1,8,32 up to max_batch_size, ending at it"
         ),
     )
     torch_threads: int = field(
@@ -459,20 +459,16 @@ class Settings:
             [int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()]
         except ValueError:
             problems.append(f"warmup_batch_sizes {self.warmup_batch_sizes!r} must be like 1,8,32")
-        if self.batch_buckets not in ("auto", "off"):
+        if self.batch_buckets.strip() not in ("auto", "off"):
             try:
                 sizes = self.listed_buckets()
             except ValueError:
                 sizes = ()
-            if not sizes or sizes[0] < 1:
+            if not sizes or sizes[-1] != self.max_batch_size:
                 problems.append(
-                    f"batch_buckets {self.batch_buckets!r} must be auto, off or sizes like 1,8,32"
-                )
-            elif sizes[-1] < self.max_batch_size:
-                problems.append(
-                    f"batch_buckets {self.batch_buckets!r} stop below max_batch_size "
-                    f"{self.max_batch_size}: add {self.max_batch_size}, or the largest batches "
-                    "run in two"
+                    f"batch_buckets {self.batch_buckets!r} must be auto, off or batch sizes "
+                    f"from 1 to max_batch_size, the largest {self.max_batch_size} (like "
+                    f"1,8,{self.max_batch_size})"
                 )
         if self.landmark_points not in (5, 68):
             problems.append(f"landmark_points must be 5 or 68, not {self.landmark_points}")
@@ -490,8 +486,17 @@ class Settings:
         return f"{host}:{self.port}"
 
     def listed_buckets(self) -> tuple[int, ...]:
-        """batch_buckets as sizes, ascending (ValueError for auto and off)."""
-        return tuple(sorted({int(b) for b in self.batch_buckets.split(",") if b.strip()}))
+        """batch_buckets as sizes, ascending (ValueError for auto, off, or a size that is
+        not a whole number from 1 to max_batch_size)."""
+        sizes = set()
+        for part in self.batch_buckets.split(","):
+            b = part.strip()
+            if not b:
+                continue
+            if not b.isdigit() or not 1 <= int(b) <= self.max_batch_size:
+                raise ValueError(f"batch size {b!r}")
+            sizes.add(int(b))
+        return tuple(sorted(sizes))
 
     def detector_process_count(self) -> int:
         """detector_processes with auto resolved for this machine."""
