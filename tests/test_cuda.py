@@ -50,15 +50,17 @@ def test_bf16_runtime_on_cuda_matches_fp32_cpu(tmp_path: Path, models: Models) -
 def test_compiled_runtime_runs_every_batch_size_in_its_buckets(
     tmp_path: Path, models: Models
 ) -> None:
-    """--compile with max batch 4: batches of 1 to 5 faces run at 1, 2 or 4 rows only (3
-    padded to 4; 5 as 4 and 1), each size compiled once, none left uncompiled; the faces
-    agree with the uncompiled runtime's."""
+    """--compile reduce-overhead (CUDA graphs) with max batch 4: batches of 1 to 9 faces
+    run at 1, 2 or 4 rows only (3 padded to 4; 9 as 4, 4 and 1, whose rows must survive the
+    graph's next replay), and so do Decode's latents from the host; none is left
+    uncompiled, and the faces agree with the uncompiled runtime's."""
     from torch._dynamo.utils import counters
 
     store = make_store(tmp_path / "s", models, ("alice",))
     plain = Runtime(Settings(store=store.root, device="cuda", max_batch_size=4), store)
     compiled = Runtime(
-        Settings(store=store.root, device="cuda", max_batch_size=4, compile="default"), store
+        Settings(store=store.root, device="cuda", max_batch_size=4, compile="reduce-overhead"),
+        store,
     )
     assert compiled.buckets == (1, 2, 4) and plain.buckets == ()
     torch._dynamo.reset()
@@ -70,15 +72,22 @@ def test_compiled_runtime_runs_every_batch_size_in_its_buckets(
             s = Scheduler(rt)
             try:
                 outs[name] = []
-                for n in (1, 3, 4, 2, 5):
+                decoder = rt.decoder("alice").decoder
+                for n in (1, 3, 4, 2, 9):
                     faces = np.stack([face_image(i) for i in range(n)])
-                    item = Item(Op.SWAP, faces, rt.decoder("alice").decoder, None)
-                    res = s.submit(item).result(timeout=300)
+                    res = s.submit(Item(Op.SWAP, faces, decoder, None)).result(timeout=300)
                     assert res.faces is not None and len(res.faces) == n
                     outs[name].append(res.faces.astype(int))
+                faces = np.stack([face_image(i) for i in range(3)])
+                enc = s.submit(Item(Op.ENCODE, faces, None, None)).result(timeout=300)
+                assert enc.latents is not None
+                dec = s.submit(Item(Op.DECODE, enc.latents, decoder, None)).result(timeout=300)
+                assert dec.faces is not None and len(dec.faces) == 3
+                outs[name].append(dec.faces.astype(int))
             finally:
                 s.stop()
-        assert compiled.padded_faces == 2  # 3 -> 4 through the encoder and the decoder
+        # 3 -> 4 through the encoder and the decoder; Encode and Decode of 3, one each.
+        assert compiled.padded_faces == 4
         assert not any("recompile" in k.lower() for k in counters["unimplemented"])
         for a, b in zip(outs["plain"], outs["compiled"], strict=True):
             assert np.abs(a - b).mean() < 2  # bf16 both; fused kernels round differently
