@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The CUDA tests and the GPU benchmarks on a GPU machine, then one summary table.
 #
-#   bash bench/gpu.sh [outdir] [phase]     phase: all (default), train or serve
+#   bash bench/gpu.sh [outdir] [phase]     phase: all (default), train, serve, aligned, frames
 #
 # train (about 6 minutes on an H100): the CUDA tests beside a swap-quality run sized to a
 #   time budget (original64), then training throughput, job against bare step, on its own.
-# serve (about 12 minutes): model and Swap throughput, batch formation and per-call cost with
-#   the defaults, frames with nvjpeg on and off, BlazeFace batched and not, memory.
-# A session with a short GPU lease runs the two phases as two calls on the same machine.
+# serve (about 14 minutes) = aligned, then frames:
+#   aligned (about 8): model and aligned-face Swap throughput (one process, four, compiled),
+#     batch formation and per-call cost with the defaults;
+#   frames (about 6): frames with nvjpeg on and off, BlazeFace batched and not, paste-back,
+#     memory.
+# A session with a short GPU lease runs the phases as separate calls on the same machine
+# (one call may run 10 minutes at most): train and aligned hold the serving-efficiency rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/facemux-gpu}}
@@ -74,25 +78,28 @@ summary() {
   grep -h "^summary\|passed\|failed" "$log"/*.log
   pack
 }
-[ "$phase" = all ] || [ "$phase" = serve ] || { summary; exit 0; }
+case "$phase" in all | serve | aligned | frames) ;; *) summary; exit 0 ;; esac
 
-run model_df128 120 python3 bench/model_throughput.py --preset df128 --device cuda \
-  --batches 1,8,64,256 --seconds 2 --compile
-run swap_df128 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
-  --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
-run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
-  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
-# One server process against four on one port (--processes): is the host side the bound?
-run swap_df128_processes 150 python3 bench/swap_throughput.py --preset df128 --device cuda \
-  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --processes 4
-# The compiled model (CUDA graphs, batches padded to power-of-two buckets) served and bare.
-run swap_df128_compiled 240 python3 bench/swap_throughput.py --preset df128 --device cuda \
-  --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --compile reduce-overhead
-# Batch formation and per-call cost with the defaults (provenance on) on the card.
-run convoy_df128 90 python3 bench/swap_throughput.py --convoy --preset df128 --device cuda \
-  --clients 16 --max-batch 16 --max-wait-ms 2 --seconds 10
-run serving_path 120 python3 bench/serving_path.py --preset df128 --clients 16 --batch 16 \
-  --max-wait-ms 2 --seconds 5 --rounds 2
+if [ "$phase" != frames ]; then
+  run model_df128 120 python3 bench/model_throughput.py --preset df128 --device cuda \
+    --batches 1,8,64,256 --seconds 2 --compile
+  run swap_df128 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
+    --clients 16 --faces-per-call 64 --seconds 10 --max-wait-ms 2
+  run swap_df128_single 90 python3 bench/swap_throughput.py --preset df128 --device cuda \
+    --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1
+  # One server process against four on one port (--processes): is the host side the bound?
+  run swap_df128_processes 150 python3 bench/swap_throughput.py --preset df128 --device cuda \
+    --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --processes 4
+  # The compiled model (CUDA graphs, batches padded to power-of-two buckets) served and bare.
+  run swap_df128_compiled 240 python3 bench/swap_throughput.py --preset df128 --device cuda \
+    --clients 32 --faces-per-call 1 --seconds 8 --max-wait-ms 1 --compile reduce-overhead
+  # Batch formation and per-call cost with the defaults (provenance on) on the card.
+  run convoy_df128 90 python3 bench/swap_throughput.py --convoy --preset df128 --device cuda \
+    --clients 16 --max-batch 16 --max-wait-ms 2 --seconds 10
+  run serving_path 120 python3 bench/serving_path.py --preset df128 --clients 16 --batch 16 \
+    --max-wait-ms 2 --seconds 5 --rounds 2
+fi
+[ "$phase" != aligned ] || { summary; exit 0; }
 run frames 40 python3 bench/frame_stages.py
 run jpeg 40 python3 bench/jpeg_codec.py --frames 64 --clients 16
 run frames_nvjpeg 60 python3 bench/frame_throughput.py --device cuda --gpu-jpeg on \
