@@ -129,7 +129,8 @@ class Runtime:
 
     def _in_buckets(self, fn: Callable[[torch.Tensor], Out], x: torch.Tensor) -> Out:
         out, padded = inference.in_buckets(fn, x, self.buckets, inference.LAYOUTS[self.layout])
-        self.padded_faces += padded
+        if padded:  # only batches pad (the batcher's thread); warm-ups run whole buckets
+            self.padded_faces += padded
         return out
 
     @property
