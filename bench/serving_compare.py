@@ -184,11 +184,26 @@ def facemux_batches(metrics_port: int) -> tuple[float, float]:
     return found["sum"], found["count"]
 
 
-def channels(target: str, n: int) -> list[grpc.aio.Channel]:
-    """`n` channels to `target`, each with a connection of its own: grpc shares one
-    connection among channels to the same target unless each keeps its own pool."""
+async def load_over(
+    target: str,
+    call_on: Callable[[grpc.aio.Channel], Callable[[], Awaitable[bool]]],
+    args: argparse.Namespace,
+    at_start: Callable[[], None],
+) -> Load:
+    """`closed_loop` with client i calling through channel i % --connections (its call is
+    `call_on(channel)`). Each channel has a connection of its own: grpc shares one among
+    channels to the same target unless each keeps its own pool."""
+    n = args.connections
     options = [("grpc.use_local_subchannel_pool", 1)] if n > 1 else []
-    return [grpc.aio.insecure_channel(target, options=options) for _ in range(n)]
+    chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(n)]
+    try:
+        calls = [call_on(ch) for ch in chans]
+        return await closed_loop(
+            lambda i: calls[i % n], args.clients, args.warmup, args.seconds, at_start
+        )
+    finally:
+        for ch in chans:
+            await ch.close()
 
 
 def run_facemux(
@@ -236,34 +251,18 @@ def run_facemux(
             found = [facemux_batches(p) for p in metrics_ports]
             return sum(s for s, _ in found), sum(c for _, c in found)
 
-        async def drive() -> Load:
-            chans = channels(f"127.0.0.1:{port}", args.connections)
-            stubs = [sgrpc.SwapServiceStub(ch) for ch in chans]
+        def call_on(channel: grpc.aio.Channel) -> Callable[[], Awaitable[bool]]:
+            stub = sgrpc.SwapServiceStub(channel)
 
-            def call_for(i: int) -> Callable[[], Awaitable[bool]]:
-                stub = stubs[i % len(stubs)]
+            async def call() -> bool:
+                resp = await stub.Swap(request, metadata=metadata, timeout=60)
+                return len(resp.faces) == 1 and resp.faces[0].encoded.startswith(PNG_MAGIC)
 
-                async def call() -> bool:
-                    resp = await stub.Swap(request, metadata=metadata, timeout=60)
-                    return len(resp.faces) == 1 and resp.faces[0].encoded.startswith(PNG_MAGIC)
+            return call
 
-                return call
-
-            try:
-                load = await closed_loop(
-                    call_for,
-                    args.clients,
-                    args.warmup,
-                    args.seconds,
-                    lambda: marks.append(batches()),
-                )
-                marks.append(batches())
-            finally:
-                for ch in chans:
-                    await ch.close()
-            return load
-
-        load = asyncio.run(drive())
+        target = f"127.0.0.1:{port}"
+        load = asyncio.run(load_over(target, call_on, args, lambda: marks.append(batches())))
+        marks.append(batches())
     finally:
         server.stop()
     (s0, c0), (s1, c1) = marks
@@ -339,33 +338,20 @@ def run_torchserve(
         )
         marks: list[int] = []
 
-        async def drive() -> Load:
-            chans = channels(ts.grpc_target, args.connections)
-            stubs = [pb2_grpc.InferenceAPIsServiceStub(ch) for ch in chans]
+        def call_on(channel: grpc.aio.Channel) -> Callable[[], Awaitable[bool]]:
+            stub = pb2_grpc.InferenceAPIsServiceStub(channel)
 
-            def call_for(i: int) -> Callable[[], Awaitable[bool]]:
-                stub = stubs[i % len(stubs)]
+            async def call() -> bool:
+                # gRPC status OK even for a refused item: the body tells.
+                resp = await stub.Predictions(request, timeout=60)
+                return bool(resp.prediction.startswith(PNG_MAGIC))
 
-                async def call() -> bool:
-                    # gRPC status OK even for a refused item: the body tells.
-                    resp = await stub.Predictions(request, timeout=60)
-                    return bool(resp.prediction.startswith(PNG_MAGIC))
+            return call
 
-                return call
+        def at_start() -> None:
+            marks.append(len(ts.batch_sizes()))
 
-            try:
-                return await closed_loop(
-                    call_for,
-                    args.clients,
-                    args.warmup,
-                    args.seconds,
-                    lambda: marks.append(len(ts.batch_sizes())),
-                )
-            finally:
-                for ch in chans:
-                    await ch.close()
-
-        load = asyncio.run(drive())
+        load = asyncio.run(load_over(ts.grpc_target, call_on, args, at_start))
         # The frontend writes the worker's metric lines a moment later.
         time.sleep(1.0)
         sizes = ts.batch_sizes()[marks[0] :]

@@ -124,14 +124,21 @@ class Runtime:
             return inference.power_of_two_buckets(self.settings.max_batch_size)
         return self.settings.listed_buckets()
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return inference.encode(self.encoder(), x)
-
     def _in_buckets(self, fn: Callable[[torch.Tensor], Out], x: torch.Tensor) -> Out:
-        out, padded = inference.in_buckets(fn, x, self.buckets, inference.LAYOUTS[self.layout])
+        with self._autocast():
+            out, padded = inference.in_buckets(fn, x, self.buckets, inference.LAYOUTS[self.layout])
         if padded:  # only batches pad (the batcher's thread); warm-ups run whole buckets
             self.padded_faces += padded
         return out
+
+    def _encoded(self, x: torch.Tensor) -> torch.Tensor:
+        encoder = self.encoder()
+        return self._in_buckets(lambda t: inference.encode(encoder, t), x)
+
+    def _decoded(
+        self, decoder: Decoder, latents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._in_buckets(lambda t: inference.decode(decoder, t), latents)
 
     @property
     def ready(self) -> bool:
@@ -207,11 +214,8 @@ class Runtime:
     def _prepare(self, module: M) -> M:
         """The layout chosen for the device (channels_last on CUDA: tensor cores want NHWC),
         and optional torch.compile on CUDA."""
-        if self.device.type != "cuda":
-            inference.set_layout(module, self.layout)
-            return module
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if self.settings.compile != "off":
+        inference.set_layout(module, self.layout)
+        if self.device.type == "cuda" and self.settings.compile != "off":
             compiled = torch.compile(module, mode=self.settings.compile, dynamic=False)
             return cast(M, compiled)
         return module
@@ -220,9 +224,10 @@ class Runtime:
         """Run the common batch sizes once so the first real calls do not pay for kernel
         selection, compilation or CUDA graph capture."""
         assert self.config is not None
-        sizes = [int(b) for b in self.settings.warmup_batch_sizes.split(",") if b.strip()]
-        if self.buckets:  # every shape the model will see, traced and captured now
-            sizes = list(self.buckets)
+        # With buckets, every shape the model will see, traced and captured now.
+        sizes = self.buckets or [
+            int(b) for b in self.settings.warmup_batch_sizes.split(",") if b.strip()
+        ]
         res = self.config.resolution
         for n in sizes:
             self.encode_batch(np.zeros((n, res, res, 3), np.uint8))
@@ -235,9 +240,7 @@ class Runtime:
             return
         assert self.config is not None
         for n in self.buckets:
-            z = torch.zeros((n, *self.config.latent_shape), device=self.device)
-            with self._autocast():
-                self._in_buckets(lambda t: inference.decode(decoder, t), z)
+            self._decoded(decoder, torch.zeros((n, *self.config.latent_shape), device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -325,8 +328,7 @@ class Runtime:
                 ]
             )
             x = to_unit(x).contiguous(memory_format=inference.LAYOUTS[self.layout])
-            with self._autocast():
-                return self._in_buckets(self._encode, x)
+            return self._encoded(x)
         parts = cast(Sequence[np.ndarray], parts_any)
         if self.device.type == "cuda":
             n = sum(len(f) for f in parts)
@@ -345,8 +347,7 @@ class Runtime:
             lone = len(parts) == 1 and one.flags.writeable and one.flags.c_contiguous
             x = images_to_unit(torch.from_numpy(one if lone else np.concatenate(parts)))
             x = x.contiguous(memory_format=inference.LAYOUTS[self.layout])  # no-op for nchw
-        with self._autocast():
-            return self._in_buckets(self._encode, x)
+        return self._encoded(x)
 
     def decode_batch(
         self,
@@ -360,8 +361,7 @@ class Runtime:
             faces_t, masks_t = self.decode_batch_t(decoder, latents, marks)
             masks_np = None if masks_t is None else masks_t.cpu().numpy()
             return faces_t.permute(0, 2, 3, 1).cpu().numpy(), masks_np
-        with self._autocast():
-            rgb, mask = self._in_buckets(lambda z: inference.decode(decoder, z), latents)
+        rgb, mask = self._decoded(decoder, latents)
         masks = None if mask is None else inference.tensor_to_images(mask.float())
         faces = inference.tensor_to_images(rgb.float())
         if marked:
@@ -376,8 +376,7 @@ class Runtime:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As decode_batch, but the faces (N,3,R,R) and masks (N,R,R), uint8, stay on the
         device: the frame pipeline masks, colour-corrects and pastes them there."""
-        with self._autocast():
-            rgb, mask = self._in_buckets(lambda z: inference.decode(decoder, z), latents)
+        rgb, mask = self._decoded(decoder, latents)
         faces = to_uint8(rgb.float())
         masks = None if mask is None else to_uint8(mask.float())[:, 0]
         marked, payloads = _marked(marks)
