@@ -128,7 +128,10 @@ def test_unauthenticated_calls_are_refused_before_their_body(
         )
         assert codes == [C.UNAUTHENTICATED] * 8
         # The payloads total 384 MiB; read and parsed they would raise RSS by more than that.
-        assert grown_mib < 64, grown_mib
+        # What does grow is gRPC's own receive buffering while the refusals are on their way:
+        # +24 MiB on an idle 2-core machine, 72 once with the whole suite running beside it
+        # (the streams' flow-control windows fill for longer before each call ends).
+        assert grown_mib < 128, grown_mib
         # Malformed bytes without a token: refused as unauthenticated, not UNKNOWN.
         with pytest.raises(grpc.RpcError) as info:
             swap(b"\xff\xff\xff\xff", timeout=10)
